@@ -1,0 +1,185 @@
+"""Self-describing, atomically written checkpoints.
+
+Layout::
+
+    <run_dir>/checkpoints/step-00001000/
+        model.safetensors      raw weights
+        ema.safetensors        EMA weights (what sampling uses)
+        training_state.pt      optimizer, scheduler, RNG and data position (tensors/primitives only)
+        config.json            {"format_version", "step", "stage": StageConfig.to_dict(), "train": {...}}
+    <run_dir>/checkpoints/latest   names the newest complete step folder
+
+A folder is written under a temporary name, every file and the folder are fsynced, then it is renamed
+into place and ``latest`` is replaced the same way, so a kill at any moment leaves the previous
+checkpoint intact. Loading never unpickles code: safetensors, JSON and ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
+WEIGHT_FILES = {"model": "model.safetensors", "ema": "ema.safetensors"}
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _contiguous_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; clone to plain CPU tensors.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
+    """Complete step folders under a checkpoints folder, oldest first."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR_RE.match(p.name))]
+    return [p for _, p in sorted(found) if (p / "config.json").is_file()]
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    weights: dict[str, dict[str, torch.Tensor]],
+    training_state: dict[str, Any],
+    config: dict[str, Any],
+    keep_last: int = 3,
+) -> Path:
+    """Write one checkpoint atomically; keep the newest ``keep_last``; return its folder.
+
+    ``weights`` maps "model"/"ema" to state dicts; ``config`` holds "stage" and "train" dicts.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    unknown = set(weights) - set(WEIGHT_FILES)
+    if unknown:
+        raise ValueError(f"unknown weight sets {sorted(unknown)}; expected some of {sorted(WEIGHT_FILES)}")
+    if "stage" not in config:
+        raise ValueError("config must contain the stage's full configuration under 'stage'")
+    ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / step_dir_name(step)
+    tmp = ckpt_root / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for which, state_dict in weights.items():
+        save_file(_contiguous_cpu(state_dict), str(tmp / WEIGHT_FILES[which]))
+    torch.save(training_state, tmp / "training_state.pt")
+    record = {"format_version": FORMAT_VERSION, "step": int(step), **config}
+    (tmp / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    for f in tmp.iterdir():
+        _fsync_path(f)
+    _fsync_path(tmp)
+    if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first
+        stale = ckpt_root / f".{final.name}.stale-{os.getpid()}"
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_path(ckpt_root)
+    _write_text_atomic(ckpt_root / LATEST_FILE, final.name + "\n")
+    for old in list_checkpoints(ckpt_root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in ckpt_root.glob(".step-*.tmp-*"):  # from runs killed mid-write
+        if leftover != tmp:
+            shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None when it has none."""
+    ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
+    pointer = ckpt_root / LATEST_FILE
+    if pointer.is_file():
+        named = ckpt_root / pointer.read_text().strip()
+        if (named / "config.json").is_file():
+            return named
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a run folder, its checkpoints folder or one step folder; return the step folder."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if p.name == CHECKPOINTS_DIR:
+        p = p.parent
+    found = latest_checkpoint(p)
+    if found is None:
+        if not p.exists():
+            raise FileNotFoundError(f"checkpoint path {p} does not exist")
+        raise FileNotFoundError(f"no checkpoint found in {p} (expected {CHECKPOINTS_DIR}/step-*/config.json)")
+    return found
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The config record of a checkpoint (stage, train, step, format_version)."""
+    ckpt = resolve_checkpoint(path)
+    record = json.loads((ckpt / "config.json").read_text())
+    version = record.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{ckpt}: checkpoint format {version} is not supported (expected {FORMAT_VERSION})")
+    return record
+
+
+def load_weights(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    if which not in WEIGHT_FILES:
+        raise ValueError(f"which must be one of {sorted(WEIGHT_FILES)}, got {which!r}")
+    ckpt = resolve_checkpoint(path)
+    file = ckpt / WEIGHT_FILES[which]
+    if not file.is_file():
+        raise FileNotFoundError(f"{ckpt} has no {WEIGHT_FILES[which]}")
+    return load_file(str(file), device=str(device))
+
+
+def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    ckpt = resolve_checkpoint(path)
+    return torch.load(ckpt / "training_state.pt", map_location=map_location, weights_only=True)
+
+
+def load_stage(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):
+    """Rebuild a stage from its checkpoint alone: (StageConfig, model in eval mode, diffusion)."""
+    import stages  # stage definitions live outside the core package
+
+    record = load_config(path)
+    stage_cfg = stages.StageConfig.from_dict(record["stage"])
+    model = stages.build_model(stage_cfg)
+    model.load_state_dict(load_weights(path, weights, device="cpu"))
+    model.to(device).eval().requires_grad_(False)
+    return stage_cfg, model, stages.build_diffusion(stage_cfg)

@@ -1,0 +1,60 @@
+"""Image resizing and conversions shared by the data pipeline, the SR stages and evaluation.
+
+One operator makes every low-resolution image in the project (shards, SR conditioning, consistency
+metrics): antialiased bicubic resizing from kornia. Images are float tensors B×C×H×W in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from kornia.geometry.transform import resize as _kornia_resize
+
+
+def _check_image_batch(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a B×C×H×W tensor, got {shape}")
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bicubic resize of a square batch to size×size (kornia)."""
+    _check_image_batch(x, "x")
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    dtype = x.dtype
+    out = _kornia_resize(x.float(), (size, size), interpolation="bicubic", antialias=True, align_corners=False)
+    return out.to(dtype)
+
+
+def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Make the low-resolution version of a batch: the one downsampling operator of the project."""
+    _check_image_batch(x, "x")
+    if size > x.shape[-1]:
+        raise ValueError(f"downsample to {size} from {x.shape[-1]}: target is larger than the input")
+    return resize(x, size)
+
+
+def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Upsample a low-resolution conditioning image to the SR stage's output size (bicubic)."""
+    _check_image_batch(x, "x")
+    if size < x.shape[-1]:
+        raise ValueError(f"upsample to {size} from {x.shape[-1]}: target is smaller than the input")
+    return resize(x, size)
+
+
+def uint8_to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """H×W×C or B×H×W×C uint8 (0..255) → float tensor in [-1, 1], channels first."""
+    t = torch.as_tensor(np.asarray(images))
+    if t.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {t.dtype}")
+    t = t.float().div(127.5).sub(1.0)
+    return t.permute(2, 0, 1).contiguous() if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous()
+
+
+def float_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float tensor in [-1, 1] (C×H×W or B×C×H×W) → uint8 channels-last, rounded and clamped."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 0).contiguous() if x.ndim == 3 else x.permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,100 @@
+"""Atomic, self-describing checkpoints (cascade.checkpoint)."""
+
+import json
+
+import pytest
+import torch
+
+from cascade import checkpoint as ck
+
+
+def _weights(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g)}
+
+
+def _save(run_dir, step, keep_last=3):
+    return ck.save_checkpoint(
+        run_dir,
+        step,
+        weights={"model": _weights(step), "ema": _weights(step + 1)},
+        training_state={"step": step, "rng": torch.arange(step, dtype=torch.uint8), "counters": {"nan": 0}},
+        config={"stage": {"name": "toy"}, "train": {"lr": 1e-4}},
+        keep_last=keep_last,
+    )
+
+
+def test_round_trip_and_latest(tmp_path):
+    path = _save(tmp_path, 10)
+    assert path.name == "step-00000010"
+    assert ck.latest_checkpoint(tmp_path) == path
+    record = ck.load_config(tmp_path)
+    assert record["step"] == 10 and record["stage"] == {"name": "toy"} and record["train"]["lr"] == 1e-4
+    for which, seed in (("model", 10), ("ema", 11)):
+        loaded = ck.load_weights(tmp_path, which)
+        for k, v in _weights(seed).items():
+            assert torch.equal(loaded[k], v)
+    state = ck.load_training_state(path)
+    assert state["step"] == 10 and state["counters"] == {"nan": 0}
+    assert torch.equal(state["rng"], torch.arange(10, dtype=torch.uint8))
+
+
+def test_keep_last_and_resolve(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        _save(tmp_path, step, keep_last=2)
+    names = [p.name for p in ck.list_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step-00000004", "step-00000005"]
+    assert ck.resolve_checkpoint(tmp_path).name == "step-00000005"
+    assert ck.resolve_checkpoint(tmp_path / "checkpoints").name == "step-00000005"
+    assert ck.resolve_checkpoint(tmp_path / "checkpoints" / "step-00000004").name == "step-00000004"
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    good = _save(tmp_path, 7)
+    # a run killed mid-write leaves a temporary folder and possibly a step folder without config.json
+    (tmp_path / "checkpoints" / ".step-00000008.tmp-999").mkdir()
+    (tmp_path / "checkpoints" / "step-00000009").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000009\n")
+    assert ck.latest_checkpoint(tmp_path) == good
+    _save(tmp_path, 8)
+    assert not (tmp_path / "checkpoints" / ".step-00000008.tmp-999").exists()
+
+
+def test_resave_same_step_replaces(tmp_path):
+    _save(tmp_path, 3)
+    path = ck.save_checkpoint(
+        tmp_path, 3, weights={"ema": {"w": torch.ones(2)}}, training_state={}, config={"stage": {"name": "x"}}
+    )
+    assert json.loads((path / "config.json").read_text())["stage"] == {"name": "x"}
+    assert not (path / "model.safetensors").exists()
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ck.resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no checkpoint found"):
+        ck.resolve_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="stage"):
+        ck.save_checkpoint(tmp_path, 1, weights={}, training_state={}, config={})
+    with pytest.raises(ValueError, match="unknown weight sets"):
+        ck.save_checkpoint(tmp_path, 1, weights={"opt": {}}, training_state={}, config={"stage": {}})
+    path = _save(tmp_path, 1)
+    with pytest.raises(ValueError, match="which must be"):
+        ck.load_weights(path, "best")
+    record = json.loads((path / "config.json").read_text())
+    record["format_version"] = 99
+    (path / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="format 99"):
+        ck.load_config(path)
+
+
+def test_training_state_refuses_pickled_code(tmp_path):
+    path = _save(tmp_path, 2)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, path / "training_state.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        ck.load_training_state(path)
