@@ -1,0 +1,509 @@
+"""Gaussian diffusion math shared by every stage: schedules, forward process, posterior, reverse-process
+parametrizations, training losses, the variational bound and timestep respacing.
+
+Pure math: nothing here knows about networks, data or training. A model is any callable
+`model(x_t, t, **model_kwargs)` returning ε (C channels) or ε‖v (2C channels, learned variance).
+Timesteps are 0-indexed, t ∈ {0..T-1} (index t is the slides' t+1). All tables are float64 torch tensors
+on the CPU; values are gathered per timestep and cast to the dtype/device of the tensor they act on.
+Equation numbers refer to the lecture slides (shared/reference/diffusion-slides.md).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+SCHEDULES = ("linear", "cosine")
+MODEL_VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
+LOSS_TYPES = ("simple", "hybrid")
+
+_COSINE_S = 0.008  # offset s of the cosine schedule (Improved DDPM)
+_MAX_BETA = 0.999  # cosine schedule clip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_betas(kind: str, num_timesteps: int) -> np.ndarray:
+    """β_1..β_T (float64, length `num_timesteps`) of the 'linear' or 'cosine' schedule."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown beta schedule {kind!r}; expected one of {SCHEDULES}")
+    try:
+        num_timesteps = operator.index(num_timesteps)
+    except TypeError:
+        raise ValueError(f"num_timesteps must be an int, got {num_timesteps!r}") from None
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if kind == "linear":
+        # DDPM's 1e-4 → 0.02 over 1000 steps, scaled by 1000/T so any T gives the same total noise.
+        scale = 1000.0 / num_timesteps
+        beta_start, beta_end = scale * 1e-4, scale * 0.02
+        if beta_end >= 1.0:
+            raise ValueError(
+                f"linear schedule with num_timesteps={num_timesteps} gives β_T={beta_end:g} >= 1; "
+                "use num_timesteps > 20 or the cosine schedule"
+            )
+        return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+    # Cosine: ᾱ_t = f(t)/f(0), f(t) = cos²(((t/T + s)/(1 + s))·π/2), β_t = min(1 − ᾱ_t/ᾱ_{t−1}, 0.999).
+    steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    f = np.cos((steps + _COSINE_S) / (1 + _COSINE_S) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], _MAX_BETA)
+
+
+def aug_alpha_bar(s: torch.Tensor | float) -> torch.Tensor:
+    """ᾱ(s) of the continuous cosine schedule for conditioning-augmentation level s ∈ [0, 1].
+
+    ᾱ(s) = f(s)/f(0), f(s) = cos²(((s + 0.008)/1.008)·π/2), written as sin²((1 − s)/1.008·π/2) so that
+    ᾱ(0) = 1 and ᾱ(1) = 0 exactly.
+    """
+    s_t = torch.as_tensor(s)
+    dtype = s_t.dtype if s_t.is_floating_point() else torch.get_default_dtype()
+    s64 = s_t.to(torch.float64)
+    if bool(((s64 < 0) | (s64 > 1) | torch.isnan(s64)).any()):
+        raise ValueError("aug level s must lie in [0, 1]")
+    half_pi = math.pi / (2 * (1 + _COSINE_S))
+    # Continuous cosine schedule ᾱ(s) = f(s)/f(0) (Improved DDPM, slides "variance scheduling").
+    alpha_bar = torch.sin((1 - s64) * half_pi) ** 2 / math.sin(half_pi) ** 2
+    return alpha_bar.to(dtype)
+
+
+def aug_level_from_alpha_bar(alpha_bar: torch.Tensor | float) -> torch.Tensor:
+    """Inverse of `aug_alpha_bar`: the level s ∈ [0, 1] whose ᾱ(s) equals `alpha_bar` ∈ [0, 1]."""
+    a_t = torch.as_tensor(alpha_bar)
+    dtype = a_t.dtype if a_t.is_floating_point() else torch.get_default_dtype()
+    a64 = a_t.to(torch.float64)
+    if bool(((a64 < 0) | (a64 > 1) | torch.isnan(a64)).any()):
+        raise ValueError("alpha_bar must lie in [0, 1]")
+    half_pi = math.pi / (2 * (1 + _COSINE_S))
+    # s = 1 − asin(√(ᾱ·f(0)))/half_pi, inverting ᾱ(s) = sin²((1 − s)·half_pi)/f(0).
+    s = 1 - torch.asin((a64 * math.sin(half_pi) ** 2).sqrt().clamp(max=1.0)) / half_pi
+    return s.clamp(0.0, 1.0).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Respacing
+# ----------------------------------------------------------------------------------------------------
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> list[int]:
+    """Timesteps (sorted, 0-indexed) to keep when sampling with fewer steps.
+
+    `section_counts`: "50" (50 evenly spaced steps, first and last included), "10,10,5" (the T steps split
+    into equal sections with 10, 10 and 5 evenly spaced steps each), "ddim25" (the constant stride
+    range(0, T, stride) with exactly 25 steps, as in DDIM), or an int / list of ints.
+    """
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if isinstance(section_counts, str):
+        spec = section_counts.strip()
+        if spec.startswith("ddim"):
+            try:
+                desired = int(spec[len("ddim"):])
+            except ValueError:
+                raise ValueError(f"bad respacing {section_counts!r}: expected 'ddimN'") from None
+            for stride in range(1, num_timesteps + 1):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return list(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot take exactly {desired} steps of constant stride from {num_timesteps}")
+        try:
+            counts = [int(part) for part in spec.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"bad respacing {section_counts!r}: expected e.g. '50', '10,10,5' or 'ddim25'"
+            ) from None
+    elif isinstance(section_counts, (int, np.integer)) and not isinstance(section_counts, bool):
+        counts = [int(section_counts)]
+    else:
+        counts = [int(c) for c in section_counts]
+    if not counts or len(counts) > num_timesteps:
+        raise ValueError(f"bad respacing {section_counts!r} for {num_timesteps} timesteps")
+    size_per, extra = divmod(num_timesteps, len(counts))
+    start, kept = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if count < 1 or count > size:
+            raise ValueError(f"cannot take {count} steps from a section of {size} timesteps")
+        stride = (size - 1) / (count - 1) if count > 1 else 0.0
+        kept += [start + round(j * stride) for j in range(count)]
+        start += size
+    return sorted(set(kept))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gaussian helpers (per element; callers take means over dimensions)
+# ----------------------------------------------------------------------------------------------------
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) per element, in nats."""
+    # KL of two Gaussians, the terms L_{t−1} of eq. 7 / eq. 10.
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
+                                        log_scales: torch.Tensor) -> torch.Tensor:
+    """Per-element log-likelihood (nats) of 8-bit data rescaled to [-1, 1] under a Gaussian discretized
+    into 256 bins of width 2/255 (the edge bins extend to ±∞)."""
+    if x.shape != means.shape:
+        raise ValueError(f"x {tuple(x.shape)} and means {tuple(means.shape)} must have the same shape")
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    plus_in = inv_stdv * (centered + 1.0 / 255.0)
+    min_in = inv_stdv * (centered - 1.0 / 255.0)
+    # L_0 = −log p_θ(x_0|x_1) of eq. 7 as the mass of x_0's bin (log_ndtr keeps the tails exact).
+    log_cdf_plus = torch.special.log_ndtr(plus_in)
+    log_one_minus_cdf_min = torch.special.log_ndtr(-min_in)
+    cdf_delta = torch.special.ndtr(plus_in) - torch.special.ndtr(min_in)
+    log_mid = torch.log(cdf_delta.clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_mid))
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over all non-batch dimensions."""
+    return x.mean(dim=tuple(range(1, x.ndim))) if x.ndim > 1 else x
+
+
+def apply_dynamic_threshold(pred_xstart: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding: s = max(1, percentile of |x̂_0| per sample), clamp to [−s, s], ÷ s."""
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"dynamic_threshold percentile must be in (0, 1], got {percentile}")
+    flat = pred_xstart.detach().reshape(pred_xstart.shape[0], -1).abs().float()
+    s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0).to(pred_xstart.dtype)
+    s = s.view(-1, *([1] * (pred_xstart.ndim - 1)))
+    return torch.maximum(torch.minimum(pred_xstart, s), -s) / s
+
+
+# ----------------------------------------------------------------------------------------------------
+# The diffusion
+# ----------------------------------------------------------------------------------------------------
+
+
+class GaussianDiffusion:
+    """A discrete Gaussian diffusion with T steps and its reverse-process parametrization.
+
+    betas: β_1..β_T (any array-like, each in (0, 1)). model_var_type: 'fixed_small' (Σ = β̃_t),
+    'fixed_large' (Σ = β_t) or 'learned_range' (network outputs ε‖v, Σ = exp(v·log β_t + (1−v)·log β̃_t)
+    with v mapped from [−1, 1] to [0, 1]). loss_type: 'simple' (Algorithm 1) or 'hybrid'
+    (L_simple + λ·L_vlb, needs 'learned_range'). vlb_weight: λ. timestep_map / original_alphas_cumprod:
+    set by `respace`; the model is always called with timesteps on the original training scale.
+    """
+
+    def __init__(self, betas, model_var_type: str = "fixed_small", loss_type: str = "simple",
+                 vlb_weight: float = 0.001, *, timestep_map=None, original_alphas_cumprod=None):
+        betas = np.asarray(betas.detach().cpu() if isinstance(betas, torch.Tensor) else betas,
+                           dtype=np.float64)
+        if betas.ndim != 1 or betas.size < 1:
+            raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {betas.shape}")
+        if not np.all((betas > 0) & (betas < 1)):
+            raise ValueError("every beta must lie in (0, 1)")
+        if model_var_type not in MODEL_VAR_TYPES:
+            raise ValueError(f"unknown model_var_type {model_var_type!r}; expected one of {MODEL_VAR_TYPES}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss {loss_type!r}; expected one of {LOSS_TYPES}")
+        if loss_type == "hybrid" and model_var_type != "learned_range":
+            raise ValueError("the hybrid loss trains the variance: it needs model_var_type='learned_range'")
+        if not vlb_weight >= 0:
+            raise ValueError(f"vlb_weight must be >= 0, got {vlb_weight}")
+        self.model_var_type = model_var_type
+        self.loss_type = loss_type
+        self.vlb_weight = float(vlb_weight)
+        self.num_timesteps = int(betas.shape[0])
+
+        def table(a):
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        # β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t (eq. 9); β̃ at index 0 is 0, so its log is clipped to β̃_1.
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        clip_to = posterior_variance[1] if self.num_timesteps > 1 else betas[0]
+        self.betas = table(betas)
+        self.alphas = table(alphas)
+        self.alphas_cumprod = table(alphas_cumprod)
+        self.alphas_cumprod_prev = table(alphas_cumprod_prev)
+        self.sqrt_alphas_cumprod = table(np.sqrt(alphas_cumprod))
+        self.sqrt_one_minus_alphas_cumprod = table(np.sqrt(1.0 - alphas_cumprod))
+        self.log_one_minus_alphas_cumprod = table(np.log(1.0 - alphas_cumprod))
+        self.sqrt_recip_alphas_cumprod = table(np.sqrt(1.0 / alphas_cumprod))
+        self.sqrt_recipm1_alphas_cumprod = table(np.sqrt(1.0 / alphas_cumprod - 1.0))
+        self.log_betas = table(np.log(betas))
+        self.posterior_variance = table(posterior_variance)
+        self.posterior_log_variance_clipped = table(np.log(np.append(clip_to, posterior_variance[1:])))
+        # μ̃_t = coef1·x_0 + coef2·x_t (eq. 9).
+        self.posterior_mean_coef1 = table(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod))
+        self.posterior_mean_coef2 = table((1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod))
+
+        if timestep_map is None:
+            timestep_map = np.arange(self.num_timesteps)
+        timestep_map = torch.as_tensor(np.asarray(timestep_map), dtype=torch.long)
+        if timestep_map.shape != (self.num_timesteps,):
+            raise ValueError(f"timestep_map must have {self.num_timesteps} entries, got {tuple(timestep_map.shape)}")
+        self.timestep_map = timestep_map
+        self.original_alphas_cumprod = (self.alphas_cumprod if original_alphas_cumprod is None
+                                        else torch.as_tensor(original_alphas_cumprod, dtype=torch.float64))
+        self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, schedule: str = "linear", num_timesteps: int = 1000,
+                    model_var_type: str = "fixed_small", loss: str = "simple",
+                    vlb_weight: float = 0.001) -> GaussianDiffusion:
+        """Build from the fields of a DiffusionConfig (schedule name instead of betas)."""
+        return cls(make_betas(schedule, num_timesteps), model_var_type=model_var_type, loss_type=loss,
+                   vlb_weight=vlb_weight)
+
+    def __repr__(self) -> str:
+        return (f"GaussianDiffusion(num_timesteps={self.num_timesteps}, model_var_type={self.model_var_type!r}, "
+                f"loss_type={self.loss_type!r}, vlb_weight={self.vlb_weight}, "
+                f"respaced={self.num_timesteps != len(self.original_alphas_cumprod)})")
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    @property
+    def out_channels_factor(self) -> int:
+        """Model output channels per image channel: 2 for learned variance (ε‖v), else 1."""
+        return 2 if self.model_var_type == "learned_range" else 1
+
+    def _check_t(self, t, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"timesteps must be integers, got dtype {t.dtype}")
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"timesteps must have shape ({batch},), got {tuple(t.shape)}")
+        if bool(((t < 0) | (t >= self.num_timesteps)).any()):
+            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]")
+        return t.long()
+
+    def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gather table `name` at timesteps t, shaped to broadcast against x, in x's dtype/device."""
+        table = getattr(self, name)
+        if x.device.type == "mps":  # no float64 there: gather on the CPU
+            vals = table[t.cpu()].to(device=x.device, dtype=x.dtype)
+        else:
+            key = (name, x.device)
+            if key not in self._device_tables:
+                self._device_tables[key] = table.to(x.device)
+            vals = self._device_tables[key][t].to(x.dtype)
+        return vals.view(-1, *([1] * (x.ndim - 1)))
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """Map indices of this (possibly respaced) diffusion to the original training scale."""
+        return self.timestep_map.to(t.device)[t]
+
+    def _split_output(self, model_output: torch.Tensor, x_t: torch.Tensor):
+        channels = x_t.shape[1]
+        expected = channels * self.out_channels_factor
+        if model_output.ndim != x_t.ndim or model_output.shape[1] != expected \
+                or model_output.shape[2:] != x_t.shape[2:] or model_output.shape[0] != x_t.shape[0]:
+            raise ValueError(
+                f"model output {tuple(model_output.shape)} does not match x_t {tuple(x_t.shape)}: "
+                f"model_var_type={self.model_var_type!r} needs {expected} channels"
+            )
+        model_output = model_output.to(x_t.dtype)
+        if self.model_var_type == "learned_range":
+            return model_output[:, :channels], model_output[:, channels:]
+        return model_output, None
+
+    # -- forward process and posterior ------------------------------------------------------------
+
+    def q_mean_variance(self, x_start: torch.Tensor, t):
+        """Mean, variance and log-variance of q(x_t | x_0) (eq. 2)."""
+        t = self._check_t(t, x_start)
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+        variance = (1.0 - self._extract("alphas_cumprod", t, x_start)).expand_as(x_start)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
+        return mean, variance, log_variance
+
+    def q_sample(self, x_start: torch.Tensor, t, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x_0): √ᾱ_t·x_0 + √(1−ᾱ_t)·ε (eq. 2)."""
+        t = self._check_t(t, x_start)
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        if noise.shape != x_start.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} must match x_start {tuple(x_start.shape)}")
+        # x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε (eq. 2).
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
+
+    def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t):
+        """Mean μ̃_t, variance β̃_t and clipped log-variance of q(x_{t−1} | x_t, x_0) (eq. 8–9)."""
+        if x_start.shape != x_t.shape:
+            raise ValueError(f"x_start {tuple(x_start.shape)} and x_t {tuple(x_t.shape)} differ in shape")
+        t = self._check_t(t, x_t)
+        # μ̃_t(x_t, x_0) = √ᾱ_{t−1}β_t/(1−ᾱ_t)·x_0 + √α_t(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t (eq. 9).
+        mean = (self._extract("posterior_mean_coef1", t, x_t) * x_start
+                + self._extract("posterior_mean_coef2", t, x_t) * x_t)
+        variance = self._extract("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        return mean, variance, log_variance
+
+    def predict_xstart_from_eps(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
+        """x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t, eq. 2 solved for x_0."""
+        t = self._check_t(t, x_t)
+        # x_0 = x_t/√ᾱ_t − √(1/ᾱ_t − 1)·ε (eq. 2 inverted).
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
+
+    def predict_eps_from_xstart(self, x_t: torch.Tensor, t, pred_xstart: torch.Tensor) -> torch.Tensor:
+        """ε = (x_t/√ᾱ_t − x̂_0)/√(1/ᾱ_t − 1), eq. 2 solved for ε."""
+        t = self._check_t(t, x_t)
+        # ε = (x_t − √ᾱ_t·x_0)/√(1 − ᾱ_t) (eq. 2 inverted).
+        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
+                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
+
+    # -- reverse process ---------------------------------------------------------------------------
+
+    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t, clip_denoised: bool = True,
+                        dynamic_threshold: float | None = None) -> dict[str, torch.Tensor]:
+        """Mean, variance, log-variance of p_θ(x_{t−1} | x_t) (eq. 4) from the raw network output.
+
+        Returns a dict with `mean`, `variance`, `log_variance`, `pred_xstart` (x̂_0, clipped to [−1, 1] when
+        `clip_denoised`, or dynamically thresholded at percentile `dynamic_threshold` ∈ (0, 1], which
+        takes precedence) and `eps` (the predicted ε, before any clipping).
+        """
+        t = self._check_t(t, x_t)
+        eps, v = self._split_output(model_output, x_t)
+        if self.model_var_type == "learned_range":
+            min_log = self._extract("posterior_log_variance_clipped", t, x_t)
+            max_log = self._extract("log_betas", t, x_t)
+            frac = (v + 1) / 2
+            # Σ_θ = exp(v·log β_t + (1 − v)·log β̃_t) (Improved DDPM, slides "learn the variance").
+            log_variance = frac * max_log + (1 - frac) * min_log
+            variance = torch.exp(log_variance)
+        else:
+            # fixed_small: Σ = β̃_t (eq. 9); fixed_large: Σ = β_t (eq. 1).
+            small = self.model_var_type == "fixed_small"
+            variance = self._extract("posterior_variance" if small else "betas", t, x_t).expand_as(x_t)
+            log_variance = self._extract("posterior_log_variance_clipped" if small else "log_betas",
+                                         t, x_t).expand_as(x_t)
+        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
+        if dynamic_threshold is not None:
+            pred_xstart = apply_dynamic_threshold(pred_xstart, dynamic_threshold)
+        elif clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        # μ_θ = μ̃_t(x_t, x̂_0), which equals eq. 13 for the unclipped x̂_0.
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
+        return {"mean": mean, "variance": variance, "log_variance": log_variance,
+                "pred_xstart": pred_xstart, "eps": eps}
+
+    # -- bound and losses --------------------------------------------------------------------------
+
+    def prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T | x_0) ‖ N(0, I)) per sample, in bits per dimension (eq. 7)."""
+        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x_start.device)
+        mean, _, log_variance = self.q_mean_variance(x_start, t)
+        # L_T of eq. 7.
+        kl = normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(log_variance))
+        return mean_flat(kl) / math.log(2.0)
+
+    def vb_terms_bpd(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t,
+                     clip_denoised: bool = False) -> dict[str, torch.Tensor]:
+        """One term of the bound per sample, in bits/dim: L_{t−1} = KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t))
+        for t > 0 and L_0 = −log p_θ(x_0|x_1) (discretized 8-bit likelihood) for t = 0 (eq. 7).
+
+        Returns `output` (B) and `pred_xstart`.
+        """
+        t = self._check_t(t, x_t)
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
+        # L_{t−1} (eq. 7 / eq. 10).
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
+        # L_0 (eq. 7): discretized Gaussian decoder.
+        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])) / math.log(2.0)
+        return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
+
+    def training_losses(self, model, x_start: torch.Tensor, t, noise: torch.Tensor | None = None,
+                        model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+        """Per-sample training losses at timesteps t (indices of this diffusion).
+
+        Returns `loss`, `mse` (mean over dimensions of ‖ε − ε_θ‖², Algorithm 1) and `vb` (the VLB term in
+        bits/dim with a stop-gradient mean, so it only trains the variance; zeros for the simple loss).
+        Hybrid: loss = mse + λ·T·vb (λ = 0.001 reproduces improved-diffusion's vb·T/1000). Importance
+        weights from a timestep sampler are applied by the caller.
+        """
+        t = self._check_t(t, x_start)
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise=noise)
+        model_output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
+        eps, v = self._split_output(model_output, x_t)
+        # L_simple = ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² (Algorithm 1), averaged over dimensions.
+        mse = mean_flat((noise - eps) ** 2)
+        if self.loss_type == "hybrid":
+            frozen = torch.cat([eps.detach(), v], dim=1)
+            vb = self.vb_terms_bpd(frozen, x_start, x_t, t, clip_denoised=False)["output"]
+            # L_hybrid = L_simple + λ·L_vlb with L_vlb = T·vb_t (Improved DDPM).
+            loss = mse + self.vlb_weight * self.num_timesteps * vb
+        else:
+            vb = torch.zeros_like(mse)
+            loss = mse
+        return {"loss": loss, "mse": mse, "vb": vb}
+
+    @torch.no_grad()
+    def calc_bpd_loop(self, model, x_start: torch.Tensor, clip_denoised: bool = True,
+                      model_kwargs: dict | None = None, generator: torch.Generator | None = None,
+                      progress: bool = False) -> dict[str, torch.Tensor]:
+        """The full bound of eq. 7 per image, in bits/dim, evaluating every term t = T−1..0.
+
+        Returns `total_bpd` (B) = `prior_bpd` (B) + sum over t of `vb` (B×T), plus `xstart_mse` (B×T) and
+        `mse` (B×T, of the ε prediction).
+        """
+        batch = x_start.shape[0]
+        vb, xstart_mse, mse = [], [], []
+        steps = range(self.num_timesteps - 1, -1, -1)
+        for step in tqdm(steps, disable=not progress, desc="bpd"):
+            t = torch.full((batch,), step, dtype=torch.long, device=x_start.device)
+            noise = _randn(x_start.shape, generator, x_start.device, x_start.dtype)
+            x_t = self.q_sample(x_start, t, noise=noise)
+            model_output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
+            terms = self.vb_terms_bpd(model_output, x_start, x_t, t, clip_denoised=clip_denoised)
+            eps = self.predict_eps_from_xstart(x_t, t, terms["pred_xstart"])
+            vb.append(terms["output"])
+            xstart_mse.append(mean_flat((terms["pred_xstart"] - x_start) ** 2))
+            mse.append(mean_flat((eps - noise) ** 2))
+        vb_t = torch.stack(vb[::-1], dim=1)
+        prior = self.prior_bpd(x_start)
+        return {"total_bpd": vb_t.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb_t,
+                "xstart_mse": torch.stack(xstart_mse[::-1], dim=1), "mse": torch.stack(mse[::-1], dim=1)}
+
+    # -- respacing ---------------------------------------------------------------------------------
+
+    def respace(self, timesteps: str | Iterable[int]) -> GaussianDiffusion:
+        """A diffusion over the kept steps (indices of this diffusion, or a `space_timesteps` string).
+
+        β is recomputed from the retained ᾱ (β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}}) so fixed and learned
+        variances stay correct; `timestep_map` maps new indices to the original training scale.
+        """
+        if isinstance(timesteps, str):
+            timesteps = space_timesteps(self.num_timesteps, timesteps)
+        kept = sorted({int(k) for k in timesteps})
+        if not kept:
+            raise ValueError("respace needs at least one timestep")
+        if kept[0] < 0 or kept[-1] >= self.num_timesteps:
+            raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps - 1}], got {kept[0]}..{kept[-1]}")
+        alphas_cumprod = self.alphas_cumprod.numpy()[kept]
+        # β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}} keeps ᾱ at the retained steps (eq. 2).
+        new_betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
+        return GaussianDiffusion(new_betas, model_var_type=self.model_var_type, loss_type=self.loss_type,
+                                 vlb_weight=self.vlb_weight, timestep_map=self.timestep_map[kept],
+                                 original_alphas_cumprod=self.original_alphas_cumprod)
+
+
+def _randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (reproducible for a seed), moved to device."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
