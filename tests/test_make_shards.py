@@ -1,0 +1,115 @@
+"""tools/make_shards.py: the bad-input policy on a folder of awkward files, and one-line errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cascade.data import iterate_split
+from cascade.imageops import float_to_uint8
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("make_shards_tool", ROOT / "tools" / "make_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def make_shards():
+    return _load_tool()
+
+
+def _awkward_folder(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Class folders of uniform images in awkward formats; returns file → expected RGB colour."""
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    expected = {}
+    Image.new("L", (80, 70), 50).save(root / "a" / "gray.png")
+    expected["a/gray.png"] = (50, 50, 50)
+    Image.new("RGBA", (70, 70), (255, 0, 0, 0)).save(root / "a" / "clear.png")  # transparent → white
+    expected["a/clear.png"] = (255, 255, 255)
+    palette = Image.new("P", (70, 70), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30])
+    palette.save(root / "a" / "palette.png")
+    expected["a/palette.png"] = (10, 200, 30)
+    Image.new("CMYK", (72, 72), (0, 255, 255, 0)).save(root / "a" / "cmyk.jpg", quality=95)
+    expected["a/cmyk.jpg"] = (255, 0, 0)
+    Image.fromarray(np.full((70, 75), 32768, np.uint16)).save(root / "a" / "deep16.png")  # I;16 → 128
+    expected["a/deep16.png"] = (128, 128, 128)
+    Image.new("RGB", (90, 66), (0, 0, 250)).save(root / "b" / "photo.jpg", quality=95)
+    expected["b/photo.jpg"] = (0, 0, 250)
+    Image.new("RGB", (40, 40), (200, 100, 0)).save(root / "b" / "small.png")  # < max_res 64: upscaled
+    expected["b/small.png"] = (200, 100, 0)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "b" / "tiny.png")  # < min_size 16: skipped
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 90, 3), dtype=np.uint8)).save(buf, "PNG")
+    (root / "b" / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "b" / "notes.txt").write_text("not an image")
+    (root / "README.txt").write_text("outside the class folders")
+    return expected
+
+
+def test_bad_input_policy_converts_upscales_skips_and_reports(tmp_path, make_shards, capsys):
+    expected = _awkward_folder(tmp_path / "src")
+    info = make_shards.main(["--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--max-res", "64",
+                             "--val-fraction", "0", "--shard-size", "3", "--no-progress"])
+    out = capsys.readouterr().out
+    report = info["bad_input"]
+    assert report["converted"] == {
+        "CMYK": {"count": 1, "files": ["a/cmyk.jpg"]}, "I;16": {"count": 1, "files": ["a/deep16.png"]},
+        "L": {"count": 1, "files": ["a/gray.png"]}, "P": {"count": 1, "files": ["a/palette.png"]},
+        "RGBA": {"count": 1, "files": ["a/clear.png"]}}
+    assert report["upscaled"] == {"count": 1, "files": ["b/small.png"]}
+    assert report["skipped_too_small"]["files"] == ["b/tiny.png"]
+    assert report["skipped_unreadable"]["files"] == ["b/truncated.png"]
+    assert report["skipped_not_image"]["files"] == ["b/notes.txt"]
+    assert report["ignored_outside_class_folders"]["files"] == ["README.txt"]
+    assert info["class_names"] == ["a", "b"] and info["counts"]["train"]["per_class"] == [5, 2]
+    for name in ("b/truncated.png", "b/tiny.png", "b/notes.txt", "a/cmyk.jpg", "README.txt"):
+        assert name in out
+    colours = sorted(tuple(int(c) for c in float_to_uint8(s["images"][64]).numpy().reshape(-1, 3).mean(0).round())
+                     for s in iterate_split(tmp_path / "out", "train", [32, 64]))
+    assert len(colours) == len(expected)  # every valid file landed, with the right colour
+    for got, want in zip(colours, sorted(expected.values())):
+        assert np.abs(np.array(got) - np.array(want)).max() <= 3, (got, want)
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text()) == info
+
+
+def test_synthetic_cli_writes_requested_counts(tmp_path, make_shards, capsys):
+    info = make_shards.main(["--source", "synthetic", "--out", str(tmp_path), "--num-classes", "2",
+                             "--images-per-class", "2", "--max-res", "32", "--val-fraction", "0.5", "--no-progress"])
+    assert info["counts"]["train"]["total"] == 2 and info["counts"]["val"]["total"] == 2
+    assert "bad input: none" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "{missing}"], "source folder not found"),
+    (["--source", "{empty}"], "no class sub-folders"),
+    (["--source", "synthetic", "--val-fraction", "1.5"], "val_fraction"),
+])
+def test_errors_are_one_line(tmp_path, make_shards, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(missing=tmp_path / "missing", empty=tmp_path / "empty") for a in args]
+    with pytest.raises(SystemExit, match=message) as exc:
+        make_shards.main(args + ["--out", str(tmp_path / "out"), "--no-progress"])
+    assert "\n" not in str(exc.value.code)
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--source",
+                             str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"make_shards: error: source folder not found: {tmp_path / 'missing'}"]

@@ -1,0 +1,65 @@
+"""Write train/val webdataset shards (+ dataset.json) for the cascade from a source of images.
+
+  python tools/make_shards.py --source synthetic --out data/synthetic --images-per-class 200
+  python tools/make_shards.py --source photos --out data/photos          # needs the `demo` extra
+  python tools/make_shards.py --source /data/imagenet/train --out data/imagenet --workers 16
+  python tools/make_shards.py --source /data/fashion_mnist --out data/fmnist --max-res 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cascade.datasets import get_source
+from cascade.shards import RESOLUTIONS, BadInputReport, write_shards
+
+POLICY = """bad-input policy: grayscale, palette, CMYK and 16-bit images are converted to 8-bit RGB;
+transparent images are composited on white; images whose short side is below --max-res are upscaled
+(bicubic) and counted, below --min-size skipped; unreadable, truncated and non-image files are skipped.
+Everything is reported at the end (counts and file names) and stored in dataset.json."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=POLICY,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True,
+                        help="'synthetic', 'photos' or a folder of class sub-folders (ImageFolder layout)")
+    parser.add_argument("--out", required=True, help="output folder for train-*.tar, val-*.tar, dataset.json")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of each class for val")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, shuffles and generated images")
+    parser.add_argument("--workers", type=int, default=1, help="processes decoding/resizing images")
+    parser.add_argument("--images-per-class", type=int, default=None,
+                        help="images per class for generated sources (default 100)")
+    parser.add_argument("--num-classes", type=int, default=None, help="classes of the synthetic source (default 10)")
+    parser.add_argument("--max-res", type=int, default=256, choices=RESOLUTIONS,
+                        help="largest resolution written; only sizes ≤ it are stored (default 256)")
+    parser.add_argument("--min-size", type=int, default=16,
+                        help="skip images whose short side is below this many pixels (default 16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        source = get_source(args.source, seed=args.seed, images_per_class=args.images_per_class,
+                            num_classes=args.num_classes)
+        info = write_shards(source, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
+                            seed=args.seed, workers=args.workers, max_res=args.max_res, min_size=args.min_size,
+                            overwrite=args.overwrite, progress=not args.no_progress)
+    except (ValueError, OSError, ImportError) as exc:
+        raise SystemExit(f"make_shards: error: {exc}") from None
+    counts = info["counts"]
+    print(f"wrote {counts['train']['total']} train / {counts['val']['total']} val samples of "
+          f"{info['num_classes']} classes at {info['resolutions']} to {args.out} "
+          f"({len(info['shards']['train'])} + {len(info['shards']['val'])} shards)")
+    lines = BadInputReport.from_dict(info["bad_input"]).summary_lines()
+    print("bad input: none" if not lines else "bad input:\n  " + "\n  ".join(lines))
+    return info
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
