@@ -158,7 +158,10 @@ class ReferenceStats:
 
 
 def _fid_metric(num_features: int) -> FrechetInceptionDistance:
-    return FrechetInceptionDistance(feature=_PassThrough(num_features), reset_real_features=False)
+    # sync_on_compute=False here and below: the caller gathers images / features across processes itself; a
+    # torchmetrics sync in compute() would wait for processes that never call it (accelerate launch).
+    return FrechetInceptionDistance(feature=_PassThrough(num_features), reset_real_features=False,
+                                    sync_on_compute=False)
 
 
 def compute_reference_stats(
@@ -394,7 +397,8 @@ def compute_fid_kid(
     with warnings.catch_warnings():  # keeping all features is the point here; silence torchmetrics' note
         warnings.filterwarnings("ignore", message=r"Metric `.*` will save all extracted features")
         kid = KernelInceptionDistance(
-            feature=_PassThrough(feature_net.num_features), subsets=kid_subsets, subset_size=kid_subset_size
+            feature=_PassThrough(feature_net.num_features), subsets=kid_subsets, subset_size=kid_subset_size,
+            sync_on_compute=False,
         )
     kid.update(reference.kid_features.float(), real=True)
     kid.update(torch.cat(fake_features), real=False)
@@ -408,7 +412,8 @@ def compute_fid_kid(
                 raise ValueError(f"is_splits must be at least 1, got {is_splits}")
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r"Metric `.*` will save all extracted features")
-                isc = InceptionScore(feature=_PassThrough(feature_net.num_classes), splits=is_splits)
+                isc = InceptionScore(feature=_PassThrough(feature_net.num_classes), splits=is_splits,
+                                     sync_on_compute=False)
             isc.update(torch.cat(fake_logits))
             is_mean, is_std = isc.compute()
             result.update(is_mean=float(is_mean), is_std=float(is_std))
@@ -493,7 +498,7 @@ def _json_safe(value):
     return value
 
 
-def _report_columns(results: Mapping) -> tuple[list[str], dict[str, dict[str, str]]]:
+def report_table(results: Mapping) -> tuple[list[str], dict[str, dict[str, str]]]:
     """Flatten {stage: {mode: {"features": {net: result}, scalar: value}}} into labelled cells."""
     feature_cells: dict[tuple[int, int, str], str] = {}
     scalar_cells: dict[tuple[str, str], str] = {}
@@ -558,7 +563,7 @@ def write_report(
                              "consistency_psnr": float, "class_accuracy": float, ...}}}
     meta: run settings (samples, sampler, seed, ...) recorded in both files.
     """
-    columns, table = _report_columns(results)
+    columns, table = report_table(results)
     json_path, md_path = Path(json_path), Path(md_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,524 @@
+"""The stage trainer: one stage (base, super-resolution or classifier) from shards to checkpoints.
+
+accelerate handles devices, mixed precision, gradient accumulation and distribution (one CPU, one GPU,
+`accelerate launch` / `torchrun` over many; gloo on CPU). Per step: null-class dropout (p_uncond) for
+classifier-free guidance, conditioning augmentation of the low-resolution input for SR stages, the
+stage's diffusion loss (or cross-entropy on noised images for the classifier), AdamW with warmup and
+clipping, then an EMA update.
+
+Exact resume: every checkpoint step S starts a new data *segment*. All randomness of the segment (the
+loader's shuffle, noise, timesteps, dropout, augmentation) is seeded from (seed, S, rank), so a run
+resumed from the checkpoint at S replays exactly what the uninterrupted run did after S, without
+replaying the data stream. The checkpoint also stores each rank's RNG states at that point. (The
+final checkpoint starts a segment too, so extending a finished run continues from there, not from where
+an uninterrupted longer run would be.)
+
+Non-finite losses skip the optimizer step without a host–device synchronisation (the fused AdamW's
+`found_inf`, as GradScaler uses it); the hot loop synchronises only at log, checkpoint and sample
+steps, where too many non-finite steps in a row stop the run with `NonFiniteLossError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object, is_tensorboard_available
+from PIL import Image
+from tqdm.auto import tqdm
+
+from cascade import checkpoint
+from cascade.augment import augment_low_res, condition_low_res
+from cascade.data import make_stage_loader, read_dataset_info
+from cascade.diffusion import GaussianDiffusion
+from cascade.ema import EMA
+from cascade.imageops import float_to_uint8, upsample
+from cascade.samplers import sample_ddpm
+from cascade.timestep_sampler import TimestepSampler, UniformSampler, make_timestep_sampler
+from cascade.trainer_config import RunConfig, TrainerConfig
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN or infinite loss."""
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+def resolve_mixed_precision(mode: str, device: torch.device) -> str:
+    """"auto" → "bf16" where the device computes bf16 natively, else "no"; other modes pass through."""
+    if mode != "auto":
+        return mode
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    if device.type == "cpu":
+        native = torch.backends.cpu.get_cpu_capability() == "AVX512" and (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return "bf16" if native else "no"
+    return "no"
+
+
+def segment_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the data segment starting at ``step`` on ``rank`` (stable across runs and machines)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint32)[0])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states as tensors/primitives (weights_only-loadable)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                       "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_classes(info: dict[str, Any], stage, root: str) -> None:
+    if len(info["class_names"]) != stage.num_classes:
+        raise ValueError(f"stage {stage.name} has {stage.num_classes} classes but the shards in {root} have "
+                         f"{len(info['class_names'])}")
+
+
+def _stage_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _stage_differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} → {vb!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int) -> torch.Tensor:
+    """Replace each label by the null class with probability p_uncond (classifier-free guidance)."""
+    if p_uncond == 0:
+        return y
+    drop = torch.rand(y.shape, device=y.device) < p_uncond
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+def sample_timesteps(sampler: TimestepSampler, batch: int, device: torch.device):
+    """(t, importance weights or None); uniform t is drawn on the device (no host round trip)."""
+    if isinstance(sampler, UniformSampler):
+        return torch.randint(0, sampler.num_timesteps, (batch,), device=device), None
+    return sampler.sample(batch, device)
+
+
+def stage_loss(model, diffusion: GaussianDiffusion, stage, batch: dict[str, torch.Tensor],
+               sampler: TimestepSampler, p_uncond: float) -> dict[str, torch.Tensor]:
+    """The stage's training loss on one batch: {"loss": scalar, "per_sample": B, "t": B (+ "correct")}."""
+    x0, y = batch["x"], batch["y"]
+    t, weights = sample_timesteps(sampler, x0.shape[0], x0.device)
+    if stage.kind == "classifier":
+        x_t = diffusion.q_sample(x0, t, noise=torch.randn_like(x0))
+        logits = model(x_t, diffusion.model_timesteps(t))
+        per_sample = F.cross_entropy(logits.float(), y, reduction="none")
+        return {"loss": per_sample.mean(), "per_sample": per_sample, "t": t,
+                "correct": (logits.argmax(dim=1) == y).sum()}
+    model_kwargs = {"y": drop_labels(y, p_uncond, stage.num_classes)}
+    if stage.kind == "sr":
+        x_low, aug_level = augment_low_res(batch["x_low"], stage.aug)
+        model_kwargs.update(x_low=x_low, aug_level=aug_level)
+    per_sample = diffusion.training_losses(model, x0, t, noise=torch.randn_like(x0),
+                                           model_kwargs=model_kwargs)["loss"]
+    loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+    return {"loss": loss, "per_sample": per_sample, "t": t}
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+def image_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
+    """B×3×H×W in [-1, 1] → a PIL grid with ``ncol`` columns (row-major), white padding."""
+    b, c, h, w = images.shape
+    nrow = math.ceil(b / ncol)
+    canvas = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i, img in enumerate(images.float().cpu()):
+        r, col = divmod(i, ncol)
+        canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+    return Image.fromarray(float_to_uint8(canvas).numpy())
+
+
+class MetricsLog:
+    """JSONL metrics in the run folder (main process); on resume, records after the resumed step go."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+class StageTrainer:
+    """Trains one stage per a `RunConfig`; `run()` returns the final checkpoint folder.
+
+    Construction checks the shards and the resume point and builds everything (configuration errors
+    surface here as ValueError / FileNotFoundError); `run()` trains.
+    """
+
+    def __init__(self, stage, run: RunConfig, *, extra_config: dict[str, Any] | None = None):
+        self.stage, self.run_cfg, self.cfg = stage, run, run.trainer
+        self.run_dir = Path(run.run_dir)
+        self.extra_config = dict(extra_config or {})
+        self.dataset_info = read_dataset_info(run.data.root)
+        _check_classes(self.dataset_info, stage, run.data.root)
+
+        on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available()
+                      or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+        probe = torch.device("cpu") if on_cpu else torch.device("cuda" if torch.cuda.is_available() else "mps")
+        self.mixed_precision = resolve_mixed_precision(self.cfg.mixed_precision, probe)
+        log_with = "tensorboard" if is_tensorboard_available() else None
+        # cpu=True makes accelerate use gloo across CPU processes (torchrun / accelerate launch).
+        self.accelerator = Accelerator(cpu=on_cpu, mixed_precision=self.mixed_precision, log_with=log_with,
+                                       project_dir=str(self.run_dir), gradient_accumulation_steps=self.cfg.grad_accum,
+                                       step_scheduler_with_optimizer=False)
+        self.device = self.accelerator.device
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self.channels_last = self.device.type == "cuda" if self.cfg.channels_last == "auto" else self.cfg.channels_last
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self._make_loader("train", seed=0)  # fails early (clear message) if the shards lack a resolution
+        self._build()
+
+    # -- building -------------------------------------------------------------------------------------
+
+    def _resume_path(self) -> Path | None:
+        resume = self.run_cfg.resume
+        if resume == "never":
+            found = checkpoint.latest_checkpoint(self.run_dir)
+            if found is not None:
+                raise ValueError(f"{self.run_dir} already holds checkpoint {found}; use resume=auto to continue "
+                                 "it or choose another run_dir")
+            return None
+        if resume == "auto":
+            return checkpoint.latest_checkpoint(self.run_dir)
+        return checkpoint.resolve_checkpoint(resume)
+
+    def _build(self) -> None:
+        import stages  # stage definitions live outside the core package
+
+        cfg = self.cfg
+        seed_everything(self.run_cfg.seed)  # same initial weights on every rank
+        model = stages.build_model(self.stage)
+        self.diffusion = stages.build_diffusion(self.stage)
+        self.sampler = make_timestep_sampler(self.stage.diffusion.timestep_sampler, self.diffusion.num_timesteps)
+        self.resume_from = self._resume_path()
+        state = None
+        if self.resume_from is not None:
+            record = checkpoint.load_config(self.resume_from)
+            diff = _stage_differences(record["stage"], self.stage.to_dict())
+            if diff:
+                raise ValueError(f"cannot resume from {self.resume_from}: its stage configuration differs from "
+                                 f"this run's ({'; '.join(diff)})")
+            model.load_state_dict(checkpoint.load_weights(self.resume_from, "model"))
+            state = checkpoint.load_training_state(self.resume_from)
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
+        fused = self.device.type in FUSED_ADAMW_DEVICES
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                      weight_decay=cfg.weight_decay, fused=fused)
+        self.fused = fused
+        warmup = cfg.warmup_steps
+        # Linear warmup to lr over warmup_steps, then constant.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.step = 0
+        self.nan_total = torch.zeros((), dtype=torch.long, device=self.device)
+        self.nan_in_row = torch.zeros((), dtype=torch.long, device=self.device)
+        if state is not None:
+            self.ema.load_state_dict(checkpoint.load_weights(self.resume_from, "ema", device=str(self.device)),
+                                     int(state["ema_num_updates"]))
+            optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.sampler.load_state_dict(state["timestep_sampler"])
+            self.step = int(state["step"])
+            self.nan_total.fill_(int(state["nan"]["total"]))
+            self.nan_in_row.fill_(int(state["nan"]["in_row"]))
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if state is not None and "grad_scaler" in state and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
+        self.resume_state = state
+
+    def _new_segment(self, step: int, rng: list[dict] | None = None) -> None:
+        """Start the data segment at ``step``: RNG states and a fresh loader seeded from (seed, step, rank)."""
+        seed = segment_seed(self.run_cfg.seed, step, self.rank)
+        if rng is not None and len(rng) == self.world_size:
+            set_rng_state(rng[self.rank])
+        else:
+            seed_everything(seed)
+        self.segment_rng = get_rng_state()
+        loader = self._make_loader("train", seed=seed)
+        self.segment_start = step
+        self.batches = self._forever(loader)
+
+    def _forever(self, loader) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            empty = True
+            for batch in loader:
+                empty = False
+                yield self._to_device(batch)
+            if empty:
+                raise ValueError(f"the train split of {self.run_cfg.data.root} yielded no batch")
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in batch.items():
+            v = v.to(self.device, non_blocking=True)
+            if self.channels_last and v.ndim == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+            out[k] = v
+        return out
+
+    def _make_loader(self, split: str, seed: int):
+        data = self.run_cfg.data
+        return make_stage_loader(data.root, split=split, resolution=self.stage.resolution,
+                                 low_resolution=self.stage.low_resolution, batch_size=self.cfg.batch_size,
+                                 seed=seed, rank=self.rank, world_size=self.world_size,
+                                 num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
+                                 pin_memory=self.device.type == "cuda")
+
+    def _val_batch(self) -> dict[str, torch.Tensor]:
+        """The first sample_count val examples (the conditioning of the SR sample grids)."""
+        loader = make_stage_loader(self.run_cfg.data.root, split="val", resolution=self.stage.resolution,
+                                   low_resolution=self.stage.low_resolution, batch_size=self.cfg.sample_count,
+                                   rank=0, world_size=1, num_workers=0)
+        batch = next(iter(loader))
+        return {k: batch[k] for k in ("x", "x_low", "y")}
+
+    # -- checkpoints and logs --------------------------------------------------------------------------
+
+    def _weight_fingerprint(self) -> float:
+        """Sum of all weights (float64): equal on every rank while the replicas agree."""
+        model = self.accelerator.unwrap_model(self.model)
+        return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+    def _save(self) -> Path:
+        per_rank = [{"rng": self.segment_rng, "fingerprint": self._weight_fingerprint()}]
+        per_rank = gather_object(per_rank) if self.world_size > 1 else per_rank
+        path = None
+        if self.accelerator.is_main_process:
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "ema_num_updates": self.ema.num_updates,
+                "timestep_sampler": self.sampler.state_dict(),
+                "nan": {"total": int(self.nan_total), "in_row": int(self.nan_in_row)},
+                "data": {"segment_start": self.segment_start, "world_size": self.world_size},
+                "rng": [r["rng"] for r in per_rank],
+                "rank_weight_fingerprints": [r["fingerprint"] for r in per_rank],
+            }
+            if self.accelerator.scaler is not None:
+                state["grad_scaler"] = self.accelerator.scaler.state_dict()
+            train = {**self.run_cfg.to_dict(), **self.extra_config, "mixed_precision_resolved": self.mixed_precision,
+                     "num_processes": self.world_size, "dataset": {k: self.dataset_info.get(k) for k in
+                                                                   ("num_classes", "class_names", "resolutions")}}
+            model = self.accelerator.unwrap_model(self.model)
+            path = checkpoint.save_checkpoint(
+                self.run_dir, self.step, weights={"model": model.state_dict(), "ema": self.ema.state_dict()},
+                training_state=state, config={"stage": self.stage.to_dict(), "train": train},
+                keep_last=self.cfg.keep_last)
+        self.accelerator.wait_for_everyone()
+        return path if path is not None else self.run_dir / checkpoint.CHECKPOINTS_DIR / checkpoint.step_dir_name(self.step)
+
+    def _reset_window(self) -> None:
+        dev = self.device
+        self.win = {"loss": torch.zeros((), device=dev), "grad_norm": torch.zeros((), device=dev),
+                    "q_sum": torch.zeros(4, device=dev), "q_count": torch.zeros(4, device=dev),
+                    "correct": torch.zeros((), device=dev), "seen": torch.zeros((), device=dev),
+                    "max_in_row": torch.zeros((), dtype=torch.long, device=dev)}
+        self.win_steps = 0
+        self.win_time = time.perf_counter()
+
+    def _check_nonfinite(self) -> None:
+        """Host check (a sync point): stop after max_nan_in_row non-finite steps in a row."""
+        worst = int(self.accelerator.reduce(self.win["max_in_row"].clone(), "max"))
+        if worst >= self.cfg.max_nan_in_row:
+            last = checkpoint.latest_checkpoint(self.run_dir)
+            raise NonFiniteLossError(
+                f"stopping at step {self.step}: the loss was NaN or infinite for {worst} steps in a row "
+                f"(trainer.max_nan_in_row={self.cfg.max_nan_in_row}); "
+                + (f"the last good checkpoint is {last}" if last else "no checkpoint was written"))
+
+    def _log(self, bar) -> None:
+        acc = self.accelerator
+        win = {k: acc.reduce(v.clone(), "sum") for k, v in self.win.items() if k != "max_in_row"}
+        seconds = time.perf_counter() - self.win_time
+        steps = max(self.win_steps, 1)
+        images = self.win_steps * self.cfg.batch_size * self.cfg.grad_accum * self.world_size
+        loss_sum, grad_sum = float(win["loss"]) / self.world_size, float(win["grad_norm"]) / self.world_size
+        q_sum, q_count = win["q_sum"].tolist(), win["q_count"].tolist()
+        record = {"step": self.step, "loss": loss_sum / steps,
+                  **{f"loss_q{i}": (q_sum[i] / q_count[i] if q_count[i] else None) for i in range(4)},
+                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_sum / steps,
+                  "img_per_s": images / seconds if seconds > 0 else None, "nan_skips": int(self.nan_total)}
+        if self.stage.kind == "classifier":
+            record["accuracy"] = float(win["correct"]) / max(float(win["seen"]), 1.0)
+        self._check_nonfinite()
+        if acc.is_main_process:
+            self.metrics.write(record)
+            acc.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=self.step)
+            bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['img_per_s'] or 0:.1f}", refresh=False)
+        self._reset_window()
+
+    @torch.no_grad()
+    def _write_samples(self) -> Path | None:
+        """A PNG grid of EMA samples: classes × samples (base) or low-res | sample | real rows (SR)."""
+        path = None
+        if self.accelerator.is_main_process and self.stage.kind != "classifier":
+            n = self.cfg.sample_count
+            diffusion = self.diffusion.respace(str(self.cfg.sample_steps))
+            generator = torch.Generator(self.device).manual_seed(self.run_cfg.seed)
+            res = self.stage.resolution
+            if self.stage.kind == "base":
+                classes = min(self.stage.num_classes, n)
+                y = torch.arange(classes, device=self.device).repeat_interleave(n)
+                images = sample_ddpm(self.ema.model, diffusion, (len(y), 3, res, res), model_kwargs={"y": y},
+                                     generator=generator)
+                grid = image_grid(images, ncol=n)
+            else:
+                val = {k: v.to(self.device) for k, v in self.val_batch.items()}
+                noise = torch.randn(val["x_low"].shape, generator=generator, device=self.device)
+                x_low, aug_level = condition_low_res(val["x_low"], self.stage.aug.sample_aug_level, noise=noise)
+                images = sample_ddpm(self.ema.model, diffusion, (len(val["y"]), 3, res, res), generator=generator,
+                                     model_kwargs={"y": val["y"], "x_low": x_low, "aug_level": aug_level})
+                rows = torch.cat([upsample(val["x_low"], res), images, val["x"]])
+                grid = image_grid(rows, ncol=len(val["y"]))
+            out_dir = self.run_dir / SAMPLES_DIR
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"step-{self.step:08d}.png"
+            grid.save(path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def _train_step(self) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        step_loss = torch.zeros((), device=self.device)
+        for _ in range(cfg.grad_accum):
+            batch = next(self.batches)
+            with acc.accumulate(self.model):
+                out = stage_loss(self.model, self.diffusion, self.stage, batch, self.sampler, cfg.p_uncond)
+                acc.backward(out["loss"])
+            per_sample, t = out["per_sample"].detach().float(), out["t"]
+            if not isinstance(self.sampler, UniformSampler):  # importance sampling needs every rank's losses
+                self.sampler.update_with_all_losses(acc.gather(t), acc.gather(per_sample))
+            step_loss += out["loss"].detach().float() / cfg.grad_accum
+            quarter = torch.clamp(t * 4 // self.diffusion.num_timesteps, max=3)
+            finite = torch.isfinite(per_sample)
+            self.win["q_sum"].index_add_(0, quarter, torch.where(finite, per_sample, 0.0))
+            self.win["q_count"].index_add_(0, quarter, finite.float())
+            if "correct" in out:
+                self.win["correct"] += out["correct"]
+                self.win["seen"] += len(t)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm).detach().float()
+        loss_bad = ~torch.isfinite(step_loss)
+        if self.mixed_precision == "fp16":
+            bad = loss_bad  # the GradScaler skips steps with non-finite gradients itself
+        else:
+            bad = loss_bad | ~torch.isfinite(grad_norm)
+            if self.fused:
+                self.optimizer.optimizer.found_inf = bad.float()  # fused AdamW skips the update on device
+        if self.fused or self.mixed_precision == "fp16" or not bool(bad):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.ema.update(acc.unwrap_model(self.model), apply=~bad)
+        bad_long = bad.long()
+        self.nan_total += bad_long
+        self.nan_in_row.add_(bad_long).mul_(bad_long)  # consecutive non-finite steps: +1, or back to 0
+        self.win["max_in_row"] = torch.maximum(self.win["max_in_row"], self.nan_in_row)
+        self.win["loss"] += torch.where(bad, 0.0, step_loss)
+        self.win["grad_norm"] += torch.where(bad, 0.0, grad_norm)
+        self.win_steps += 1
+        self.step += 1
+
+    def run(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        wants_val = cfg.sample_every and self.stage.kind == "sr" and acc.is_main_process
+        self.val_batch = self._val_batch() if wants_val else None
+        state = self.resume_state
+        self._new_segment(self.step, rng=state["rng"] if state is not None else None)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics = MetricsLog(self.run_dir / METRICS_FILE, self.step if state is not None else None)
+            acc.init_trackers("train")
+        if self.resume_from is not None and acc.is_main_process:
+            print(f"resuming {self.stage.name} from {self.resume_from} (step {self.step})", file=sys.stderr)
+        self._reset_window()
+        last_saved = self.resume_from  # what a run resumed at or past max_steps returns
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.stage.name, unit="step",
+                   disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
+        self.model.train()
+        while self.step < cfg.max_steps:
+            self._train_step()
+            bar.update(1)
+            at_ckpt = bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0
+            if self.step % cfg.log_every == 0 or at_ckpt or self.step == cfg.max_steps:
+                self._log(bar)
+            paused = time.perf_counter()
+            if at_ckpt or self.step == cfg.max_steps:
+                self._new_segment(self.step)
+                last_saved = self._save()
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self._write_samples()
+            self.win_time += time.perf_counter() - paused  # images/s measures training only
+        bar.close()
+        acc.end_training()
+        return Path(last_saved)
+
+
+def train_stage(stage, run: RunConfig, *, extra_config: dict[str, Any] | None = None) -> Path:
+    """Train ``stage`` (a `stages.StageConfig`) per ``run``; return the final checkpoint folder."""
+    return StageTrainer(stage, run, extra_config=extra_config).run()
+
+
+__all__ = ["NonFiniteLossError", "RunConfig", "StageTrainer", "TrainerConfig", "drop_labels", "image_grid",
+           "resolve_mixed_precision", "segment_seed", "stage_loss", "train_stage"]

@@ -1,0 +1,153 @@
+"""Plain dataclasses for the stage trainer's settings (what `configs/train.yaml` turns into at the edge).
+
+No torch import here: the command line validates its configuration before loading the heavy libraries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
+CHANNELS_LAST_CHOICES = ("auto", True, False)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Optimisation, checkpointing, logging and sampling settings of one training run.
+
+    ``batch_size`` is per process and per micro-batch: one optimizer step sees
+    batch_size × grad_accum × num_processes images. ``mixed_precision="auto"`` picks bf16 where the device
+    computes it natively (CUDA with bf16 support, CPUs with AVX512-BF16/AMX), else full precision.
+    ``channels_last="auto"`` uses the channels-last memory format on CUDA only. 0 disables
+    ``grad_clip``, ``sample_every``; ``ckpt_every=0`` saves only the final checkpoint.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 1000
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    mixed_precision: str = "auto"
+    channels_last: str | bool = "auto"
+    ema_decay: float = 0.9999
+    ema_warmup: float = 10.0
+    p_uncond: float = 0.1
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    sample_every: int = 0
+    sample_steps: int | str = 25
+    sample_count: int = 8
+    max_nan_in_row: int = 5
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _coerce_fields(self, "trainer")
+        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+        positive = ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every", "sample_count",
+                    "max_nan_in_row")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "ckpt_every", "sample_every", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"trainer.adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ValueError(f"trainer.mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, "
+                             f"got {self.mixed_precision!r}")
+        if self.channels_last not in CHANNELS_LAST_CHOICES:
+            raise ValueError(f"trainer.channels_last must be auto, true or false, got {self.channels_last!r}")
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError(f"trainer.p_uncond must be in [0, 1), got {self.p_uncond}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"trainer.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_warmup < 1.0:
+            raise ValueError(f"trainer.ema_warmup must be >= 1 (1 disables the warm-up), got {self.ema_warmup}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how they are read."""
+
+    root: str
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+
+    def __post_init__(self) -> None:
+        _coerce_fields(self, "data")
+        if not self.root:
+            raise ValueError("data.root is required: the shard folder written by tools/make_shards.py")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: the trainer and data settings plus where it lives, how it resumes and its seed.
+
+    ``resume`` is "auto" (continue from the newest checkpoint in ``run_dir`` if any), "never" (fail if
+    ``run_dir`` already holds checkpoints) or a checkpoint path.
+    """
+
+    run_dir: str
+    data: DataConfig
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resume: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ValueError("run_dir must name the run's output folder")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ValueError(f"resume must be auto, never or a checkpoint path, got {self.resume!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Build from nested plain dicts; an unknown key is a ValueError naming it."""
+        d = dict(d)
+        _reject_unknown(cls, d, "")
+        if "data" not in d:
+            raise ValueError("data.root is required: the shard folder written by tools/make_shards.py")
+        data = dict(d.pop("data"))
+        trainer = dict(d.pop("trainer", {}))
+        _reject_unknown(DataConfig, data, "data.")
+        _reject_unknown(TrainerConfig, trainer, "trainer.")
+        return cls(data=DataConfig(**data), trainer=TrainerConfig(**trainer), **d)
+
+
+def _reject_unknown(cls: type, d: dict[str, Any], prefix: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+                         f"valid: {', '.join(prefix + k for k in sorted(known))}")
+
+
+def _coerce_fields(obj: Any, section: str) -> None:
+    """Check scalar field types, accepting ints for floats (YAML writes 1 for 1.0)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(obj, f.name, float(value))
+        elif kind in ("int", "float", "bool", "str"):
+            ok = {"int": int, "float": float, "bool": bool, "str": str}[kind]
+            if not isinstance(value, ok) or (kind == "int" and isinstance(value, bool)):
+                raise ValueError(f"{section}.{f.name} must be {kind}, got {value!r}")

@@ -1,0 +1,49 @@
+"""Session fixtures shared by the test modules: a tiny synthetic shard set and tiny trained runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARD_CLASSES = 3
+# A few optimizer steps of every stage at size=tiny: enough to write real checkpoints, cheap on CPU.
+TINY_TRAINER = {"max_steps": 3, "batch_size": 2, "warmup_steps": 2, "ckpt_every": 2, "log_every": 1,
+                "sample_every": 0, "mixed_precision": "no", "progress": False}
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Path:
+    """A shard folder (train-*.tar, val-*.tar, dataset.json) with all resolutions 32..256:
+    3 classes × 6 synthetic images, 12 train (3 shards of 4) and 6 val."""
+    from cascade.datasets import SyntheticSource
+    from cascade.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(SyntheticSource(num_classes=SHARD_CLASSES, images_per_class=6, seed=0), out, shard_size=4,
+                 val_fraction=0.25, max_res=256)
+    return out
+
+
+def tiny_run_config(run_dir: Path, shards: Path, seed: int = 0, **trainer):
+    """A RunConfig for a quick CPU run on the synthetic shards (trainer keys override TINY_TRAINER)."""
+    from cascade.trainer_config import DataConfig, RunConfig, TrainerConfig
+
+    return RunConfig(run_dir=str(run_dir), seed=seed, resume="auto",
+                     data=DataConfig(root=str(shards), num_workers=0, shuffle_buffer=8),
+                     trainer=TrainerConfig(**{**TINY_TRAINER, **trainer}))
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, synthetic_shards) -> dict[str, Path]:
+    """Every stage trained at size=tiny for a few steps; {stage name: run dir} laid out as <runs>/<stage>/."""
+    import stages
+    from cascade.train import train_stage
+
+    runs = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name in stages.STAGE_NAMES:
+        stage = stages.get_stage(name, "tiny", num_classes=SHARD_CLASSES)
+        train_stage(stage, tiny_run_config(runs / name, synthetic_shards), extra_config={"size": "tiny"})
+        out[name] = runs / name
+    return out
