@@ -6,9 +6,12 @@ metrics): antialiased bicubic resizing from kornia. Images are float tensors B×
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from kornia.geometry.transform import resize as _kornia_resize
+from PIL import Image
 
 
 def _check_image_batch(x: torch.Tensor, name: str) -> None:
@@ -58,3 +61,17 @@ def float_to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float tensor in [-1, 1] (C×H×W or B×C×H×W) → uint8 channels-last, rounded and clamped."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(1, 2, 0).contiguous() if x.ndim == 3 else x.permute(0, 2, 3, 1).contiguous()
+
+
+def image_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
+    """B×3×H×W in [-1, 1] → a PIL grid with ``ncol`` columns (row-major), white padding."""
+    if ncol < 1:
+        raise ValueError(f"ncol must be >= 1, got {ncol}")
+    _check_image_batch(images, "images")
+    b, c, h, w = images.shape
+    nrow = math.ceil(b / ncol)
+    canvas = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i, img in enumerate(images.float().cpu()):
+        r, col = divmod(i, ncol)
+        canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+    return Image.fromarray(float_to_uint8(canvas).numpy())

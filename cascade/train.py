@@ -21,7 +21,6 @@ steps, where too many non-finite steps in a row stop the run with `NonFiniteLoss
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -34,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object, is_tensorboard_available
-from PIL import Image
 from tqdm.auto import tqdm
 
 from cascade import checkpoint
@@ -42,7 +40,7 @@ from cascade.augment import augment_low_res, condition_low_res
 from cascade.data import make_stage_loader, read_dataset_info
 from cascade.diffusion import GaussianDiffusion
 from cascade.ema import EMA
-from cascade.imageops import float_to_uint8, upsample
+from cascade.imageops import image_grid, upsample
 from cascade.samplers import sample_ddpm
 from cascade.timestep_sampler import TimestepSampler, UniformSampler, make_timestep_sampler
 from cascade.trainer_config import RunConfig, TrainerConfig
@@ -161,17 +159,6 @@ def stage_loss(model, diffusion: GaussianDiffusion, stage, batch: dict[str, torc
 
 
 # ----------------------------------------------------------------------------------------------- outputs
-
-def image_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
-    """B×3×H×W in [-1, 1] → a PIL grid with ``ncol`` columns (row-major), white padding."""
-    b, c, h, w = images.shape
-    nrow = math.ceil(b / ncol)
-    canvas = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
-    for i, img in enumerate(images.float().cpu()):
-        r, col = divmod(i, ncol)
-        canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
-    return Image.fromarray(float_to_uint8(canvas).numpy())
-
 
 class MetricsLog:
     """JSONL metrics in the run folder (main process); on resume, records after the resumed step go."""
@@ -520,5 +507,5 @@ def train_stage(stage, run: RunConfig, *, extra_config: dict[str, Any] | None = 
     return StageTrainer(stage, run, extra_config=extra_config).run()
 
 
-__all__ = ["NonFiniteLossError", "RunConfig", "StageTrainer", "TrainerConfig", "drop_labels", "image_grid",
+__all__ = ["NonFiniteLossError", "RunConfig", "StageTrainer", "TrainerConfig", "drop_labels",
            "resolve_mixed_precision", "segment_seed", "stage_loss", "train_stage"]
