@@ -1,15 +1,18 @@
-"""Parsing of command-line values shared by the tools: `STAGE=value` lists, class lists, `--ckpt` pairs.
+"""Command-line pieces shared by the tools: `STAGE=value` lists, class lists, `--ckpt` pairs, the sampler
+options, and the one-line error convention (a line `<prog>: error: <message>` on stderr, exit code 2).
 
 Every malformed value raises `CascadeConfigError` with a one-line message naming the option and the fix.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
-from cascade.pipeline import CascadeConfigError
+from cascade.pipeline import SAMPLERS, CascadeConfigError
 
 T = TypeVar("T")
 
@@ -64,14 +67,27 @@ def parse_classes(text: str) -> list[int]:
 
 def parse_stage_list(text: str, valid: Iterable[str], option: str = "--stages") -> list[str]:
     """`base32,sr64` → ["base32", "sr64"]; unknown or repeated names are errors."""
+    return parse_choices(text, valid, option, what="stage")
+
+
+def parse_choices(text: str, valid: Iterable[str], option: str, what: str) -> list[str]:
+    """`a,b` → ["a", "b"], each one of `valid`; unknown or repeated names are errors."""
     valid = list(valid)
     names = [n.strip() for n in text.split(",")]
     for name in names:
         if name not in valid:
-            raise CascadeConfigError(f"{option}: unknown stage {name!r}; valid stages: {', '.join(valid)}")
+            raise CascadeConfigError(f"{option}: unknown {what} {name!r}; valid {what}s: {', '.join(valid)}")
     if len(set(names)) != len(names):
-        raise CascadeConfigError(f"{option}: a stage is named twice in {text!r}; name each once")
+        raise CascadeConfigError(f"{option}: a {what} is named twice in {text!r}; name each once")
     return names
+
+
+def float_list(raw: str) -> list[float]:
+    """`0,1,3` → [0.0, 1.0, 3.0] (a cast for `parse_stage_values`: grids of values to sweep)."""
+    values = [float(v) for v in raw.split(",")]
+    if len(set(values)) != len(values):
+        raise ValueError("a value is repeated")
+    return values
 
 
 def parse_ckpt_pairs(items: Iterable[str], option: str = "--ckpt") -> dict[str, str]:
@@ -87,3 +103,78 @@ def parse_ckpt_pairs(items: Iterable[str], option: str = "--ckpt") -> dict[str, 
             raise CascadeConfigError(f"{option}: stage {stage} is given twice; give one checkpoint per stage")
         pairs[stage] = path
     return pairs
+
+
+# ------------------------------------------------------------------------------------------------------
+# Parsers and options shared by the tools
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line `<prog>: error: <message> (see --help)`, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def report_error(prog: str, err: Exception) -> int:
+    """Print a bad-input error as one line on stderr; return the exit code 2."""
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    return 2
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> None:
+    """--w, --steps, --sampler, --eta, --aug-level and --truncate, as sample_cascade defines them.
+
+    grid: --w and --aug-level take lists of values to sweep (`0,1,3` or `base32=0,1,sr64=0,2`), no --truncate.
+    """
+    if grid:
+        p.add_argument("--w", default="0,1,3", metavar="[STAGE=]W,W,...",
+                       help="guidance weights to try: W,W,... or STAGE=W,W,...,STAGE=... (default 0,1,3)")
+        p.add_argument("--aug-level", default=None, metavar="[STAGE=]S,S,...",
+                       help="augmentation levels s in [0, 1] to try for SR stages (default: each stage's own)")
+    else:
+        p.add_argument("--w", default="0", help="classifier-free guidance weight: W or STAGE=W,... (default 0)")
+        p.add_argument("--aug-level", default=None, metavar="[STAGE=]S",
+                       help="conditioning augmentation level s in [0, 1] of SR stages (default: each stage's own)")
+    p.add_argument("--steps", default=None,
+                   help="respaced steps: N, 'ddimN' or sections '10,5'; or STAGE=...,... (default: all)")
+    p.add_argument("--sampler", default="ddpm", help=f"one of {', '.join(SAMPLERS)} (default ddpm)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    if not grid:
+        p.add_argument("--truncate", action="store_true", help="truncated conditioning augmentation")
+
+
+def sampler_settings(args: argparse.Namespace, *, grid: bool = False) -> dict[str, Any]:
+    """The parsed sampler options as keyword arguments of `CascadePipeline.validate` (grid: lists to sweep)."""
+    cast = float_list if grid else float
+    settings: dict[str, Any] = {
+        "w": parse_stage_values(args.w, cast, "--w"),
+        "steps": None if args.steps is None else parse_stage_values(args.steps, steps_value, "--steps"),
+        "sampler": args.sampler,
+        "eta": args.eta,
+        "aug_level": None if args.aug_level is None else parse_stage_values(args.aug_level, cast, "--aug-level"),
+    }
+    if not grid:
+        settings["truncate"] = args.truncate
+    return settings
+
+
+def add_evaluation_arguments(p: argparse.ArgumentParser, default_stages: str) -> None:
+    """Options of eval_fid.py and sweep.py: checkpoints, data, feature networks, samples, seed, device."""
+    p.add_argument("--data", required=True, metavar="DIR", help="shard folder with a val split (make_shards.py)")
+    p.add_argument("--stages", default=default_stages, help=f"the chain to evaluate (default {default_stages})")
+    p.add_argument("--runs", default="runs", help="runs folder holding <stage>/ run dirs (default runs)")
+    p.add_argument("--ckpt", action="append", default=[], metavar="STAGE=PATH",
+                   help="checkpoint of one stage (run dir, checkpoints dir or step dir); repeatable")
+    p.add_argument("--classifier", default=None, metavar="PATH",
+                   help="classifier trained on real data: class accuracy and the offline feature network "
+                        "(default <runs>/classifier32)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="local pt_inception-2015-12-05-6726825d.pth: adds the standard FID Inception (fid extra)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="images per stage (and mode / setting); default: one per val image")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same samples (default 0)")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: accelerate's device of this process, e.g. cuda:0 or cpu)")
+    p.add_argument("--precision", default="fp32", help="one of fp32, bf16 (default fp32)")

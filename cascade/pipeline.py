@@ -216,6 +216,11 @@ def _number(what: str, value: Any, low: float, high: float | None = None) -> flo
     return float(value)
 
 
+def _check_start_index(start_index: Any) -> None:
+    if isinstance(start_index, bool) or not isinstance(start_index, int) or start_index < 0:
+        raise CascadeConfigError(f"start_index must be an integer >= 0, got {start_index!r}")
+
+
 def _check_device(device: str | torch.device, precision: str) -> torch.device:
     if precision not in PRECISIONS:
         raise CascadeConfigError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
@@ -428,49 +433,92 @@ class CascadePipeline:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def run(self, plan: SamplingPlan, *, progress: bool = True) -> dict[str, torch.Tensor]:
-        """Sample a validated plan: {stage: N×3×R×R float32 CPU images, "labels": N}.
-
-        A truncated stage's entry is the z_k it handed over (not clamped to [-1, 1]).
-        """
-        labels = plan.labels
+    def _sample_stage(self, stage: LoadedStage, sp: StagePlan, plan: SamplingPlan, labels: torch.Tensor,
+                      x_low: torch.Tensor | None, *, start_index: int, progress: bool) -> torch.Tensor:
+        """Sample one stage for `labels` (N) from `x_low` (SR stages: the previous stage's output, or z_k when
+        the plan is truncated); sample i draws its noise as sample start_index + i of the run."""
         n = len(labels)
         batch = plan.batch_size or n
+        model = self._guided(stage, sp, plan)
+        sample = SAMPLERS[plan.sampler]
+        if plan.sampler == "ddim":
+            sample = partial(sample, eta=plan.eta)
+        steps_run = len(sp.timesteps) - (0 if sp.stop_at_index is None else sp.stop_at_index + 1)
+        shape = (3, sp.resolution, sp.resolution)
+        chunks = []
+        with tqdm(total=steps_run * -(-n // batch), desc=f"{sp.name} ({sp.resolution}x{sp.resolution})",
+                  disable=not progress, leave=True) as bar:
+            for start in range(0, n, batch):
+                stop = min(start + batch, n)
+                idx = range(start_index + start, start_index + stop)  # the samples' indices in the run
+                kwargs: dict[str, torch.Tensor] = {"y": labels[start:stop].to(self.device)}
+                if stage.config.kind == "sr":
+                    low = x_low[start:stop].to(self.device)
+                    if plan.truncate:  # z_k is already at the level s of ᾱ_k
+                        level = torch.full((len(idx),), sp.aug_level, device=self.device)
+                    else:  # re-noise the clean input: x_s = √ᾱ(s)·x + √(1−ᾱ(s))·ε (contracts)
+                        noise = _per_sample_noise(plan.seed, sp.name, _AUG_NOISE, idx, low.shape[1:])
+                        low, level = condition_low_res(low, sp.aug_level, noise=noise.to(self.device))
+                    kwargs.update(x_low=low, aug_level=level)
+                x_T = _per_sample_noise(plan.seed, sp.name, _X_T, idx, shape).to(self.device)
+                generator = torch.Generator().manual_seed(  # CPU: the same noise on every device
+                    _sample_seed(plan.seed, _stage_key(sp.name), _STEP_NOISE, idx.start)
+                )
+                with self._autocast():
+                    x = sample(model, sp.diffusion, x_T=x_T, model_kwargs=kwargs,
+                               stop_at_index=sp.stop_at_index, generator=generator,
+                               callback=lambda *a, **k: bar.update(1))
+                chunks.append(x.float().cpu())
+        return torch.cat(chunks)
+
+    def run(self, plan: SamplingPlan, *, progress: bool = True, start_index: int = 0) -> dict[str, torch.Tensor]:
+        """Sample a validated plan: {stage: N×3×R×R float32 CPU images, "labels": N}.
+
+        A truncated stage's entry is the z_k it handed over (not clamped to [-1, 1]). `start_index` makes
+        this run the samples start_index.. of a longer one with the same seed (for exact equality, a
+        multiple of the batch size: the ancestral sampler's step noise is drawn per batch).
+        """
+        _check_start_index(start_index)
+        labels = plan.labels
         out: dict[str, torch.Tensor] = {}
         prev: torch.Tensor | None = None
         for stage, sp in zip(self.stages, plan.stages):
-            model = self._guided(stage, sp, plan)
-            sample = SAMPLERS[plan.sampler]
-            if plan.sampler == "ddim":
-                sample = partial(sample, eta=plan.eta)
-            steps_run = len(sp.timesteps) - (0 if sp.stop_at_index is None else sp.stop_at_index + 1)
-            shape = (3, sp.resolution, sp.resolution)
-            chunks = []
-            with tqdm(total=steps_run * -(-n // batch), desc=f"{sp.name} ({sp.resolution}x{sp.resolution})",
-                      disable=not progress, leave=True) as bar:
-                for start in range(0, n, batch):
-                    idx = range(start, min(start + batch, n))
-                    kwargs: dict[str, torch.Tensor] = {"y": labels[start : idx.stop].to(self.device)}
-                    if stage.config.kind == "sr":
-                        x_low = prev[start : idx.stop].to(self.device)
-                        if plan.truncate:  # z_k is already at the level s of ᾱ_k
-                            level = torch.full((len(idx),), sp.aug_level, device=self.device)
-                        else:  # re-noise the clean output: x_s = √ᾱ(s)·x + √(1−ᾱ(s))·ε (contracts)
-                            noise = _per_sample_noise(plan.seed, sp.name, _AUG_NOISE, idx, x_low.shape[1:])
-                            x_low, level = condition_low_res(x_low, sp.aug_level, noise=noise.to(self.device))
-                        kwargs.update(x_low=x_low, aug_level=level)
-                    x_T = _per_sample_noise(plan.seed, sp.name, _X_T, idx, shape).to(self.device)
-                    generator = torch.Generator().manual_seed(  # CPU: the same noise on every device
-                        _sample_seed(plan.seed, _stage_key(sp.name), _STEP_NOISE, start)
-                    )
-                    with self._autocast():
-                        x = sample(model, sp.diffusion, x_T=x_T, model_kwargs=kwargs,
-                                   stop_at_index=sp.stop_at_index, generator=generator,
-                                   callback=lambda *a, **k: bar.update(1))
-                    chunks.append(x.float().cpu())
-            out[sp.name] = prev = torch.cat(chunks)
+            out[sp.name] = prev = self._sample_stage(stage, sp, plan, labels, prev, start_index=start_index,
+                                                     progress=progress)
         out[LABELS_KEY] = labels
         return out
+
+    def sample_stage(self, name: str, labels: Sequence[int] | torch.Tensor, x_low: torch.Tensor | None = None, *,
+                     w: float | Mapping = 0.0, steps: int | str | Mapping | None = None, sampler: str = "ddpm",
+                     eta: float = 0.0, aug_level: float | Mapping | None = None, seed: int = 0,
+                     batch_size: int | None = None, start_index: int = 0, progress: bool = False) -> torch.Tensor:
+        """Sample one stage alone: the base stage from noise, an SR stage from given clean low-resolution
+        images `x_low` N×3×r×r (e.g. real ones: teacher forcing), re-noised to its level s exactly as `run`
+        re-noises the previous stage's output. Settings as in `validate`; returns N×3×R×R float32 CPU images,
+        equal to `run`'s images of that stage for the same labels, inputs, seed and start_index.
+        """
+        names = [s.name for s in self.stages]
+        if name not in names:
+            raise CascadeConfigError(f"stage {name}: not in the chain ({', '.join(names)}); add it to the stages")
+        labels = torch.as_tensor(labels)
+        if labels.ndim != 1 or labels.numel() == 0 or labels.is_floating_point():
+            raise CascadeConfigError(f"stage {name}: labels must be a non-empty vector of class indices, "
+                                     f"got shape {tuple(labels.shape)} {labels.dtype}")
+        _check_start_index(start_index)
+        stage = self.stages[names.index(name)]
+        cfg = stage.config
+        if cfg.kind == "sr":
+            want = (len(labels), 3, cfg.low_resolution, cfg.low_resolution)
+            if not isinstance(x_low, torch.Tensor) or tuple(x_low.shape) != want or not x_low.is_floating_point():
+                got = f"{tuple(x_low.shape)} {x_low.dtype}" if isinstance(x_low, torch.Tensor) else repr(x_low)
+                raise CascadeConfigError(f"stage {name}: x_low must be float images of shape {want} in [-1, 1], "
+                                         f"got {got}")
+        elif x_low is not None:
+            raise CascadeConfigError(f"stage {name}: is a {cfg.kind} stage and takes no x_low; pass None")
+        plan = self.validate(labels.tolist(), w=w, steps=steps, sampler=sampler, eta=eta, aug_level=aug_level,
+                             batch_size=batch_size, seed=seed)
+        return self._sample_stage(stage, plan.stages[names.index(name)], plan, plan.labels, x_low,
+                                  start_index=start_index, progress=progress)
 
     def __call__(self, classes: Sequence[int], *, progress: bool = True, **settings: Any) -> dict[str, torch.Tensor]:
         """Validate then sample; settings as in `validate`. Returns {stage: images, "labels": labels}."""

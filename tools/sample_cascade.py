@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
 
 import stages
 from cascade.cli_args import (
+    OneLineArgumentParser,
+    add_sampler_arguments,
     parse_ckpt_pairs,
     parse_classes,
     parse_stage_list,
-    parse_stage_values,
-    steps_value,
+    report_error,
+    sampler_settings,
 )
 from cascade.pipeline import (
     DEFAULT_CHAIN,
     PRECISIONS,
-    SAMPLERS,
     CascadeConfigError,
     CascadePipeline,
     write_outputs,
@@ -35,27 +35,15 @@ from cascade.pipeline import (
 PROG = "sample_cascade"
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", required=True, help="comma-separated class indices, e.g. 1,7")
     p.add_argument("--num-per-class", type=int, default=1, help="images per class (default 1)")
     p.add_argument("--stages", default=",".join(DEFAULT_CHAIN), help="the chain, e.g. base32,sr64 (default: all)")
     p.add_argument("--runs", default="runs", help="runs folder holding <stage>/ run dirs (default runs)")
     p.add_argument("--ckpt", action="append", default=[], metavar="STAGE=PATH",
                    help="checkpoint of one stage (run dir, checkpoints dir or step dir); repeatable")
-    p.add_argument("--w", default="0", help="classifier-free guidance weight: W or STAGE=W,... (default 0)")
-    p.add_argument("--steps", default=None,
-                   help="respaced steps: N, 'ddimN' or sections '10,5'; or STAGE=...,... (default: all)")
-    p.add_argument("--sampler", default="ddpm", help=f"one of {', '.join(SAMPLERS)} (default ddpm)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-    p.add_argument("--aug-level", default=None, metavar="[STAGE=]S",
-                   help="conditioning augmentation level s in [0, 1] of SR stages (default: each stage's own)")
-    p.add_argument("--truncate", action="store_true", help="truncated conditioning augmentation")
+    add_sampler_arguments(p)
     p.add_argument("--classifier", default=None, metavar="PATH", help="classifier checkpoint for the base stage")
     p.add_argument("--classifier-scale", type=float, default=0.0, help="classifier guidance scale (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: all at once)")
@@ -75,20 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = pipe.validate(
             parse_classes(args.classes),
             num_per_class=args.num_per_class,
-            w=parse_stage_values(args.w, float, "--w"),
-            steps=None if args.steps is None else parse_stage_values(args.steps, steps_value, "--steps"),
-            sampler=args.sampler,
-            eta=args.eta,
-            aug_level=None if args.aug_level is None else parse_stage_values(args.aug_level, float, "--aug-level"),
-            truncate=args.truncate,
+            **sampler_settings(args),
             classifier=args.classifier,
             classifier_scale=args.classifier_scale,
             batch_size=args.batch_size,
             seed=args.seed,
         )
     except CascadeConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return report_error(PROG, err)
     outputs = pipe.run(plan, progress=True)
     record = {**plan.to_dict(), "checkpoints": pipe.checkpoints(), "device": str(pipe.device),
               "precision": pipe.precision, "class_names": pipe.class_names}

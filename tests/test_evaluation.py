@@ -1,0 +1,227 @@
+"""cascade.evaluation, tools/eval_fid.py and tools/sweep.py on the tiny trained checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_pipeline import runs_root  # noqa: F401  (fixture: the folder of the tiny trained runs)
+
+from cascade.evaluation import (
+    CASCADED,
+    TEACHER_FORCED,
+    evaluate,
+    load_for_evaluation,
+    process_slice,
+    stage_metrics,
+)
+from cascade.metrics import reference_stats_path
+from cascade.pipeline import CascadeConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+NET = "classifier32-features"
+CHAIN = ("base32", "sr64")
+FAST = {"num_samples": 4, "batch_size": 2, "steps": 2, "seed": 1}
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+eval_fid, sweep_tool = _load_tool("eval_fid"), _load_tool("sweep")
+
+
+@pytest.fixture(scope="module")
+def shards(synthetic_shards, tmp_path_factory) -> Path:
+    """A private copy of the shards: the reference-statistics cache is written next to them."""
+    return Path(shutil.copytree(synthetic_shards, tmp_path_factory.mktemp("eval") / "shards"))
+
+
+@pytest.fixture(scope="module")
+def loaded(runs_root):  # noqa: F811
+    return load_for_evaluation(runs_root, CHAIN)
+
+
+def _cli_args(runs_root: Path, shards: Path, out: Path, *extra: str) -> list[str]:  # noqa: F811
+    return ["--runs", str(runs_root), "--data", str(shards), "--stages", ",".join(CHAIN), "--num-samples", "4",
+            "--batch-size", "2", "--steps", "2", "--device", "cpu", "--out", str(out), *extra]
+
+
+def _finite(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def test_process_slices_are_whole_batches_and_cover_every_sample():
+    for n, batch, world in ((8, 3, 2), (5, 2, 3), (3, 4, 2), (10, 1, 4)):
+        slices = [process_slice(n, batch, rank, world) for rank in range(world)]
+        assert [i for s in slices for i in s] == list(range(n))
+        assert all(s.start % batch == 0 for s in slices if len(s))
+
+
+def test_slices_sampled_apart_equal_the_whole_run_and_sample_stage_equals_run(loaded):
+    pipe = loaded[0]
+    labels = [2, 0, 1, 1, 0]
+    settings = {"steps": 2, "w": 1.0, "aug_level": 0.2, "seed": 3, "batch_size": 2}
+    whole = pipe.run(pipe.validate(labels, **settings), progress=False)
+    parts = [pipe.run(pipe.validate(labels[s], **settings), progress=False, start_index=s.start)
+             for s in (slice(0, 2), slice(2, 5))]
+    for name in CHAIN:
+        assert torch.equal(whole[name], torch.cat([p[name] for p in parts]))
+    # One SR stage on given inputs (teacher forcing) takes run()'s code path: the same images.
+    alone = pipe.sample_stage("sr64", labels, whole["base32"], **settings)
+    assert torch.equal(alone, whole["sr64"])
+    with pytest.raises(CascadeConfigError, match="x_low must be float images of shape"):
+        pipe.sample_stage("sr64", labels, whole["base32"][:, :, :16, :16], **settings)
+    with pytest.raises(CascadeConfigError, match="stage sr128: not in the chain"):
+        pipe.sample_stage("sr128", labels)
+
+
+def test_both_modes_report_finite_metrics_and_the_cache_is_reused(loaded, runs_root, shards, tmp_path,  # noqa: F811
+                                                                  capsys):
+    pipe, nets, classifier = loaded
+    result = evaluate(pipe, shards, feature_nets=nets, classifier=classifier, w=1.0, **FAST)
+    for stage in CHAIN:
+        for mode in (TEACHER_FORCED, CASCADED):
+            metrics = result.results[stage][mode]
+            fid = metrics["features"][NET]
+            assert _finite(fid["fid"]) and _finite(fid["kid_mean"]) and fid["num_fake"] == 4
+            assert 0.0 <= metrics["class_accuracy"] <= 1.0
+            assert ("consistency_psnr" in metrics) == (stage == "sr64")
+    assert result.results["sr64"][TEACHER_FORCED]["consistency_psnr"] > 0
+    assert _finite(result.results["sr64"][CASCADED]["consistency_psnr"])
+    json_path, md_path = result.write(tmp_path / "lib")
+    saved = json.loads(json_path.read_text())
+    assert saved["results"]["sr64"][CASCADED]["features"][NET]["fid"] == result.results["sr64"][CASCADED][
+        "features"][NET]["fid"]
+    header = md_path.read_text().split("| stage |")[1].splitlines()[0]
+    for label in (f"FID teacher-forced [{NET}]", f"FID cascaded [{NET}]", "consistency PSNR (dB) cascaded",
+                  "class acc teacher-forced"):
+        assert label in header
+
+    cache = {r: reference_stats_path(shards, "val", r, NET) for r in (32, 64)}
+    stamps = {r: p.stat().st_mtime_ns for r, p in cache.items()}
+    out = tmp_path / "cli"
+    assert eval_fid.main(_cli_args(runs_root, shards, out, "--modes", "cascaded", "--w", "1", "--seed", "1")) == 0
+    assert {r: p.stat().st_mtime_ns for r, p in cache.items()} == stamps  # reused, not recomputed
+    cli = json.loads((out / "results.json").read_text())
+    assert set(cli["results"]["sr64"]) == {CASCADED}
+    # the same samples (seed, batch size) as the library run above: the same numbers
+    assert cli["results"]["sr64"][CASCADED]["features"][NET]["fid"] == pytest.approx(
+        result.results["sr64"][CASCADED]["features"][NET]["fid"], rel=1e-6)
+    assert f"FID cascaded [{NET}]" in capsys.readouterr().out
+
+    shard = next(shards.glob("val-*.tar"))  # the data changes: the statistics are recomputed
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    fake = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    stage_metrics(fake, torch.tensor([0, 1, 2, 0]), data_root=shards, feature_nets=nets, classifier=classifier)
+    assert cache[32].stat().st_mtime_ns != stamps[32]
+
+
+def test_truncated_chain_leaves_out_the_noisy_handover(loaded, shards):
+    pipe, nets, classifier = loaded
+    result = evaluate(pipe, shards, feature_nets=nets, classifier=classifier, modes=[CASCADED], truncate=True,
+                      aug_level=0.5, **FAST)
+    assert set(result.results) == {"sr64"} and "consistency_psnr" not in result.results["sr64"][CASCADED]
+    assert "base32: cascaded metrics left out" in result.meta["notes"][0]
+
+
+def test_sweep_writes_table_plot_and_best_flags(runs_root, shards, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "sweep"
+    args = _cli_args(runs_root, shards, out, "--w", "0,2", "--aug-level", "sr64=0,0.3")
+    args[args.index("--steps") + 1] = "1"
+    assert sweep_tool.main(args) == 0
+    saved = json.loads((out / "sweep.json").read_text())
+    settings = {(r["stage"], r["guidance_weight"], r["aug_level"]) for r in saved["records"]}
+    assert settings == {("base32", 0.0, None), ("base32", 2.0, None)} | {
+        ("sr64", w, s) for w in (0.0, 2.0) for s in (0.0, 0.3)}
+    assert all(_finite(r["fid"]) and r["feature_net"] == NET for r in saved["records"])
+    assert set(saved["best"]) == set(CHAIN) and saved["best"]["sr64"]["aug_level"] in (0.0, 0.3)
+    assert (out / "sweep.png").stat().st_size > 0
+    assert "★" in (out / "sweep.md").read_text()
+    printed = capsys.readouterr().out
+    assert f"best settings: {saved['flags']}" in printed and saved["flags"].startswith("--w base32=")
+
+
+def _error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_missing_inception_weights_is_one_line_in_a_subprocess(runs_root, shards, tmp_path):  # noqa: F811
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "eval_fid.py"),
+         *_cli_args(runs_root, shards, tmp_path / "o", "--inception-weights", "/nonexistent/inception.pth")],
+        check=False, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    line = _error_line(result.stderr)
+    assert line.startswith("eval_fid: error: Inception weights file not found: /nonexistent/inception.pth")
+    assert "nothing is downloaded" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--stages", "base32,sr32"], "--stages: unknown stage 'sr32'"),
+        (["--num-samples", "-3"], "num_samples must be an integer >= 2, got -3"),
+        (["--data", "/nonexistent/shards"], "data: dataset folder not found: /nonexistent/shards"),
+        (["--modes", "teacher-forced,dreamed"], "--modes: unknown mode 'dreamed'"),
+        (["--classifier", "/nonexistent/clf"], "classifier: checkpoint path /nonexistent/clf does not exist"),
+        (["--w", "base32=-1"], "stage base32: w must be >= 0"),
+        (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(runs_root, shards, tmp_path, capsys, args, expected):  # noqa: F811
+    argv = _cli_args(runs_root, shards, tmp_path / "o")
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    assert eval_fid.main(argv) == 2
+    assert expected in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_rejects_a_bad_grid(runs_root, shards, tmp_path, capsys):  # noqa: F811
+    args = _cli_args(runs_root, shards, tmp_path / "o", "--aug-level", "sr64=0,1.5")
+    assert sweep_tool.main(args) == 2
+    assert "stage sr64: aug_level must be in [0.0, 1.0], got 1.5" in _error_line(capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_numbers(runs_root, shards, tmp_path):  # noqa: F811
+    """`accelerate launch` on CPU (gloo): each process samples its batches, the main one computes the metrics."""
+    args = _cli_args(runs_root, shards, tmp_path / "two", "--modes", "cascaded", "--w", "1")
+    args[args.index("--num-samples") + 1] = "6"  # 3 batches: one process gets 1, the other 2
+    args[args.index("--steps") + 1] = "1"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "0", str(ROOT / "tools" / "eval_fid.py"), *args]
+    result = subprocess.run(launch, check=False, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    args[args.index("--out") + 1] = str(tmp_path / "one")
+    assert eval_fid.main(args) == 0
+    two, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
+    assert (two["meta"]["num_processes"], one["meta"]["num_processes"]) == (2, 1)
+    for stage in CHAIN:
+        a, b = two["results"][stage][CASCADED], one["results"][stage][CASCADED]
+        assert a["class_accuracy"] == b["class_accuracy"]
+        for key in ("fid", "kid_mean", "is_mean"):
+            assert a["features"][NET][key] == pytest.approx(b["features"][NET][key], rel=1e-5, abs=1e-6)
+    assert two["results"]["sr64"][CASCADED]["consistency_psnr"] == pytest.approx(
+        one["results"]["sr64"][CASCADED]["consistency_psnr"], rel=1e-5)

@@ -1,0 +1,73 @@
+"""Evaluate a cascade stage by stage: FID / KID (/ IS), consistency and class accuracy, teacher-forced and cascaded.
+
+    python tools/eval_fid.py --data data/shards --stages base32,sr64 --num-samples 1000 --w 3 --steps 100
+    python tools/eval_fid.py --data data/shards --inception-weights weights/pt_inception-2015-12-05-6726825d.pth
+    accelerate launch --multi_gpu --num_processes 2 tools/eval_fid.py --data data/shards --out eval/two
+
+Writes <out>/results.json and <out>/results.md (rows = stages; columns = metric × mode, feature-based
+metrics labelled with their feature network). Real-image statistics are cached in <data>/fid_stats/.
+With `accelerate launch` every process samples its share and the main process computes and writes the
+metrics (the same numbers as one process; on CPU too, with `--device cpu`: keep `--multi_gpu`, accelerate's
+`--cpu` flag starts a single process). Bad inputs give one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from accelerate import Accelerator
+
+import stages
+from cascade.cli_args import (
+    OneLineArgumentParser,
+    add_evaluation_arguments,
+    add_sampler_arguments,
+    parse_choices,
+    parse_ckpt_pairs,
+    parse_stage_list,
+    report_error,
+    sampler_settings,
+)
+from cascade.evaluation import MODES, evaluate, load_for_evaluation
+from cascade.pipeline import DEFAULT_CHAIN, CascadeConfigError
+
+PROG = "eval_fid"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_evaluation_arguments(p, default_stages=",".join(DEFAULT_CHAIN))
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)} (default both)")
+    add_sampler_arguments(p)
+    p.add_argument("--out", default="eval", help="output folder (default eval/)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    try:
+        chain = parse_stage_list(args.stages, stages.STAGE_NAMES)
+        modes = parse_choices(args.modes, MODES, "--modes", what="mode")
+        settings = sampler_settings(args)
+        pipe, feature_nets, classifier = load_for_evaluation(
+            args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt), classifier=args.classifier,
+            inception_weights=args.inception_weights, device=args.device or accelerator.device,
+            precision=args.precision)
+        evaluation = evaluate(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
+                              num_samples=args.num_samples, modes=modes, **settings, seed=args.seed,
+                              batch_size=args.batch_size, accelerator=accelerator,
+                              progress=accelerator.is_main_process)
+    except CascadeConfigError as err:
+        return report_error(PROG, err) if accelerator.is_main_process else 2
+    if evaluation is None:  # not the main process
+        return 0
+    json_path, md_path = evaluation.write(args.out)
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

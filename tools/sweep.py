@@ -1,0 +1,74 @@
+"""Sweep guidance weights w and augmentation levels s per stage; FID per setting, the best one marked.
+
+    python tools/sweep.py --data data/shards --stages base32,sr64 --w 0,1,3 --aug-level 0,0.1,0.3 --steps 100
+    python tools/sweep.py --data data/shards --w base32=0,2,4,sr64=0,1 --mode cascaded
+    accelerate launch tools/sweep.py --data data/shards --inception-weights weights/pt_inception-2015-12-05-6726825d.pth
+
+The base stage tries every w; SR stages every (w, s), teacher-forced by default (each stage judged alone on
+real low-resolution inputs) or cascaded (each SR stage takes the previous stage's samples at its best
+setting). Writes <out>/sweep.json, <out>/sweep.md and <out>/sweep.png and prints the best settings as
+flags for tools/sample_cascade.py. FID is ranked with the standard Inception when --inception-weights is
+given, else with the classifier's features (--rank-by NAME to choose). Bad inputs: one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from accelerate import Accelerator
+
+import stages
+from cascade.cli_args import (
+    OneLineArgumentParser,
+    add_evaluation_arguments,
+    add_sampler_arguments,
+    parse_ckpt_pairs,
+    parse_stage_list,
+    report_error,
+    sampler_settings,
+)
+from cascade.evaluation import MODES, TEACHER_FORCED, load_for_evaluation, sweep
+from cascade.pipeline import CascadeConfigError
+
+PROG = "sweep"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_evaluation_arguments(p, default_stages="base32,sr64")
+    p.add_argument("--mode", default=TEACHER_FORCED, choices=MODES, help=f"default {TEACHER_FORCED}")
+    p.add_argument("--rank-by", default=None, metavar="NAME",
+                   help="feature network whose FID picks the best (default: inception-v3 if given, else the "
+                        "classifier's features)")
+    add_sampler_arguments(p, grid=True)
+    p.add_argument("--out", default="sweep", help="output folder (default sweep/)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    try:
+        chain = parse_stage_list(args.stages, stages.STAGE_NAMES)
+        settings = sampler_settings(args, grid=True)
+        pipe, feature_nets, classifier = load_for_evaluation(
+            args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt), classifier=args.classifier,
+            inception_weights=args.inception_weights, device=args.device or accelerator.device,
+            precision=args.precision)
+        result = sweep(pipe, args.data, feature_nets=feature_nets, classifier=classifier, mode=args.mode,
+                       rank_by=args.rank_by, num_samples=args.num_samples, **settings, seed=args.seed,
+                       batch_size=args.batch_size, accelerator=accelerator, progress=accelerator.is_main_process)
+    except CascadeConfigError as err:
+        return report_error(PROG, err) if accelerator.is_main_process else 2
+    if result is None:  # not the main process
+        return 0
+    paths = result.write(args.out)
+    print(paths[1].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    print(f"best settings: {result.flags()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
