@@ -1,0 +1,149 @@
+"""Attention for the UNet: multi-head self-attention over pixels and cross-attention to class tokens.
+
+Both use softmax(QKᵀ/√d)·V (slides eq. 15) through ``F.scaled_dot_product_attention``, or xformers'
+memory-efficient kernel when xformers is importable and the tensors are on CUDA.
+
+Layout: feature maps are B×C×H×W; in channels_last memory that is B×H×W×C, so the pixel tokens
+B×(H·W)×C are a free view and the projections are plain ``nn.Linear`` matmuls with no transposes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional GPU extra
+    import xformers.ops as _xops
+except ImportError:  # pragma: no cover - depends on the environment
+    _xops = None
+
+
+def xformers_available() -> bool:
+    """True when xformers' memory-efficient attention can be imported."""
+    return _xops is not None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(QKᵀ/√d)·V (eq. 15) for q: B×N×H×d, k, v: B×M×H×d (tokens, heads, head dim) → B×N×H×d.
+
+    Uses xformers on CUDA when available, otherwise ``F.scaled_dot_product_attention``.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention expects B×N×heads×d tensors, got {tuple(q.shape)}, {tuple(k.shape)}")
+    if _xops is not None and q.is_cuda:
+        return _xops.memory_efficient_attention(q, k, v)
+    # SDPA wants B×heads×N×d: these transposes are views, not copies.
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reference softmax(QKᵀ/√d)·V (eq. 15) written out, same layout as :func:`attention`."""
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(q.shape[-1])  # QKᵀ/√d (eq. 15)
+    return torch.einsum("bhnm,bmhd->bnhd", scores.softmax(dim=-1), v)  # softmax(·)·V (eq. 15)
+
+
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with gcd(max_groups, channels) groups, so narrow (tiny) widths stay valid."""
+    return nn.GroupNorm(math.gcd(max_groups, channels), channels)
+
+
+def _num_heads(channels: int, head_channels: int) -> int:
+    if head_channels <= 0 or channels % head_channels != 0:
+        raise ValueError(
+            f"channels ({channels}) must be a positive multiple of head_channels ({head_channels})"
+        )
+    return channels // head_channels
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """B×C×H×W → B×(H·W)×C (a view for channels_last input)."""
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def _image(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """B×(H·W)×C → B×C×H×W in channels_last memory (a view)."""
+    b, _, c = tokens.shape
+    return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class SelfAttention2d(nn.Module):
+    """Residual multi-head self-attention over the pixels of a feature map (zero-initialized output)."""
+
+    def __init__(self, channels: int, head_channels: int = 64, norm_groups: int = 32):
+        super().__init__()
+        self.num_heads = _num_heads(channels, head_channels)
+        self.norm = group_norm(channels, norm_groups)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(_tokens(self.norm(x))).view(b, h * w, 3, self.num_heads, c // self.num_heads)
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, h * w, c)
+        return x + _image(self.proj(out), h, w)
+
+
+class CrossAttention2d(nn.Module):
+    """Residual cross-attention: Q = W_Q·φ(z) from pixels, K, V = W_K·τ(y), W_V·τ(y) from tokens (eq. 15)."""
+
+    def __init__(self, channels: int, context_dim: int, head_channels: int = 64, norm_groups: int = 32):
+        super().__init__()
+        self.num_heads = _num_heads(channels, head_channels)
+        self.norm = group_norm(channels, norm_groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_kv = nn.Linear(context_dim, 2 * channels)
+        self.proj = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if context.ndim != 3 or context.shape[0] != b:
+            raise ValueError(f"context must be B×M×D with B={b}, got {tuple(context.shape)}")
+        d = c // self.num_heads
+        q = self.to_q(_tokens(self.norm(x))).view(b, h * w, self.num_heads, d)
+        kv = self.to_kv(context).view(b, context.shape[1], 2, self.num_heads, d)
+        out = attention(q, kv[:, :, 0], kv[:, :, 1]).reshape(b, h * w, c)
+        return x + _image(self.proj(out), h, w)
+
+
+class ClassTokens(nn.Module):
+    """τθ(y): a learned sequence of ``num_tokens`` tokens per class; index ``num_classes`` is the null class."""
+
+    def __init__(self, num_classes: int, num_tokens: int, dim: int):
+        super().__init__()
+        self.num_tokens, self.dim = num_tokens, dim
+        self.table = nn.Embedding(num_classes + 1, num_tokens * dim)
+        nn.init.normal_(self.table.weight, std=dim**-0.5)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.table(y).view(y.shape[0], self.num_tokens, self.dim)
+
+
+class AttentionPool2d(nn.Module):
+    """Attention pooling (CLIP/ADM style): the mean token attends to all pixels; returns B×C."""
+
+    def __init__(self, channels: int, resolution: int, head_channels: int = 64):
+        super().__init__()
+        self.num_heads = _num_heads(channels, head_channels)
+        self.pos = nn.Parameter(torch.randn(resolution * resolution + 1, channels) / channels**0.5)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if h * w + 1 != self.pos.shape[0]:
+            raise ValueError(f"AttentionPool2d built for {self.pos.shape[0] - 1} pixels, got {h}×{w}")
+        tokens = _tokens(x)
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1) + self.pos.to(tokens.dtype)
+        d = c // self.num_heads
+        qkv = self.qkv(tokens).view(b, h * w + 1, 3, self.num_heads, d)
+        out = attention(qkv[:, :1, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, c)  # query: the mean token
+        return self.proj(out)

@@ -1,0 +1,220 @@
+"""UNet, attention and classifier: attention equations, conditioning, precision/layout, overfitting."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import stages
+from cascade.attention import CrossAttention2d, attention, explicit_attention
+from cascade.unet import UNet, timestep_embedding
+
+
+def _randomize_zero_params(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give zero-initialized layers (output convs/projections) random weights so every path matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def _tiny_base(**unet) -> UNet:
+    cfg = stages.get_stage("base32", "tiny").with_overrides(
+        {
+            "unet": {
+                "model_channels": 16,
+                "channel_mult": [1, 2],
+                "num_res_blocks": 1,
+                "head_channels": 16,
+                "attention_resolutions": [16],
+                "cross_attention_resolutions": [16],
+                **unet,
+            }
+        }
+    )
+    torch.manual_seed(0)
+    return _randomize_zero_params(stages.build_model(cfg)).eval()
+
+
+def test_sdpa_attention_equals_explicit_softmax():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 3, 8, generator=gen) for n in (10, 7, 7))
+    torch.testing.assert_close(attention(q, k, v), explicit_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    manual = torch.softmax(q[0, :, 1] @ k[0, :, 1].T / 8**0.5, dim=-1) @ v[0, :, 1]  # eq. 15, one head
+    torch.testing.assert_close(attention(q, k, v)[0, :, 1], manual, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_block_uses_context():
+    block = _randomize_zero_params(CrossAttention2d(16, 12, head_channels=8))
+    x, ctx = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 12)
+    ctx2 = ctx.clone()
+    ctx2[1] += 1.0
+    out, out2 = block(x, ctx), block(x, ctx2)
+    torch.testing.assert_close(out[0], out2[0])
+    assert not torch.allclose(out[1], out2[1])
+
+
+def test_cross_attention_attends_to_own_class_tokens():
+    model = _tiny_base()
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([10, 500]), torch.tensor([3, 7])
+    with torch.no_grad():
+        before = model(x, t, y)
+        model.class_tokens.table.weight[3] += 1.0  # class 3's tokens only
+        after = model(x, t, y)
+        model.class_tokens.table.weight[5] += 1.0  # a class absent from the batch
+        after_other = model(x, t, y)
+    assert not torch.allclose(before[0], after[0])
+    torch.testing.assert_close(before[1], after[1])
+    torch.testing.assert_close(after, after_other)
+
+
+def test_null_class_is_unconditional_branch():
+    model = _tiny_base()
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([0, 100, 999])
+    with torch.no_grad():
+        uncond = model(x, t)
+        torch.testing.assert_close(uncond, model(x, t, y=torch.full((3,), 10)))
+        assert not torch.allclose(uncond, model(x, t, y=torch.tensor([0, 1, 2])))
+
+
+def test_output_is_zero_at_init_and_learned_variance_doubles_channels():
+    cfg = stages.get_stage("base32", "tiny")
+    model = stages.build_model(cfg)
+    out = model(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), torch.tensor([0, 1]))
+    assert out.shape == (2, 6, 32, 32) and not out.any()
+    fixed = stages.build_model(
+        cfg.with_overrides({"diffusion": {"model_var_type": "fixed_small", "loss": "simple"}})
+    )
+    assert fixed(torch.randn(1, 3, 32, 32), torch.tensor([1])).shape == (1, 3, 32, 32)
+
+
+def test_timestep_embedding_is_sinusoidal():
+    emb = timestep_embedding(torch.tensor([0.0, 3.0]), 8)
+    assert emb.shape == (2, 8)
+    torch.testing.assert_close(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    torch.testing.assert_close(emb[1, 0], torch.cos(torch.tensor(3.0)))
+
+
+def test_channels_last_and_bf16_autocast_match_fp32():
+    model = _tiny_base()
+    gen = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(2, 3, 32, 32, generator=gen), torch.tensor([5, 700]), torch.tensor([1, 10])
+    with torch.no_grad():
+        ref = model(x, t, y)
+        model_cl = model.to(memory_format=torch.channels_last)
+        out_cl = model_cl(x.contiguous(memory_format=torch.channels_last), t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_bf16 = model_cl(x.contiguous(memory_format=torch.channels_last), t, y)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, ref, atol=1e-4, rtol=1e-4)
+    assert out_bf16.dtype == torch.float32
+    rel = (out_bf16 - ref).norm() / ref.norm()
+    assert rel < 0.05, rel
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    plain, ckpt = _tiny_base(), _tiny_base(use_checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5, 700]), torch.tensor([1, 2])
+    for m in (plain, ckpt):
+        m.train()
+        m(x, t, y).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_bad_inputs_raise_clear_errors():
+    base = _tiny_base()
+    sr = stages.build_model(stages.get_stage("sr64", "tiny"))
+    x64, t = torch.randn(1, 3, 64, 64), torch.tensor([3])
+    with pytest.raises(ValueError, match="x_t must have shape"):
+        base(torch.randn(1, 3, 16, 16), t)
+    with pytest.raises(ValueError, match="class indices"):
+        base(torch.randn(1, 3, 32, 32), t, y=torch.tensor([11]))
+    with pytest.raises(ValueError, match="only for super-resolution"):
+        base(torch.randn(1, 3, 32, 32), t, x_low=torch.randn(1, 3, 16, 16), aug_level=torch.zeros(1))
+    with pytest.raises(ValueError, match="needs x_low"):
+        sr(x64, t)
+    with pytest.raises(ValueError, match="x_low must have shape"):
+        sr(x64, t, x_low=torch.randn(1, 3, 16, 16), aug_level=torch.zeros(1))
+    with pytest.raises(ValueError, match="t must be"):
+        base(torch.randn(2, 3, 32, 32), torch.tensor([1, 2, 3]))
+
+
+@pytest.fixture
+def one_thread():
+    """The overfit tests are latency-bound tiny models: one thread avoids OpenMP oversubscription
+    when other processes share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _overfit(model, loss_fn, steps: int, lr: float = 2e-3) -> tuple[float, float]:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    first = None
+    for _ in range(steps):
+        loss = loss_fn()
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return first, loss_fn().item()
+
+
+def _diffusion_overfit(cfg, batch, steps):
+    torch.manual_seed(0)
+    model, diffusion = stages.build_model(cfg), stages.build_diffusion(cfg)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, cfg.resolution, cfg.resolution, generator=gen).clamp(-1, 1)
+    noise = torch.randn(x.shape, generator=gen)
+    t = torch.randint(0, cfg.diffusion.num_timesteps, (batch,), generator=gen)
+    kwargs = {"y": torch.arange(batch) % cfg.num_classes}
+    if cfg.kind == "sr":
+        r = cfg.low_resolution
+        kwargs |= {
+            "x_low": torch.randn(batch, 3, r, r, generator=gen),
+            "aug_level": torch.rand(batch, generator=gen),
+        }
+    return _overfit(
+        model, lambda: diffusion.training_losses(model, x, t, noise, kwargs)["loss"].mean(), steps
+    )
+
+
+SMALL = {
+    "model_channels": 16,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "head_channels": 16,
+    "attention_resolutions": [],
+    "cross_attention_resolutions": [],
+}
+
+
+def test_tiny_base_overfits_one_batch(one_thread):
+    cfg = stages.get_stage("base32", "tiny").with_overrides({"resolution": 16, "unet": SMALL})
+    first, last = _diffusion_overfit(cfg, 4, 200)
+    assert last < first / 10, (first, last)
+
+
+def test_tiny_sr_overfits_one_batch(one_thread):
+    cfg = stages.get_stage("sr64", "tiny").with_overrides(
+        {"resolution": 16, "low_resolution": 8, "unet": SMALL}
+    )
+    first, last = _diffusion_overfit(cfg, 4, 200)
+    assert last < first / 10, (first, last)
+
+
+def test_tiny_classifier_overfits_one_batch(one_thread):
+    cfg = stages.get_stage("classifier32", "tiny").with_overrides({"resolution": 16, "unet": SMALL})
+    torch.manual_seed(0)
+    model, diffusion = stages.build_model(cfg), stages.build_diffusion(cfg)
+    gen = torch.Generator().manual_seed(0)
+    x0, y = torch.randn(8, 3, 16, 16, generator=gen).clamp(-1, 1), torch.arange(8) % 10
+    t = torch.randint(0, 300, (8,), generator=gen)
+    x_t = diffusion.q_sample(x0, t, noise=torch.randn(x0.shape, generator=gen))
+    first, last = _overfit(model, lambda: F.cross_entropy(model(x_t, t), y), 100)
+    assert last < first / 10, (first, last)
