@@ -33,6 +33,20 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "GaussianDiffusion", "aug_alpha_bar", "aug_level_from_alpha_bar", "classifier_free_guidance",
-    "classifier_guidance", "make_betas", "sample_ddim", "sample_ddpm", "space_timesteps", *_LAZY,
+    "CascadeConfigError",
+    "CascadePipeline",
+    "GaussianDiffusion",
+    "UNet",
+    "aug_alpha_bar",
+    "aug_level_from_alpha_bar",
+    "classifier_free_guidance",
+    "classifier_guidance",
+    "load_stage",
+    "make_betas",
+    "make_stage_loader",
+    "sample_ddim",
+    "sample_ddpm",
+    "space_timesteps",
+    "train_stage",
+    "write_shards",
 ]

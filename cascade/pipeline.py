@@ -300,6 +300,11 @@ class CascadePipeline:
         """Class names recorded in the base stage's checkpoint, if any."""
         return self.stages[0].class_names
 
+    def run_record(self, plan: SamplingPlan) -> dict[str, Any]:
+        """The JSON record of a sampling run: settings, checkpoints, device, precision and class names."""
+        return {**plan.to_dict(), "checkpoints": self.checkpoints(), "device": str(self.device),
+                "precision": self.precision, "class_names": self.class_names}
+
     def checkpoints(self) -> dict[str, dict[str, Any]]:
         """Where each stage came from, for the record of a run."""
         found = {s.name: {"path": str(s.checkpoint), "step": s.step} for s in self.stages}

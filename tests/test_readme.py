@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _ci_commands():
     lines = (ROOT / ".ci" / "run").read_text().splitlines()
-    return [ln for ln in lines if ln.startswith(".venv/bin/") or ln.startswith("python3 -m venv")]
+    return [ln for ln in lines if ln.startswith((".venv/bin/", "python3 -m venv"))]
 
 
 def test_ci_runs_readme_commands_verbatim():

@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except CascadeConfigError as err:
         return report_error(PROG, err)
     outputs = pipe.run(plan, progress=True)
-    record = {**plan.to_dict(), "checkpoints": pipe.checkpoints(), "device": str(pipe.device),
-              "precision": pipe.precision, "class_names": pipe.class_names}
-    out = write_outputs(outputs, plan, args.out, record=record, class_names=pipe.class_names)
+    out = write_outputs(outputs, plan, args.out, record=pipe.run_record(plan), class_names=pipe.class_names)
     final = plan.stages[-1]
     print(f"wrote {len(plan.labels)} images of {final.resolution}x{final.resolution} and the stages "
           f"{', '.join(s.name for s in plan.stages)} to {out}/ (grid.png, settings.json)")

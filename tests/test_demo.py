@@ -1,0 +1,59 @@
+"""The demo's --quick mode end to end: every report section is filled, and finished stages are kept."""
+
+import re
+
+import pytest
+
+from cascade import demo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return demo.run_demo(out, demo.QUICK, seed=0, progress=False)
+
+
+def test_report_has_every_section(quick_demo):
+    html = quick_demo.report_html.read_text()
+    md = quick_demo.report_md.read_text()
+    for heading in ("Samples", "Metrics", "What the numbers mean", "Training", "Timings"):
+        assert f">{heading}</h" in html and f"# {heading}" in md
+    images = re.findall(r"<img src='([^']+)'", html)
+    expected = {f"grid-{name}.png" for name in demo.CHAIN} | {"grid-real.png", "samples/grid.png",
+                                                              "training-curves.png"}
+    assert expected <= set(images)
+    for rel in images:
+        assert (quick_demo.out_dir / rel).stat().st_size > 0, rel
+
+
+def test_metrics_cover_every_stage_and_mode(quick_demo):
+    assert set(quick_demo.metrics) == set(demo.CHAIN)
+    for stage in demo.CHAIN:
+        for mode in ("teacher-forced", "cascaded"):
+            entry = quick_demo.metrics[stage][mode]
+            assert entry["features"]["classifier32-features"]["fid"] >= 0
+            assert 0.0 <= entry["class_accuracy"] <= 1.0
+            if stage != "base32":
+                assert "consistency_psnr" in entry
+    html = quick_demo.report_html.read_text()
+    for stage in demo.CHAIN:
+        assert f"<td>{stage}</td>" in html
+
+
+def test_final_images_at_256(quick_demo):
+    from PIL import Image
+
+    finals = sorted(p for p in (quick_demo.out_dir / "samples").glob("*.png") if p.name != "grid.png")
+    assert len(finals) == 10 * demo.QUICK.num_per_class  # every photo class
+    assert all(Image.open(p).size == (256, 256) for p in finals)
+
+
+def test_finished_stage_is_not_retrained(quick_demo):
+    out = quick_demo.out_dir
+    ckpt = quick_demo.checkpoints["sr64"]
+    before = (ckpt / "ema.safetensors").stat().st_mtime_ns
+    again = demo.train_demo_stage("sr64", out / "data", out / "runs", demo.QUICK, 0, 10, progress=False)
+    assert again == ckpt
+    assert (ckpt / "ema.safetensors").stat().st_mtime_ns == before
