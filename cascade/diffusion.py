@@ -282,7 +282,9 @@ class GaussianDiffusion:
             t = t.expand(batch)
         if t.shape != (batch,):
             raise ValueError(f"timesteps must have shape ({batch},), got {tuple(t.shape)}")
-        if bool(((t < 0) | (t >= self.num_timesteps)).any()):
+        # Range check on the host only: on an accelerator it would force a sync every step; there the
+        # table gather's own index check catches out-of-range timesteps.
+        if t.device.type == "cpu" and bool(((t < 0) | (t >= self.num_timesteps)).any()):
             raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]")
         return t.long()
 
