@@ -54,6 +54,13 @@ def steps_value(raw: str) -> int | str:
     return int(raw) if re.fullmatch(r"[+-]?\d+", raw) else raw
 
 
+def default_device() -> str:
+    """cuda when a GPU is available, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def parse_classes(text: str) -> list[int]:
     """`1,7` → [1, 7]."""
     try:
@@ -62,6 +69,11 @@ def parse_classes(text: str) -> list[int]:
         raise CascadeConfigError(
             f"--classes: malformed {text!r}; expected comma-separated class indices, e.g. --classes 1,7"
         ) from None
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise CascadeConfigError(
+            f"--classes: class {repeated[0]} is listed twice; list each class once and use --num-per-class N"
+        )
     return classes
 
 

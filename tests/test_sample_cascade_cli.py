@@ -96,6 +96,7 @@ def test_bad_input_in_a_subprocess_gives_one_line_and_exit_2(runs_root, tmp_path
     [
         (["--classes", "1,3"], "stage base32: class 3 is out of range"),
         (["--classes", "1,x"], "--classes: malformed"),
+        (["--classes", "1,7,1"], "class 1 is listed twice"),
         (["--stages", "base32,sr32"], "--stages: unknown stage 'sr32'"),
         (["--w", "-1"], "stage base32: w must be >= 0"),
         (["--w", "base32=abc"], "--w: bad value 'abc'"),

@@ -18,6 +18,7 @@ import stages
 from cascade.cli_args import (
     OneLineArgumentParser,
     add_sampler_arguments,
+    default_device,
     parse_ckpt_pairs,
     parse_classes,
     parse_stage_list,
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-scale", type=float, default=0.0, help="classifier guidance scale (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: all at once)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
     p.add_argument("--out", default="samples", help="output folder (default samples/)")
     return p
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chain = parse_stage_list(args.stages, stages.STAGE_NAMES)
         pipe = CascadePipeline.from_runs(args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt),
-                                         device=args.device, precision=args.precision)
+                                         device=args.device or default_device(), precision=args.precision)
         plan = pipe.validate(
             parse_classes(args.classes),
             num_per_class=args.num_per_class,
