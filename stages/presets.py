@@ -70,21 +70,21 @@ _STAGES: dict[str, dict[str, Callable[[], tuple]]] = {
             "base",
             32,
             None,
-            _tiny(32, (1, 2, 2, 2), 2, cross_attention_resolutions=(8,)),
+            _tiny(32, (1, 1, 2, 2), (1, 1, 2, 2), cross_attention_resolutions=(8,)),
             AugConfig(),
         ),
         "paper": lambda: ("base", 32, None, _paper(256, (1, 2, 3, 4), 3, (16, 8), 0.1), AugConfig()),
     },
     "sr64": {
-        "tiny": lambda: ("sr", 64, 32, _tiny(16, (1, 2, 4, 6), (1, 1, 2, 2)), _GAUSSIAN),
+        "tiny": lambda: ("sr", 64, 32, _tiny(12, (1, 2, 4, 8), (0, 1, 1, 2)), _GAUSSIAN),
         "paper": lambda: ("sr", 64, 32, _paper(192, (1, 2, 3, 4), 5, (16, 8), 0.1), _GAUSSIAN),
     },
     "sr128": {
-        "tiny": lambda: ("sr", 128, 64, _tiny(8, (1, 2, 4, 8, 12), (0, 1, 1, 2, 2)), _GAUSSIAN_BLUR),
+        "tiny": lambda: ("sr", 128, 64, _tiny(8, (1, 2, 4, 4, 8), (0, 0, 1, 1, 2)), _GAUSSIAN_BLUR),
         "paper": lambda: ("sr", 128, 64, _paper(128, (1, 2, 3, 4, 4), 3, (16,), 0.0), _GAUSSIAN_BLUR),
     },
     "sr256": {
-        "tiny": lambda: ("sr", 256, 128, _tiny(8, (1, 1, 2, 4, 8, 12), (0, 0, 1, 1, 2, 2)), _GAUSSIAN_BLUR),
+        "tiny": lambda: ("sr", 256, 128, _tiny(8, (1, 1, 2, 4, 4, 8), (0, 0, 0, 1, 1, 2)), _GAUSSIAN_BLUR),
         "paper": lambda: ("sr", 256, 128, _paper(128, (1, 1, 2, 2, 4, 4), 2, (16,), 0.0), _GAUSSIAN_BLUR),
     },
     "classifier32": {
