@@ -49,28 +49,28 @@ class DemoPlan:
 
 DEFAULT = DemoPlan(
     images_per_class=60,
-    train_steps={"classifier32": 300, "base32": 2500, "sr64": 1000, "sr128": 600, "sr256": 400},
+    train_steps={"classifier32": 200, "base32": 500, "sr64": 400, "sr128": 300, "sr256": 250},
     batch_size={"classifier32": 32, "base32": 32, "sr64": 16, "sr128": 8, "sr256": 4},
     lr=2e-3,
-    warmup_steps=100,
-    sample_steps={"base32": "100", "sr64": "50", "sr128": "25", "sr256": "25"},
+    warmup_steps=50,
+    sample_steps={"base32": "50", "sr64": "25", "sr128": "20", "sr256": "15"},
     guidance={"base32": 3.0, "sr64": 1.0, "sr128": 0.0, "sr256": 0.0},
     num_per_class=4,
-    eval_samples=60,
-    ckpt_every=250,
+    eval_samples=40,
+    ckpt_every=100,
 )
 
 QUICK = DemoPlan(
     images_per_class=12,
-    train_steps={"classifier32": 20, "base32": 40, "sr64": 15, "sr128": 8, "sr256": 5},
+    train_steps={"classifier32": 10, "base32": 20, "sr64": 8, "sr128": 5, "sr256": 4},
     batch_size={"classifier32": 16, "base32": 16, "sr64": 8, "sr128": 4, "sr256": 2},
     lr=2e-3,
     warmup_steps=5,
-    sample_steps={"base32": "10", "sr64": "5", "sr128": "4", "sr256": "3"},
+    sample_steps={"base32": "8", "sr64": "4", "sr128": "3", "sr256": "3"},
     guidance={"base32": 3.0, "sr64": 1.0, "sr128": 0.0, "sr256": 0.0},
     num_per_class=1,
     eval_samples=10,
-    ckpt_every=20,
+    ckpt_every=10,
 )
 
 

@@ -148,6 +148,7 @@ def test_classifier_guidance_runs_and_moves_the_sample(pipe_base, tiny_runs):
     clf = tiny_runs["classifier32"]
     settings = {"num_per_class": 2, "steps": 2, "seed": 3, "progress": False}
     plain = pipe_base([1], **settings)["base32"]
+    _perturb(pipe_base._classifier(clf).model, seed=1)  # its zero-initialised head has ~zero gradients
     guided = pipe_base([1], classifier=clf, classifier_scale=5.0, **settings)["base32"]
     assert guided.shape == plain.shape and torch.isfinite(guided).all()
     assert (plain - guided).abs().max() > 1e-4
