@@ -49,15 +49,15 @@ class DemoPlan:
 
 DEFAULT = DemoPlan(
     images_per_class=60,
-    train_steps={"classifier32": 200, "base32": 500, "sr64": 400, "sr128": 300, "sr256": 250},
+    train_steps={"classifier32": 120, "base32": 250, "sr64": 250, "sr128": 200, "sr256": 160},
     batch_size={"classifier32": 32, "base32": 32, "sr64": 16, "sr128": 8, "sr256": 4},
     lr=2e-3,
-    warmup_steps=50,
-    sample_steps={"base32": "50", "sr64": "25", "sr128": "20", "sr256": "15"},
+    warmup_steps=30,
+    sample_steps={"base32": "40", "sr64": "15", "sr128": "10", "sr256": "10"},
     guidance={"base32": 3.0, "sr64": 1.0, "sr128": 0.0, "sr256": 0.0},
-    num_per_class=4,
-    eval_samples=40,
-    ckpt_every=100,
+    num_per_class=2,
+    eval_samples=20,
+    ckpt_every=50,
 )
 
 QUICK = DemoPlan(

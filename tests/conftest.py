@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARD_CLASSES = 3
 # A few optimizer steps of every stage at size=tiny: enough to write real checkpoints, cheap on CPU.
@@ -47,3 +48,13 @@ def tiny_runs(tmp_path_factory, synthetic_shards) -> dict[str, Path]:
         train_stage(stage, tiny_run_config(runs / name, synthetic_shards), extra_config={"size": "tiny"})
         out[name] = runs / name
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny, latency-bound tensors: one intra-op thread avoids OpenMP oversubscription when other
+    processes share the 2 cores (several threads can then be many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

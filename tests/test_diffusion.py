@@ -18,14 +18,7 @@ from cascade.diffusion import (
 )
 from cascade.timestep_sampler import LossSecondMomentResampler, UniformSampler, make_timestep_sampler
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GaussianOracle(nn.Module):

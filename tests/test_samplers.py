@@ -13,13 +13,7 @@ MU, SIGMA = 0.3, 0.5
 N, SHAPE = 4000, (1, 2, 2)  # 16000 independent scalars per run
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GaussianOracle(nn.Module):

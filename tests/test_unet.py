@@ -143,14 +143,6 @@ def test_bad_inputs_raise_clear_errors():
         base(torch.randn(2, 3, 32, 32), torch.tensor([1, 2, 3]))
 
 
-@pytest.fixture
-def one_thread():
-    """The overfit tests are latency-bound tiny models: one thread avoids OpenMP oversubscription
-    when other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _overfit(model, loss_fn, steps: int, lr: float = 2e-3) -> tuple[float, float]:
