@@ -156,6 +156,17 @@ def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> 
         p.add_argument("--truncate", action="store_true", help="truncated conditioning augmentation")
 
 
+def load_evaluation_inputs(args: argparse.Namespace, device: Any):
+    """(pipeline, feature networks, classifier) from the options `add_evaluation_arguments` defines."""
+    import stages
+    from cascade.evaluation import load_for_evaluation
+
+    chain = parse_stage_list(args.stages, stages.STAGE_NAMES)
+    return load_for_evaluation(args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt), classifier=args.classifier,
+                               inception_weights=args.inception_weights, device=args.device or device,
+                               precision=args.precision)
+
+
 def sampler_settings(args: argparse.Namespace, *, grid: bool = False) -> dict[str, Any]:
     """The parsed sampler options as keyword arguments of `CascadePipeline.validate` (grid: lists to sweep)."""
     cast = float_list if grid else float

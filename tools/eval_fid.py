@@ -18,18 +18,16 @@ import sys
 
 from accelerate import Accelerator
 
-import stages
 from cascade.cli_args import (
     OneLineArgumentParser,
     add_evaluation_arguments,
     add_sampler_arguments,
+    load_evaluation_inputs,
     parse_choices,
-    parse_ckpt_pairs,
-    parse_stage_list,
     report_error,
     sampler_settings,
 )
-from cascade.evaluation import MODES, evaluate, load_for_evaluation
+from cascade.evaluation import MODES, evaluate
 from cascade.pipeline import DEFAULT_CHAIN, CascadeConfigError
 
 PROG = "eval_fid"
@@ -48,13 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     accelerator = Accelerator(cpu=args.device == "cpu")
     try:
-        chain = parse_stage_list(args.stages, stages.STAGE_NAMES)
         modes = parse_choices(args.modes, MODES, "--modes", what="mode")
         settings = sampler_settings(args)
-        pipe, feature_nets, classifier = load_for_evaluation(
-            args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt), classifier=args.classifier,
-            inception_weights=args.inception_weights, device=args.device or accelerator.device,
-            precision=args.precision)
+        pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
         evaluation = evaluate(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
                               num_samples=args.num_samples, modes=modes, **settings, seed=args.seed,
                               batch_size=args.batch_size, accelerator=accelerator,

@@ -18,17 +18,15 @@ import sys
 
 from accelerate import Accelerator
 
-import stages
 from cascade.cli_args import (
     OneLineArgumentParser,
     add_evaluation_arguments,
     add_sampler_arguments,
-    parse_ckpt_pairs,
-    parse_stage_list,
+    load_evaluation_inputs,
     report_error,
     sampler_settings,
 )
-from cascade.evaluation import MODES, TEACHER_FORCED, load_for_evaluation, sweep
+from cascade.evaluation import MODES, TEACHER_FORCED, sweep
 from cascade.pipeline import CascadeConfigError
 
 PROG = "sweep"
@@ -50,12 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     accelerator = Accelerator(cpu=args.device == "cpu")
     try:
-        chain = parse_stage_list(args.stages, stages.STAGE_NAMES)
         settings = sampler_settings(args, grid=True)
-        pipe, feature_nets, classifier = load_for_evaluation(
-            args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt), classifier=args.classifier,
-            inception_weights=args.inception_weights, device=args.device or accelerator.device,
-            precision=args.precision)
+        pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
         result = sweep(pipe, args.data, feature_nets=feature_nets, classifier=classifier, mode=args.mode,
                        rank_by=args.rank_by, num_samples=args.num_samples, **settings, seed=args.seed,
                        batch_size=args.batch_size, accelerator=accelerator, progress=accelerator.is_main_process)
