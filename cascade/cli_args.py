@@ -150,7 +150,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> 
                        help="conditioning augmentation level s in [0, 1] of SR stages (default: each stage's own)")
     p.add_argument("--steps", default=None,
                    help="respaced steps: N, 'ddimN' or sections '10,5'; or STAGE=...,... (default: all)")
-    p.add_argument("--sampler", default="ddpm", help=f"one of {', '.join(SAMPLERS)} (default ddpm)")
+    p.add_argument("--sampler", default="ddpm",
+                   help=f"one of {', '.join(SAMPLERS)}, or STAGE=SAMPLER,... per stage (default ddpm)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     if not grid:
         p.add_argument("--truncate", action="store_true", help="truncated conditioning augmentation")
@@ -173,7 +174,7 @@ def sampler_settings(args: argparse.Namespace, *, grid: bool = False) -> dict[st
     settings: dict[str, Any] = {
         "w": parse_stage_values(args.w, cast, "--w"),
         "steps": None if args.steps is None else parse_stage_values(args.steps, steps_value, "--steps"),
-        "sampler": args.sampler,
+        "sampler": parse_stage_values(args.sampler, str, "--sampler"),
         "eta": args.eta,
         "aug_level": None if args.aug_level is None else parse_stage_values(args.aug_level, cast, "--aug-level"),
     }

@@ -300,7 +300,7 @@ def _check_nets(feature_nets: Sequence[FeatureNet], classifier: FeatureNet) -> N
 
 def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Sequence[FeatureNet],
              classifier: FeatureNet, num_samples: int | None = None, modes: Sequence[str] = MODES,
-             w: float | Mapping = 0.0, steps: int | str | Mapping | None = None, sampler: str = "ddpm",
+             w: float | Mapping = 0.0, steps: int | str | Mapping | None = None, sampler: str | Mapping = "ddpm",
              eta: float = 0.0, aug_level: float | Mapping | None = None, truncate: bool = False, seed: int = 0,
              batch_size: int = 64, accelerator: Any = None, progress: bool = False) -> Evaluation | None:
     """Evaluate every stage of the pipeline in the given modes (see the module docstring).
@@ -485,7 +485,7 @@ def best_flags(best: Mapping[str, Mapping[str, Any]]) -> str:
 def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Sequence[FeatureNet],
           classifier: FeatureNet, w: Any = (0.0, 1.0, 3.0), aug_level: Any = None, mode: str = TEACHER_FORCED,
           rank_by: str | None = None, num_samples: int | None = None, steps: int | str | Mapping | None = None,
-          sampler: str = "ddpm", eta: float = 0.0, seed: int = 0, batch_size: int = 64, accelerator: Any = None,
+          sampler: str | Mapping = "ddpm", eta: float = 0.0, seed: int = 0, batch_size: int = 64, accelerator: Any = None,
           progress: bool = False) -> Sweep | None:
     """FID (and KID, consistency, class accuracy) of every stage at every (w, s) of `sweep_settings`.
 

@@ -67,6 +67,7 @@ class StagePlan:
     steps: int | str | None  # as requested; None = every training timestep
     timesteps: list[int]  # the kept timesteps on the training scale
     aug_level: float | None = None  # SR stages: the level s the model is told
+    sampler: str = "ddpm"  # "ddpm" (ancestral, Algorithm 2) or "ddim"
     stop_at_index: int | None = None  # truncated: the respaced index whose z_k is handed over
     diffusion: Any = field(default=None, repr=False)  # the respaced diffusion
 
@@ -77,6 +78,7 @@ class StagePlan:
             "steps": self.steps,
             "num_steps": len(self.timesteps),
             "aug_level": self.aug_level,
+            "sampler": self.sampler,
             "stop_at_index": self.stop_at_index,
         }
 
@@ -87,7 +89,7 @@ class SamplingPlan:
 
     classes: list[int]
     num_per_class: int
-    sampler: str
+    sampler: str | dict[str, str]  # as requested; each StagePlan holds its own
     eta: float
     truncate: bool
     seed: int
@@ -338,14 +340,15 @@ class CascadePipeline:
         return self._classifiers[key]
 
     def validate(self, classes: Sequence[int], *, num_per_class: int = 1, w: float | Mapping = 0.0,
-                 steps: int | str | Mapping | None = None, sampler: str = "ddpm", eta: float = 0.0,
+                 steps: int | str | Mapping | None = None, sampler: str | Mapping = "ddpm", eta: float = 0.0,
                  aug_level: float | Mapping | None = None, truncate: bool = False,
                  classifier: str | Path | None = None, classifier_scale: float = 0.0,
                  batch_size: int | None = None, seed: int = 0) -> SamplingPlan:
         """Every check before any sampling; returns the resolved plan or raises CascadeConfigError.
 
-        w, steps and aug_level are one value for all (SR) stages or a {stage: value} dict; aug_level
-        defaults to each SR stage's `aug.sample_aug_level`, steps to every training timestep.
+        w, steps, sampler and aug_level are one value for all (SR) stages or a {stage: value} dict;
+        aug_level defaults to each SR stage's `aug.sample_aug_level`, steps to every training timestep,
+        sampler to "ddpm".
         """
         names = [s.name for s in self.stages]
         if isinstance(classes, (int, str)) or not classes:
@@ -366,8 +369,12 @@ class CascadePipeline:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise CascadeConfigError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-        if sampler not in SAMPLERS:
-            raise CascadeConfigError(f"sampler {sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+        samplers = _per_stage(sampler, names, "sampler")
+        for name, value in samplers.items():
+            if value is not None and value not in SAMPLERS:
+                raise CascadeConfigError(
+                    f"stage {name}: sampler {value!r} is unknown; use one of {', '.join(SAMPLERS)}"
+                )
         eta = _number("eta", eta, 0.0)
         classifier_scale = _number(f"stage {names[0]}: classifier_scale", classifier_scale, 0.0)
         if classifier_scale > 0 and classifier is None:
@@ -397,6 +404,7 @@ class CascadePipeline:
                 w=_number(f"stage {stage.name}: w", 0.0 if ws[stage.name] is None else ws[stage.name], 0.0),
                 steps=stepss[stage.name],
                 timesteps=timesteps,
+                sampler=samplers[stage.name] or "ddpm",
                 diffusion=stage.diffusion.respace(timesteps),
             )
             if cfg.kind == "sr":
@@ -408,7 +416,8 @@ class CascadePipeline:
             for prev, nxt in itertools.pairwise(plans):
                 self._truncate(prev, nxt)
         return SamplingPlan(
-            classes=[int(c) for c in classes], num_per_class=num_per_class, sampler=sampler, eta=eta,
+            classes=[int(c) for c in classes], num_per_class=num_per_class,
+            sampler=dict(sampler) if isinstance(sampler, Mapping) else sampler, eta=eta,
             truncate=bool(truncate), seed=seed, batch_size=batch_size,
             classifier=None if classifier is None else str(classifier), classifier_scale=classifier_scale,
             stages=plans,
@@ -445,8 +454,8 @@ class CascadePipeline:
         n = len(labels)
         batch = plan.batch_size or n
         model = self._guided(stage, sp, plan)
-        sample = SAMPLERS[plan.sampler]
-        if plan.sampler == "ddim":
+        sample = SAMPLERS[sp.sampler]
+        if sp.sampler == "ddim":
             sample = partial(sample, eta=plan.eta)
         steps_run = len(sp.timesteps) - (0 if sp.stop_at_index is None else sp.stop_at_index + 1)
         shape = (3, sp.resolution, sp.resolution)
@@ -494,7 +503,7 @@ class CascadePipeline:
         return out
 
     def sample_stage(self, name: str, labels: Sequence[int] | torch.Tensor, x_low: torch.Tensor | None = None, *,
-                     w: float | Mapping = 0.0, steps: int | str | Mapping | None = None, sampler: str = "ddpm",
+                     w: float | Mapping = 0.0, steps: int | str | Mapping | None = None, sampler: str | Mapping = "ddpm",
                      eta: float = 0.0, aug_level: float | Mapping | None = None, seed: int = 0,
                      batch_size: int | None = None, start_index: int = 0, progress: bool = False) -> torch.Tensor:
         """Sample one stage alone: the base stage from noise, an SR stage from given clean low-resolution

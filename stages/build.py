@@ -32,12 +32,19 @@ def build_model(cfg: StageConfig) -> nn.Module:
                 "the classifier has no class input: unet.cross_attention_resolutions must be empty"
             )
         return NoisyClassifier(**common)
+    skip = {}
+    if u.cond_skip_std:
+        from cascade.diffusion import make_betas
+
+        betas = torch.as_tensor(make_betas(cfg.diffusion.schedule, cfg.diffusion.num_timesteps))
+        skip = {"cond_skip_std": u.cond_skip_std, "alphas_cumprod": torch.cumprod(1.0 - betas, 0)}
     return UNet(
         **common,
         out_channels=6 if cfg.diffusion.learn_sigma else 3,
         low_resolution=cfg.low_resolution,
         cross_attention_resolutions=u.cross_attention_resolutions,
         num_class_tokens=u.num_class_tokens,
+        **skip,
     )
 
 

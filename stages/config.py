@@ -34,6 +34,8 @@ class UNetConfig:
     dropout: float = 0.0
     norm_groups: int = 32
     use_checkpoint: bool = False
+    # SR only: ε = network + E[ε | x_t] under x_0 ~ N(upsampled input, σ²); σ = this (0 = off)
+    cond_skip_std: float = 0.0
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
@@ -46,6 +48,8 @@ class UNetConfig:
         blocks_per_level(self.num_res_blocks, len(self.channel_mult))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.cond_skip_std < 0:
+            raise ValueError(f"cond_skip_std must be >= 0, got {self.cond_skip_std}")
 
 
 @dataclass
@@ -126,6 +130,8 @@ class StageConfig:
                 )
         elif self.low_resolution is not None:
             raise ValueError(f"a {self.kind} stage has no low_resolution, got {self.low_resolution}")
+        if self.unet.cond_skip_std and self.kind != "sr":
+            raise ValueError(f"unet.cond_skip_std applies to sr stages only; {self.name} is a {self.kind} stage")
         if self.resolution % 2 ** (len(self.unet.channel_mult) - 1) != 0:
             raise ValueError(f"resolution {self.resolution} is not divisible by 2^(len(channel_mult)-1)")
 

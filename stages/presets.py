@@ -11,6 +11,13 @@ schedule, T = 1000 (CDM used up to 4000; sampling respaces anyway), learned-rang
 Conditioning augmentation (CDM §3/§4): every SR stage trains with Gaussian augmentation s ~ U[0, 0.3]
 and samples with s = 0.1 by default; sr128 and sr256 also blur half of the training examples with
 σ ~ U(0.4, 0.6), 3×3 kernel; sr64 has no blur (at 32² a blur erases most of the content).
+
+Conditioning skip (tiny SR stages, `unet.cond_skip_std`): the network's ε is added to E[ε | x_t] under
+x_0 ~ N(upsampled input, σ²) with σ the measured std of (image − upsampled low-res image) on the built-in
+photographs (0.088 at 64², 0.084 at 128², 0.059 at 256²), so a fresh SR model already returns its input
+plus fine noise and training only learns the detail. In the demo's 2–4-minute SR budgets this is the
+difference between noise (7.9 dB PSNR to the real 128² image) and a usable stage (22 dB). Paper presets
+keep CDM's plain ε-prediction; set `unet.cond_skip_std` there to use it.
 """
 
 from __future__ import annotations
@@ -76,15 +83,19 @@ _STAGES: dict[str, dict[str, Callable[[], tuple]]] = {
         "paper": lambda: ("base", 32, None, _paper(256, (1, 2, 3, 4), 3, (16, 8), 0.1), AugConfig()),
     },
     "sr64": {
-        "tiny": lambda: ("sr", 64, 32, _tiny(12, (1, 2, 4, 8), (0, 1, 1, 2)), _GAUSSIAN),
+        "tiny": lambda: ("sr", 64, 32, _tiny(12, (1, 2, 4, 8), (0, 1, 1, 2), cond_skip_std=0.08), _GAUSSIAN),
         "paper": lambda: ("sr", 64, 32, _paper(192, (1, 2, 3, 4), 5, (16, 8), 0.1), _GAUSSIAN),
     },
     "sr128": {
-        "tiny": lambda: ("sr", 128, 64, _tiny(8, (1, 2, 4, 4, 8), (0, 0, 1, 1, 2)), _GAUSSIAN_BLUR),
+        "tiny": lambda: (
+            "sr", 128, 64, _tiny(8, (1, 2, 4, 4, 8), (0, 0, 1, 1, 2), cond_skip_std=0.08), _GAUSSIAN_BLUR
+        ),
         "paper": lambda: ("sr", 128, 64, _paper(128, (1, 2, 3, 4, 4), 3, (16,), 0.0), _GAUSSIAN_BLUR),
     },
     "sr256": {
-        "tiny": lambda: ("sr", 256, 128, _tiny(8, (1, 1, 2, 4, 4, 8), (0, 0, 0, 1, 1, 2)), _GAUSSIAN_BLUR),
+        "tiny": lambda: (
+            "sr", 256, 128, _tiny(8, (1, 1, 2, 4, 4, 8), (0, 0, 0, 1, 1, 2), cond_skip_std=0.06), _GAUSSIAN_BLUR
+        ),
         "paper": lambda: ("sr", 256, 128, _paper(128, (1, 1, 2, 2, 4, 4), 2, (16,), 0.0), _GAUSSIAN_BLUR),
     },
     "classifier32": {

@@ -87,6 +87,21 @@ def test_starting_noise_does_not_depend_on_batch_size(pipe_base):
     torch.testing.assert_close(whole["base32"], one_by_one["base32"], atol=1e-3, rtol=0)
 
 
+def test_sampler_is_chosen_per_stage(pipe_64):
+    settings = {"num_per_class": 1, "steps": 3, "seed": 4, "progress": False}
+    plan = pipe_64.validate([1], sampler={"sr64": "ddim"}, **{k: v for k, v in settings.items() if k != "progress"})
+    assert [sp.sampler for sp in plan.stages] == ["ddpm", "ddim"]
+    assert plan.to_dict()["stages"]["sr64"]["sampler"] == "ddim"
+    mixed = pipe_64([1], sampler={"sr64": "ddim"}, **settings)
+    all_ddpm = pipe_64([1], sampler="ddpm", **settings)
+    all_ddim = pipe_64([1], sampler="ddim", **settings)
+    assert torch.equal(mixed["base32"], all_ddpm["base32"])  # the base stage kept the default ancestral sampler
+    assert not torch.equal(mixed["base32"], all_ddim["base32"])
+    # sr64 ran DDIM on the ancestral base sample: the same as sampling that stage alone with DDIM
+    alone = pipe_64.sample_stage("sr64", mixed["labels"], all_ddpm["base32"], sampler="ddim", steps=3, seed=4)
+    assert torch.equal(mixed["sr64"], alone)
+
+
 def test_w_zero_is_the_conditional_sample(pipe_base):
     settings = {"num_per_class": 2, "steps": 3, "seed": 1, "progress": False}
     plain = pipe_base([2], w=0.0, **settings)["base32"]
@@ -181,6 +196,8 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
         ({"steps": "ddim-x"}, "stage base32: bad steps"),
         ({"steps": 10**6}, "exceeds"),
         ({"sampler": "euler"}, "sampler 'euler' is unknown"),
+        ({"sampler": {"sr64": "euler"}}, "stage sr64: sampler 'euler' is unknown"),
+        ({"sampler": {"sr128": "ddim"}}, "'sr128' is not in the chain"),
         ({"aug_level": {"sr64": 1.5}}, "stage sr64: aug_level must be in [0.0, 1.0]"),
         ({"aug_level": {"base32": 0.1}}, "base32 is the base stage"),
         ({"eta": -1.0}, "eta must be >= 0"),

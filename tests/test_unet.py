@@ -210,3 +210,55 @@ def test_tiny_classifier_overfits_one_batch(one_thread):
     x_t = diffusion.q_sample(x0, t, noise=torch.randn(x0.shape, generator=gen))
     first, last = _overfit(model, lambda: F.cross_entropy(model(x_t, t), y), 100)
     assert last < first / 10, (first, last)
+
+
+def _skip_sr64(cond_skip_std: float) -> UNet:
+    overrides = {"model_channels": 8, "channel_mult": [1], "num_res_blocks": 1, "attention_resolutions": [],
+                 "norm_groups": 4, "cond_skip_std": cond_skip_std}
+    cfg = stages.get_stage("sr64", "tiny").with_overrides({"unet": overrides})
+    torch.manual_seed(0)
+    return stages.build_model(cfg).eval()  # fresh: the output convolution is zero, only the skip speaks
+
+
+@pytest.mark.parametrize("aug_level", [0.0, 0.3])
+def test_conditioning_skip_is_the_gaussian_posterior_mean_of_eps(aug_level):
+    from cascade.diffusion import aug_alpha_bar, make_betas
+    from cascade.imageops import upsample
+
+    sigma, n = 0.1, 4
+    model = _skip_sr64(sigma)
+    alphas_cumprod = torch.cumprod(1 - torch.as_tensor(make_betas("cosine", 1000)), 0).float()
+    gen = torch.Generator().manual_seed(1)
+    x_low = torch.rand(n, 3, 32, 32, generator=gen) * 2 - 1
+    x_up = upsample(x_low, 64)
+    var = sigma**2 + (1 - float(aug_alpha_bar(aug_level)))
+    t = torch.tensor([50, 100, 500, 999])
+    ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+    # x_0 ~ N(x_up, var·I), x_t = √ᾱ x_0 + √(1−ᾱ) ε (eq. 4): many draws per pixel
+    draws = 64
+    x0 = x_up + var**0.5 * torch.randn(draws, *x_up.shape, generator=gen)
+    eps = torch.randn(draws, *x_up.shape, generator=gen)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    with torch.no_grad():
+        out = torch.stack([model(x, t, y=torch.zeros(n, dtype=torch.long), x_low=x_low,
+                                 aug_level=torch.full((n,), aug_level)) for x in x_t])
+    eps_hat = out[:, :, :3]
+    assert torch.equal(out[:, :, 3:], torch.zeros_like(out[:, :, 3:]))  # the variance channels are untouched
+    # closed form: E[ε | x_t] = √(1−ᾱ)(x_t − √ᾱ x_up)/(ᾱ·var + 1 − ᾱ), its error variance ᾱ·var/(ᾱ·var + 1 − ᾱ)
+    expected = (1 - ab).sqrt() * (x_t - ab.sqrt() * x_up) / (ab * var + 1 - ab)
+    torch.testing.assert_close(eps_hat, expected, atol=1e-4, rtol=1e-4)
+    mse = ((eps_hat - eps) ** 2).mean(dim=(0, 2, 3, 4))
+    posterior_var = (ab * var / (ab * var + 1 - ab)).flatten()
+    torch.testing.assert_close(mse, posterior_var, atol=0.01, rtol=0.05)
+    # and no other scaling of the same residual does better (it is the minimum-MSE linear estimate)
+    for scale in (0.9, 1.1):
+        assert (((scale * eps_hat - eps) ** 2).mean(dim=(0, 2, 3, 4)) >= mse - 1e-6).all()
+
+
+def test_conditioning_skip_bad_settings_raise():
+    with pytest.raises(ValueError, match="cond_skip_std must be >= 0"):
+        stages.get_stage("sr64", "tiny").with_overrides({"unet": {"cond_skip_std": -0.1}})
+    with pytest.raises(ValueError, match="applies to sr stages only"):
+        stages.get_stage("base32", "tiny").with_overrides({"unet": {"cond_skip_std": 0.1}})
+    with pytest.raises(ValueError, match="needs a super-resolution UNet"):
+        UNet(32, 8, (1, 2), 1, 10, out_channels=6, cond_skip_std=0.1, norm_groups=4, head_channels=8)
