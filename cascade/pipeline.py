@@ -3,10 +3,9 @@
 base stage → (its output re-noised to level s, or, truncated, its reverse process stopped at the step
 matching s and z_k handed over) → SR stage → … Each stage is rebuilt from its checkpoint alone.
 
-Reproducibility: the starting noise x_T and the augmentation noise of sample i are drawn from a
-generator seeded by (seed, stage, i), so they do not depend on the batch size; the per-step noise of
-the ancestral sampler comes from one generator per batch seeded by (seed, stage, first index), so
-DDPM images are identical for the same seed and batch size; DDIM with eta=0 agrees across batch sizes
+Reproducibility: all noise of sample i (its x_T, its augmentation noise and the per-step noise of the
+ancestral sampler or DDIM with eta > 0) comes from generators seeded by (seed, stage, purpose, i), so a
+sample does not depend on the batch size or on the other samples: the same seed gives the same images
 up to the rounding of batched convolutions.
 """
 
@@ -135,10 +134,15 @@ def _stage_key(name: str) -> int:
 _X_T, _AUG_NOISE, _STEP_NOISE = 0, 1, 2  # the purposes noise is drawn for
 
 
+def _per_sample_generators(seed: int, stage: str, purpose: int, indices: range) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by (seed, stage, purpose, sample index): the same noise on every
+    device and for every batching."""
+    return [torch.Generator().manual_seed(_sample_seed(seed, _stage_key(stage), purpose, i)) for i in indices]
+
+
 def _per_sample_noise(seed: int, stage: str, purpose: int, indices: range, shape: tuple[int, ...]) -> torch.Tensor:
     """Standard normal noise of each sample from its own CPU generator: independent of the batching."""
-    gens = (torch.Generator().manual_seed(_sample_seed(seed, _stage_key(stage), purpose, i)) for i in indices)
-    return torch.stack([torch.randn(shape, generator=g) for g in gens])
+    return torch.stack([torch.randn(shape, generator=g) for g in _per_sample_generators(seed, stage, purpose, indices)])
 
 
 def _class_names(record: dict[str, Any]) -> list[str] | None:
@@ -475,9 +479,7 @@ class CascadePipeline:
                         low, level = condition_low_res(low, sp.aug_level, noise=noise.to(self.device))
                     kwargs.update(x_low=low, aug_level=level)
                 x_T = _per_sample_noise(plan.seed, sp.name, _X_T, idx, shape).to(self.device)
-                generator = torch.Generator().manual_seed(  # CPU: the same noise on every device
-                    _sample_seed(plan.seed, _stage_key(sp.name), _STEP_NOISE, idx.start)
-                )
+                generator = _per_sample_generators(plan.seed, sp.name, _STEP_NOISE, idx)
                 with self._autocast():
                     x = sample(model, sp.diffusion, x_T=x_T, model_kwargs=kwargs,
                                stop_at_index=sp.stop_at_index, generator=generator,
@@ -489,8 +491,7 @@ class CascadePipeline:
         """Sample a validated plan: {stage: N×3×R×R float32 CPU images, "labels": N}.
 
         A truncated stage's entry is the z_k it handed over (not clamped to [-1, 1]). `start_index` makes
-        this run the samples start_index.. of a longer one with the same seed (for exact equality, a
-        multiple of the batch size: the ancestral sampler's step noise is drawn per batch).
+        this run the samples start_index.. of a longer one with the same seed.
         """
         _check_start_index(start_index)
         labels = plan.labels

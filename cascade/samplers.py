@@ -8,7 +8,7 @@ them. Equation numbers refer to the lecture slides (shared/reference/diffusion-s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +18,36 @@ from tqdm.auto import tqdm
 from cascade.diffusion import GaussianDiffusion, _randn
 
 
-def _sampling_device(model, generator: torch.Generator | None) -> torch.device:
+NoiseGenerator = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per sample
+
+
+def _sampling_device(model, generator: NoiseGenerator) -> torch.device:
     """The model's device if it has parameters or buffers, else the generator's, else the CPU."""
     if isinstance(model, nn.Module):
         for tensor in model.parameters():
             return tensor.device
         for tensor in model.buffers():
             return tensor.device
-    return generator.device if generator is not None else torch.device("cpu")
+    if generator is None:
+        return torch.device("cpu")
+    return generator.device if isinstance(generator, torch.Generator) else generator[0].device
+
+
+def _check_generator(generator: NoiseGenerator, batch: int) -> None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, (str, bytes)) or not isinstance(generator, Sequence) or not all(
+            isinstance(g, torch.Generator) for g in generator):
+        raise ValueError(f"generator must be a torch.Generator or a sequence of them, got {type(generator).__name__}")
+    if len(generator) != batch:
+        raise ValueError(f"got {len(generator)} generators for a batch of {batch}: give one per sample")
+
+
+def _noise(shape: tuple[int, ...], generator: NoiseGenerator, device, dtype) -> torch.Tensor:
+    """N(0, I) noise of `shape`: from one generator, or row i from generator[i] (independent of batching)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return _randn(shape, generator, device, dtype)
+    return torch.stack([_randn(shape[1:], g, device, dtype) for g in generator])
 
 
 def _initial_noise(model, shape, x_T, generator) -> torch.Tensor:
@@ -35,7 +57,8 @@ def _initial_noise(model, shape, x_T, generator) -> torch.Tensor:
         return x_T
     if shape is None:
         raise ValueError("give either shape or x_T")
-    return _randn(tuple(shape), generator, _sampling_device(model, generator), torch.float32)
+    _check_generator(generator, shape[0])
+    return _noise(tuple(shape), generator, _sampling_device(model, generator), torch.float32)
 
 
 def _check_stop(diffusion: GaussianDiffusion, stop_at_index: int | None) -> int:
@@ -49,6 +72,7 @@ def _check_stop(diffusion: GaussianDiffusion, stop_at_index: int | None) -> int:
 def _reverse_loop(step_fn, model, diffusion, shape, x_T, model_kwargs, stop_at_index, generator,
                   progress, callback, desc):
     x = _initial_noise(model, shape, x_T, generator)
+    _check_generator(generator, x.shape[0])
     stop = _check_stop(diffusion, stop_at_index)
     indices = range(diffusion.num_timesteps - 1, stop, -1)
     for step, index in enumerate(tqdm(indices, disable=not progress, desc=desc)):
@@ -64,11 +88,12 @@ def _reverse_loop(step_fn, model, diffusion, shape, x_T, model_kwargs, stop_at_i
 def sample_ddpm(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tensor | None = None, *,
                 model_kwargs: dict | None = None, clip_denoised: bool = True,
                 dynamic_threshold: float | None = None, stop_at_index: int | None = None,
-                generator: torch.Generator | None = None, progress: bool = False,
+                generator: NoiseGenerator = None, progress: bool = False,
                 callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """Ancestral sampling (Algorithm 2) with the diffusion's (fixed or learned) variance.
 
-    Starts from `x_T` or from N(0, I) noise of `shape` drawn with `generator`. Runs every index of the
+    Starts from `x_T` or from N(0, I) noise of `shape` drawn with `generator` (one torch.Generator, or one
+    per sample so that each sample's noise does not depend on the batch it is in). Runs every index of the
     (possibly respaced) diffusion from T−1 down to 0, or down to `stop_at_index` + 1 so that the returned
     sample is at noise level alphas_cumprod[stop_at_index] (truncated conditioning augmentation).
     `callback` receives dict(step, t, x, pred_xstart) after each step.
@@ -79,7 +104,7 @@ def sample_ddpm(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tens
                                         dynamic_threshold=dynamic_threshold)
         if index == 0:
             return out["mean"], out["pred_xstart"]
-        noise = _randn(x.shape, generator, x.device, x.dtype)
+        noise = _noise(x.shape, generator, x.device, x.dtype)
         # x_{t−1} = μ_θ(x_t, t) + σ_t·z (Algorithm 2, line 4).
         return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise, out["pred_xstart"]
 
@@ -90,7 +115,7 @@ def sample_ddpm(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tens
 def sample_ddim(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tensor | None = None, *,
                 eta: float = 0.0, model_kwargs: dict | None = None, clip_denoised: bool = True,
                 dynamic_threshold: float | None = None, stop_at_index: int | None = None,
-                generator: torch.Generator | None = None, progress: bool = False,
+                generator: NoiseGenerator = None, progress: bool = False,
                 callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """DDIM sampling with q_{σ,τ} over the (respaced) diffusion's steps; η = 0 deterministic, η = 1
     ancestral-like. Arguments as in `sample_ddpm`; any learned variance in the output is ignored."""
@@ -109,7 +134,7 @@ def sample_ddim(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tens
         mean = alpha_bar_prev.sqrt() * out["pred_xstart"] + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         if index == 0 or eta == 0:
             return mean, out["pred_xstart"]
-        return mean + sigma * _randn(x.shape, generator, x.device, x.dtype), out["pred_xstart"]
+        return mean + sigma * _noise(x.shape, generator, x.device, x.dtype), out["pred_xstart"]
 
     return _reverse_loop(step_fn, model, diffusion, shape, x_T, model_kwargs, stop_at_index, generator,
                          progress, callback, "ddim")

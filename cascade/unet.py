@@ -405,5 +405,5 @@ class UNet(nn.Module):
         aug_var = (1.0 - aug_alpha_bar(aug_level.float())).to(alpha_bar.dtype).view(-1, 1, 1, 1)
         var = self.cond_skip_std**2 + aug_var
         residual = x_t.float() - alpha_bar.sqrt() * x_up.float()
-        # Gaussian posterior mean of ε: √(1−ᾱ_t)(x_t − √ᾱ_t·μ)/(ᾱ_t·σ² + 1 − ᾱ_t) (eq. 4 with x_0 ~ N(μ, σ²I))
+        # Gaussian posterior mean of ε: √(1−ᾱ_t)(x_t − √ᾱ_t·μ)/(ᾱ_t·σ² + 1 − ᾱ_t) (eq. 2 with x_0 ~ N(μ, σ²I))
         return (1.0 - alpha_bar).sqrt() * residual / (alpha_bar * var + 1.0 - alpha_bar)

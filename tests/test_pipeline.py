@@ -87,6 +87,18 @@ def test_starting_noise_does_not_depend_on_batch_size(pipe_base):
     torch.testing.assert_close(whole["base32"], one_by_one["base32"], atol=1e-3, rtol=0)
 
 
+def test_ancestral_samples_do_not_depend_on_batch_size(pipe_64):
+    settings = {"num_per_class": 3, "steps": 3, "sampler": "ddpm", "w": 1.0, "seed": 9, "progress": False}
+    whole = pipe_64([0, 2], **settings)
+    one_by_one = pipe_64([0, 2], batch_size=1, **settings)
+    later_half = pipe_64.run(pipe_64.validate([2], **{k: v for k, v in settings.items() if k != "progress"}),
+                             start_index=3, progress=False)
+    for name in BASE_SR64:  # every noise of sample i is drawn from its own generators
+        torch.testing.assert_close(whole[name], one_by_one[name], atol=1e-3, rtol=0)
+        torch.testing.assert_close(whole[name][3:], later_half[name], atol=1e-3, rtol=0)
+    assert not torch.allclose(whole["base32"][0], whole["base32"][1])
+
+
 def test_sampler_is_chosen_per_stage(pipe_64):
     settings = {"num_per_class": 1, "steps": 3, "seed": 4, "progress": False}
     plan = pipe_64.validate([1], sampler={"sr64": "ddim"}, **{k: v for k, v in settings.items() if k != "progress"})

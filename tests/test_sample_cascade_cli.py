@@ -54,7 +54,7 @@ def test_command_writes_final_images_stages_grid_and_settings(runs_root, tmp_pat
 def test_stages_option_stops_the_chain_early(runs_root, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "samples"
     code = sample_cascade.main(["--classes", "2", "--num-per-class", "2", "--stages", "base32,sr64",
-                                "--steps", "base32=3,sr64=ddim2", "--sampler", "ddim", "--truncate",
+                                "--steps", "base32=3,sr64=ddim2", "--sampler", "sr64=ddim", "--truncate",
                                 "--aug-level", "sr64=0.4", "--runs", str(runs_root),
                                 "--out", str(out)])
     assert code == 0
@@ -64,6 +64,7 @@ def test_stages_option_stops_the_chain_early(runs_root, tmp_path, capsys):  # no
     assert Image.open(out / f"{stems[1]}.png").size == (64, 64)
     assert not (out / "sr128").exists()
     assert settings["truncate"] and settings["stages"]["base32"]["stop_at_index"] is not None
+    assert [settings["stages"][n]["sampler"] for n in ("base32", "sr64")] == ["ddpm", "ddim"]
 
 
 def _error_line(stderr: str) -> str:
@@ -111,6 +112,8 @@ def test_bad_input_in_a_subprocess_gives_one_line_and_exit_2(runs_root, tmp_path
         (["--num-per-class", "two"], "--num-per-class: invalid int value"),
         (["--precision", "fp8"], "precision 'fp8' is unknown"),
         (["--sampler", "euler"], "sampler 'euler' is unknown"),
+        (["--sampler", "sr64=euler"], "stage sr64: sampler 'euler' is unknown"),
+        (["--sampler", "sr64=ddim,sr64=ddpm"], "--sampler: stage sr64 is given twice"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(runs_root, tmp_path, capsys, args, expected):  # noqa: F811

@@ -161,6 +161,25 @@ def test_seeded_sampling_is_reproducible_and_runs_without_grad():
         sample_ddpm(model, d, (1, 3, 4, 4), x_T=torch.zeros(2, 3, 4, 4))
 
 
+@pytest.mark.parametrize("sampler,kw", [(sample_ddpm, {}), (sample_ddim, {"eta": 1.0})])
+def test_one_generator_per_sample_makes_samples_independent_of_the_batch(sampler, kw):
+    d = GaussianDiffusion.from_config("cosine", 20, "learned_range").respace("5")
+
+    def model(x, t, y=None):  # per-sample: a sample's output depends on that sample alone
+        return torch.cat([0.3 * x, torch.tanh(x)], dim=1)
+
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    together = sampler(model, d, (3, 3, 4, 4), generator=gens([10, 11, 12]), **kw)
+    alone = torch.cat([sampler(model, d, (1, 3, 4, 4), generator=gens([s]), **kw) for s in (10, 11, 12)])
+    assert torch.equal(together, alone)
+    reordered = sampler(model, d, (2, 3, 4, 4), generator=gens([12, 10]), **kw)
+    assert torch.equal(reordered, together[[2, 0]])
+    with pytest.raises(ValueError, match="got 2 generators for a batch of 3: give one per sample"):
+        sampler(model, d, (3, 3, 4, 4), generator=gens([1, 2]), **kw)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator or a sequence"):
+        sampler(model, d, (1, 3, 4, 4), generator=[3], **kw)
+
+
 class ToyConditionalModel(nn.Module):
     """ε = x·(1 + y) + x_low-dependent shift, v = y (learned-variance layout); records its calls."""
 

@@ -234,7 +234,7 @@ def test_conditioning_skip_is_the_gaussian_posterior_mean_of_eps(aug_level):
     var = sigma**2 + (1 - float(aug_alpha_bar(aug_level)))
     t = torch.tensor([50, 100, 500, 999])
     ab = alphas_cumprod[t].view(-1, 1, 1, 1)
-    # x_0 ~ N(x_up, var·I), x_t = √ᾱ x_0 + √(1−ᾱ) ε (eq. 4): many draws per pixel
+    # x_0 ~ N(x_up, var·I), x_t = √ᾱ x_0 + √(1−ᾱ) ε (eq. 2): many draws per pixel
     draws = 64
     x0 = x_up + var**0.5 * torch.randn(draws, *x_up.shape, generator=gen)
     eps = torch.randn(draws, *x_up.shape, generator=gen)
