@@ -165,7 +165,7 @@ def load_evaluation_inputs(args: argparse.Namespace, device: Any):
     chain = parse_stage_list(args.stages, stages.STAGE_NAMES)
     return load_for_evaluation(args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt), classifier=args.classifier,
                                inception_weights=args.inception_weights, device=args.device or device,
-                               precision=args.precision)
+                               precision=args.precision, patch_features=args.patch_fid)
 
 
 def sampler_settings(args: argparse.Namespace, *, grid: bool = False) -> dict[str, Any]:
@@ -195,6 +195,9 @@ def add_evaluation_arguments(p: argparse.ArgumentParser, default_stages: str) ->
                         "(default <runs>/classifier32)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="local pt_inception-2015-12-05-6726825d.pth: adds the standard FID Inception (fid extra)")
+    p.add_argument("--patch-fid", action="store_true",
+                   help="also FID/KID on full-resolution patches (the classifier's input size) of every stage: "
+                        "sees the detail SR stages add")
     p.add_argument("--num-samples", type=int, default=None,
                    help="images per stage (and mode / setting); default: one per val image")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from cascade.checkpoint import load_stage
 from cascade.data import iterate_split, read_dataset_info
-from cascade.features import ClassifierFeatures, FeatureNet, InceptionFeatures
-from cascade.imageops import float_to_uint8, uint8_to_float
+from cascade.features import ClassifierFeatures, FeatureNet, InceptionFeatures, PatchFeatures
+from cascade.imageops import float_to_uint8, uint8_to_float, upsample
 from cascade.metrics import (
     best_setting,
     cached_reference_stats,
@@ -74,14 +74,19 @@ def classifier_feature_net(path: str | Path, device: str | torch.device = "cpu")
 def load_for_evaluation(runs_dir: str | Path, stages: Sequence[str], *,
                         checkpoints: Mapping[str, str | Path] | None = None, classifier: str | Path | None = None,
                         inception_weights: str | Path | None = None, device: str | torch.device = "cpu",
-                        precision: str = "fp32") -> tuple[CascadePipeline, list[FeatureNet], ClassifierFeatures]:
+                        precision: str = "fp32", patch_features: bool = False,
+                        ) -> tuple[CascadePipeline, list[FeatureNet], ClassifierFeatures]:
     """(pipeline, feature networks, classifier) from checkpoints; classifier default `<runs_dir>/classifier32`.
-    The Inception weights are checked first (cheap, and the likeliest mistake)."""
+    patch_features adds the classifier's `PatchFeatures` (patch FID). The Inception weights are checked first
+    (cheap, and the likeliest mistake)."""
     inception = None if inception_weights is None else inception_feature_net(inception_weights, device)
     pipeline = CascadePipeline.from_runs(runs_dir, stages, checkpoints=checkpoints, device=device,
                                          precision=precision)
     clf = classifier_feature_net(Path(runs_dir) / "classifier32" if classifier is None else classifier, device)
-    return pipeline, ([inception] if inception is not None else []) + [clf], clf
+    nets: list[FeatureNet] = ([inception] if inception is not None else []) + [clf]
+    if patch_features:
+        nets.append(PatchFeatures(clf, clf.resolution))
+    return pipeline, nets, clf
 
 
 def inception_feature_net(weights_path: str | Path, device: str | torch.device = "cpu") -> InceptionFeatures:
@@ -263,6 +268,32 @@ def stage_metrics(images_uint8: torch.Tensor, labels: torch.Tensor, *, data_root
     return metrics
 
 
+BASELINE_SUFFIX = " (bicubic)"
+
+
+def upsampling_baseline(data: EvalData, pipeline: CascadePipeline, *, feature_nets: Sequence[FeatureNet],
+                        classifier: FeatureNet, seed: int = 0, batch_size: int = 64) -> dict[str, dict[str, Any]]:
+    """{"<sr stage> (bicubic)": {teacher-forced: metrics}}: the real low-resolution inputs of the evaluation's
+    samples upsampled (bicubic), scored like a stage's output. An SR stage adds detail where it beats this row."""
+    sr = [s for s in pipeline.stages if s.config.kind == "sr"]
+    if not sr:
+        return {}
+    low_resolutions = sorted({s.config.low_resolution for s in sr})
+    images = {r: [] for r in low_resolutions}
+    for batch in iterate_split(data.root, SPLIT, low_resolutions, batch_size=64):
+        for r in low_resolutions:
+            images[r].append(batch["images"][r])
+    order = torch.arange(data.num_samples) % data.num_val
+    rows = {}
+    for stage in sr:
+        low = torch.cat(images[stage.config.low_resolution])[order]
+        up = upsample(low, stage.config.resolution).clamp(-1, 1)
+        rows[stage.name + BASELINE_SUFFIX] = {TEACHER_FORCED: stage_metrics(
+            float_to_uint8(up), data.labels, data_root=data.root, feature_nets=feature_nets, classifier=classifier,
+            psnr=consistency_psnr(up, low)[0], seed=seed, batch_size=batch_size)}
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -302,11 +333,13 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
              classifier: FeatureNet, num_samples: int | None = None, modes: Sequence[str] = MODES,
              w: float | Mapping = 0.0, steps: int | str | Mapping | None = None, sampler: str | Mapping = "ddpm",
              eta: float = 0.0, aug_level: float | Mapping | None = None, truncate: bool = False, seed: int = 0,
-             batch_size: int = 64, accelerator: Any = None, progress: bool = False) -> Evaluation | None:
+             batch_size: int = 64, accelerator: Any = None, progress: bool = False,
+             baselines: bool = False) -> Evaluation | None:
     """Evaluate every stage of the pipeline in the given modes (see the module docstring).
 
     Sampler settings as in `CascadePipeline.validate`. num_samples: images per stage and mode (default: one per
     val image). `classifier` (a FeatureNet with logits, usually also in feature_nets) gives class accuracy.
+    baselines: add a row per SR stage for its real input upsampled (`upsampling_baseline`).
     With truncation, a stage that hands over z_k has no clean cascaded output: its cascaded metrics and the
     next stage's cascaded consistency are left out. Returns the Evaluation on the main process, None on others.
     """
@@ -368,6 +401,12 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
             classifier=classifier, psnr=gathered.get(f"{mode}/{name}/psnr"), seed=seed, batch_size=batch_size)
     if reuse_base and TEACHER_FORCED in modes:
         results[names[0]] = {TEACHER_FORCED: results[names[0]][CASCADED], CASCADED: results[names[0]][CASCADED]}
+    if baselines:
+        baseline_rows = upsampling_baseline(data, pipeline, feature_nets=feature_nets, classifier=classifier,
+                                            seed=seed, batch_size=batch_size)
+        results = {key: value for name, row in results.items()
+                   for key, value in ((name, row), (name + BASELINE_SUFFIX, baseline_rows.get(name + BASELINE_SUFFIX)))
+                   if value is not None}
     notes = [f"{n}: cascaded metrics left out (truncated: it hands over a noisy z_k)" for n in names if n in handed_z]
     meta = {
         "data": str(data.root),

@@ -164,6 +164,40 @@ class ClassifierFeatures(FeatureNet):
         return _run_with_head_input(self.model, head_module, x, self.noise_aware)
 
 
+class PatchFeatures(FeatureNet):
+    """Features of full-resolution patches (patch FID): what an SR stage adds is invisible to features of
+    the whole image at a low resolution, but not to features of `patch`×`patch` crops at the image's own
+    resolution. Each image gives a k×k grid of evenly spaced patches, k = min(R // patch, max_per_side), so a
+    batch of B images returns B·k² feature rows (metrics count patches); no logits."""
+
+    def __init__(self, inner: FeatureNet, patch: int, max_per_side: int = 4):
+        if not isinstance(inner, FeatureNet):
+            raise ValueError(f"inner must be a FeatureNet, got {type(inner).__name__}")
+        for what, value in (("patch", patch), ("max_per_side", max_per_side)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{what} must be a positive int, got {value!r}")
+        super().__init__(f"{inner.name}-patch{patch}", num_features=inner.num_features)
+        self.inner, self.patch, self.max_per_side = inner, patch, max_per_side
+        self.eval()
+
+    def identity_config(self) -> dict:
+        return {"patch": self.patch, "max_per_side": self.max_per_side}
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """B×3×R×R → (B·k²)×3×patch×patch, image-major, rows then columns."""
+        _check_images(x)
+        size = x.shape[-1]
+        if x.shape[-2] != size or size < self.patch:
+            raise ValueError(f"{self.name}: needs square images of at least {self.patch}², got {tuple(x.shape[-2:])}")
+        k = min(size // self.patch, self.max_per_side)
+        starts = torch.linspace(0, size - self.patch, k).round().long().tolist()
+        crops = [x[:, :, i : i + self.patch, j : j + self.patch] for i in starts for j in starts]
+        return torch.stack(crops, dim=1).flatten(0, 1)
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.inner(self.patches(x)), None
+
+
 def device_of(module: nn.Module) -> torch.device:
     """Device of a module's first parameter or buffer (CPU when it has none)."""
     for tensor in module.parameters():

@@ -29,17 +29,22 @@ def test_report_has_every_section(quick_demo):
 
 
 def test_metrics_cover_every_stage_and_mode(quick_demo):
-    assert set(quick_demo.metrics) == set(demo.CHAIN)
+    baselines = [f"{stage} (bicubic)" for stage in demo.CHAIN[1:]]
+    assert set(quick_demo.metrics) == set(demo.CHAIN) | set(baselines)
     for stage in demo.CHAIN:
         for mode in ("teacher-forced", "cascaded"):
             entry = quick_demo.metrics[stage][mode]
             assert entry["features"]["classifier32-features"]["fid"] >= 0
+            assert entry["features"]["classifier32-features-patch32"]["fid"] >= 0
             assert 0.0 <= entry["class_accuracy"] <= 1.0
             if stage != "base32":
                 assert "consistency_psnr" in entry
+    for row in baselines:
+        assert set(quick_demo.metrics[row]) == {"teacher-forced"}
     html = quick_demo.report_html.read_text()
-    for stage in demo.CHAIN:
+    for stage in (*demo.CHAIN, *baselines):
         assert f"<td>{stage}</td>" in html
+    assert "patch FID teacher-forced" in html and "bicubic-upsampled input" in html
 
 
 def test_final_images_at_256(quick_demo):

@@ -128,6 +128,28 @@ def test_both_modes_report_finite_metrics_and_the_cache_is_reused(loaded, runs_r
     assert cache[32].stat().st_mtime_ns != stamps[32]
 
 
+def test_patch_fid_and_bicubic_baseline_rows(runs_root, shards, tmp_path):  # noqa: F811
+    pipe, nets, classifier = load_for_evaluation(runs_root, CHAIN, patch_features=True)
+    assert [n.name for n in nets] == [NET, f"{NET}-patch32"]
+    result = evaluate(pipe, shards, feature_nets=nets, classifier=classifier, modes=[TEACHER_FORCED],
+                      baselines=True, **FAST)
+    assert list(result.results) == ["base32", "sr64", "sr64 (bicubic)"]
+    patch = result.results["sr64"][TEACHER_FORCED]["features"][f"{NET}-patch32"]
+    assert patch["num_fake"] == 4 * 4 and _finite(patch["fid"]) and "is_mean" not in patch  # 2×2 patches of 64²
+    baseline = result.results["sr64 (bicubic)"][TEACHER_FORCED]
+    assert set(baseline["features"]) == {NET, f"{NET}-patch32"}
+    assert baseline["consistency_psnr"] > 35  # bicubic up, antialiased down: almost the input itself
+    assert 0.0 <= baseline["class_accuracy"] <= 1.0
+    _, md_path = result.write(tmp_path)
+    assert "| sr64 (bicubic) |" in md_path.read_text()
+    out = tmp_path / "cli"
+    assert eval_fid.main(_cli_args(runs_root, shards, out, "--modes", "teacher-forced", "--patch-fid",
+                                   "--baselines", "--seed", "1")) == 0
+    cli = json.loads((out / "results.json").read_text())
+    assert cli["results"]["sr64 (bicubic)"][TEACHER_FORCED]["features"][f"{NET}-patch32"]["fid"] == pytest.approx(
+        baseline["features"][f"{NET}-patch32"]["fid"], rel=1e-6)
+
+
 def test_truncated_chain_leaves_out_the_noisy_handover(loaded, shards):
     pipe, nets, classifier = loaded
     result = evaluate(pipe, shards, feature_nets=nets, classifier=classifier, modes=[CASCADED], truncate=True,

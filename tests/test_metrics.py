@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cascade.features import ClassifierFeatures, InceptionFeatures
+from cascade.features import ClassifierFeatures, InceptionFeatures, PatchFeatures
 from cascade.imageops import downsample
 from cascade.metrics import (
     best_setting,
@@ -63,6 +63,33 @@ def test_classifier_features_interface(net):
         ClassifierFeatures(toy_classifier(), "bad name/", resolution=RES, noise_aware=False)
     with pytest.raises(ValueError, match="B×3×H×W"):
         net(torch.zeros(2, 1, RES, RES))
+
+
+def test_patch_features_tile_full_resolution_crops(net):
+    patch_net = PatchFeatures(net, RES)
+    assert patch_net.name == "toy-patch16" and not patch_net.has_logits
+    assert patch_net.fingerprint() != PatchFeatures(net, RES, max_per_side=2).fingerprint()
+    x = images(2, 3, res=64)  # 64 // 16 = 4 per side: a 4×4 grid of non-overlapping tiles
+    crops = patch_net.patches(x)
+    assert crops.shape == (2 * 16, 3, RES, RES)
+    assert torch.equal(crops[0], x[0, :, :16, :16]) and torch.equal(crops[5], x[0, :, 16:32, 16:32])
+    assert torch.equal(crops[16 + 15], x[1, :, 48:, 48:])
+    assert torch.equal(patch_net(x), net(crops))  # features of the crops, not of the resized image
+    wide = images(1, 4, res=128)  # 8 tiles fit per side, at most 4 are taken: evenly spaced, ends included
+    wide_crops = PatchFeatures(net, RES).patches(wide)
+    assert wide_crops.shape[0] == 16 and torch.equal(wide_crops[-1], wide[0, :, 112:, 112:])
+    same = images(3, 5)  # images of the patch size: one patch, the inner network's own features
+    torch.testing.assert_close(patch_net(same), net(same))
+    # detail the whole-image features cannot see: fine noise survives at patch level only
+    smooth = images(8, 6, res=64)
+    noisy = (smooth + 0.3 * torch.randn(smooth.shape, generator=torch.Generator().manual_seed(7))).clamp(-1, 1)
+    whole_fid = compute_fid_kid(smooth, noisy, net, kid_subset_size=4)["fid"]
+    patch_fid = compute_fid_kid(smooth, noisy, patch_net, kid_subset_size=4)
+    assert patch_fid["num_fake"] == 8 * 16 and patch_fid["fid"] > whole_fid
+    with pytest.raises(ValueError, match="needs square images of at least 16"):
+        patch_net(images(1, 0, res=8))
+    with pytest.raises(ValueError, match="patch must be a positive int"):
+        PatchFeatures(net, 0)
 
 
 def test_fid_kid_self_near_zero_and_shift_larger(net):

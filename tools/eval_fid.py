@@ -1,6 +1,7 @@
 """Evaluate a cascade stage by stage: FID / KID (/ IS), consistency and class accuracy, teacher-forced and cascaded.
 
     python tools/eval_fid.py --data data/shards --stages base32,sr64 --num-samples 1000 --w 3 --steps 100
+    python tools/eval_fid.py --data data/shards --patch-fid --baselines --sampler sr64=ddim --steps sr64=25
     python tools/eval_fid.py --data data/shards --inception-weights weights/pt_inception-2015-12-05-6726825d.pth
     accelerate launch --multi_gpu --num_processes 2 tools/eval_fid.py --data data/shards --out eval/two
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluation_arguments(p, default_stages=",".join(DEFAULT_CHAIN))
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)} (default both)")
     add_sampler_arguments(p)
+    p.add_argument("--baselines", action="store_true",
+                   help="add a row per SR stage scoring its real input upsampled (bicubic): what the stage must beat")
     p.add_argument("--out", default="eval", help="output folder (default eval/)")
     return p
 
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluation = evaluate(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
                               num_samples=args.num_samples, modes=modes, **settings, seed=args.seed,
                               batch_size=args.batch_size, accelerator=accelerator,
-                              progress=accelerator.is_main_process)
+                              progress=accelerator.is_main_process, baselines=args.baselines)
     except CascadeConfigError as err:
         return report_error(PROG, err) if accelerator.is_main_process else 2
     if evaluation is None:  # not the main process
