@@ -58,7 +58,7 @@ _AUG_LEVELS = {"sr64": 0.03, "sr128": 0.03, "sr256": 0.03}
 
 DEFAULT = DemoPlan(
     images_per_class=60,
-    train_steps={"classifier32": 120, "base32": 450, "sr64": 150, "sr128": 120, "sr256": 100},
+    train_steps={"classifier32": 120, "base32": 350, "sr64": 120, "sr128": 100, "sr256": 60},
     batch_size={"classifier32": 32, "base32": 32, "sr64": 16, "sr128": 8, "sr256": 4},
     lr=2e-3,
     warmup_steps=30,
@@ -277,9 +277,9 @@ def _report_blocks(plan, class_names, grids, real_grid, curves, evaluation, resu
               "base32 → sr64 → sr128 → sr256 with classifier-free guidance, and every stage evaluated.")),
         ("list", [f"classes: {', '.join(f'{i} {n}' for i, n in enumerate(class_names))}",
                   f"guidance w per stage: {plan.guidance}; respaced sampling steps: {plan.sample_steps}",
-                  f"sampler per stage: {plan.sampler} (SR stages use DDIM: a few minutes of training leave the "
-                  "learned variance too wide for few-step ancestral sampling); conditioning augmentation level "
-                  f"s at sampling: {plan.aug_level}",
+                  (f"sampler per stage: {plan.sampler} (SR stages use DDIM: a few minutes of training leave the "
+                   "learned variance too wide for few-step ancestral sampling); conditioning augmentation level "
+                   f"s at sampling: {plan.aug_level}"),
                   *headline]),
         ("h2", "Samples"),
         ("p", ("Rows are classes (in the order listed above), columns are independent samples. Compare with the "

@@ -172,7 +172,7 @@ class PatchFeatures(FeatureNet):
 
     def __init__(self, inner: FeatureNet, patch: int, max_per_side: int = 4):
         if not isinstance(inner, FeatureNet):
-            raise ValueError(f"inner must be a FeatureNet, got {type(inner).__name__}")
+            raise TypeError(f"inner must be a FeatureNet, got {type(inner).__name__}")
         for what, value in (("patch", patch), ("max_per_side", max_per_side)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{what} must be a positive int, got {value!r}")

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from cascade.diffusion import GaussianDiffusion, _randn
 
-
 NoiseGenerator = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per sample
 
 
