@@ -394,8 +394,8 @@ class UNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         out = self.out_conv(F.silu(self.out_norm(h)))
         if self.cond_skip_std:
-            eps_skip = self._conditioning_skip(x_t, t, x_up, aug_level)
-            out = torch.cat([out[:, :3] + eps_skip.to(out.dtype), out[:, 3:]], dim=1)
+            eps_skip = self._conditioning_skip(x_t, t, x_up, aug_level)  # float32, also under autocast
+            out = torch.cat([out[:, :3].float() + eps_skip, out[:, 3:].float()], dim=1)
         return out.to(x_t.dtype)
 
     def _conditioning_skip(self, x_t: torch.Tensor, t: torch.Tensor, x_up: torch.Tensor,
