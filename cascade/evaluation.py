@@ -41,6 +41,7 @@ from cascade.metrics import (
     class_accuracy,
     compute_fid_kid,
     consistency_psnr,
+    detail_ratio,
     metric_label,
     plot_sweep,
     write_report,
@@ -250,10 +251,15 @@ def _reference(data_root: Path, resolution: int, net: FeatureNet, batch_size: in
     return cached_reference_stats(data_root, SPLIT, resolution, net, real_images, batch_size=batch_size)
 
 
+def _real_val_images(data_root: Path, resolution: int) -> torch.Tensor:
+    return torch.cat([b["images"][resolution] for b in iterate_split(data_root, SPLIT, [resolution], batch_size=64)])
+
+
 def stage_metrics(images_uint8: torch.Tensor, labels: torch.Tensor, *, data_root: Path, feature_nets:
-                  Sequence[FeatureNet], classifier: FeatureNet, psnr: torch.Tensor | None = None, seed: int = 0,
-                  batch_size: int = 64) -> dict[str, Any]:
-    """Metrics of one stage's generated images (N×R×R×3 uint8) in the layout `write_report` expects."""
+                  Sequence[FeatureNet], classifier: FeatureNet, psnr: torch.Tensor | None = None,
+                  low_resolution: int | None = None, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
+    """Metrics of one stage's generated images (N×R×R×3 uint8) in the layout `write_report` expects;
+    low_resolution (SR stages): adds the detail ratio against the real val images."""
     images = uint8_to_float(images_uint8)
     n, resolution = images.shape[0], images.shape[-1]
     features = {}
@@ -264,6 +270,8 @@ def stage_metrics(images_uint8: torch.Tensor, labels: torch.Tensor, *, data_root
     metrics: dict[str, Any] = {"features": features}
     if psnr is not None:
         metrics["consistency_psnr"] = float(psnr.mean())
+    if low_resolution is not None:
+        metrics["detail_ratio"] = detail_ratio(images, _real_val_images(data_root, resolution), low_resolution)
     metrics["class_accuracy"] = class_accuracy(classifier.logits, images, labels, batch_size=batch_size)
     return metrics
 
@@ -290,7 +298,8 @@ def upsampling_baseline(data: EvalData, pipeline: CascadePipeline, *, feature_ne
         up = upsample(low, stage.config.resolution).clamp(-1, 1)
         rows[stage.name + BASELINE_SUFFIX] = {TEACHER_FORCED: stage_metrics(
             float_to_uint8(up), data.labels, data_root=data.root, feature_nets=feature_nets, classifier=classifier,
-            psnr=consistency_psnr(up, low)[0], seed=seed, batch_size=batch_size)}
+            psnr=consistency_psnr(up, low)[0], low_resolution=stage.config.low_resolution, seed=seed,
+            batch_size=batch_size)}
     return rows
 
 
@@ -395,10 +404,12 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
         return None
 
     results: dict[str, dict[str, dict[str, Any]]] = {}
+    low_res = {s.name: s.config.low_resolution for s in pipeline.stages}  # None for the base stage
     for mode, name, _ in sorted(keys, key=lambda k: (names.index(k[1]), MODES.index(k[0]))):
         results.setdefault(name, {})[mode] = stage_metrics(
             gathered[f"{mode}/{name}/images"], data.labels, data_root=data.root, feature_nets=feature_nets,
-            classifier=classifier, psnr=gathered.get(f"{mode}/{name}/psnr"), seed=seed, batch_size=batch_size)
+            classifier=classifier, psnr=gathered.get(f"{mode}/{name}/psnr"), low_resolution=low_res[name],
+            seed=seed, batch_size=batch_size)
     if reuse_base and TEACHER_FORCED in modes:
         results[names[0]] = {TEACHER_FORCED: results[names[0]][CASCADED], CASCADED: results[names[0]][CASCADED]}
     if baselines:
@@ -489,15 +500,17 @@ class Sweep:
     def _markdown(self) -> str:
         net = self.meta["ranked_by"]
         columns = ["stage", "w", "s", metric_label("fid", self.meta["mode"], net),
-                   metric_label("kid_mean", self.meta["mode"], net), "consistency PSNR (dB)", "class acc", "best"]
+                   metric_label("kid_mean", self.meta["mode"], net), "consistency PSNR (dB)", "detail ratio",
+                   "class acc", "best"]
         lines = ["# Sweep", ""] + [f"- {k}: {v}" for k, v in self.meta.items()] + [""]
         lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for r in self.records:
-            psnr = r.get("consistency_psnr")
+            psnr, detail = r.get("consistency_psnr"), r.get("detail_ratio")
             lines.append("| " + " | ".join([
                 r["stage"], f"{r['guidance_weight']:g}", "–" if r["aug_level"] is None else f"{r['aug_level']:g}",
                 f"{r['fid']:.2f}", f"{r['kid_mean']:.5f} ± {r['kid_std']:.5f}",
-                "–" if psnr is None else f"{psnr:.2f}", f"{100 * r['class_accuracy']:.1f}%",
+                "–" if psnr is None else f"{psnr:.2f}", "–" if detail is None else f"{detail:.2f}",
+                f"{100 * r['class_accuracy']:.1f}%",
                 "★" if r is self.best.get(r["stage"]) else "",
             ]) + " |")
         lines += ["", f"Best settings for tools/sample_cascade.py: `{self.flags()}`", ""]
@@ -585,14 +598,15 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
                 if _is_main(accelerator):
                     metrics = stage_metrics(gathered[f"{mode}/{stage.name}/images"], data.labels,
                                             data_root=data.root, feature_nets=feature_nets, classifier=classifier,
-                                            psnr=gathered.get(f"{mode}/{stage.name}/psnr"), seed=seed,
+                                            psnr=gathered.get(f"{mode}/{stage.name}/psnr"),
+                                            low_resolution=stage.config.low_resolution, seed=seed,
                                             batch_size=batch_size)
                     ranked = metrics["features"][rank_by]
                     record = {"stage": stage.name, "guidance_weight": gw, "aug_level": s, "mode": mode,
                               "feature_net": rank_by, "fid": ranked["fid"], "kid_mean": ranked["kid_mean"],
                               "kid_std": ranked["kid_std"], "class_accuracy": metrics["class_accuracy"],
                               "consistency_psnr": metrics.get("consistency_psnr"),
-                              "features": metrics["features"]}
+                              "detail_ratio": metrics.get("detail_ratio"), "features": metrics["features"]}
                     records.append(record)
                 fid = _broadcast(accelerator, None if record is None else record["fid"])
                 if mode == CASCADED and (best_images is None or (math.isfinite(fid) and not fid >= best_fid)):

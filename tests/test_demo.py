@@ -38,13 +38,13 @@ def test_metrics_cover_every_stage_and_mode(quick_demo):
             assert entry["features"]["classifier32-features-patch32"]["fid"] >= 0
             assert 0.0 <= entry["class_accuracy"] <= 1.0
             if stage != "base32":
-                assert "consistency_psnr" in entry
+                assert "consistency_psnr" in entry and entry["detail_ratio"] > 0
     for row in baselines:
         assert set(quick_demo.metrics[row]) == {"teacher-forced"}
     html = quick_demo.report_html.read_text()
     for stage in (*demo.CHAIN, *baselines):
         assert f"<td>{stage}</td>" in html
-    assert "patch FID teacher-forced" in html and "bicubic-upsampled input" in html
+    assert "detail ratio" in html and "bicubic-upsampled input" in html
 
 
 def test_final_images_at_256(quick_demo):

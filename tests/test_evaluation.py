@@ -139,6 +139,9 @@ def test_patch_fid_and_bicubic_baseline_rows(runs_root, shards, tmp_path):  # no
     baseline = result.results["sr64 (bicubic)"][TEACHER_FORCED]
     assert set(baseline["features"]) == {NET, f"{NET}-patch32"}
     assert baseline["consistency_psnr"] > 35  # bicubic up, antialiased down: almost the input itself
+    assert baseline["detail_ratio"] < 0.5  # a smooth upsampling has little detail above the input's size
+    assert result.results["sr64"][TEACHER_FORCED]["detail_ratio"] > 0
+    assert "detail_ratio" not in result.results["base32"][TEACHER_FORCED]
     assert 0.0 <= baseline["class_accuracy"] <= 1.0
     _, md_path = result.write(tmp_path)
     assert "| sr64 (bicubic) |" in md_path.read_text()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cascade.features import ClassifierFeatures, InceptionFeatures, PatchFeatures
-from cascade.imageops import downsample
+from cascade.imageops import downsample, upsample
 from cascade.metrics import (
     best_setting,
     cached_reference_stats,
@@ -16,6 +16,8 @@ from cascade.metrics import (
     compute_fid_kid,
     compute_reference_stats,
     consistency_psnr,
+    detail_ratio,
+    fine_detail_rms,
     plot_sweep,
     reference_stats_path,
     shard_fingerprint,
@@ -176,6 +178,21 @@ def test_consistency_psnr():
     assert 20 < slightly_off < 40 and very_off < slightly_off
     with pytest.raises(ValueError):
         consistency_psnr(sr, downsample(sr, 8)[:2])
+
+
+def test_detail_ratio_tells_smooth_upsampling_real_detail_and_noise_apart():
+    real = images(6, 8, res=64)
+    assert detail_ratio(real, real, 32) == pytest.approx(1.0)
+    smooth = upsample(downsample(real, 32), 64)  # no detail above 32² left (up to resampling round trips)
+    assert detail_ratio(smooth, real, 32) < 0.2
+    noisy = real + 0.5 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
+    assert detail_ratio(noisy, real, 32) > 1.2
+    per_image = fine_detail_rms(real, 32)
+    assert per_image.shape == (6,) and (per_image > 0).all()
+    with pytest.raises(ValueError, match="low_resolution must be in"):
+        fine_detail_rms(real, 64)
+    with pytest.raises(ValueError, match="no detail above low_resolution"):
+        detail_ratio(real, torch.zeros(2, 3, 64, 64), 32)
 
 
 def test_class_accuracy_toy():
