@@ -58,16 +58,16 @@ def make_betas(kind: str, num_timesteps: int) -> np.ndarray:
     return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], _MAX_BETA)
 
 
-def aug_alpha_bar(s: torch.Tensor | float) -> torch.Tensor:
+def aug_alpha_bar(s: torch.Tensor | float, *, check: bool = True) -> torch.Tensor:
     """ᾱ(s) of the continuous cosine schedule for conditioning-augmentation level s ∈ [0, 1].
 
     ᾱ(s) = f(s)/f(0), f(s) = cos²(((s + 0.008)/1.008)·π/2), written as sin²((1 − s)/1.008·π/2) so that
-    ᾱ(0) = 1 and ᾱ(1) = 0 exactly.
+    ᾱ(0) = 1 and ᾱ(1) = 0 exactly. check=False skips the range check (a host sync for CUDA tensors).
     """
     s_t = torch.as_tensor(s)
     dtype = s_t.dtype if s_t.is_floating_point() else torch.get_default_dtype()
     s64 = s_t.to(torch.float64)
-    if bool(((s64 < 0) | (s64 > 1) | torch.isnan(s64)).any()):
+    if check and bool(((s64 < 0) | (s64 > 1) | torch.isnan(s64)).any()):
         raise ValueError("aug level s must lie in [0, 1]")
     half_pi = math.pi / (2 * (1 + _COSINE_S))
     # Continuous cosine schedule ᾱ(s) = f(s)/f(0) (Improved DDPM, slides "variance scheduling").

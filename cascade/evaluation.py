@@ -41,9 +41,11 @@ from cascade.metrics import (
     class_accuracy,
     compute_fid_kid,
     consistency_psnr,
+    detail_energy,
     detail_ratio,
     metric_label,
     plot_sweep,
+    shard_fingerprint,
     write_report,
 )
 from cascade.pipeline import CascadeConfigError, CascadePipeline
@@ -132,6 +134,19 @@ def _check_int(what: str, value: Any, low: int) -> int:
     return value
 
 
+def _read_val_split(root: Path, resolutions: Sequence[int], keep: Sequence[int] = ()
+                    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """(labels, {res: uint8 N×res×res×3}) of every val image, reading `resolutions` and keeping the images of
+    those in `keep` (uint8 is exact: the shards hold uint8)."""
+    labels, images = [], {r: [] for r in keep}
+    for batch in iterate_split(root, SPLIT, resolutions, batch_size=64):
+        labels.append(batch["y"])
+        for r in keep:
+            images[r].append(float_to_uint8(batch["images"][r]))
+    empty = torch.empty(0, dtype=torch.long)
+    return (torch.cat(labels) if labels else empty), {r: torch.cat(parts) for r, parts in images.items() if parts}
+
+
 def load_eval_data(root: str | Path, pipeline: CascadePipeline, *, num_samples: int | None, batch_size: int,
                    rank: int = 0, world_size: int = 1, low_resolutions: Sequence[int] = ()) -> EvalData:
     """Read the val split once: every class and this process's low-resolution inputs (num_samples None: one
@@ -152,26 +167,20 @@ def load_eval_data(root: str | Path, pipeline: CascadePipeline, *, num_samples: 
     if lacking:
         raise CascadeConfigError(f"data: {root} has resolutions {sorted(info['resolutions'])} but the stages "
                                  f"need {needed}; rewrite the shards with --max-res {max(needed)}")
-    read = sorted(low_resolutions) or [base.config.resolution]
-    labels, images = [], {r: [] for r in low_resolutions}
     try:
-        for batch in iterate_split(root, SPLIT, read, batch_size=64):
-            labels.append(batch["y"])
-            for r in low_resolutions:
-                images[r].append(float_to_uint8(batch["images"][r]))  # exact: the shards hold uint8
+        val_labels, images = _read_val_split(root, sorted(low_resolutions) or [base.config.resolution],
+                                             keep=low_resolutions)
     except (FileNotFoundError, ValueError) as err:
         raise CascadeConfigError(f"data: {err}; pass a shard folder with a val split (--data DIR)") from None
-    if not labels:
+    if not len(val_labels):
         raise CascadeConfigError(f"data: {root} has no readable val images")
-    val_labels = torch.cat(labels)
     num_val = len(val_labels)
     num_samples = num_val if num_samples is None else _check_int("num_samples", num_samples, 2)
     if num_samples < 2:
         raise CascadeConfigError(f"num_samples: FID needs at least 2 samples, but {root} has {num_val} val images")
     samples = process_slice(num_samples, batch_size, rank, world_size)
     order = torch.arange(num_samples) % num_val
-    low_res = {r: uint8_to_float(torch.cat(images[r])[order[samples.start : samples.stop]])
-               for r in low_resolutions}
+    low_res = {r: uint8_to_float(images[r][order[samples.start : samples.stop]]) for r in low_resolutions}
     return EvalData(root, val_labels[order], num_val, samples, low_res)
 
 
@@ -244,15 +253,25 @@ def _expected(pipeline: CascadePipeline, keys: Sequence[tuple[str, str, bool]]) 
 # Metrics (main process)
 
 
+def _real_val_batches(data_root: Path, resolution: int):
+    """The real val images at `resolution`, batch by batch (an ImageSource for the metrics)."""
+    return (b["images"][resolution] for b in iterate_split(data_root, SPLIT, [resolution], batch_size=64))
+
+
 def _reference(data_root: Path, resolution: int, net: FeatureNet, batch_size: int):
-    def real_images():
-        return (b["images"][resolution] for b in iterate_split(data_root, SPLIT, [resolution], batch_size=64))
-
-    return cached_reference_stats(data_root, SPLIT, resolution, net, real_images, batch_size=batch_size)
+    return cached_reference_stats(data_root, SPLIT, resolution, net, lambda: _real_val_batches(data_root, resolution),
+                                  batch_size=batch_size)
 
 
-def _real_val_images(data_root: Path, resolution: int) -> torch.Tensor:
-    return torch.cat([b["images"][resolution] for b in iterate_split(data_root, SPLIT, [resolution], batch_size=64)])
+_REAL_DETAIL_ENERGY: dict[tuple, float] = {}  # (root, resolution, low resolution, shard fingerprint) -> energy
+
+
+def _real_detail_energy(data_root: Path, resolution: int, low_resolution: int) -> float:
+    """`detail_energy` of the real val images, read once per process for the same shards."""
+    key = (str(Path(data_root).resolve()), resolution, low_resolution, shard_fingerprint(data_root, SPLIT))
+    if key not in _REAL_DETAIL_ENERGY:
+        _REAL_DETAIL_ENERGY[key] = detail_energy(_real_val_batches(data_root, resolution), low_resolution)
+    return _REAL_DETAIL_ENERGY[key]
 
 
 def stage_metrics(images_uint8: torch.Tensor, labels: torch.Tensor, *, data_root: Path, feature_nets:
@@ -271,7 +290,8 @@ def stage_metrics(images_uint8: torch.Tensor, labels: torch.Tensor, *, data_root
     if psnr is not None:
         metrics["consistency_psnr"] = float(psnr.mean())
     if low_resolution is not None:
-        metrics["detail_ratio"] = detail_ratio(images, _real_val_images(data_root, resolution), low_resolution)
+        metrics["detail_ratio"] = detail_ratio(images, _real_detail_energy(data_root, resolution, low_resolution),
+                                               low_resolution)
     metrics["class_accuracy"] = class_accuracy(classifier.logits, images, labels, batch_size=batch_size)
     return metrics
 
@@ -287,14 +307,11 @@ def upsampling_baseline(data: EvalData, pipeline: CascadePipeline, *, feature_ne
     if not sr:
         return {}
     low_resolutions = sorted({s.config.low_resolution for s in sr})
-    images = {r: [] for r in low_resolutions}
-    for batch in iterate_split(data.root, SPLIT, low_resolutions, batch_size=64):
-        for r in low_resolutions:
-            images[r].append(batch["images"][r])
+    _, images = _read_val_split(data.root, low_resolutions, keep=low_resolutions)
     order = torch.arange(data.num_samples) % data.num_val
     rows = {}
     for stage in sr:
-        low = torch.cat(images[stage.config.low_resolution])[order]
+        low = uint8_to_float(images[stage.config.low_resolution][order])
         up = upsample(low, stage.config.resolution).clamp(-1, 1)
         rows[stage.name + BASELINE_SUFFIX] = {TEACHER_FORCED: stage_metrics(
             float_to_uint8(up), data.labels, data_root=data.root, feature_nets=feature_nets, classifier=classifier,
@@ -415,9 +432,12 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
     if baselines:
         baseline_rows = upsampling_baseline(data, pipeline, feature_nets=feature_nets, classifier=classifier,
                                             seed=seed, batch_size=batch_size)
-        results = {key: value for name, row in results.items()
-                   for key, value in ((name, row), (name + BASELINE_SUFFIX, baseline_rows.get(name + BASELINE_SUFFIX)))
-                   if value is not None}
+        ordered: dict[str, dict[str, dict[str, Any]]] = {}
+        for name, row in results.items():  # each baseline row right after its stage
+            ordered[name] = row
+            if name + BASELINE_SUFFIX in baseline_rows:
+                ordered[name + BASELINE_SUFFIX] = baseline_rows[name + BASELINE_SUFFIX]
+        results = ordered
     notes = [f"{n}: cascaded metrics left out (truncated: it hands over a noisy z_k)" for n in names if n in handed_z]
     meta = {
         "data": str(data.root),

@@ -459,14 +459,25 @@ def fine_detail_rms(images: torch.Tensor, low_resolution: int) -> torch.Tensor:
     return detail.pow(2).mean(dim=(1, 2, 3)).sqrt()
 
 
-def detail_ratio(images: torch.Tensor, real_images: torch.Tensor, low_resolution: int) -> float:
-    """Fine-detail energy of images relative to real ones at the same size (`fine_detail_rms`, RMS over all
-    images): ≈ 1 as much detail above `low_resolution` as real images, ≈ 0 a smooth upsampling, > 1 noise."""
-    ours = fine_detail_rms(images, low_resolution).pow(2).mean().sqrt()
-    real = fine_detail_rms(real_images, low_resolution).pow(2).mean().sqrt()
+def detail_energy(images: ImageSource, low_resolution: int, batch_size: int = 64) -> float:
+    """Mean square of the detail above `low_resolution` (`fine_detail_rms`²) over all images, streamed in batches."""
+    total, count = 0.0, 0
+    for batch in _image_batches(images, batch_size):
+        total += float(fine_detail_rms(batch, low_resolution).pow(2).sum())
+        count += batch.shape[0]
+    if count == 0:
+        raise ValueError("detail_energy needs at least one image")
+    return total / count
+
+
+def detail_ratio(images: ImageSource, reference: ImageSource | float, low_resolution: int) -> float:
+    """RMS fine detail of images relative to real ones at the same size: ≈ 1 as much detail above
+    `low_resolution` as real images, ≈ 0 a smooth upsampling, > 1 noise. reference: the real images, or their
+    `detail_energy` (computed once for many calls)."""
+    real = float(reference) if isinstance(reference, (int, float)) else detail_energy(reference, low_resolution)
     if real <= 0:
         raise ValueError("the real images have no detail above low_resolution: the ratio is undefined")
-    return float(ours / real)
+    return math.sqrt(detail_energy(images, low_resolution) / real)
 
 
 def class_accuracy(

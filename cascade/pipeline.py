@@ -31,7 +31,13 @@ from cascade.augment import condition_low_res
 from cascade.checkpoint import load_config, load_stage, resolve_checkpoint
 from cascade.diffusion import aug_alpha_bar, aug_level_from_alpha_bar, space_timesteps
 from cascade.imageops import float_to_uint8
-from cascade.samplers import classifier_free_guidance, classifier_guidance, sample_ddim, sample_ddpm
+from cascade.samplers import (
+    classifier_free_guidance,
+    classifier_guidance,
+    draw_noise,
+    sample_ddim,
+    sample_ddpm,
+)
 
 DEFAULT_CHAIN = ("base32", "sr64", "sr128", "sr256")
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim}
@@ -142,7 +148,7 @@ def _per_sample_generators(seed: int, stage: str, purpose: int, indices: range) 
 
 def _per_sample_noise(seed: int, stage: str, purpose: int, indices: range, shape: tuple[int, ...]) -> torch.Tensor:
     """Standard normal noise of each sample from its own CPU generator: independent of the batching."""
-    return torch.stack([torch.randn(shape, generator=g) for g in _per_sample_generators(seed, stage, purpose, indices)])
+    return draw_noise((len(indices), *shape), _per_sample_generators(seed, stage, purpose, indices), "cpu")
 
 
 def _class_names(record: dict[str, Any]) -> list[str] | None:

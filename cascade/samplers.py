@@ -42,7 +42,7 @@ def _check_generator(generator: NoiseGenerator, batch: int) -> None:
         raise ValueError(f"got {len(generator)} generators for a batch of {batch}: give one per sample")
 
 
-def _noise(shape: tuple[int, ...], generator: NoiseGenerator, device, dtype) -> torch.Tensor:
+def draw_noise(shape: tuple[int, ...], generator: NoiseGenerator, device, dtype=torch.float32) -> torch.Tensor:
     """N(0, I) noise of `shape`: from one generator, or row i from generator[i] (independent of batching)."""
     if generator is None or isinstance(generator, torch.Generator):
         return _randn(shape, generator, device, dtype)
@@ -53,11 +53,12 @@ def _initial_noise(model, shape, x_T, generator) -> torch.Tensor:
     if x_T is not None:
         if shape is not None and tuple(shape) != tuple(x_T.shape):
             raise ValueError(f"shape {tuple(shape)} disagrees with x_T {tuple(x_T.shape)}")
+        _check_generator(generator, x_T.shape[0])
         return x_T
     if shape is None:
         raise ValueError("give either shape or x_T")
     _check_generator(generator, shape[0])
-    return _noise(tuple(shape), generator, _sampling_device(model, generator), torch.float32)
+    return draw_noise(tuple(shape), generator, _sampling_device(model, generator))
 
 
 def _check_stop(diffusion: GaussianDiffusion, stop_at_index: int | None) -> int:
@@ -71,7 +72,6 @@ def _check_stop(diffusion: GaussianDiffusion, stop_at_index: int | None) -> int:
 def _reverse_loop(step_fn, model, diffusion, shape, x_T, model_kwargs, stop_at_index, generator,
                   progress, callback, desc):
     x = _initial_noise(model, shape, x_T, generator)
-    _check_generator(generator, x.shape[0])
     stop = _check_stop(diffusion, stop_at_index)
     indices = range(diffusion.num_timesteps - 1, stop, -1)
     for step, index in enumerate(tqdm(indices, disable=not progress, desc=desc)):
@@ -103,7 +103,7 @@ def sample_ddpm(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tens
                                         dynamic_threshold=dynamic_threshold)
         if index == 0:
             return out["mean"], out["pred_xstart"]
-        noise = _noise(x.shape, generator, x.device, x.dtype)
+        noise = draw_noise(x.shape, generator, x.device, x.dtype)
         # x_{t−1} = μ_θ(x_t, t) + σ_t·z (Algorithm 2, line 4).
         return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise, out["pred_xstart"]
 
@@ -133,7 +133,7 @@ def sample_ddim(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tens
         mean = alpha_bar_prev.sqrt() * out["pred_xstart"] + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         if index == 0 or eta == 0:
             return mean, out["pred_xstart"]
-        return mean + sigma * _noise(x.shape, generator, x.device, x.dtype), out["pred_xstart"]
+        return mean + sigma * draw_noise(x.shape, generator, x.device, x.dtype), out["pred_xstart"]
 
     return _reverse_loop(step_fn, model, diffusion, shape, x_T, model_kwargs, stop_at_index, generator,
                          progress, callback, "ddim")

@@ -279,8 +279,8 @@ class UNet(nn.Module):
                              "training schedule's alphas_cumprod")
         self.cond_skip_std = float(cond_skip_std)
         if cond_skip_std:
-            ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-            self.register_buffer("skip_alphas_cumprod", ab.float(), persistent=False)
+            alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
+            self.register_buffer("skip_alphas_cumprod", alphas_cumprod, persistent=False)
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be positive or None, got {num_classes}")
         self.resolution, self.low_resolution = resolution, low_resolution
@@ -402,7 +402,9 @@ class UNet(nn.Module):
                            aug_level: torch.Tensor) -> torch.Tensor:
         """E[ε | x_t] if x_0 ~ N(x_up, σ²I), σ² = cond_skip_std² + (1 − ᾱ(s)): the network learns the rest."""
         alpha_bar = self.skip_alphas_cumprod[t.long()].view(-1, 1, 1, 1)
-        aug_var = (1.0 - aug_alpha_bar(aug_level.float())).to(alpha_bar.dtype).view(-1, 1, 1, 1)
+        # range-checked on CPU only: a check on CUDA would force a host sync every step (as for class indices)
+        alpha_bar_s = aug_alpha_bar(aug_level.float(), check=aug_level.device.type == "cpu")
+        aug_var = (1.0 - alpha_bar_s).to(alpha_bar.dtype).view(-1, 1, 1, 1)
         var = self.cond_skip_std**2 + aug_var
         residual = x_t.float() - alpha_bar.sqrt() * x_up.float()
         # Gaussian posterior mean of ε: √(1−ᾱ_t)(x_t − √ᾱ_t·μ)/(ᾱ_t·σ² + 1 − ᾱ_t) (eq. 2 with x_0 ~ N(μ, σ²I))

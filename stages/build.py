@@ -34,10 +34,7 @@ def build_model(cfg: StageConfig) -> nn.Module:
         return NoisyClassifier(**common)
     skip = {}
     if u.cond_skip_std:
-        from cascade.diffusion import make_betas
-
-        betas = torch.as_tensor(make_betas(cfg.diffusion.schedule, cfg.diffusion.num_timesteps))
-        skip = {"cond_skip_std": u.cond_skip_std, "alphas_cumprod": torch.cumprod(1.0 - betas, 0)}
+        skip = {"cond_skip_std": u.cond_skip_std, "alphas_cumprod": build_diffusion(cfg).alphas_cumprod}
     return UNet(
         **common,
         out_channels=6 if cfg.diffusion.learn_sigma else 3,
