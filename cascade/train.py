@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, is_tensorboard_available
 from tqdm.auto import tqdm
 
@@ -56,17 +57,36 @@ class NonFiniteLossError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------- setup
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA with bf16 support, or a CPU with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.cpu.get_cpu_capability() == "AVX512" and (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
 def resolve_mixed_precision(mode: str, device: torch.device) -> str:
-    """"auto" → "bf16" where the device computes bf16 natively, else "no"; other modes pass through."""
+    """"auto" → "bf16" where the device computes bf16 natively (`native_bf16`), else "no"; other modes pass
+    through."""
     if mode != "auto":
         return mode
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    if device.type == "cpu":
-        native = torch.backends.cpu.get_cpu_capability() == "AVX512" and (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        return "bf16" if native else "no"
-    return "no"
+    return "bf16" if native_bf16(device) else "no"
+
+
+def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
+    """An `Accelerator` with this run's precision, whatever an earlier run in the same process used.
+
+    accelerate keeps one process-wide `AcceleratorState` and refuses a second precision ("AcceleratorState has
+    already been initialized and cannot be changed"). One process may train a bf16 stage and then a
+    full-precision one (a notebook, the demo, the test suite), so the precision part of that state is reset
+    when it differs; the distributed part (`PartialState`: process group, rank, device) is kept.
+    """
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, **kwargs)
 
 
 def segment_seed(seed: int, step: int, rank: int) -> int:
@@ -198,7 +218,7 @@ class StageTrainer:
         self.mixed_precision = resolve_mixed_precision(self.cfg.mixed_precision, probe)
         log_with = "tensorboard" if is_tensorboard_available() else None
         # cpu=True makes accelerate use gloo across CPU processes (torchrun / accelerate launch).
-        self.accelerator = Accelerator(cpu=on_cpu, mixed_precision=self.mixed_precision, log_with=log_with,
+        self.accelerator = make_accelerator(self.mixed_precision, cpu=on_cpu, log_with=log_with,
                                        project_dir=str(self.run_dir), gradient_accumulation_steps=self.cfg.grad_accum,
                                        step_scheduler_with_optimizer=False)
         self.device = self.accelerator.device
@@ -507,5 +527,5 @@ def train_stage(stage, run: RunConfig, *, extra_config: dict[str, Any] | None = 
     return StageTrainer(stage, run, extra_config=extra_config).run()
 
 
-__all__ = ["NonFiniteLossError", "RunConfig", "StageTrainer", "TrainerConfig", "drop_labels",
-           "resolve_mixed_precision", "segment_seed", "stage_loss", "train_stage"]
+__all__ = ["NonFiniteLossError", "RunConfig", "StageTrainer", "TrainerConfig", "drop_labels", "make_accelerator",
+           "native_bf16", "resolve_mixed_precision", "segment_seed", "stage_loss", "train_stage"]

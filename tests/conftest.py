@@ -11,6 +11,7 @@ SHARD_CLASSES = 3
 # A few optimizer steps of every stage at size=tiny: enough to write real checkpoints, cheap on CPU.
 TINY_TRAINER = {"max_steps": 3, "batch_size": 2, "warmup_steps": 2, "ckpt_every": 2, "log_every": 1,
                 "sample_every": 0, "mixed_precision": "no", "progress": False}
+TINY_BF16_STAGE, TINY_BF16_STAGE_PRECISION = "sr64", "bf16"
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +46,11 @@ def tiny_runs(tmp_path_factory, synthetic_shards) -> dict[str, Path]:
     out = {}
     for name in stages.STAGE_NAMES:
         stage = stages.get_stage(name, "tiny", num_classes=SHARD_CLASSES)
-        train_stage(stage, tiny_run_config(runs / name, synthetic_shards), extra_config={"size": "tiny"})
+        # One stage in bf16 autocast, the others in full precision, in one process: the suite takes both
+        # precision paths on every CPU (bf16 runs everywhere, natively or emulated) and changes between them.
+        precision = TINY_BF16_STAGE_PRECISION if name == TINY_BF16_STAGE else "no"
+        train_stage(stage, tiny_run_config(runs / name, synthetic_shards, mixed_precision=precision),
+                    extra_config={"size": "tiny"})
         out[name] = runs / name
     return out
 

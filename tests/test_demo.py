@@ -11,8 +11,21 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
+    """The quick demo with `mixed_precision=auto` resolving to bf16, as on a CPU with native bf16, on every
+    machine; the modules after this one train and evaluate in full precision in the same process."""
+    import cascade.train
+
     out = tmp_path_factory.mktemp("demo")
-    return demo.run_demo(out, demo.QUICK, seed=0, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cascade.train, "native_bf16", lambda device: True)
+        return demo.run_demo(out, demo.QUICK, seed=0, progress=False)
+
+
+def test_auto_precision_trained_in_bf16(quick_demo):
+    from cascade import checkpoint
+
+    for name, ckpt in quick_demo.checkpoints.items():
+        assert checkpoint.load_config(ckpt)["train"]["mixed_precision_resolved"] == "bf16", name
 
 
 def test_report_has_every_section(quick_demo):

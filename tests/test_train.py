@@ -108,6 +108,32 @@ def test_mixed_precision_auto_and_label_dropout():
     assert 0.07 < (dropped == 5).float().mean() < 0.13
 
 
+def test_auto_precision_follows_native_bf16(monkeypatch):
+    import cascade.train as train
+
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    assert train.resolve_mixed_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    assert train.resolve_mixed_precision("auto", torch.device("cpu")) == "no"
+    assert train.resolve_mixed_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_precisions_change_between_runs_in_one_process(synthetic_shards, tmp_path):
+    """bf16, then full precision, then bf16 again in one process (a notebook, the demo, this suite): each run
+    trains in its own precision instead of failing on accelerate's process-wide state."""
+    import stages
+    from cascade.train import StageTrainer
+
+    stage = stages.get_stage("base32", "tiny", num_classes=SHARD_CLASSES)
+    for i, precision in enumerate(("bf16", "no", "bf16")):
+        run = tiny_run_config(tmp_path / f"run{i}", synthetic_shards, max_steps=1, mixed_precision=precision)
+        trainer = StageTrainer(stage, run)
+        assert trainer.accelerator.mixed_precision == precision
+        final = trainer.run()
+        assert checkpoint.load_config(final)["train"]["mixed_precision_resolved"] == precision
+        assert _records(run.run_dir)[-1]["loss"] > 0
+
+
 # ----------------------------------------------------------------------------------------------- training
 
 
