@@ -17,7 +17,7 @@ from kornia.filters import gaussian_blur2d
 from cascade.diffusion import aug_alpha_bar
 
 if TYPE_CHECKING:
-    from stages.config import AugConfig
+    from cascade.config import AugConfig
 
 
 def _check_images(x: torch.Tensor, name: str) -> None:

@@ -175,11 +175,12 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
 
 def load_stage(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):
     """Rebuild a stage from its checkpoint alone: (StageConfig, model in eval mode, diffusion)."""
-    import stages  # stage definitions live outside the core package
+    from cascade.build import build_diffusion, build_model
+    from cascade.config import StageConfig
 
     record = load_config(path)
-    stage_cfg = stages.StageConfig.from_dict(record["stage"])
-    model = stages.build_model(stage_cfg)
+    stage_cfg = StageConfig.from_dict(record["stage"])
+    model = build_model(stage_cfg)
     model.load_state_dict(load_weights(path, weights, device="cpu"))
     model.to(device).eval().requires_grad_(False)
-    return stage_cfg, model, stages.build_diffusion(stage_cfg)
+    return stage_cfg, model, build_diffusion(stage_cfg)

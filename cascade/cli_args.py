@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
-from cascade.pipeline import SAMPLERS, CascadeConfigError
+from cascade.pipeline import DEFAULT_CHAIN, SAMPLERS, CascadeConfigError
 
 T = TypeVar("T")
 
@@ -159,10 +159,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> 
 
 def load_evaluation_inputs(args: argparse.Namespace, device: Any):
     """(pipeline, feature networks, classifier) from the options `add_evaluation_arguments` defines."""
-    import stages
     from cascade.evaluation import load_for_evaluation
 
-    chain = parse_stage_list(args.stages, stages.STAGE_NAMES)
+    chain = parse_stage_list(args.stages, DEFAULT_CHAIN)
     return load_for_evaluation(args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt), classifier=args.classifier,
                                inception_weights=args.inception_weights, device=args.device or device,
                                precision=args.precision, patch_features=args.patch_fid)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-import stages
+from cascade.config import StageConfig
 from cascade.data import read_dataset_info
 from cascade.imageops import image_grid
 from cascade.report import plot_training_curves, write_report_pages
@@ -119,9 +119,12 @@ def make_demo_shards(data_dir: Path, plan: DemoPlan, seed: int, progress: bool) 
     return info
 
 
-def train_demo_stage(name: str, data_dir: Path, runs_dir: Path, plan: DemoPlan, seed: int, num_classes: int,
+def train_demo_stage(stage: StageConfig, data_dir: Path, runs_dir: Path, plan: DemoPlan, seed: int,
                      progress: bool) -> Path:
+    """Train (or resume, or return the finished checkpoint of) one stage with the plan's budget for it."""
     from cascade.train import train_stage
+
+    name = stage.name
 
     trainer = TrainerConfig(
         max_steps=plan.train_steps[name], batch_size=plan.batch_size[name], lr=plan.lr,
@@ -130,7 +133,6 @@ def train_demo_stage(name: str, data_dir: Path, runs_dir: Path, plan: DemoPlan, 
     )
     run = RunConfig(run_dir=str(runs_dir / name), data=DataConfig(root=str(data_dir), num_workers=1), trainer=trainer,
                     resume="auto", seed=seed)
-    stage = stages.get_stage(name, "tiny", num_classes)
     return train_stage(stage, run, extra_config={"size": "tiny", "stage_overrides": {}, "demo": plan.to_dict()})
 
 
@@ -190,9 +192,18 @@ EXPLANATION = [
 ]
 
 
-def run_demo(out_dir: str | Path = "demo_out", plan: DemoPlan = DEFAULT, *, seed: int = 0,
+def run_demo(out_dir: str | Path, plan: DemoPlan, stage_configs: dict[str, StageConfig], *, seed: int = 0,
              progress: bool = True) -> DemoResult:
-    """Run (or resume) the whole demo; returns where the report is and the headline numbers."""
+    """Run (or resume) the whole demo; returns where the report is and the headline numbers.
+
+    ``stage_configs`` holds the stage definitions to train, one per name in `TRAIN_ORDER` (the tiny presets of
+    `stages`: ``{n: stages.get_stage(n, "tiny") for n in TRAIN_ORDER}``); their class count is replaced by the
+    data's. Raises ValueError when a stage is missing.
+    """
+    missing = [n for n in TRAIN_ORDER if n not in stage_configs]
+    if missing:
+        raise ValueError(f"run_demo: no stage configuration for {', '.join(missing)}; pass one per stage in "
+                         f"{', '.join(TRAIN_ORDER)}")
     from cascade.evaluation import classifier_feature_net, evaluate
     from cascade.features import PatchFeatures
     from cascade.pipeline import CascadePipeline, write_outputs
@@ -215,7 +226,8 @@ def run_demo(out_dir: str | Path = "demo_out", plan: DemoPlan = DEFAULT, *, seed
     for i, name in enumerate(TRAIN_ORDER, 1):
         _log(f"[{i}/{len(TRAIN_ORDER)}] training {name} for {plan.train_steps[name]} steps "
              f"(batch {plan.batch_size[name]}); finished stages are not retrained")
-        result.checkpoints[name] = train_demo_stage(name, data_dir, runs_dir, plan, seed, num_classes, progress)
+        stage = dataclasses.replace(stage_configs[name], num_classes=num_classes)
+        result.checkpoints[name] = train_demo_stage(stage, data_dir, runs_dir, plan, seed, progress)
         lap(f"train {name}")
 
     _log(f"sampling {plan.num_per_class} image(s) per class through {' → '.join(CHAIN)}")

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from cascade.augment import condition_low_res
 from cascade.checkpoint import load_config, load_stage, resolve_checkpoint
+from cascade.config import StageConfig
 from cascade.diffusion import aug_alpha_bar, aug_level_from_alpha_bar, space_timesteps
 from cascade.imageops import float_to_uint8
 from cascade.samplers import (
@@ -54,7 +55,7 @@ class LoadedStage:
     """One stage rebuilt from its checkpoint."""
 
     name: str
-    config: Any  # stages.StageConfig
+    config: StageConfig
     model: torch.nn.Module
     diffusion: Any  # cascade.GaussianDiffusion on the training timesteps
     checkpoint: Path
@@ -247,12 +248,10 @@ def _check_device(device: str | torch.device, precision: str) -> torch.device:
 
 def _read_checkpoint(name: str, path: str | Path) -> tuple[Path, dict[str, Any], Any]:
     """(step folder, config record, StageConfig) of a checkpoint, without loading weights."""
-    import stages as stage_registry  # stage definitions live outside the core package
-
     try:
         ckpt = resolve_checkpoint(path)
         record = load_config(ckpt)
-        return ckpt, record, stage_registry.StageConfig.from_dict(record["stage"])
+        return ckpt, record, StageConfig.from_dict(record["stage"])
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise CascadeConfigError(f"stage {name}: {err}; train it or pass a checkpoint for {name}") from None
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from cascade import checkpoint
 from cascade.augment import augment_low_res, condition_low_res
+from cascade.build import build_diffusion, build_model
 from cascade.data import make_stage_loader, read_dataset_info
 from cascade.diffusion import GaussianDiffusion
 from cascade.ema import EMA
@@ -245,12 +246,10 @@ class StageTrainer:
         return checkpoint.resolve_checkpoint(resume)
 
     def _build(self) -> None:
-        import stages  # stage definitions live outside the core package
-
         cfg = self.cfg
         seed_everything(self.run_cfg.seed)  # same initial weights on every rank
-        model = stages.build_model(self.stage)
-        self.diffusion = stages.build_diffusion(self.stage)
+        model = build_model(self.stage)
+        self.diffusion = build_diffusion(self.stage)
         self.sampler = make_timestep_sampler(self.stage.diffusion.timestep_sampler, self.diffusion.num_timesteps)
         self.resume_from = self._resume_path()
         state = None
@@ -523,7 +522,7 @@ class StageTrainer:
 
 
 def train_stage(stage, run: RunConfig, *, extra_config: dict[str, Any] | None = None) -> Path:
-    """Train ``stage`` (a `stages.StageConfig`) per ``run``; return the final checkpoint folder."""
+    """Train ``stage`` (a `cascade.config.StageConfig`, e.g. `stages.get_stage(...)`) per ``run``; return the final checkpoint folder."""
     return StageTrainer(stage, run, extra_config=extra_config).run()
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from stages.config import AugConfig, DiffusionConfig, StageConfig, UNetConfig
+from cascade.config import AugConfig, DiffusionConfig, StageConfig, UNetConfig
 
 STAGE_NAMES = ("base32", "sr64", "sr128", "sr256", "classifier32")
 SIZES = ("tiny", "paper")

@@ -18,7 +18,13 @@ def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cascade.train, "native_bf16", lambda device: True)
-        return demo.run_demo(out, demo.QUICK, seed=0, progress=False)
+        return demo.run_demo(out, demo.QUICK, _tiny_configs(), seed=0, progress=False)
+
+
+def _tiny_configs():
+    import stages
+
+    return {name: stages.get_stage(name, "tiny") for name in demo.TRAIN_ORDER}
 
 
 def test_auto_precision_trained_in_bf16(quick_demo):
@@ -72,6 +78,9 @@ def test_finished_stage_is_not_retrained(quick_demo):
     out = quick_demo.out_dir
     ckpt = quick_demo.checkpoints["sr64"]
     before = (ckpt / "ema.safetensors").stat().st_mtime_ns
-    again = demo.train_demo_stage("sr64", out / "data", out / "runs", demo.QUICK, 0, 10, progress=False)
+    import stages
+
+    stage = stages.get_stage("sr64", "tiny", num_classes=10)
+    again = demo.train_demo_stage(stage, out / "data", out / "runs", demo.QUICK, 0, progress=False)
     assert again == ckpt
     assert (ckpt / "ema.safetensors").stat().st_mtime_ns == before

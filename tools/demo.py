@@ -24,10 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
 
-    from cascade.demo import DEFAULT, QUICK, run_demo
+    import stages
+    from cascade.demo import DEFAULT, QUICK, TRAIN_ORDER, run_demo
 
     out = args.out or ("demo_out_quick" if args.quick else "demo_out")
-    result = run_demo(out, QUICK if args.quick else DEFAULT, seed=args.seed, progress=not args.no_progress)
+    configs = {name: stages.get_stage(name, "tiny") for name in TRAIN_ORDER}
+    result = run_demo(out, QUICK if args.quick else DEFAULT, configs, seed=args.seed, progress=not args.no_progress)
     print(f"report: {result.report_html}")
     print(f"markdown: {result.report_md}")
     return 0

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cascade.classifier import NoisyClassifier
 from cascade.unet import UNet
-from stages.config import StageConfig
+from cascade.config import StageConfig
 
 
 def build_model(cfg: StageConfig) -> nn.Module:
