@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cascade.classifier import NoisyClassifier
+from cascade.config import StageConfig, StageKind
 from cascade.unet import UNet
-from cascade.config import StageConfig
 
 
 def build_model(cfg: StageConfig) -> nn.Module:
@@ -26,7 +26,7 @@ def build_model(cfg: StageConfig) -> nn.Module:
         "norm_groups": u.norm_groups,
         "use_checkpoint": u.use_checkpoint,
     }
-    if cfg.kind == "classifier":
+    if cfg.kind is StageKind.classifier:
         if u.cross_attention_resolutions:
             raise ValueError(
                 "the classifier has no class input: unet.cross_attention_resolutions must be empty"
@@ -75,10 +75,10 @@ def example_inputs(
         t = torch.randint(0, cfg.diffusion.num_timesteps, (batch_size,), generator=generator).to(device)
         y = torch.randint(0, cfg.num_classes, (batch_size,), generator=generator).to(device)
     inputs = {"x_t": rand(batch_size, 3, r, r), "t": t}
-    if cfg.kind == "classifier":
+    if cfg.kind is StageKind.classifier:
         return inputs
     inputs["y"] = y
-    if cfg.kind == "sr":
+    if cfg.kind is StageKind.sr:
         lr = cfg.low_resolution
         inputs["x_low"] = rand(batch_size, 3, lr, lr)
         inputs["aug_level"] = rand(batch_size).abs().clamp(max=1.0) if device != "meta" else rand(batch_size)

@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
-from cascade.pipeline import DEFAULT_CHAIN, SAMPLERS, CascadeConfigError
+from cascade.pipeline import DEFAULT_CHAIN, CascadeConfigError
+from cascade.samplers import SAMPLERS
 
 T = TypeVar("T")
 
@@ -135,8 +136,9 @@ def report_error(prog: str, err: Exception) -> int:
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> None:
-    """--w, --steps, --sampler, --eta, --aug-level and --truncate, as sample_cascade defines them.
+    """The sampling-settings options (`SamplingSettings`); each left out keeps every stage's own default.
 
+    --w, --steps, --sampler, --eta, --aug-level, --truncate: one value or STAGE=VALUE,... per stage.
     grid: --w and --aug-level take lists of values to sweep (`0,1,3` or `base32=0,1,sr64=0,2`), no --truncate.
     """
     if grid:
@@ -145,16 +147,18 @@ def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> 
         p.add_argument("--aug-level", default=None, metavar="[STAGE=]S,S,...",
                        help="augmentation levels s in [0, 1] to try for SR stages (default: each stage's own)")
     else:
-        p.add_argument("--w", default="0", help="classifier-free guidance weight: W or STAGE=W,... (default 0)")
+        p.add_argument("--w", default=None, metavar="[STAGE=]W",
+                       help="classifier-free guidance weight w >= 0: W or STAGE=W,... (default: each stage's own)")
         p.add_argument("--aug-level", default=None, metavar="[STAGE=]S",
                        help="conditioning augmentation level s in [0, 1] of SR stages (default: each stage's own)")
     p.add_argument("--steps", default=None,
-                   help="respaced steps: N, 'ddimN' or sections '10,5'; or STAGE=...,... (default: all)")
-    p.add_argument("--sampler", default="ddpm",
-                   help=f"one of {', '.join(SAMPLERS)}, or STAGE=SAMPLER,... per stage (default ddpm)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+                   help="respaced steps: N, 'ddimN' or sections '10,5'; or STAGE=...,... (default: each stage's own)")
+    p.add_argument("--sampler", default=None,
+                   help=f"one of {', '.join(SAMPLERS)}, or STAGE=SAMPLER,... per stage (default: each stage's own)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: each stage's own)")
     if not grid:
-        p.add_argument("--truncate", action="store_true", help="truncated conditioning augmentation")
+        p.add_argument("--truncate", action="store_true", default=None,
+                       help="truncated conditioning augmentation between stages")
 
 
 def load_evaluation_inputs(args: argparse.Namespace, device: Any):
@@ -167,19 +171,19 @@ def load_evaluation_inputs(args: argparse.Namespace, device: Any):
                                precision=args.precision, patch_features=args.patch_fid)
 
 
-def sampler_settings(args: argparse.Namespace, *, grid: bool = False) -> dict[str, Any]:
-    """The parsed sampler options as keyword arguments of `CascadePipeline.validate` (grid: lists to sweep)."""
+def sampler_overrides(args: argparse.Namespace, *, grid: bool = False) -> dict[str, Any]:
+    """The sampling options given on the command line as `CascadePipeline.settings` overrides (options left
+    out are absent: the stages keep their own defaults). grid: --w and --aug-level are lists to sweep."""
     cast = float_list if grid else float
-    settings: dict[str, Any] = {
-        "w": parse_stage_values(args.w, cast, "--w"),
+    parsed = {
+        "w": None if args.w is None else parse_stage_values(args.w, cast, "--w"),
         "steps": None if args.steps is None else parse_stage_values(args.steps, steps_value, "--steps"),
-        "sampler": parse_stage_values(args.sampler, str, "--sampler"),
+        "sampler": None if args.sampler is None else parse_stage_values(args.sampler, str, "--sampler"),
         "eta": args.eta,
         "aug_level": None if args.aug_level is None else parse_stage_values(args.aug_level, cast, "--aug-level"),
+        "truncate": None if grid else args.truncate,
     }
-    if not grid:
-        settings["truncate"] = args.truncate
-    return settings
+    return {key: value for key, value in parsed.items() if value is not None}
 
 
 def add_evaluation_arguments(p: argparse.ArgumentParser, default_stages: str) -> None:

@@ -1,14 +1,33 @@
-"""Declarative stage configuration: plain dataclasses with JSON round trips and checked overrides."""
+"""Declarative stage configuration: plain dataclasses with JSON round trips and checked overrides.
+
+One dataclass per concern: `UNetConfig` (network shape), `DiffusionConfig` (forward process and loss),
+`AugConfig` (conditioning augmentation in training), `SamplingSettings` (how the stage samples by default) and
+`StageConfig` (one stage: all of the above plus what it generates). Each default is defined here once; the
+presets in `stages/` are keyword instances of these classes and hydra sees them as structured configs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from cascade.unet import blocks_per_level
 
-STAGE_KINDS = ("base", "sr", "classifier")
+
+class StageKind(str, enum.Enum):
+    """What a stage does: ``base`` generates from class labels, ``sr`` super-resolves a lower-resolution image,
+    ``classifier`` classifies noised images (for classifier guidance). A str enum: equal to its value and
+    written to JSON as it."""
+
+    base = "base"
+    sr = "sr"
+    classifier = "classifier"
+
+
+STAGE_KINDS = tuple(k.value for k in StageKind)
 SCHEDULES = ("linear", "cosine")
 MODEL_VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSSES = ("simple", "hybrid")
@@ -80,19 +99,18 @@ class DiffusionConfig:
 
 @dataclass
 class AugConfig:
-    """Conditioning augmentation of the low-res input (CDM): s ~ U[0, s_max] in training, blur on a
-    ``blur_prob`` fraction of examples with σ ~ U(blur_sigma), kernel ``blur_kernel``; ``sample_aug_level``
-    is the default s at sampling time."""
+    """Conditioning augmentation of the low-res input in training (Ho et al. 2021 "Cascaded Diffusion Models"
+    §3.2): s ~ U[0, s_max], blur on a ``blur_prob`` fraction of examples with σ ~ U(blur_sigma), kernel
+    ``blur_kernel``. The level s used at sampling time is `SamplingSettings.aug_level`."""
 
     s_max: float = 0.0
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.4, 0.6)
     blur_kernel: int = 3
-    sample_aug_level: float = 0.0
 
     def __post_init__(self) -> None:
         self.blur_sigma = tuple(self.blur_sigma)
-        for name in ("s_max", "blur_prob", "sample_aug_level"):
+        for name in ("s_max", "blur_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"aug.{name} must be in [0, 1], got {getattr(self, name)}")
         if len(self.blur_sigma) != 2 or not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
@@ -101,7 +119,96 @@ class AugConfig:
             raise ValueError(f"aug.blur_kernel must be a positive odd integer, got {self.blur_kernel}")
 
 
-_NESTED = {"unet": UNetConfig, "diffusion": DiffusionConfig, "aug": AugConfig}
+_SPACING = re.compile(r"^(ddim)?\d+(,\d+)*$")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one stage samples: a stage's config carries its best defaults, command lines and `evaluate` /
+    `sweep` derive per-stage copies (`dataclasses.replace`) and hand them down whole.
+
+    - ``sampler``: a name in `cascade.samplers.SAMPLERS` ("ddpm": ancestral, Ho et al. 2020 "DDPM" Algorithm 2;
+      "ddim": Song et al. 2021 "DDIM" eq. 12).
+    - ``steps``: respaced steps: a count (int ≥ 1), a spacing string ("50", "ddim25", sections "10,5"), or
+      None for every training timestep (Nichol & Dhariwal 2021 "Improved DDPM" §4).
+    - ``eta``: DDIM's η ≥ 0 (0: deterministic; 1: DDPM-like variance).
+    - ``w``: classifier-free guidance weight ≥ 0 (Ho & Salimans 2022 eq. 6: ε̃ = (1+w)·ε(c) − w·ε(∅)).
+    - ``aug_level``: SR stages only: the conditioning augmentation level s in [0, 1] the low-resolution input
+      is re-noised to (CDM §3.2); None on base and classifier stages.
+    - ``truncate``: SR stages only: truncated conditioning augmentation (CDM §3.2): the previous stage stops at
+      the step whose ᾱ matches s and hands over its z_s instead of a clean image re-noised to s.
+    - ``clip_denoised``: clamp x̂_0 to [−1, 1]; ``dynamic_threshold``: Imagen's percentile in (0, 1] (Saharia
+      et al. 2022 §2.3) instead, or None.
+    - ``classifier`` / ``classifier_scale``: base stage only: a noise-aware classifier checkpoint and its
+      guidance scale ≥ 0 (Dhariwal & Nichol 2021 "Diffusion Models Beat GANs" Algorithm 1).
+
+    Raises ValueError (one line naming the setting) on a bad value; checks that need the stage (SR-only
+    settings, steps beyond T) are `check_for`'s.
+    """
+
+    sampler: str = "ddpm"
+    steps: Any = None  # int | str | None (an Any field: hydra's structured configs have no unions)
+    eta: float = 0.0
+    w: float = 0.0
+    aug_level: float | None = None
+    truncate: bool = False
+    clip_denoised: bool = True
+    dynamic_threshold: float | None = None
+    classifier: str | None = None
+    classifier_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        from cascade.samplers import SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+        steps = self.steps
+        if isinstance(steps, str) and steps.strip().lstrip("+").isdigit():
+            object.__setattr__(self, "steps", steps := int(steps))
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, (int, str)):
+                raise ValueError(f"steps must be a count, a spacing string or None, got {steps!r}")
+            if isinstance(steps, int) and steps < 1:
+                raise ValueError(f"steps must be a positive number of steps, got {steps}")
+            if isinstance(steps, str) and not _SPACING.match(steps.replace(" ", "")):
+                raise ValueError(f"bad steps {steps!r}; use a count like 50, 'ddim25' or sections like '10,5'")
+        for name, low, high in (("eta", 0.0, None), ("w", 0.0, None), ("classifier_scale", 0.0, None),
+                                ("aug_level", 0.0, 1.0), ("dynamic_threshold", 0.0, 1.0)):
+            value = getattr(self, name)
+            if value is None and name in ("aug_level", "dynamic_threshold"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")  # noqa: TRY004 (a bad setting value)
+            if not value >= low or (high is not None and value > high):
+                raise ValueError(f"{name} must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}, "
+                                 f"got {value}")
+            object.__setattr__(self, name, float(value))
+        if self.dynamic_threshold == 0.0:
+            raise ValueError("dynamic_threshold must be in (0, 1] or None, got 0")
+        if self.classifier_scale > 0 and not self.classifier:
+            raise ValueError(f"classifier_scale {self.classifier_scale:g} needs a classifier checkpoint; pass one "
+                             "(--classifier PATH)")
+
+    def check_for(self, stage: StageConfig) -> None:
+        """Raise ValueError (naming the stage) when a setting does not apply to ``stage``'s kind."""
+        if stage.kind is StageKind.sr:
+            if self.aug_level is None:
+                raise ValueError(f"stage {stage.name}: an SR stage needs sampling.aug_level in [0, 1]")
+            if self.classifier or self.classifier_scale:
+                raise ValueError(f"stage {stage.name}: classifier guidance applies to the base stage only")
+        else:
+            if self.aug_level is not None:
+                which = "the base" if stage.kind is StageKind.base else f"a {stage.kind.value}"
+                raise ValueError(f"aug_level: stage {stage.name} is {which} stage and takes no conditioning; "
+                                 "name SR stages only")
+            if self.truncate:
+                raise ValueError(f"stage {stage.name}: truncate applies to SR stages only")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_NESTED = {"unet": UNetConfig, "diffusion": DiffusionConfig, "aug": AugConfig, "sampling": SamplingSettings}
 
 
 @dataclass
@@ -116,34 +223,40 @@ class StageConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, STAGE_KINDS)
+        self.kind = StageKind(self.kind)
         if self.resolution < 1 or self.num_classes < 1:
             raise ValueError(
                 f"resolution and num_classes must be positive, got {self.resolution}, {self.num_classes}"
             )
-        if self.kind == "sr":
+        if self.kind is StageKind.sr:
             if self.low_resolution is None or not 0 < self.low_resolution < self.resolution:
                 raise ValueError(
                     f"an sr stage needs 0 < low_resolution < resolution, got {self.low_resolution}"
                 )
         elif self.low_resolution is not None:
-            raise ValueError(f"a {self.kind} stage has no low_resolution, got {self.low_resolution}")
-        if self.unet.cond_skip_std and self.kind != "sr":
-            raise ValueError(f"unet.cond_skip_std applies to sr stages only; {self.name} is a {self.kind} stage")
+            raise ValueError(f"a {self.kind.value} stage has no low_resolution, got {self.low_resolution}")
+        if self.unet.cond_skip_std and self.kind is not StageKind.sr:
+            raise ValueError(f"unet.cond_skip_std applies to sr stages only; {self.name} is a {self.kind.value} stage")
         if self.resolution % 2 ** (len(self.unet.channel_mult) - 1) != 0:
             raise ValueError(f"resolution {self.resolution} is not divisible by 2^(len(channel_mult)-1)")
+        self.sampling.check_for(self)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able nested dict (tuples become lists)."""
         return dataclasses.asdict(
-            self, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+            self, dict_factory=lambda items: {k: _plain(v) for k, v in items}
         )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StageConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError."""
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError. A record written before sampling
+        settings existed (its level s under ``aug.sample_aug_level``) is read with that level as
+        ``sampling.aug_level``."""
+        d = _upgrade_record(d)
         _check_keys(cls, d, "")
         kwargs = dict(d)
         for key, sub in _NESTED.items():
@@ -165,6 +278,23 @@ class StageConfig:
             else:
                 d[key] = value
         return StageConfig.from_dict(d)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able form of a dataclass field value: tuples become lists, a StageKind its string."""
+    if isinstance(value, tuple):
+        return list(value)
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _upgrade_record(d: Any) -> Any:
+    """A format-1 stage record from before `SamplingSettings` (aug.sample_aug_level) in today's form."""
+    if not isinstance(d, dict) or "sampling" in d or not isinstance(d.get("aug"), dict):
+        return d
+    aug = dict(d["aug"])
+    level = aug.pop("sample_aug_level", None)
+    sampling = {"aug_level": level} if d.get("kind") == StageKind.sr.value else {}
+    return {**d, "aug": aug, "sampling": sampling}
 
 
 def _check_keys(cls: type, d: Any, prefix: str) -> None:

@@ -36,7 +36,7 @@ class DemoPlan:
     lr: float
     warmup_steps: int
     sample_steps: dict[str, str]  # respaced sampling steps per stage
-    guidance: dict[str, float]  # classifier-free guidance weight per stage
+    w: dict[str, float]  # classifier-free guidance weight per stage
     sampler: dict[str, str]  # "ddpm" or "ddim" per stage
     aug_level: dict[str, float]  # conditioning augmentation level s per SR stage at sampling time
     num_per_class: int  # samples per class through the whole cascade
@@ -63,7 +63,7 @@ DEFAULT = DemoPlan(
     lr=2e-3,
     warmup_steps=30,
     sample_steps={"base32": "40", "sr64": "15", "sr128": "10", "sr256": "10"},
-    guidance={"base32": 3.0, "sr64": 1.0, "sr128": 0.0, "sr256": 0.0},
+    w={"base32": 3.0, "sr64": 1.0, "sr128": 0.0, "sr256": 0.0},
     sampler=_SAMPLERS,
     aug_level=_AUG_LEVELS,
     num_per_class=2,
@@ -78,7 +78,7 @@ QUICK = DemoPlan(
     lr=2e-3,
     warmup_steps=5,
     sample_steps={"base32": "8", "sr64": "4", "sr128": "3", "sr256": "3"},
-    guidance={"base32": 3.0, "sr64": 1.0, "sr128": 0.0, "sr256": 0.0},
+    w={"base32": 3.0, "sr64": 1.0, "sr128": 0.0, "sr256": 0.0},
     sampler=_SAMPLERS,
     aug_level=_AUG_LEVELS,
     num_per_class=1,
@@ -206,7 +206,8 @@ def run_demo(out_dir: str | Path, plan: DemoPlan, stage_configs: dict[str, Stage
                          f"{', '.join(TRAIN_ORDER)}")
     from cascade.evaluation import classifier_feature_net, evaluate
     from cascade.features import PatchFeatures
-    from cascade.pipeline import CascadePipeline, write_outputs
+    from cascade.outputs import write_outputs
+    from cascade.pipeline import CascadePipeline
 
     out = Path(out_dir).resolve()
     data_dir, runs_dir, samples_dir = out / "data", out / "runs", out / "samples"
@@ -232,9 +233,9 @@ def run_demo(out_dir: str | Path, plan: DemoPlan, stage_configs: dict[str, Stage
 
     _log(f"sampling {plan.num_per_class} image(s) per class through {' → '.join(CHAIN)}")
     pipeline = CascadePipeline.from_runs(runs_dir, CHAIN)
-    settings = {"w": plan.guidance, "steps": plan.sample_steps, "sampler": plan.sampler, "aug_level": plan.aug_level}
-    sampling_plan = pipeline.validate(list(range(num_classes)), num_per_class=plan.num_per_class, seed=seed,
-                                      **settings)
+    settings = pipeline.settings(w=plan.w, steps=plan.sample_steps, sampler=plan.sampler, aug_level=plan.aug_level)
+    sampling_plan = pipeline.validate(list(range(num_classes)), settings, num_per_class=plan.num_per_class,
+                                      seed=seed)
     outputs = pipeline.run(sampling_plan, progress=progress)
     write_outputs(outputs, sampling_plan, samples_dir, class_names=class_names,
                   record=pipeline.run_record(sampling_plan))
@@ -247,7 +248,7 @@ def run_demo(out_dir: str | Path, plan: DemoPlan, stage_configs: dict[str, Stage
     nets = [clf, PatchFeatures(clf, clf.resolution)]
     evaluation = evaluate(pipeline, data_dir, feature_nets=nets, classifier=clf, num_samples=plan.eval_samples,
                           seed=seed, batch_size=max(plan.batch_size.values()), progress=progress, baselines=True,
-                          **settings)
+                          settings=settings)
     evaluation.write(out)
     result.metrics = evaluation.results
     lap("evaluation")
@@ -294,7 +295,7 @@ def _report_blocks(plan, class_names, grids, real_grid, curves, evaluation, resu
               "the five stages trained from scratch at the `tiny` preset, every class sampled through "
               "base32 → sr64 → sr128 → sr256 with classifier-free guidance, and every stage evaluated.")),
         ("list", [f"classes: {', '.join(f'{i} {n}' for i, n in enumerate(class_names))}",
-                  f"guidance w per stage: {plan.guidance}; respaced sampling steps: {plan.sample_steps}",
+                  f"guidance w per stage: {plan.w}; respaced sampling steps: {plan.sample_steps}",
                   (f"sampler per stage: {plan.sampler} (SR stages use DDIM: a few minutes of training leave the "
                    "learned variance too wide for few-step ancestral sampling); conditioning augmentation level "
                    f"s at sampling: {plan.aug_level}"),

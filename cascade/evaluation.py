@@ -20,6 +20,7 @@ metrics (the others return None).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -32,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cascade.checkpoint import load_stage
+from cascade.config import SamplingSettings, StageKind
 from cascade.data import iterate_split, read_dataset_info
 from cascade.features import ClassifierFeatures, FeatureNet, InceptionFeatures, PatchFeatures
 from cascade.imageops import float_to_uint8, uint8_to_float, upsample
@@ -303,7 +305,7 @@ def upsampling_baseline(data: EvalData, pipeline: CascadePipeline, *, feature_ne
                         classifier: FeatureNet, seed: int = 0, batch_size: int = 64) -> dict[str, dict[str, Any]]:
     """{"<sr stage> (bicubic)": {teacher-forced: metrics}}: the real low-resolution inputs of the evaluation's
     samples upsampled (bicubic), scored like a stage's output. An SR stage adds detail where it beats this row."""
-    sr = [s for s in pipeline.stages if s.config.kind == "sr"]
+    sr = [s for s in pipeline.stages if s.config.kind is StageKind.sr]
     if not sr:
         return {}
     low_resolutions = sorted({s.config.low_resolution for s in sr})
@@ -356,14 +358,13 @@ def _check_nets(feature_nets: Sequence[FeatureNet], classifier: FeatureNet) -> N
 
 
 def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Sequence[FeatureNet],
-             classifier: FeatureNet, num_samples: int | None = None, modes: Sequence[str] = MODES,
-             w: float | Mapping = 0.0, steps: int | str | Mapping | None = None, sampler: str | Mapping = "ddpm",
-             eta: float = 0.0, aug_level: float | Mapping | None = None, truncate: bool = False, seed: int = 0,
-             batch_size: int = 64, accelerator: Any = None, progress: bool = False,
-             baselines: bool = False) -> Evaluation | None:
+             classifier: FeatureNet, settings: Mapping[str, SamplingSettings] | None = None,
+             num_samples: int | None = None, modes: Sequence[str] = MODES, seed: int = 0, batch_size: int = 64,
+             accelerator: Any = None, progress: bool = False, baselines: bool = False) -> Evaluation | None:
     """Evaluate every stage of the pipeline in the given modes (see the module docstring).
 
-    Sampler settings as in `CascadePipeline.validate`. num_samples: images per stage and mode (default: one per
+    settings: {stage: SamplingSettings} (`CascadePipeline.settings`); stages left out sample with their own
+    defaults. num_samples: images per stage and mode (default: one per
     val image). `classifier` (a FeatureNet with logits, usually also in feature_nets) gives class accuracy.
     baselines: add a row per SR stage for its real input upsampled (`upsampling_baseline`).
     With truncation, a stage that hands over z_k has no clean cascaded output: its cascaded metrics and the
@@ -373,13 +374,13 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
     _check_nets(feature_nets, classifier)
     _check_int("batch_size", batch_size, 1)
     rank, world = _rank_world(accelerator)
-    sr_stages = [s for s in pipeline.stages if s.config.kind == "sr"]
+    sr_stages = [s for s in pipeline.stages if s.config.kind is StageKind.sr]
     low_resolutions = [s.config.low_resolution for s in sr_stages] if TEACHER_FORCED in modes else []
     data = load_eval_data(data_root, pipeline, num_samples=num_samples, batch_size=batch_size, rank=rank,
                           world_size=world, low_resolutions=low_resolutions)
-    settings = {"w": w, "steps": steps, "sampler": sampler, "eta": eta, "aug_level": aug_level}
     classes = sorted(set(data.labels.tolist()))
-    plan = pipeline.validate(classes, **settings, truncate=truncate, batch_size=batch_size, seed=seed)
+    plan = pipeline.validate(classes, settings, batch_size=batch_size, seed=seed)
+    settings = {sp.name: sp.settings for sp in plan.stages}
     handed_z = {sp.name for sp in plan.stages if sp.stop_at_index is not None}  # truncated: outputs are z_k
 
     names = [s.name for s in pipeline.stages]
@@ -398,8 +399,7 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
             labels = data.labels[chunk.start : chunk.stop]
             local = slice(chunk.start - data.samples.start, chunk.stop - data.samples.start)
             if CASCADED in modes:
-                chunk_plan = pipeline.validate(labels.tolist(), **settings, truncate=truncate,
-                                               batch_size=batch_size, seed=seed)
+                chunk_plan = pipeline.validate(labels.tolist(), settings, batch_size=batch_size, seed=seed)
                 out = pipeline.run(chunk_plan, start_index=chunk.start, progress=False)
                 for i, name in enumerate(names):
                     if name not in handed_z:
@@ -412,7 +412,7 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
                         bar.update(len(chunk))
                         continue
                     x_low = data.low_res[stage.config.low_resolution][local] if i > 0 else None
-                    images = pipeline.sample_stage(stage.name, labels, x_low, **settings, seed=seed,
+                    images = pipeline.sample_stage(stage.name, labels, x_low, settings[stage.name], seed=seed,
                                                    batch_size=batch_size, start_index=chunk.start)
                     collected.add_stage(TEACHER_FORCED, stage.name, images, x_low)
                     bar.update(len(chunk))
@@ -450,8 +450,7 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
         "num_processes": world,
         "feature_nets": {net.name: net.fingerprint()[:16] for net in feature_nets},
         "class_accuracy_by": classifier.name,
-        "sampler": {k: v for k, v in plan.to_dict().items()
-                    if k not in ("classes", "num_per_class", "batch_size", "classifier", "classifier_scale")},
+        "sampler": {k: v for k, v in plan.to_dict().items() if k not in ("classes", "num_per_class", "batch_size")},
         "checkpoints": pipeline.checkpoints(),
         **({"notes": notes} if notes else {}),
     }
@@ -476,21 +475,28 @@ def _grid(value: Any, names: Sequence[str], option: str) -> dict[str, list[float
     return {n: list(value.get(n, [None])) for n in names}
 
 
-def sweep_settings(pipeline: CascadePipeline, w: Any = (0.0,), aug_level: Any = None) -> dict[str, list[tuple]]:
-    """Per stage, the (w, s) settings to try: base stage w only (s None), SR stages every w × s (s None:
-    the stage's own sample_aug_level). w / aug_level: a list for every stage or {stage: list}."""
-    names = [s.name for s in pipeline.stages]
+def sweep_settings(settings: Mapping[str, SamplingSettings], w: Any = (0.0,),
+                   aug_level: Any = None) -> dict[str, list[SamplingSettings]]:
+    """Per stage, the settings to try: its ``settings`` with every w (base stage) or every w × s (SR stages).
+
+    w / aug_level: a list for every stage or {stage: list}; a stage not named keeps its own value. Raises
+    CascadeConfigError naming the stage on a bad value (checked here, before any sampling).
+    """
+    names = list(settings)
     ws = _grid(w, names, "w")
     if isinstance(aug_level, Mapping) and names[0] in aug_level:
         raise CascadeConfigError(f"aug_level: stage {names[0]} is the base stage and takes no conditioning")
     ss = _grid(aug_level, names, "aug_level")
     grid = {}
-    for stage in pipeline.stages:
-        if stage.config.kind == "sr":
-            levels = [stage.config.aug.sample_aug_level if s is None else s for s in ss[stage.name]]
-            grid[stage.name] = list(itertools.product([0.0 if x is None else x for x in ws[stage.name]], levels))
-        else:
-            grid[stage.name] = [(0.0 if x is None else x, None) for x in ws[stage.name]]
+    for name, base in settings.items():
+        levels = ss[name] if base.aug_level is not None else [None]
+        grid[name] = []
+        for gw, s in itertools.product(ws[name], levels):
+            changes = {k: v for k, v in (("w", gw), ("aug_level", s)) if v is not None}
+            try:
+                grid[name].append(dataclasses.replace(base, **changes))
+            except ValueError as err:
+                raise CascadeConfigError(f"stage {name}: {err}") from None
     return grid
 
 
@@ -527,7 +533,7 @@ class Sweep:
         for r in self.records:
             psnr, detail = r.get("consistency_psnr"), r.get("detail_ratio")
             lines.append("| " + " | ".join([
-                r["stage"], f"{r['guidance_weight']:g}", "–" if r["aug_level"] is None else f"{r['aug_level']:g}",
+                r["stage"], f"{r['w']:g}", "–" if r["aug_level"] is None else f"{r['aug_level']:g}",
                 f"{r['fid']:.2f}", f"{r['kid_mean']:.5f} ± {r['kid_std']:.5f}",
                 "–" if psnr is None else f"{psnr:.2f}", "–" if detail is None else f"{detail:.2f}",
                 f"{100 * r['class_accuracy']:.1f}%",
@@ -549,17 +555,19 @@ def _finite_json(value: Any) -> Any:
 
 def best_flags(best: Mapping[str, Mapping[str, Any]]) -> str:
     """`--w base32=3,sr64=1 --aug-level sr64=0.1` from best_setting's records."""
-    w = ",".join(f"{stage}={r['guidance_weight']:g}" for stage, r in best.items())
+    w = ",".join(f"{stage}={r['w']:g}" for stage, r in best.items())
     s = ",".join(f"{stage}={r['aug_level']:g}" for stage, r in best.items() if r.get("aug_level") is not None)
     return f"--w {w}" + (f" --aug-level {s}" if s else "")
 
 
 def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Sequence[FeatureNet],
-          classifier: FeatureNet, w: Any = (0.0, 1.0, 3.0), aug_level: Any = None, mode: str = TEACHER_FORCED,
-          rank_by: str | None = None, num_samples: int | None = None, steps: int | str | Mapping | None = None,
-          sampler: str | Mapping = "ddpm", eta: float = 0.0, seed: int = 0, batch_size: int = 64, accelerator: Any = None,
+          classifier: FeatureNet, settings: Mapping[str, SamplingSettings] | None = None, w: Any = (0.0, 1.0, 3.0),
+          aug_level: Any = None, mode: str = TEACHER_FORCED, rank_by: str | None = None,
+          num_samples: int | None = None, seed: int = 0, batch_size: int = 64, accelerator: Any = None,
           progress: bool = False) -> Sweep | None:
     """FID (and KID, consistency, class accuracy) of every stage at every (w, s) of `sweep_settings`.
+
+    settings: {stage: SamplingSettings} the grid varies (default: each stage's own; `CascadePipeline.settings`).
 
     teacher-forced: each SR stage takes the real low-resolution images (stages judged alone). cascaded: stages
     are swept in chain order and each SR stage takes the previous stage's samples at its best setting (the
@@ -574,17 +582,17 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
     if rank_by not in [n.name for n in feature_nets]:
         raise CascadeConfigError(f"rank_by: no feature network {rank_by!r}; use one of "
                                  f"{', '.join(n.name for n in feature_nets)}")
-    grid = sweep_settings(pipeline, w, aug_level)
+    base_settings = {sp.name: sp.settings for sp in pipeline.validate([0], settings).stages}
+    grid = sweep_settings(base_settings, w, aug_level)
     rank, world = _rank_world(accelerator)
-    low_resolutions = ([s.config.low_resolution for s in pipeline.stages if s.config.kind == "sr"]
+    low_resolutions = ([s.config.low_resolution for s in pipeline.stages if s.config.kind is StageKind.sr]
                        if mode == TEACHER_FORCED else [])
     data = load_eval_data(data_root, pipeline, num_samples=num_samples, batch_size=batch_size, rank=rank,
                           world_size=world, low_resolutions=low_resolutions)
     classes = sorted(set(data.labels.tolist()))
-    for name, settings in grid.items():  # every setting is checked before any sampling
-        for gw, s in settings:
-            pipeline.validate(classes, w={name: gw}, steps=steps, sampler=sampler, eta=eta,
-                              aug_level=None if s is None else {name: s}, batch_size=batch_size, seed=seed)
+    for name, tried in grid.items():  # every setting is checked against the chain before any sampling
+        for setting in tried:
+            pipeline.validate(classes, {name: setting}, batch_size=batch_size, seed=seed)
 
     records: list[dict[str, Any]] = []
     previous: torch.Tensor | None = None  # cascaded: this process's samples of the previous stage's best setting
@@ -592,7 +600,7 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
     with tqdm(total=total, desc=f"sweep (process {rank})", disable=not progress, unit="img") as bar:
         for i, stage in enumerate(pipeline.stages):
             best_fid, best_images = math.inf, None
-            for gw, s in grid[stage.name]:
+            for setting in grid[stage.name]:
                 if i == 0:
                     x_low = None
                 elif mode == TEACHER_FORCED:
@@ -605,9 +613,7 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
                     local = slice(chunk.start - data.samples.start, chunk.stop - data.samples.start)
                     images = pipeline.sample_stage(
                         stage.name, data.labels[chunk.start : chunk.stop], None if x_low is None else x_low[local],
-                        w={stage.name: gw}, steps=steps, sampler=sampler, eta=eta,
-                        aug_level=None if s is None else {stage.name: s}, seed=seed, batch_size=batch_size,
-                        start_index=chunk.start)
+                        setting, seed=seed, batch_size=batch_size, start_index=chunk.start)
                     collected.add_stage(mode, stage.name, images, None if x_low is None else x_low[local])
                     if mode == CASCADED:
                         outputs.append(images)
@@ -622,7 +628,7 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
                                             low_resolution=stage.config.low_resolution, seed=seed,
                                             batch_size=batch_size)
                     ranked = metrics["features"][rank_by]
-                    record = {"stage": stage.name, "guidance_weight": gw, "aug_level": s, "mode": mode,
+                    record = {"stage": stage.name, "w": setting.w, "aug_level": setting.aug_level, "mode": mode,
                               "feature_net": rank_by, "fid": ranked["fid"], "kid_mean": ranked["kid_mean"],
                               "kid_std": ranked["kid_std"], "class_accuracy": metrics["class_accuracy"],
                               "consistency_psnr": metrics.get("consistency_psnr"),
@@ -640,9 +646,7 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
         "mode": mode,
         "ranked_by": rank_by,
         "num_samples": data.num_samples,
-        "steps": steps,
-        "sampler": sampler,
-        "eta": eta,
+        "settings": {name: setting.to_dict() for name, setting in base_settings.items()},
         "seed": seed,
         "batch_size": batch_size,
         "num_processes": world,

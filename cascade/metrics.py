@@ -628,7 +628,7 @@ def write_report(
 def _check_records(records: Iterable[Mapping], metric: str) -> dict[str, list[Mapping]]:
     by_stage: dict[str, list[Mapping]] = {}
     for record in records:
-        missing = {"stage", "guidance_weight", metric, "feature_net"} - set(record)
+        missing = {"stage", "w", metric, "feature_net"} - set(record)
         if missing:
             raise ValueError(f"sweep record {dict(record)} lacks {sorted(missing)}")
         by_stage.setdefault(record["stage"], []).append(record)
@@ -644,7 +644,7 @@ def _check_records(records: Iterable[Mapping], metric: str) -> dict[str, list[Ma
 
 
 def best_setting(records: Iterable[Mapping], metric: str = "fid") -> dict[str, Mapping]:
-    """Per stage, the record with the lowest finite `metric`. Records: {"stage", "guidance_weight",
+    """Per stage, the record with the lowest finite `metric`. Records: {"stage", "w",
     "aug_level" (None for the base stage), metric, "feature_net"}."""
     best = {}
     for stage, stage_records in _check_records(records, metric).items():
@@ -667,8 +667,8 @@ def plot_sweep(records: Iterable[Mapping], path: str | Path, metric: str = "fid"
         net = stage_records[0]["feature_net"]
         winner = best[stage]
         for ax, x_key, group_key, x_name, group_name in (
-            (axes[row, 0], "guidance_weight", "aug_level", "guidance weight w", "s"),
-            (axes[row, 1], "aug_level", "guidance_weight", "augmentation level s", "w"),
+            (axes[row, 0], "w", "aug_level", "guidance weight w", "s"),
+            (axes[row, 1], "aug_level", "w", "augmentation level s", "w"),
         ):
             if x_key == "aug_level" and all(r.get("aug_level") is None for r in stage_records):
                 ax.text(0.5, 0.5, "no augmentation level (base stage)", ha="center", va="center")
@@ -696,7 +696,7 @@ def plot_sweep(records: Iterable[Mapping], path: str | Path, metric: str = "fid"
             ax.grid(alpha=0.3)
         s_text = "" if winner.get("aug_level") is None else f", s={winner['aug_level']}"
         axes[row, 0].set_title(
-            f"{stage}: best w={winner['guidance_weight']}{s_text}, "
+            f"{stage}: best w={winner['w']}{s_text}, "
             f"{title} [{net}]={float(winner[metric]):.2f}"
         )
     fig.tight_layout()

@@ -12,36 +12,25 @@ up to the rounding of batched convolutions.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
-import json
-import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from cascade.augment import condition_low_res
 from cascade.checkpoint import load_config, load_stage, resolve_checkpoint
-from cascade.config import StageConfig
+from cascade.config import SamplingSettings, StageConfig, StageKind
 from cascade.diffusion import aug_alpha_bar, aug_level_from_alpha_bar, space_timesteps
-from cascade.imageops import float_to_uint8
-from cascade.samplers import (
-    classifier_free_guidance,
-    classifier_guidance,
-    draw_noise,
-    sample_ddim,
-    sample_ddpm,
-)
+from cascade.samplers import SAMPLERS, classifier_free_guidance, classifier_guidance, draw_noise
 
 DEFAULT_CHAIN = ("base32", "sr64", "sr128", "sr256")
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim}
 PRECISIONS = ("fp32", "bf16")
 LABELS_KEY = "labels"
 
@@ -65,28 +54,19 @@ class LoadedStage:
 
 @dataclass
 class StagePlan:
-    """Resolved sampling settings of one stage."""
+    """One stage's part of a checked run: its settings and what they resolve to."""
 
     name: str
     resolution: int
-    w: float
-    steps: int | str | None  # as requested; None = every training timestep
+    settings: SamplingSettings
     timesteps: list[int]  # the kept timesteps on the training scale
-    aug_level: float | None = None  # SR stages: the level s the model is told
-    sampler: str = "ddpm"  # "ddpm" (ancestral, Algorithm 2) or "ddim"
+    aug_level: float | None = None  # SR stages: the level s the model is told (truncation moves it to ᾱ_k's)
     stop_at_index: int | None = None  # truncated: the respaced index whose z_k is handed over
     diffusion: Any = field(default=None, repr=False)  # the respaced diffusion
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "resolution": self.resolution,
-            "w": self.w,
-            "steps": self.steps,
-            "num_steps": len(self.timesteps),
-            "aug_level": self.aug_level,
-            "sampler": self.sampler,
-            "stop_at_index": self.stop_at_index,
-        }
+        return {**self.settings.to_dict(), "resolution": self.resolution, "num_steps": len(self.timesteps),
+                "aug_level": self.aug_level, "stop_at_index": self.stop_at_index}
 
 
 @dataclass
@@ -95,13 +75,8 @@ class SamplingPlan:
 
     classes: list[int]
     num_per_class: int
-    sampler: str | dict[str, str]  # as requested; each StagePlan holds its own
-    eta: float
-    truncate: bool
     seed: int
     batch_size: int | None
-    classifier: str | None
-    classifier_scale: float
     stages: list[StagePlan]
 
     @property
@@ -118,13 +93,8 @@ class SamplingPlan:
         return {
             "classes": self.classes,
             "num_per_class": self.num_per_class,
-            "sampler": self.sampler,
-            "eta": self.eta,
-            "truncate": self.truncate,
             "seed": self.seed,
             "batch_size": self.batch_size,
-            "classifier": self.classifier,
-            "classifier_scale": self.classifier_scale,
             "stages": {s.name: s.to_dict() for s in self.stages},
         }
 
@@ -167,15 +137,15 @@ def _check_chain(names: Sequence[str], configs: Sequence[Any]) -> None:
             raise CascadeConfigError(
                 f"stage {name}: its checkpoint holds stage {cfg.name!r}; give {name} a {name} checkpoint"
             )
-        if i == 0 and cfg.kind != "base":
+        if i == 0 and cfg.kind is not StageKind.base:
             raise CascadeConfigError(
-                f"stage {name}: the chain must start with a base stage, but {name} is a {cfg.kind} stage; "
+                f"stage {name}: the chain must start with a base stage, but {name} is a {cfg.kind.value} stage; "
                 "start with base32"
             )
-        if i > 0 and cfg.kind != "sr":
+        if i > 0 and cfg.kind is not StageKind.sr:
             raise CascadeConfigError(
                 f"stage {name}: only super-resolution stages can follow the base stage, but {name} is a "
-                f"{cfg.kind} stage; remove it from the chain"
+                f"{cfg.kind.value} stage; remove it from the chain"
             )
         if i > 0 and cfg.low_resolution != configs[i - 1].resolution:
             prev = names[i - 1]
@@ -199,18 +169,12 @@ def _per_stage(value: Any, names: Sequence[str], option: str) -> dict[str, Any]:
 
 
 def _respaced_timesteps(name: str, num_timesteps: int, steps: int | str | None) -> list[int]:
+    """The kept training timesteps for `SamplingSettings.steps` (its form already checked)."""
     if steps is None:
         return list(range(num_timesteps))
-    if isinstance(steps, bool) or not isinstance(steps, (int, str)):
-        raise CascadeConfigError(f"stage {name}: steps must be an int or a spacing string, got {steps!r}")
-    if isinstance(steps, int):
-        if steps < 1:
-            raise CascadeConfigError(f"stage {name}: steps must be a positive number of steps, got {steps}")
-        if steps > num_timesteps:
-            raise CascadeConfigError(
-                f"stage {name}: steps {steps} exceeds its {num_timesteps} training timesteps; "
-                f"use at most {num_timesteps}"
-            )
+    if isinstance(steps, int) and steps > num_timesteps:
+        raise CascadeConfigError(f"stage {name}: steps {steps} exceeds its {num_timesteps} training timesteps; "
+                                 f"use at most {num_timesteps}")
     try:
         return sorted(space_timesteps(num_timesteps, str(steps)))
     except ValueError as err:
@@ -219,14 +183,22 @@ def _respaced_timesteps(name: str, num_timesteps: int, steps: int | str | None) 
         ) from None
 
 
-def _number(what: str, value: Any, low: float, high: float | None = None) -> float:
-    """`value` as a float in [low, high]; `what` names it in the error ("stage sr64: w")."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CascadeConfigError(f"{what} must be a number, got {value!r}")
-    if not value >= low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise CascadeConfigError(f"{what} must be {bound}, got {value}")
-    return float(value)
+def _settings_for(stage: StageConfig, base: SamplingSettings, changes: Mapping[str, Any]) -> SamplingSettings:
+    """``base`` with ``changes``, checked for ``stage``; errors become one-line CascadeConfigErrors."""
+    try:
+        settings = dataclasses.replace(base, **changes)
+        settings.check_for(stage)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        raise CascadeConfigError(message if message.startswith(("stage ", "aug_level:")) else
+                                 f"stage {stage.name}: {message}") from None
+    return settings
+
+
+# Settings that only some kinds take: a single value for the whole chain goes to those stages alone.
+_ONLY_FOR = {"aug_level": StageKind.sr, "truncate": StageKind.sr, "classifier": StageKind.base,
+             "classifier_scale": StageKind.base}
+_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(SamplingSettings))
 
 
 def _check_start_index(start_index: Any) -> None:
@@ -328,9 +300,9 @@ class CascadePipeline:
         if key not in self._classifiers:
             ckpt, record, cfg = _read_checkpoint("classifier", path)
             base = self.stages[0].config
-            if cfg.kind != "classifier":
+            if cfg.kind is not StageKind.classifier:
                 raise CascadeConfigError(
-                    f"classifier: {path} holds a {cfg.kind} stage ({cfg.name}); pass a classifier checkpoint"
+                    f"classifier: {path} holds a {cfg.kind.value} stage ({cfg.name}); pass a classifier checkpoint"
                 )
             if cfg.resolution != base.resolution:
                 raise CascadeConfigError(
@@ -348,16 +320,39 @@ class CascadePipeline:
             self._place(self._classifiers[key].model)
         return self._classifiers[key]
 
-    def validate(self, classes: Sequence[int], *, num_per_class: int = 1, w: float | Mapping = 0.0,
-                 steps: int | str | Mapping | None = None, sampler: str | Mapping = "ddpm", eta: float = 0.0,
-                 aug_level: float | Mapping | None = None, truncate: bool = False,
-                 classifier: str | Path | None = None, classifier_scale: float = 0.0,
-                 batch_size: int | None = None, seed: int = 0) -> SamplingPlan:
+    def settings(self, **overrides: Any) -> dict[str, SamplingSettings]:
+        """Each stage's own default `SamplingSettings` (from its checkpoint) with ``overrides``.
+
+        An override is one value for every stage it applies to (``aug_level`` and ``truncate``: SR stages;
+        ``classifier`` and ``classifier_scale``: the base stage; the rest: all) or a {stage: value} dict
+        naming stages of the chain; a None value keeps the default. Raises CascadeConfigError (one line,
+        naming the stage) on an unknown setting or a bad value.
+        """
+        names = [s.name for s in self.stages]
+        unknown = sorted(set(overrides) - set(_SETTING_NAMES))
+        if unknown:
+            raise CascadeConfigError(f"unknown sampling setting(s) {', '.join(unknown)}; valid: "
+                                     f"{', '.join(_SETTING_NAMES)}")
+        per_stage = {key: _per_stage(value, names, key) for key, value in overrides.items()}
+        out = {}
+        for stage in self.stages:
+            changes = {}
+            for key, values in per_stage.items():
+                value = values[stage.name]
+                named = isinstance(overrides[key], Mapping)
+                if value is None or (not named and key in _ONLY_FOR and stage.config.kind is not _ONLY_FOR[key]):
+                    continue
+                changes[key] = value
+            out[stage.name] = _settings_for(stage.config, stage.config.sampling, changes)
+        return out
+
+    def validate(self, classes: Sequence[int], settings: Mapping[str, SamplingSettings] | None = None, *,
+                 num_per_class: int = 1, batch_size: int | None = None, seed: int = 0) -> SamplingPlan:
         """Every check before any sampling; returns the resolved plan or raises CascadeConfigError.
 
-        w, steps, sampler and aug_level are one value for all (SR) stages or a {stage: value} dict;
-        aug_level defaults to each SR stage's `aug.sample_aug_level`, steps to every training timestep,
-        sampler to "ddpm".
+        ``settings``: {stage: SamplingSettings} (see `settings`); a stage left out samples with its own
+        defaults. The checks here are those that need the chain: classes against every stage's class count,
+        steps against each stage's timesteps, the classifier checkpoint, truncation between stages.
         """
         names = [s.name for s in self.stages]
         if isinstance(classes, (int, str)) or not classes:
@@ -378,59 +373,30 @@ class CascadePipeline:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise CascadeConfigError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-        samplers = _per_stage(sampler, names, "sampler")
-        for name, value in samplers.items():
-            if value is not None and value not in SAMPLERS:
-                raise CascadeConfigError(
-                    f"stage {name}: sampler {value!r} is unknown; use one of {', '.join(SAMPLERS)}"
-                )
-        eta = _number("eta", eta, 0.0)
-        classifier_scale = _number(f"stage {names[0]}: classifier_scale", classifier_scale, 0.0)
-        if classifier_scale > 0 and classifier is None:
-            raise CascadeConfigError(
-                f"stage {names[0]}: classifier_scale {classifier_scale} needs a classifier checkpoint; "
-                "pass one (--classifier PATH)"
-            )
-        if classifier is not None:
-            n = self._classifier(classifier).config.num_classes
-            if max(classes) >= n or min(classes) < 0:
-                raise CascadeConfigError(f"classifier: knows {n} classes; choose classes in 0..{n - 1}")
-
-        ws = _per_stage(w, names, "w")
-        stepss = _per_stage(steps, names, "steps")
-        if isinstance(aug_level, Mapping) and names[0] in aug_level:
-            raise CascadeConfigError(
-                f"aug_level: stage {names[0]} is the base stage and takes no conditioning; name SR stages only"
-            )
-        augs = _per_stage(aug_level, names, "aug_level")
+        settings = dict(settings or {})
+        for name, value in settings.items():
+            if name not in names:
+                raise CascadeConfigError(f"settings: stage {name!r} is not in the chain ({', '.join(names)}); "
+                                         "drop it or add the stage")
+            if not isinstance(value, SamplingSettings):
+                raise CascadeConfigError(f"stage {name}: settings must be a SamplingSettings, got "
+                                         f"{type(value).__name__}")
         plans = []
         for stage in self.stages:
-            cfg = stage.config
-            timesteps = _respaced_timesteps(stage.name, stage.diffusion.num_timesteps, stepss[stage.name])
-            plan = StagePlan(
-                name=stage.name,
-                resolution=cfg.resolution,
-                w=_number(f"stage {stage.name}: w", 0.0 if ws[stage.name] is None else ws[stage.name], 0.0),
-                steps=stepss[stage.name],
-                timesteps=timesteps,
-                sampler=samplers[stage.name] or "ddpm",
-                diffusion=stage.diffusion.respace(timesteps),
-            )
-            if cfg.kind == "sr":
-                s = augs[stage.name]
-                plan.aug_level = _number(f"stage {stage.name}: aug_level", cfg.aug.sample_aug_level if s is None else s,
-                                         0.0, 1.0)
-            plans.append(plan)
-        if truncate:
-            for prev, nxt in itertools.pairwise(plans):
+            chosen = _settings_for(stage.config, settings.get(stage.name, stage.config.sampling), {})
+            if chosen.classifier:
+                n = self._classifier(chosen.classifier).config.num_classes
+                if max(classes) >= n or min(classes) < 0:
+                    raise CascadeConfigError(f"classifier: knows {n} classes; choose classes in 0..{n - 1}")
+            timesteps = _respaced_timesteps(stage.name, stage.diffusion.num_timesteps, chosen.steps)
+            plans.append(StagePlan(name=stage.name, resolution=stage.config.resolution, settings=chosen,
+                                   timesteps=timesteps, aug_level=chosen.aug_level,
+                                   diffusion=stage.diffusion.respace(timesteps)))
+        for prev, nxt in itertools.pairwise(plans):
+            if nxt.settings.truncate:
                 self._truncate(prev, nxt)
-        return SamplingPlan(
-            classes=[int(c) for c in classes], num_per_class=num_per_class,
-            sampler=dict(sampler) if isinstance(sampler, Mapping) else sampler, eta=eta,
-            truncate=bool(truncate), seed=seed, batch_size=batch_size,
-            classifier=None if classifier is None else str(classifier), classifier_scale=classifier_scale,
-            stages=plans,
-        )
+        return SamplingPlan(classes=[int(c) for c in classes], num_per_class=num_per_class, seed=seed,
+                            batch_size=batch_size, stages=plans)
 
     @staticmethod
     def _truncate(prev: StagePlan, nxt: StagePlan) -> None:
@@ -441,14 +407,16 @@ class CascadePipeline:
         prev.stop_at_index = k
         nxt.aug_level = float(aug_level_from_alpha_bar(alphas_cumprod[k : k + 1])[0])
 
-    def _guided(self, stage: LoadedStage, plan: StagePlan, run: SamplingPlan) -> Any:
-        model = stage.model
-        if plan.w > 0:  # eq. 17, batched conditional + null-class call
-            model = classifier_free_guidance(model, plan.w, stage.config.num_classes)
-        if stage is self.stages[0] and run.classifier is not None and run.classifier_scale > 0:  # eq. 16
-            classifier = self._classifier(run.classifier).model
-            model = classifier_guidance(model, classifier, plan.diffusion.original_alphas_cumprod,
-                                        run.classifier_scale)
+    def _guided(self, stage: LoadedStage, sp: StagePlan) -> Any:
+        """The stage's model wrapped for guidance: classifier-free (slides eq. 17; Ho & Salimans 2022 eq. 6)
+        and/or classifier guidance (slides eq. 16; Dhariwal & Nichol 2021 Algorithm 1)."""
+        model, settings = stage.model, sp.settings
+        if settings.w > 0:  # batched conditional + null-class call
+            model = classifier_free_guidance(model, settings.w, stage.config.num_classes)
+        if settings.classifier and settings.classifier_scale > 0:
+            classifier = self._classifier(settings.classifier).model
+            model = classifier_guidance(model, classifier, sp.diffusion.original_alphas_cumprod,
+                                        settings.classifier_scale)
         return model
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -462,10 +430,11 @@ class CascadePipeline:
         the plan is truncated); sample i draws its noise as sample start_index + i of the run."""
         n = len(labels)
         batch = plan.batch_size or n
-        model = self._guided(stage, sp, plan)
-        sample = SAMPLERS[sp.sampler]
-        if sp.sampler == "ddim":
-            sample = partial(sample, eta=plan.eta)
+        model = self._guided(stage, sp)
+        settings = sp.settings
+        options = {"clip_denoised": settings.clip_denoised, "dynamic_threshold": settings.dynamic_threshold}
+        if settings.sampler == "ddim":
+            options["eta"] = settings.eta
         steps_run = len(sp.timesteps) - (0 if sp.stop_at_index is None else sp.stop_at_index + 1)
         shape = (3, sp.resolution, sp.resolution)
         chunks = []
@@ -475,9 +444,9 @@ class CascadePipeline:
                 stop = min(start + batch, n)
                 idx = range(start_index + start, start_index + stop)  # the samples' indices in the run
                 kwargs: dict[str, torch.Tensor] = {"y": labels[start:stop].to(self.device)}
-                if stage.config.kind == "sr":
+                if stage.config.kind is StageKind.sr:
                     low = x_low[start:stop].to(self.device)
-                    if plan.truncate:  # z_k is already at the level s of ᾱ_k
+                    if settings.truncate:  # z_k is already at the level s of ᾱ_k
                         level = torch.full((len(idx),), sp.aug_level, device=self.device)
                     else:  # re-noise the clean input: x_s = √ᾱ(s)·x + √(1−ᾱ(s))·ε (contracts)
                         noise = _per_sample_noise(plan.seed, sp.name, _AUG_NOISE, idx, low.shape[1:])
@@ -486,9 +455,9 @@ class CascadePipeline:
                 x_T = _per_sample_noise(plan.seed, sp.name, _X_T, idx, shape).to(self.device)
                 generator = _per_sample_generators(plan.seed, sp.name, _STEP_NOISE, idx)
                 with self._autocast():
-                    x = sample(model, sp.diffusion, x_T=x_T, model_kwargs=kwargs,
-                               stop_at_index=sp.stop_at_index, generator=generator,
-                               callback=lambda *a, **k: bar.update(1))
+                    x = SAMPLERS[settings.sampler](model, sp.diffusion, x_T=x_T, model_kwargs=kwargs,
+                                                   stop_at_index=sp.stop_at_index, generator=generator,
+                                                   callback=lambda *a, **k: bar.update(1), **options)
                 chunks.append(x.float().cpu())
         return torch.cat(chunks)
 
@@ -508,14 +477,14 @@ class CascadePipeline:
         out[LABELS_KEY] = labels
         return out
 
-    def sample_stage(self, name: str, labels: Sequence[int] | torch.Tensor, x_low: torch.Tensor | None = None, *,
-                     w: float | Mapping = 0.0, steps: int | str | Mapping | None = None, sampler: str | Mapping = "ddpm",
-                     eta: float = 0.0, aug_level: float | Mapping | None = None, seed: int = 0,
-                     batch_size: int | None = None, start_index: int = 0, progress: bool = False) -> torch.Tensor:
+    def sample_stage(self, name: str, labels: Sequence[int] | torch.Tensor, x_low: torch.Tensor | None = None,
+                     settings: SamplingSettings | None = None, *, seed: int = 0, batch_size: int | None = None,
+                     start_index: int = 0, progress: bool = False) -> torch.Tensor:
         """Sample one stage alone: the base stage from noise, an SR stage from given clean low-resolution
         images `x_low` N×3×r×r (e.g. real ones: teacher forcing), re-noised to its level s exactly as `run`
-        re-noises the previous stage's output. Settings as in `validate`; returns N×3×R×R float32 CPU images,
-        equal to `run`'s images of that stage for the same labels, inputs, seed and start_index.
+        re-noises the previous stage's output. ``settings``: the stage's (default: its own; truncation does
+        not apply to a stage alone). Returns N×3×R×R float32 CPU images, equal to `run`'s images of that stage
+        for the same labels, inputs, settings, seed and start_index.
         """
         names = [s.name for s in self.stages]
         if name not in names:
@@ -527,68 +496,25 @@ class CascadePipeline:
         _check_start_index(start_index)
         stage = self.stages[names.index(name)]
         cfg = stage.config
-        if cfg.kind == "sr":
+        if cfg.kind is StageKind.sr:
             want = (len(labels), 3, cfg.low_resolution, cfg.low_resolution)
             if not isinstance(x_low, torch.Tensor) or tuple(x_low.shape) != want or not x_low.is_floating_point():
                 got = f"{tuple(x_low.shape)} {x_low.dtype}" if isinstance(x_low, torch.Tensor) else repr(x_low)
                 raise CascadeConfigError(f"stage {name}: x_low must be float images of shape {want} in [-1, 1], "
                                          f"got {got}")
         elif x_low is not None:
-            raise CascadeConfigError(f"stage {name}: is a {cfg.kind} stage and takes no x_low; pass None")
-        plan = self.validate(labels.tolist(), w=w, steps=steps, sampler=sampler, eta=eta, aug_level=aug_level,
-                             batch_size=batch_size, seed=seed)
+            raise CascadeConfigError(f"stage {name}: is a {cfg.kind.value} stage and takes no x_low; pass None")
+        chosen = settings if settings is not None else cfg.sampling
+        if isinstance(chosen, SamplingSettings) and chosen.truncate:
+            chosen = dataclasses.replace(chosen, truncate=False)
+        plan = self.validate(labels.tolist(), {name: chosen}, batch_size=batch_size, seed=seed)
         return self._sample_stage(stage, plan.stages[names.index(name)], plan, plan.labels, x_low,
                                   start_index=start_index, progress=progress)
 
-    def __call__(self, classes: Sequence[int], *, progress: bool = True, **settings: Any) -> dict[str, torch.Tensor]:
-        """Validate then sample; settings as in `validate`. Returns {stage: images, "labels": labels}."""
-        return self.run(self.validate(classes, **settings), progress=progress)
-
-
-def class_label(label: int, class_names: Sequence[str] | None = None) -> str:
-    """The class by name when known, else its index."""
-    return class_names[label] if class_names and label < len(class_names) else str(label)
-
-
-def sample_stem(label: int, index: int, class_names: Sequence[str] | None = None) -> str:
-    """File name stem `<class>_<index>`."""
-    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', class_label(label, class_names))}_{index}"
-
-
-def labelled_grid(outputs: Mapping[str, torch.Tensor], plan: SamplingPlan,
-                  class_names: Sequence[str] | None = None) -> Image.Image:
-    """One row per sample (grouped by class), one column per stage, each shown at the final size."""
-    cell = plan.stages[-1].resolution
-    font = ImageFont.load_default()
-    labels, indices = plan.labels.tolist(), plan.indices
-    row_labels = [f"{class_label(c, class_names)} #{i}" for c, i in zip(labels, indices)]
-    margin, header = 8 + int(max(font.getlength(t) for t in row_labels)), 20
-    grid = Image.new("RGB", (margin + cell * len(plan.stages), header + cell * len(labels)), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, sp in enumerate(plan.stages):
-        draw.text((margin + j * cell + 4, 4), f"{sp.name} ({sp.resolution}x{sp.resolution})", fill="black", font=font)
-        images = float_to_uint8(outputs[sp.name]).numpy()
-        for i, image in enumerate(images):
-            tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
-            grid.paste(tile, (margin + j * cell, header + i * cell))
-    for i, text in enumerate(row_labels):
-        draw.text((4, header + i * cell + 4), text, fill="black", font=font)
-    return grid
-
-
-def write_outputs(outputs: Mapping[str, torch.Tensor], plan: SamplingPlan, out_dir: str | Path, *,
-                  record: Mapping[str, Any], class_names: Sequence[str] | None = None) -> Path:
-    """Final PNGs `<out>/<class>_<index>.png`, every stage in `<out>/<stage>/`, `grid.png`, `settings.json`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stems = [sample_stem(c, i, class_names) for c, i in zip(plan.labels.tolist(), plan.indices)]
-    final = plan.stages[-1].name
-    for sp in plan.stages:
-        (out / sp.name).mkdir(exist_ok=True)
-        for stem, image in zip(stems, float_to_uint8(outputs[sp.name]).numpy()):
-            Image.fromarray(image).save(out / sp.name / f"{stem}.png")
-            if sp.name == final:
-                Image.fromarray(image).save(out / f"{stem}.png")
-    labelled_grid(outputs, plan, class_names).save(out / "grid.png")
-    (out / "settings.json").write_text(json.dumps(dict(record), indent=2, sort_keys=True))
-    return out
+    def __call__(self, classes: Sequence[int], *, num_per_class: int = 1, batch_size: int | None = None,
+                 seed: int = 0, progress: bool = True, **overrides: Any) -> dict[str, torch.Tensor]:
+        """Sample ``classes`` with each stage's defaults changed by ``overrides`` (as in `settings`, e.g.
+        ``w=3.0, steps={"base32": 50}``). Returns {stage: images, "labels": labels}."""
+        plan = self.validate(classes, self.settings(**overrides), num_per_class=num_per_class,
+                             batch_size=batch_size, seed=seed)
+        return self.run(plan, progress=progress)

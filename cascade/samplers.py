@@ -212,3 +212,9 @@ def classifier_guidance(model, classifier, alphas_cumprod, scale: float) -> Clas
     """Wrap `model` with classifier guidance; `alphas_cumprod` is the ORIGINAL (training) table, indexed by
     the original-scale timesteps the model receives (`diffusion.original_alphas_cumprod`)."""
     return ClassifierGuidance(model, classifier, alphas_cumprod, scale)
+
+
+# Every sampler by the name `SamplingSettings.sampler` and the command lines use; each takes
+# (model, diffusion, shape=None, x_T=None, *, model_kwargs, clip_denoised, dynamic_threshold, stop_at_index,
+# generator, progress, callback) and the DDIM family also eta.
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": sample_ddpm, "ddim": sample_ddim}

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from cascade import checkpoint
 from cascade.augment import augment_low_res, condition_low_res
 from cascade.build import build_diffusion, build_model
+from cascade.config import AugConfig, StageConfig, StageKind
 from cascade.data import make_stage_loader, read_dataset_info
 from cascade.diffusion import GaussianDiffusion
 from cascade.ema import EMA
@@ -158,25 +159,68 @@ def sample_timesteps(sampler: TimestepSampler, batch: int, device: torch.device)
     return sampler.sample(batch, device)
 
 
-def stage_loss(model, diffusion: GaussianDiffusion, stage, batch: dict[str, torch.Tensor],
-               sampler: TimestepSampler, p_uncond: float) -> dict[str, torch.Tensor]:
-    """The stage's training loss on one batch: {"loss": scalar, "per_sample": B, "t": B (+ "correct")}."""
-    x0, y = batch["x"], batch["y"]
-    t, weights = sample_timesteps(sampler, x0.shape[0], x0.device)
-    if stage.kind == "classifier":
-        x_t = diffusion.q_sample(x0, t, noise=torch.randn_like(x0))
-        logits = model(x_t, diffusion.model_timesteps(t))
+class DiffusionLoss:
+    """Training loss of a base stage: null-class dropout with probability p_uncond (Ho & Salimans 2022 §3.2),
+    then the diffusion's per-sample loss at t from the timestep sampler (L_simple, slides eq. 14 / Ho et al.
+    2020 eq. 14; or the hybrid L_simple + λ·L_vlb, Nichol & Dhariwal 2021 eq. 16), importance-weighted when
+    the sampler is not uniform. Returns {"loss": scalar, "per_sample": B, "t": B}."""
+
+    def __init__(self, diffusion: GaussianDiffusion, sampler: TimestepSampler, *, num_classes: int, p_uncond: float):
+        self.diffusion, self.sampler = diffusion, sampler
+        self.num_classes, self.p_uncond = num_classes, p_uncond
+
+    def conditioning(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"y": drop_labels(batch["y"], self.p_uncond, self.num_classes)}
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x0 = batch["x"]
+        t, weights = sample_timesteps(self.sampler, x0.shape[0], x0.device)
+        per_sample = self.diffusion.training_losses(model, x0, t, noise=torch.randn_like(x0),
+                                                    model_kwargs=self.conditioning(batch))["loss"]
+        loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+        return {"loss": loss, "per_sample": per_sample, "t": t}
+
+
+class SRDiffusionLoss(DiffusionLoss):
+    """Training loss of a super-resolution stage: `DiffusionLoss` with the low-resolution input conditioned by
+    Gaussian (and, per the stage, blur) augmentation at a random level s (Ho et al. 2021 "Cascaded Diffusion
+    Models" §3.2), which the model also receives."""
+
+    def __init__(self, diffusion: GaussianDiffusion, sampler: TimestepSampler, *, num_classes: int, p_uncond: float,
+                 aug: AugConfig):
+        super().__init__(diffusion, sampler, num_classes=num_classes, p_uncond=p_uncond)
+        self.aug = aug
+
+    def conditioning(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x_low, aug_level = augment_low_res(batch["x_low"], self.aug)
+        return {**super().conditioning(batch), "x_low": x_low, "aug_level": aug_level}
+
+
+class ClassifierLoss:
+    """Training loss of a noise-aware classifier (Dhariwal & Nichol 2021 §4.1): cross-entropy of the label on
+    x_t ~ q(x_t | x_0) at a random t. Returns {"loss", "per_sample": B, "t": B, "correct": count}."""
+
+    def __init__(self, diffusion: GaussianDiffusion, sampler: TimestepSampler):
+        self.diffusion, self.sampler = diffusion, sampler
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x0, y = batch["x"], batch["y"]
+        t, _ = sample_timesteps(self.sampler, x0.shape[0], x0.device)
+        x_t = self.diffusion.q_sample(x0, t, noise=torch.randn_like(x0))
+        logits = model(x_t, self.diffusion.model_timesteps(t))
         per_sample = F.cross_entropy(logits.float(), y, reduction="none")
         return {"loss": per_sample.mean(), "per_sample": per_sample, "t": t,
                 "correct": (logits.argmax(dim=1) == y).sum()}
-    model_kwargs = {"y": drop_labels(y, p_uncond, stage.num_classes)}
-    if stage.kind == "sr":
-        x_low, aug_level = augment_low_res(batch["x_low"], stage.aug)
-        model_kwargs.update(x_low=x_low, aug_level=aug_level)
-    per_sample = diffusion.training_losses(model, x0, t, noise=torch.randn_like(x0),
-                                           model_kwargs=model_kwargs)["loss"]
-    loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
-    return {"loss": loss, "per_sample": per_sample, "t": t}
+
+
+def make_stage_loss(stage: StageConfig, diffusion: GaussianDiffusion, sampler: TimestepSampler,
+                    p_uncond: float) -> DiffusionLoss | ClassifierLoss:
+    """The loss callable ``loss(model, batch)`` of the stage's kind, chosen once per run."""
+    if stage.kind is StageKind.classifier:
+        return ClassifierLoss(diffusion, sampler)
+    if stage.kind is StageKind.sr:
+        return SRDiffusionLoss(diffusion, sampler, num_classes=stage.num_classes, p_uncond=p_uncond, aug=stage.aug)
+    return DiffusionLoss(diffusion, sampler, num_classes=stage.num_classes, p_uncond=p_uncond)
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -251,6 +295,7 @@ class StageTrainer:
         model = build_model(self.stage)
         self.diffusion = build_diffusion(self.stage)
         self.sampler = make_timestep_sampler(self.stage.diffusion.timestep_sampler, self.diffusion.num_timesteps)
+        self.loss_fn = make_stage_loss(self.stage, self.diffusion, self.sampler, cfg.p_uncond)
         self.resume_from = self._resume_path()
         state = None
         if self.resume_from is not None:
@@ -403,7 +448,7 @@ class StageTrainer:
                   **{f"loss_q{i}": (q_sum[i] / q_count[i] if q_count[i] else None) for i in range(4)},
                   "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_sum / steps,
                   "img_per_s": images / seconds if seconds > 0 else None, "nan_skips": int(self.nan_total)}
-        if self.stage.kind == "classifier":
+        if self.stage.kind is StageKind.classifier:
             record["accuracy"] = float(win["correct"]) / max(float(win["seen"]), 1.0)
         self._check_nonfinite()
         if acc.is_main_process:
@@ -421,7 +466,7 @@ class StageTrainer:
             diffusion = self.diffusion.respace(str(self.cfg.sample_steps))
             generator = torch.Generator(self.device).manual_seed(self.run_cfg.seed)
             res = self.stage.resolution
-            if self.stage.kind == "base":
+            if self.stage.kind is StageKind.base:
                 classes = min(self.stage.num_classes, n)
                 y = torch.arange(classes, device=self.device).repeat_interleave(n)
                 images = sample_ddpm(self.ema.model, diffusion, (len(y), 3, res, res), model_kwargs={"y": y},
@@ -430,7 +475,7 @@ class StageTrainer:
             else:
                 val = {k: v.to(self.device) for k, v in self.val_batch.items()}
                 noise = torch.randn(val["x_low"].shape, generator=generator, device=self.device)
-                x_low, aug_level = condition_low_res(val["x_low"], self.stage.aug.sample_aug_level, noise=noise)
+                x_low, aug_level = condition_low_res(val["x_low"], self.stage.sampling.aug_level, noise=noise)
                 images = sample_ddpm(self.ema.model, diffusion, (len(val["y"]), 3, res, res), generator=generator,
                                      model_kwargs={"y": val["y"], "x_low": x_low, "aug_level": aug_level})
                 rows = torch.cat([upsample(val["x_low"], res), images, val["x"]])
@@ -450,7 +495,7 @@ class StageTrainer:
         for _ in range(cfg.grad_accum):
             batch = next(self.batches)
             with acc.accumulate(self.model):
-                out = stage_loss(self.model, self.diffusion, self.stage, batch, self.sampler, cfg.p_uncond)
+                out = self.loss_fn(self.model, batch)
                 acc.backward(out["loss"])
             per_sample, t = out["per_sample"].detach().float(), out["t"]
             if not isinstance(self.sampler, UniformSampler):  # importance sampling needs every rank's losses
@@ -488,7 +533,7 @@ class StageTrainer:
 
     def run(self) -> Path:
         cfg, acc = self.cfg, self.accelerator
-        wants_val = cfg.sample_every and self.stage.kind == "sr" and acc.is_main_process
+        wants_val = cfg.sample_every and self.stage.kind is StageKind.sr and acc.is_main_process
         self.val_batch = self._val_batch() if wants_val else None
         state = self.resume_state
         self._new_segment(self.step, rng=state["rng"] if state is not None else None)
@@ -526,5 +571,19 @@ def train_stage(stage, run: RunConfig, *, extra_config: dict[str, Any] | None = 
     return StageTrainer(stage, run, extra_config=extra_config).run()
 
 
-__all__ = ["NonFiniteLossError", "RunConfig", "StageTrainer", "TrainerConfig", "drop_labels", "make_accelerator",
-           "native_bf16", "resolve_mixed_precision", "segment_seed", "stage_loss", "train_stage"]
+__all__ = [
+    "ClassifierLoss",
+    "DiffusionLoss",
+    "NonFiniteLossError",
+    "RunConfig",
+    "SRDiffusionLoss",
+    "StageTrainer",
+    "TrainerConfig",
+    "drop_labels",
+    "make_accelerator",
+    "make_stage_loss",
+    "native_bf16",
+    "resolve_mixed_precision",
+    "segment_seed",
+    "train_stage",
+]

@@ -22,103 +22,105 @@ keep CDM's plain ε-prediction; set `unet.cond_skip_std` there to use it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from cascade.config import AugConfig, DiffusionConfig, StageConfig, UNetConfig
+from cascade.config import AugConfig, SamplingSettings, StageConfig, UNetConfig
 
 STAGE_NAMES = ("base32", "sr64", "sr128", "sr256", "classifier32")
 SIZES = ("tiny", "paper")
 
-_GAUSSIAN = AugConfig(s_max=0.3, blur_prob=0.0, sample_aug_level=0.1)
-_GAUSSIAN_BLUR = AugConfig(
-    s_max=0.3, blur_prob=0.5, blur_sigma=(0.4, 0.6), blur_kernel=3, sample_aug_level=0.1
-)
+# Conditioning augmentation in training (CDM §3.2): Gaussian s ~ U[0, 0.3]; sr128/sr256 also blur half the inputs.
+_GAUSSIAN = AugConfig(s_max=0.3)
+_GAUSSIAN_BLUR = AugConfig(s_max=0.3, blur_prob=0.5, blur_sigma=(0.4, 0.6), blur_kernel=3)
 
+# Tiny networks: 32-channel heads, 8 norm groups, attention at 8².
+_TINY = {"attention_resolutions": (8,), "head_channels": 32, "norm_groups": 8, "dropout": 0.0}
+# Paper networks: 64-channel heads, 32 norm groups, gradient checkpointing.
+_PAPER = {"head_channels": 64, "norm_groups": 32, "use_checkpoint": True}
 
-def _tiny(
-    model_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int | tuple[int, ...], **kw
-) -> UNetConfig:
-    return UNetConfig(
-        model_channels=model_channels,
-        channel_mult=channel_mult,
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=(8,),
-        head_channels=32,
-        norm_groups=8,
-        dropout=0.0,
-        **kw,
-    )
+# Sampling defaults of the tiny stages, the demo's measured settings: base32 guided (w = 3) ancestral at 40
+# steps; SR stages DDIM (the few-minute learned variance inflates few-step ancestral noise) at s = 0.03.
+_TINY_SR_SAMPLING = SamplingSettings(sampler="ddim", steps=10, aug_level=0.03)
+# Paper stages: CDM's setting, ancestral sampling over every step, no guidance, s = 0.1 for SR stages.
+_PAPER_SR_SAMPLING = SamplingSettings(aug_level=0.1)
 
-
-def _paper(
-    model_channels: int,
-    channel_mult: tuple[int, ...],
-    num_res_blocks: int,
-    attention_resolutions: tuple[int, ...],
-    dropout: float,
-) -> UNetConfig:
-    return UNetConfig(
-        model_channels=model_channels,
-        channel_mult=channel_mult,
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_resolutions,
-        head_channels=64,
-        norm_groups=32,
-        dropout=dropout,
-        use_checkpoint=True,
-    )
-
-
-# name → size → (kind, resolution, low_resolution, UNetConfig, AugConfig)
-_STAGES: dict[str, dict[str, Callable[[], tuple]]] = {
+_STAGES: dict[str, dict[str, StageConfig]] = {
     "base32": {
         # tiny: one cross-attention block to class tokens at 8² exercises eq. 15 at almost no cost
-        "tiny": lambda: (
-            "base",
-            32,
-            None,
-            _tiny(32, (1, 1, 2, 2), (1, 1, 2, 2), cross_attention_resolutions=(8,)),
-            AugConfig(),
+        "tiny": StageConfig(
+            name="base32", kind="base", resolution=32, low_resolution=None, num_classes=10,
+            unet=UNetConfig(model_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=(1, 1, 2, 2),
+                            cross_attention_resolutions=(8,), **_TINY),
+            sampling=SamplingSettings(sampler="ddpm", steps=40, w=3.0),
         ),
-        "paper": lambda: ("base", 32, None, _paper(256, (1, 2, 3, 4), 3, (16, 8), 0.1), AugConfig()),
+        "paper": StageConfig(
+            name="base32", kind="base", resolution=32, low_resolution=None, num_classes=10,
+            unet=UNetConfig(model_channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                            attention_resolutions=(16, 8), dropout=0.1, **_PAPER),
+        ),
     },
     "sr64": {
-        "tiny": lambda: ("sr", 64, 32, _tiny(12, (1, 2, 4, 8), (0, 1, 1, 2), cond_skip_std=0.08), _GAUSSIAN),
-        "paper": lambda: ("sr", 64, 32, _paper(192, (1, 2, 3, 4), 5, (16, 8), 0.1), _GAUSSIAN),
+        "tiny": StageConfig(
+            name="sr64", kind="sr", resolution=64, low_resolution=32, num_classes=10,
+            unet=UNetConfig(model_channels=12, channel_mult=(1, 2, 4, 8), num_res_blocks=(0, 1, 1, 2),
+                            cond_skip_std=0.08, **_TINY),
+            aug=_GAUSSIAN,
+            sampling=SamplingSettings(sampler="ddim", steps=15, w=1.0, aug_level=0.03),
+        ),
+        "paper": StageConfig(
+            name="sr64", kind="sr", resolution=64, low_resolution=32, num_classes=10,
+            unet=UNetConfig(model_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=5,
+                            attention_resolutions=(16, 8), dropout=0.1, **_PAPER),
+            aug=_GAUSSIAN, sampling=_PAPER_SR_SAMPLING,
+        ),
     },
     "sr128": {
-        "tiny": lambda: (
-            "sr", 128, 64, _tiny(8, (1, 2, 4, 4, 8), (0, 0, 1, 1, 2), cond_skip_std=0.08), _GAUSSIAN_BLUR
+        "tiny": StageConfig(
+            name="sr128", kind="sr", resolution=128, low_resolution=64, num_classes=10,
+            unet=UNetConfig(model_channels=8, channel_mult=(1, 2, 4, 4, 8), num_res_blocks=(0, 0, 1, 1, 2),
+                            cond_skip_std=0.08, **_TINY),
+            aug=_GAUSSIAN_BLUR, sampling=_TINY_SR_SAMPLING,
         ),
-        "paper": lambda: ("sr", 128, 64, _paper(128, (1, 2, 3, 4, 4), 3, (16,), 0.0), _GAUSSIAN_BLUR),
+        "paper": StageConfig(
+            name="sr128", kind="sr", resolution=128, low_resolution=64, num_classes=10,
+            unet=UNetConfig(model_channels=128, channel_mult=(1, 2, 3, 4, 4), num_res_blocks=3,
+                            attention_resolutions=(16,), dropout=0.0, **_PAPER),
+            aug=_GAUSSIAN_BLUR, sampling=_PAPER_SR_SAMPLING,
+        ),
     },
     "sr256": {
-        "tiny": lambda: (
-            "sr", 256, 128, _tiny(8, (1, 1, 2, 4, 4, 8), (0, 0, 0, 1, 1, 2), cond_skip_std=0.06), _GAUSSIAN_BLUR
+        "tiny": StageConfig(
+            name="sr256", kind="sr", resolution=256, low_resolution=128, num_classes=10,
+            unet=UNetConfig(model_channels=8, channel_mult=(1, 1, 2, 4, 4, 8), num_res_blocks=(0, 0, 0, 1, 1, 2),
+                            cond_skip_std=0.06, **_TINY),
+            aug=_GAUSSIAN_BLUR, sampling=_TINY_SR_SAMPLING,
         ),
-        "paper": lambda: ("sr", 256, 128, _paper(128, (1, 1, 2, 2, 4, 4), 2, (16,), 0.0), _GAUSSIAN_BLUR),
+        "paper": StageConfig(
+            name="sr256", kind="sr", resolution=256, low_resolution=128, num_classes=10,
+            unet=UNetConfig(model_channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                            attention_resolutions=(16,), dropout=0.0, **_PAPER),
+            aug=_GAUSSIAN_BLUR, sampling=_PAPER_SR_SAMPLING,
+        ),
     },
     "classifier32": {
-        "tiny": lambda: ("classifier", 32, None, _tiny(32, (1, 2, 2, 2), 1), AugConfig()),
-        "paper": lambda: ("classifier", 32, None, _paper(128, (1, 2, 3, 4), 2, (16, 8), 0.1), AugConfig()),
+        "tiny": StageConfig(
+            name="classifier32", kind="classifier", resolution=32, low_resolution=None, num_classes=10,
+            unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, **_TINY),
+        ),
+        "paper": StageConfig(
+            name="classifier32", kind="classifier", resolution=32, low_resolution=None, num_classes=10,
+            unet=UNetConfig(model_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                            attention_resolutions=(16, 8), dropout=0.1, **_PAPER),
+        ),
     },
 }
 
 
 def get_stage(name: str, size: str = "tiny", num_classes: int = 10) -> StageConfig:
-    """The stage ``name`` at preset ``size`` for ``num_classes`` classes."""
+    """The stage ``name`` at preset ``size`` for ``num_classes`` classes (a fresh copy: safe to modify).
+
+    Raises ValueError naming the valid choices for an unknown name or size.
+    """
     if name not in _STAGES:
         raise ValueError(f"unknown stage {name!r}; valid stages: {STAGE_NAMES}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; valid sizes: {SIZES}")
-    kind, resolution, low_resolution, unet, aug = _STAGES[name][size]()
-    return StageConfig(
-        name=name,
-        kind=kind,
-        resolution=resolution,
-        low_resolution=low_resolution,
-        num_classes=num_classes,
-        unet=unet,
-        diffusion=DiffusionConfig(),
-        aug=AugConfig(**vars(aug)),
-    )
+    return StageConfig.from_dict({**_STAGES[name][size].to_dict(), "num_classes": num_classes})

@@ -167,7 +167,7 @@ def test_sweep_writes_table_plot_and_best_flags(runs_root, shards, tmp_path, cap
     args[args.index("--steps") + 1] = "1"
     assert sweep_tool.main(args) == 0
     saved = json.loads((out / "sweep.json").read_text())
-    settings = {(r["stage"], r["guidance_weight"], r["aug_level"]) for r in saved["records"]}
+    settings = {(r["stage"], r["w"], r["aug_level"]) for r in saved["records"]}
     assert settings == {("base32", 0.0, None), ("base32", 2.0, None)} | {
         ("sr64", w, s) for w in (0.0, 2.0) for s in (0.0, 0.3)}
     assert all(_finite(r["fid"]) and r["feature_net"] == NET for r in saved["records"])

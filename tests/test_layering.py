@@ -29,7 +29,7 @@ print(len(names))
 
 
 def test_cascade_imports_without_stages():
-    done = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", _PROBE], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) >= 20  # every module was imported, not an empty package
 

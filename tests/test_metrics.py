@@ -254,12 +254,12 @@ def test_write_report(tmp_path):
 
 def test_sweep_plot_and_best_setting(tmp_path):
     records = [
-        {"stage": "base32", "guidance_weight": w, "aug_level": None, "fid": 10 - w, "feature_net": "toy"}
+        {"stage": "base32", "w": w, "aug_level": None, "fid": 10 - w, "feature_net": "toy"}
         for w in (0.0, 1.0, 3.0)
     ] + [
         {
             "stage": "sr64",
-            "guidance_weight": w,
+            "w": w,
             "aug_level": s,
             "fid": (w - 1) ** 2 + (s - 0.2) ** 2 + 1,
             "feature_net": "toy",
@@ -268,8 +268,8 @@ def test_sweep_plot_and_best_setting(tmp_path):
         for s in (0.0, 0.2, 0.5)
     ]
     best = best_setting(records)
-    assert (best["base32"]["guidance_weight"], best["base32"]["fid"]) == (3.0, 7.0)
-    assert (best["sr64"]["guidance_weight"], best["sr64"]["aug_level"]) == (1.0, 0.2)
+    assert (best["base32"]["w"], best["base32"]["fid"]) == (3.0, 7.0)
+    assert (best["sr64"]["w"], best["sr64"]["aug_level"]) == (1.0, 0.2)
     plot_sweep(records, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(tmp_path / "sweep.png") > 1000

@@ -73,7 +73,7 @@ def test_same_seed_same_images_other_seed_other_images(pipe_64):
 
 
 def test_starting_noise_does_not_depend_on_batch_size(pipe_base):
-    settings = {"num_per_class": 3, "steps": 2, "sampler": "ddim", "eta": 0.0, "seed": 2, "progress": False}
+    settings = {"num_per_class": 3, "steps": 2, "sampler": "ddim", "eta": 0.0, "w": 0.0, "seed": 2, "progress": False}
     spy = _Spy(pipe_base.stages[0].model)
     bare, pipe_base.stages[0].model = pipe_base.stages[0].model, spy
     try:
@@ -91,8 +91,8 @@ def test_ancestral_samples_do_not_depend_on_batch_size(pipe_64):
     settings = {"num_per_class": 3, "steps": 3, "sampler": "ddpm", "w": 1.0, "seed": 9, "progress": False}
     whole = pipe_64([0, 2], **settings)
     one_by_one = pipe_64([0, 2], batch_size=1, **settings)
-    later_half = pipe_64.run(pipe_64.validate([2], **{k: v for k, v in settings.items() if k != "progress"}),
-                             start_index=3, progress=False)
+    later_half = pipe_64.run(pipe_64.validate([2], pipe_64.settings(steps=3, sampler="ddpm", w=1.0), num_per_class=3,
+                                              seed=9), start_index=3, progress=False)
     for name in BASE_SR64:  # every noise of sample i is drawn from its own generators
         torch.testing.assert_close(whole[name], one_by_one[name], atol=1e-3, rtol=0)
         torch.testing.assert_close(whole[name][3:], later_half[name], atol=1e-3, rtol=0)
@@ -101,8 +101,8 @@ def test_ancestral_samples_do_not_depend_on_batch_size(pipe_64):
 
 def test_sampler_is_chosen_per_stage(pipe_64):
     settings = {"num_per_class": 1, "steps": 3, "seed": 4, "progress": False}
-    plan = pipe_64.validate([1], sampler={"sr64": "ddim"}, **{k: v for k, v in settings.items() if k != "progress"})
-    assert [sp.sampler for sp in plan.stages] == ["ddpm", "ddim"]
+    plan = pipe_64.validate([1], pipe_64.settings(sampler={"sr64": "ddim"}, steps=3), seed=4)
+    assert [sp.settings.sampler for sp in plan.stages] == ["ddpm", "ddim"]
     assert plan.to_dict()["stages"]["sr64"]["sampler"] == "ddim"
     mixed = pipe_64([1], sampler={"sr64": "ddim"}, **settings)
     all_ddpm = pipe_64([1], sampler="ddpm", **settings)
@@ -110,7 +110,8 @@ def test_sampler_is_chosen_per_stage(pipe_64):
     assert torch.equal(mixed["base32"], all_ddpm["base32"])  # the base stage kept the default ancestral sampler
     assert not torch.equal(mixed["base32"], all_ddim["base32"])
     # sr64 ran DDIM on the ancestral base sample: the same as sampling that stage alone with DDIM
-    alone = pipe_64.sample_stage("sr64", mixed["labels"], all_ddpm["base32"], sampler="ddim", steps=3, seed=4)
+    alone = pipe_64.sample_stage("sr64", mixed["labels"], all_ddpm["base32"],
+                                 pipe_64.settings(sampler="ddim", steps=3)["sr64"], seed=4)
     assert torch.equal(mixed["sr64"], alone)
 
 
@@ -137,8 +138,8 @@ def test_w_zero_calls_the_bare_model_with_the_labels(pipe_base):
 @pytest.mark.parametrize("truncate", [False, True])
 def test_augmentation_hands_over_the_right_level(pipe_64, truncate):
     s = 0.5
-    plan = pipe_64.validate([1], num_per_class=2, steps={"base32": 8, "sr64": 2}, aug_level={"sr64": s},
-                            truncate=truncate)
+    plan = pipe_64.validate([1], pipe_64.settings(steps={"base32": 8, "sr64": 2}, aug_level={"sr64": s}, w=0.0,
+                                                  truncate=truncate), num_per_class=2)
     base, sr = plan.stages
     spy = _Spy(pipe_64.stages[1].model)
     bare, pipe_64.stages[1].model = pipe_64.stages[1].model, spy
@@ -163,7 +164,8 @@ def test_augmentation_hands_over_the_right_level(pipe_64, truncate):
 
 
 def test_truncated_base_output_keeps_noise_of_level_k(pipe_64):
-    plan = pipe_64.validate([0], num_per_class=4, steps={"base32": 8, "sr64": 2}, aug_level=0.9, truncate=True)
+    plan = pipe_64.validate([0], pipe_64.settings(steps={"base32": 8, "sr64": 2}, aug_level=0.9, truncate=True),
+                            num_per_class=4)
     out = pipe_64.run(plan, progress=False)
     alpha_bar = float(plan.stages[0].diffusion.alphas_cumprod[plan.stages[0].stop_at_index])
     assert alpha_bar < 0.5
@@ -176,7 +178,7 @@ def test_classifier_guidance_runs_and_moves_the_sample(pipe_base, tiny_runs):
     settings = {"num_per_class": 2, "steps": 2, "seed": 3, "progress": False}
     plain = pipe_base([1], **settings)["base32"]
     _perturb(pipe_base._classifier(clf).model, seed=1)  # its zero-initialised head has ~zero gradients
-    guided = pipe_base([1], classifier=clf, classifier_scale=5.0, **settings)["base32"]
+    guided = pipe_base([1], classifier=str(clf), classifier_scale=5.0, **settings)["base32"]
     assert guided.shape == plain.shape and torch.isfinite(guided).all()
     assert (plain - guided).abs().max() > 1e-4
     assert any(str(p["path"]).startswith(str(clf)) for k, p in pipe_base.checkpoints().items() if "classifier" in k)
@@ -220,8 +222,9 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 )
 def test_bad_settings_fail_before_sampling_with_one_line(pipe_64, settings, expected):
     classes = settings.pop("classes", [1])
+    run = {k: settings.pop(k) for k in ("num_per_class", "batch_size") if k in settings}
     with pytest.raises(CascadeConfigError) as err:
-        pipe_64.validate(classes, **settings)
+        pipe_64.validate(classes, pipe_64.settings(**settings), **run)
     assert expected in _one_line(err)
 
 
@@ -248,7 +251,7 @@ def test_every_stage_needs_a_checkpoint(runs_root, tmp_path):
 
 def test_classifier_must_suit_the_base_stage(pipe_base, runs_root):
     with pytest.raises(CascadeConfigError) as err:
-        pipe_base.validate([1], classifier=runs_root / "sr64", classifier_scale=1.0)
+        pipe_base.validate([1], pipe_base.settings(classifier=str(runs_root / "sr64"), classifier_scale=1.0))
     assert "classifier:" in _one_line(err) and "pass a classifier checkpoint" in str(err.value)
 
 

@@ -109,7 +109,7 @@ def test_mixed_precision_auto_and_label_dropout():
 
 
 def test_auto_precision_follows_native_bf16(monkeypatch):
-    import cascade.train as train
+    from cascade import train
 
     monkeypatch.setattr(train, "native_bf16", lambda device: True)
     assert train.resolve_mixed_precision("auto", torch.device("cpu")) == "bf16"
@@ -189,18 +189,23 @@ def test_nonfinite_losses_are_skipped_then_stop(synthetic_shards, tmp_path, monk
     import stages
     from cascade import train
 
-    real_loss = train.stage_loss
+    real_make_loss = train.make_stage_loss
     calls = {"n": 0}
     bad_calls = {2, 3}  # steps 2 and 3 of the first run
 
-    def flaky_loss(*args, **kwargs):
-        calls["n"] += 1
-        out = real_loss(*args, **kwargs)
-        if calls["n"] in bad_calls:
-            out["loss"] = out["loss"] * float("nan")
-        return out
+    def flaky_make_loss(*args, **kwargs):
+        real_loss = real_make_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train, "stage_loss", flaky_loss)
+        def flaky_loss(model, batch):
+            calls["n"] += 1
+            out = real_loss(model, batch)
+            if calls["n"] in bad_calls:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        return flaky_loss
+
+    monkeypatch.setattr(train, "make_stage_loss", flaky_make_loss)
     stage = stages.get_stage("base32", "tiny", num_classes=SHARD_CLASSES)
     final = train.train_stage(stage, tiny_run_config(tmp_path / "skip", synthetic_shards, max_steps=4,
                                                      max_nan_in_row=3))

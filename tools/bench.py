@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 import stages
 from cascade.samplers import classifier_free_guidance, sample_ddim
 from cascade.timestep_sampler import UniformSampler
-from cascade.train import stage_loss
+from cascade.train import make_stage_loss
 
 BENCH_STAGES = ("base32", "sr64", "sr128", "sr256", "classifier32", "big32")
 DEFAULT_BATCH = {"base32": 32, "sr64": 16, "sr128": 8, "sr256": 4, "classifier32": 32, "big32": 16}
@@ -224,7 +224,7 @@ def matched_diffusers(cfg, target_flops: int) -> tuple[nn.Module, dict]:
 # ------------------------------------------------------------------------------------------ one config
 
 def run_config(model_name: str, stage_name: str, mode: str, batch: int, steps: int, repeats: int,
-               sample_steps: int, device_name: str, threads: int | None, cfg_scale: float) -> dict:
+               sample_steps: int, device_name: str, threads: int | None, w: float) -> dict:
     """Measure one (model, mode) in this process; returns a JSON-able dict."""
     if threads:
         torch.set_num_threads(threads)
@@ -264,7 +264,7 @@ def run_config(model_name: str, stage_name: str, mode: str, batch: int, steps: i
 
     def train_step():
         with _autocast(device, opts["bf16"]):
-            loss = stage_loss(runner, diffusion, cfg, batch_data, sampler, p_uncond=0.1)["loss"]
+            loss = make_stage_loss(cfg, diffusion, sampler, p_uncond=0.1)(runner, batch_data)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -288,7 +288,7 @@ def run_config(model_name: str, stage_name: str, mode: str, batch: int, steps: i
         result["train_memory_growth_mib"] = (rss_peak - rss_before) / 1024
     if cfg.kind != "classifier" and sample_steps > 0:
         model.eval()
-        guided = classifier_free_guidance(runner, cfg_scale, cfg.num_classes)
+        guided = classifier_free_guidance(runner, w, cfg.num_classes)
         respaced = diffusion.respace(f"ddim{sample_steps}")
         kwargs = {"y": batch_data["y"]}
         if cfg.low_resolution:
@@ -345,7 +345,7 @@ def _cpu_name() -> str:
 def _spawn(args: argparse.Namespace, model: str, stage: str, mode: str, batch: int) -> dict:
     spec = {"model": model, "stage": stage, "mode": mode, "batch": batch, "steps": args.steps,
             "repeats": args.repeats, "sample_steps": args.sample_steps, "device": args.device,
-            "threads": args.threads, "cfg_scale": args.cfg_scale}
+            "threads": args.threads, "w": args.w}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
                           capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode != 0:
@@ -400,7 +400,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="repeats (the median is reported)")
     parser.add_argument("--sample-steps", type=int, default=4, help="DDIM steps timed for sampling (0: skip)")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance weight w")
+    parser.add_argument("--w", type=float, default=1.0, help="classifier-free guidance weight w")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--compare", choices=["diffusers"], default=None)
@@ -413,7 +413,7 @@ def main(argv=None) -> dict:
     if args.worker:
         s = json.loads(args.worker)
         result = run_config(s["model"], s["stage"], s["mode"], s["batch"], s["steps"], s["repeats"],
-                            s["sample_steps"], s["device"], s["threads"], s["cfg_scale"])
+                            s["sample_steps"], s["device"], s["threads"], s["w"])
         print(json.dumps(result))
         return result
     if args.quick:

@@ -26,7 +26,7 @@ from cascade.cli_args import (
     load_evaluation_inputs,
     parse_choices,
     report_error,
-    sampler_settings,
+    sampler_overrides,
 )
 from cascade.evaluation import MODES, evaluate
 from cascade.pipeline import DEFAULT_CHAIN, CascadeConfigError
@@ -50,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(cpu=args.device == "cpu")
     try:
         modes = parse_choices(args.modes, MODES, "--modes", what="mode")
-        settings = sampler_settings(args)
+        overrides = sampler_overrides(args)
         pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
         evaluation = evaluate(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
-                              num_samples=args.num_samples, modes=modes, **settings, seed=args.seed,
+                              settings=pipe.settings(**overrides), num_samples=args.num_samples, modes=modes,
+                              seed=args.seed,
                               batch_size=args.batch_size, accelerator=accelerator,
                               progress=accelerator.is_main_process, baselines=args.baselines)
     except CascadeConfigError as err:

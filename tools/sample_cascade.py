@@ -4,7 +4,8 @@
     python tools/sample_cascade.py --classes 1,7 --w base32=3,sr64=1 --steps 50 --stages base32,sr64
     python tools/sample_cascade.py --classes 3 --truncate --aug-level sr64=0.2 --ckpt sr64=runs/sr64-b
 
-Writes to --out: `<class>_<index>.png` (final stage), `<stage>/<class>_<index>.png` (every stage),
+Every sampling setting left out is the stage's own default, stored in its checkpoint (`SamplingSettings`), so
+`--classes 1,7` alone samples each stage as it samples best. Writes to --out: `<class>_<index>.png` (final stage), `<stage>/<class>_<index>.png` (every stage),
 `grid.png` (rows = samples by class, columns = stages) and `settings.json`. Bad inputs give one line on
 stderr and exit code 2.
 """
@@ -23,15 +24,10 @@ from cascade.cli_args import (
     parse_classes,
     parse_stage_list,
     report_error,
-    sampler_settings,
+    sampler_overrides,
 )
-from cascade.pipeline import (
-    DEFAULT_CHAIN,
-    PRECISIONS,
-    CascadeConfigError,
-    CascadePipeline,
-    write_outputs,
-)
+from cascade.outputs import write_outputs
+from cascade.pipeline import DEFAULT_CHAIN, PRECISIONS, CascadeConfigError, CascadePipeline
 
 PROG = "sample_cascade"
 
@@ -46,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint of one stage (run dir, checkpoints dir or step dir); repeatable")
     add_sampler_arguments(p)
     p.add_argument("--classifier", default=None, metavar="PATH", help="classifier checkpoint for the base stage")
-    p.add_argument("--classifier-scale", type=float, default=0.0, help="classifier guidance scale (default 0)")
+    p.add_argument("--classifier-scale", type=float, default=0.0,
+                   help="classifier guidance scale (default 0; needs --classifier)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: all at once)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -61,15 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         chain = parse_stage_list(args.stages, stages.STAGE_NAMES)
         pipe = CascadePipeline.from_runs(args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt),
                                          device=args.device or default_device(), precision=args.precision)
-        plan = pipe.validate(
-            parse_classes(args.classes),
-            num_per_class=args.num_per_class,
-            **sampler_settings(args),
-            classifier=args.classifier,
-            classifier_scale=args.classifier_scale,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
+        overrides = sampler_overrides(args)
+        if args.classifier is not None:
+            overrides.update(classifier=args.classifier, classifier_scale=args.classifier_scale)
+        elif args.classifier_scale:
+            overrides["classifier_scale"] = args.classifier_scale
+        plan = pipe.validate(parse_classes(args.classes), pipe.settings(**overrides),
+                             num_per_class=args.num_per_class, batch_size=args.batch_size, seed=args.seed)
     except CascadeConfigError as err:
         return report_error(PROG, err)
     outputs = pipe.run(plan, progress=True)

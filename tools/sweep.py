@@ -24,7 +24,7 @@ from cascade.cli_args import (
     add_sampler_arguments,
     load_evaluation_inputs,
     report_error,
-    sampler_settings,
+    sampler_overrides,
 )
 from cascade.evaluation import MODES, TEACHER_FORCED, sweep
 from cascade.pipeline import CascadeConfigError
@@ -48,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     accelerator = Accelerator(cpu=args.device == "cpu")
     try:
-        settings = sampler_settings(args, grid=True)
+        grid = sampler_overrides(args, grid=True)
+        w, aug_level = grid.pop("w", None), grid.pop("aug_level", None)
         pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
-        result = sweep(pipe, args.data, feature_nets=feature_nets, classifier=classifier, mode=args.mode,
-                       rank_by=args.rank_by, num_samples=args.num_samples, **settings, seed=args.seed,
+        result = sweep(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
+                       settings=pipe.settings(**grid), w=w, aug_level=aug_level, mode=args.mode,
+                       rank_by=args.rank_by, num_samples=args.num_samples, seed=args.seed,
                        batch_size=args.batch_size, accelerator=accelerator, progress=accelerator.is_main_process)
     except CascadeConfigError as err:
         return report_error(PROG, err) if accelerator.is_main_process else 2
