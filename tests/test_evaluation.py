@@ -29,7 +29,12 @@ from cascade.pipeline import CascadeConfigError
 ROOT = Path(__file__).resolve().parents[1]
 NET = "classifier32-features"
 CHAIN = ("base32", "sr64")
-FAST = {"num_samples": 4, "batch_size": 2, "steps": 2, "seed": 1}
+FAST = {"num_samples": 4, "batch_size": 2, "seed": 1}
+
+
+def _settings(pipe, **overrides):
+    """Every stage at 2 respaced steps (fast), plus ``overrides``."""
+    return pipe.settings(steps=2, **overrides)
 
 
 def _load_tool(name: str):
@@ -72,17 +77,18 @@ def test_process_slices_are_whole_batches_and_cover_every_sample():
 def test_slices_sampled_apart_equal_the_whole_run_and_sample_stage_equals_run(loaded):
     pipe = loaded[0]
     labels = [2, 0, 1, 1, 0]
-    settings = {"steps": 2, "w": 1.0, "aug_level": 0.2, "seed": 3, "batch_size": 2}
-    whole = pipe.run(pipe.validate(labels, **settings), progress=False)
-    parts = [pipe.run(pipe.validate(labels[s], **settings), progress=False, start_index=s.start)
+    settings = pipe.settings(steps=2, w=1.0, aug_level=0.2)
+    run = {"seed": 3, "batch_size": 2}
+    whole = pipe.run(pipe.validate(labels, settings, **run), progress=False)
+    parts = [pipe.run(pipe.validate(labels[s], settings, **run), progress=False, start_index=s.start)
              for s in (slice(0, 2), slice(2, 5))]
     for name in CHAIN:
         assert torch.equal(whole[name], torch.cat([p[name] for p in parts]))
     # One SR stage on given inputs (teacher forcing) takes run()'s code path: the same images.
-    alone = pipe.sample_stage("sr64", labels, whole["base32"], **settings)
+    alone = pipe.sample_stage("sr64", labels, whole["base32"], settings["sr64"], **run)
     assert torch.equal(alone, whole["sr64"])
     with pytest.raises(CascadeConfigError, match="x_low must be float images of shape"):
-        pipe.sample_stage("sr64", labels, whole["base32"][:, :, :16, :16], **settings)
+        pipe.sample_stage("sr64", labels, whole["base32"][:, :, :16, :16], settings["sr64"], **run)
     with pytest.raises(CascadeConfigError, match="stage sr128: not in the chain"):
         pipe.sample_stage("sr128", labels)
 
@@ -90,7 +96,7 @@ def test_slices_sampled_apart_equal_the_whole_run_and_sample_stage_equals_run(lo
 def test_both_modes_report_finite_metrics_and_the_cache_is_reused(loaded, runs_root, shards, tmp_path,  # noqa: F811
                                                                   capsys):
     pipe, nets, classifier = loaded
-    result = evaluate(pipe, shards, feature_nets=nets, classifier=classifier, w=1.0, **FAST)
+    result = evaluate(pipe, shards, feature_nets=nets, classifier=classifier, settings=_settings(pipe, w=1.0), **FAST)
     for stage in CHAIN:
         for mode in (TEACHER_FORCED, CASCADED):
             metrics = result.results[stage][mode]
@@ -132,7 +138,7 @@ def test_patch_fid_and_bicubic_baseline_rows(runs_root, shards, tmp_path):  # no
     pipe, nets, classifier = load_for_evaluation(runs_root, CHAIN, patch_features=True)
     assert [n.name for n in nets] == [NET, f"{NET}-patch32"]
     result = evaluate(pipe, shards, feature_nets=nets, classifier=classifier, modes=[TEACHER_FORCED],
-                      baselines=True, **FAST)
+                      baselines=True, settings=_settings(pipe), **FAST)
     assert list(result.results) == ["base32", "sr64", "sr64 (bicubic)"]
     patch = result.results["sr64"][TEACHER_FORCED]["features"][f"{NET}-patch32"]
     assert patch["num_fake"] == 4 * 4 and _finite(patch["fid"]) and "is_mean" not in patch  # 2×2 patches of 64²
@@ -155,8 +161,8 @@ def test_patch_fid_and_bicubic_baseline_rows(runs_root, shards, tmp_path):  # no
 
 def test_truncated_chain_leaves_out_the_noisy_handover(loaded, shards):
     pipe, nets, classifier = loaded
-    result = evaluate(pipe, shards, feature_nets=nets, classifier=classifier, modes=[CASCADED], truncate=True,
-                      aug_level=0.5, **FAST)
+    result = evaluate(pipe, shards, feature_nets=nets, classifier=classifier, modes=[CASCADED],
+                      settings=_settings(pipe, truncate=True, aug_level=0.5), **FAST)
     assert set(result.results) == {"sr64"} and "consistency_psnr" not in result.results["sr64"][CASCADED]
     assert "base32: cascaded metrics left out" in result.meta["notes"][0]
 

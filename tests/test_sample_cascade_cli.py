@@ -13,7 +13,8 @@ from PIL import Image
 from test_pipeline import runs_root  # noqa: F401  (fixture: the folder of the tiny trained runs)
 
 from cascade.cli_args import parse_ckpt_pairs, parse_stage_values, steps_value
-from cascade.pipeline import CascadeConfigError, sample_stem
+from cascade.outputs import sample_stem
+from cascade.pipeline import CascadeConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "sample_cascade.py"
@@ -63,7 +64,7 @@ def test_stages_option_stops_the_chain_early(runs_root, tmp_path, capsys):  # no
     assert sorted(p.name for p in out.glob("*.png")) == sorted([f"{s}.png" for s in stems] + ["grid.png"])
     assert Image.open(out / f"{stems[1]}.png").size == (64, 64)
     assert not (out / "sr128").exists()
-    assert settings["truncate"] and settings["stages"]["base32"]["stop_at_index"] is not None
+    assert settings["stages"]["sr64"]["truncate"] and settings["stages"]["base32"]["stop_at_index"] is not None
     assert [settings["stages"][n]["sampler"] for n in ("base32", "sr64")] == ["ddpm", "ddim"]
 
 
