@@ -32,15 +32,18 @@ from cascade.checkpoint import load_config, load_stage, resolve_checkpoint
 from cascade.diffusion import aug_alpha_bar, aug_level_from_alpha_bar, space_timesteps
 from cascade.imageops import float_to_uint8
 from cascade.samplers import (
+    check_guidance_interval,
     classifier_free_guidance,
     classifier_guidance,
     draw_noise,
     sample_ddim,
     sample_ddpm,
+    sample_dpmpp2m,
+    sample_heun,
 )
 
 DEFAULT_CHAIN = ("base32", "sr64", "sr128", "sr256")
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim}
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp2m": sample_dpmpp2m, "heun": sample_heun}
 PRECISIONS = ("fp32", "bf16")
 LABELS_KEY = "labels"
 
@@ -72,8 +75,9 @@ class StagePlan:
     steps: int | str | None  # as requested; None = every training timestep
     timesteps: list[int]  # the kept timesteps on the training scale
     aug_level: float | None = None  # SR stages: the level s the model is told
-    sampler: str = "ddpm"  # "ddpm" (ancestral, Algorithm 2) or "ddim"
+    sampler: str = "ddpm"  # a key of SAMPLERS: "ddpm" (ancestral, Algorithm 2), "ddim", "dpmpp2m", "heun"
     stop_at_index: int | None = None  # truncated: the respaced index whose z_k is handed over
+    guidance_interval: tuple[float, float] | None = None  # CFG only for t_lo <= t <= t_hi (None: every t)
     diffusion: Any = field(default=None, repr=False)  # the respaced diffusion
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +89,7 @@ class StagePlan:
             "aug_level": self.aug_level,
             "sampler": self.sampler,
             "stop_at_index": self.stop_at_index,
+            "guidance_interval": None if self.guidance_interval is None else list(self.guidance_interval),
         }
 
 
@@ -353,12 +358,14 @@ class CascadePipeline:
                  steps: int | str | Mapping | None = None, sampler: str | Mapping = "ddpm", eta: float = 0.0,
                  aug_level: float | Mapping | None = None, truncate: bool = False,
                  classifier: str | Path | None = None, classifier_scale: float = 0.0,
-                 batch_size: int | None = None, seed: int = 0) -> SamplingPlan:
+                 batch_size: int | None = None, seed: int = 0,
+                 guidance_interval: Sequence[float] | Mapping | None = None) -> SamplingPlan:
         """Every check before any sampling; returns the resolved plan or raises CascadeConfigError.
 
         w, steps, sampler and aug_level are one value for all (SR) stages or a {stage: value} dict;
         aug_level defaults to each SR stage's `aug.sample_aug_level`, steps to every training timestep,
-        sampler to "ddpm".
+        sampler to "ddpm". guidance_interval: (t_lo, t_hi) on each stage's training timestep scale, one
+        pair for all stages or a {stage: pair} dict; None applies guidance at every t.
         """
         names = [s.name for s in self.stages]
         if isinstance(classes, (int, str)) or not classes:
@@ -404,6 +411,7 @@ class CascadePipeline:
                 f"aug_level: stage {names[0]} is the base stage and takes no conditioning; name SR stages only"
             )
         augs = _per_stage(aug_level, names, "aug_level")
+        intervals = _per_stage(guidance_interval, names, "guidance_interval")
         plans = []
         for stage in self.stages:
             cfg = stage.config
@@ -417,6 +425,10 @@ class CascadePipeline:
                 sampler=samplers[stage.name] or "ddpm",
                 diffusion=stage.diffusion.respace(timesteps),
             )
+            try:
+                plan.guidance_interval = check_guidance_interval(intervals[stage.name], stage.diffusion.num_timesteps)
+            except ValueError as err:
+                raise CascadeConfigError(f"stage {stage.name}: {err}") from None
             if cfg.kind == "sr":
                 s = augs[stage.name]
                 plan.aug_level = _number(f"stage {stage.name}: aug_level", cfg.aug.sample_aug_level if s is None else s,
@@ -445,11 +457,12 @@ class CascadePipeline:
     def _guided(self, stage: LoadedStage, plan: StagePlan, run: SamplingPlan) -> Any:
         model = stage.model
         if plan.w > 0:  # eq. 17, batched conditional + null-class call
-            model = classifier_free_guidance(model, plan.w, stage.config.num_classes)
+            model = classifier_free_guidance(model, plan.w, stage.config.num_classes, plan.guidance_interval,
+                                             stage.diffusion.num_timesteps)
         if stage is self.stages[0] and run.classifier is not None and run.classifier_scale > 0:  # eq. 16
             classifier = self._classifier(run.classifier).model
             model = classifier_guidance(model, classifier, plan.diffusion.original_alphas_cumprod,
-                                        run.classifier_scale)
+                                        run.classifier_scale, stage.diffusion.prediction)
         return model
 
     def _autocast(self) -> contextlib.AbstractContextManager:

@@ -13,6 +13,8 @@ SCHEDULES = ("linear", "cosine")
 MODEL_VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSSES = ("simple", "hybrid")
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
+PREDICTIONS = ("eps", "v", "x0")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -34,7 +36,7 @@ class UNetConfig:
     dropout: float = 0.0
     norm_groups: int = 32
     use_checkpoint: bool = False
-    # SR only: ε = network + E[ε | x_t] under x_0 ~ N(upsampled input, σ²); σ = this (0 = off)
+    # SR only: output = network + E[target | x_t] under x_0 ~ N(upsampled input, σ²); σ = this (0 = off)
     cond_skip_std: float = 0.0
 
     def __post_init__(self) -> None:
@@ -54,7 +56,8 @@ class UNetConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Forward process and loss: β schedule, T, variance type, loss (hybrid = simple + λ·L_vlb)."""
+    """Forward process and loss: β schedule, T, variance type, loss (hybrid = simple + λ·L_vlb), what the
+    network predicts (ε, v or x_0) and the MSE's weighting over t (uniform or Min-SNR-γ)."""
 
     schedule: str = "cosine"
     num_timesteps: int = 1000
@@ -62,12 +65,20 @@ class DiffusionConfig:
     loss: str = "hybrid"
     vlb_weight: float = 0.001
     timestep_sampler: str = "uniform"
+    prediction: str = "eps"  # eps | v (Salimans & Ho 2022) | x0
+    loss_weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # γ of min_snr, > 0
 
     def __post_init__(self) -> None:
         _check_choice("diffusion.schedule", self.schedule, SCHEDULES)
         _check_choice("diffusion.model_var_type", self.model_var_type, MODEL_VAR_TYPES)
         _check_choice("diffusion.loss", self.loss, LOSSES)
         _check_choice("diffusion.timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
+        _check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
+        _check_choice("diffusion.loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        if isinstance(self.min_snr_gamma, bool) or not isinstance(self.min_snr_gamma, (int, float)) \
+                or not self.min_snr_gamma > 0:
+            raise ValueError(f"diffusion.min_snr_gamma must be a number > 0, got {self.min_snr_gamma!r}")
         if self.num_timesteps < 1:
             raise ValueError(f"diffusion.num_timesteps must be positive, got {self.num_timesteps}")
         if self.loss == "hybrid" and self.model_var_type != "learned_range":
