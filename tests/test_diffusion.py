@@ -390,7 +390,7 @@ def test_eps_v_x0_conversions_round_trip():
     torch.testing.assert_close(eps_from_v(x_t, v, ab), eps)
     torch.testing.assert_close(xstart_from_eps(x_t, eps, ab), x0)
     torch.testing.assert_close(eps_from_xstart(x_t, x0, ab), eps)
-    # (x_t, v) is (x_0, ε) rotated by the angle φ with cos φ = √ᾱ (Salimans & Ho 2022, fig. 1): norms agree
+    # (x_t, v) is (x_0, ε) rotated by the angle φ with cos φ = √ᾱ (Salimans & Ho 2022, appendix D): norms agree
     torch.testing.assert_close(v**2 + x_t**2, eps**2 + x0**2)
     for prediction in PREDICTIONS:
         out = prediction_from_xstart_eps(x0, eps, ab, prediction)
