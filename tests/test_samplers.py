@@ -503,7 +503,7 @@ def test_checkpoint_trained_with_v_prediction_samples_from_the_checkpoint_alone(
     import stages
     from cascade.checkpoint import latest_checkpoint, load_stage
     from cascade.train import train_stage
-    from tests.conftest import SHARD_CLASSES, tiny_run_config
+    from conftest import SHARD_CLASSES, tiny_run_config
 
     small = {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
              "norm_groups": 4, "head_channels": 8}
