@@ -8,11 +8,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cascade.classifier import NoisyClassifier
 from cascade.config import StageConfig, StageKind
+from cascade.precond import ConditioningSkip
 from cascade.unet import UNet
 
 
 def build_model(cfg: StageConfig) -> nn.Module:
-    """The stage's network: a UNet (base, sr) or a NoisyClassifier (classifier), freshly initialized."""
+    """The stage's network, freshly initialized: a UNet (base, sr; wrapped in a ConditioningSkip when
+    ``unet.cond_skip_std`` > 0) or a NoisyClassifier (classifier)."""
     u = cfg.unet
     common = {
         "resolution": cfg.resolution,
@@ -32,17 +34,17 @@ def build_model(cfg: StageConfig) -> nn.Module:
                 "the classifier has no class input: unet.cross_attention_resolutions must be empty"
             )
         return NoisyClassifier(**common)
-    skip = {}
-    if u.cond_skip_std:
-        skip = {"cond_skip_std": u.cond_skip_std, "alphas_cumprod": build_diffusion(cfg).alphas_cumprod}
-    return UNet(
+    unet = UNet(
         **common,
         out_channels=6 if cfg.diffusion.learn_sigma else 3,
         low_resolution=cfg.low_resolution,
         cross_attention_resolutions=u.cross_attention_resolutions,
         num_class_tokens=u.num_class_tokens,
-        **skip,
     )
+    if not u.cond_skip_std:
+        return unet
+    return ConditioningSkip(unet, u.cond_skip_std, build_diffusion(cfg).alphas_cumprod,
+                            prediction=cfg.diffusion.prediction)
 
 
 def build_diffusion(cfg: StageConfig):
@@ -55,6 +57,9 @@ def build_diffusion(cfg: StageConfig):
         model_var_type=d.model_var_type,
         loss_type=d.loss,
         vlb_weight=d.vlb_weight,
+        prediction=d.prediction,
+        loss_weighting=d.loss_weighting,
+        min_snr_gamma=d.min_snr_gamma,
     )
 
 

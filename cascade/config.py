@@ -32,6 +32,8 @@ SCHEDULES = ("linear", "cosine")
 MODEL_VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSSES = ("simple", "hybrid")
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
+PREDICTIONS = ("eps", "v", "x0")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -53,7 +55,7 @@ class UNetConfig:
     dropout: float = 0.0
     norm_groups: int = 32
     use_checkpoint: bool = False
-    # SR only: ε = network + E[ε | x_t] under x_0 ~ N(upsampled input, σ²); σ = this (0 = off)
+    # SR only: output = network + E[target | x_t] under x_0 ~ N(upsampled input, σ²); σ = this (0 = off)
     cond_skip_std: float = 0.0
 
     def __post_init__(self) -> None:
@@ -73,7 +75,8 @@ class UNetConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Forward process and loss: β schedule, T, variance type, loss (hybrid = simple + λ·L_vlb)."""
+    """Forward process and loss: β schedule, T, variance type, loss (hybrid = simple + λ·L_vlb), what the
+    network predicts (ε, v or x_0) and the MSE's weighting over t (uniform or Min-SNR-γ)."""
 
     schedule: str = "cosine"
     num_timesteps: int = 1000
@@ -81,12 +84,20 @@ class DiffusionConfig:
     loss: str = "hybrid"
     vlb_weight: float = 0.001
     timestep_sampler: str = "uniform"
+    prediction: str = "eps"  # eps | v (Salimans & Ho 2022) | x0
+    loss_weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # γ of min_snr, > 0
 
     def __post_init__(self) -> None:
         _check_choice("diffusion.schedule", self.schedule, SCHEDULES)
         _check_choice("diffusion.model_var_type", self.model_var_type, MODEL_VAR_TYPES)
         _check_choice("diffusion.loss", self.loss, LOSSES)
         _check_choice("diffusion.timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
+        _check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
+        _check_choice("diffusion.loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        if isinstance(self.min_snr_gamma, bool) or not isinstance(self.min_snr_gamma, (int, float)) \
+                or not self.min_snr_gamma > 0:
+            raise ValueError(f"diffusion.min_snr_gamma must be a number > 0, got {self.min_snr_gamma!r}")
         if self.num_timesteps < 1:
             raise ValueError(f"diffusion.num_timesteps must be positive, got {self.num_timesteps}")
         if self.loss == "hybrid" and self.model_var_type != "learned_range":
@@ -141,6 +152,8 @@ class SamplingSettings:
       et al. 2022 §2.3) instead, or None.
     - ``classifier`` / ``classifier_scale``: base stage only: a noise-aware classifier checkpoint and its
       guidance scale ≥ 0 (Dhariwal & Nichol 2021 "Diffusion Models Beat GANs" Algorithm 1).
+    - ``guidance_interval``: (t_lo, t_hi) on the training timestep scale, 0 ≤ t_lo ≤ t_hi < T: classifier-free
+      guidance only there, the plain conditional prediction elsewhere (Kynkäänniemi et al. 2024); None: every t.
 
     Raises ValueError (one line naming the setting) on a bad value; checks that need the stage (SR-only
     settings, steps beyond T) are `check_for`'s.
@@ -156,6 +169,7 @@ class SamplingSettings:
     dynamic_threshold: float | None = None
     classifier: str | None = None
     classifier_scale: float = 0.0
+    guidance_interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         from cascade.samplers import SAMPLERS
@@ -185,12 +199,22 @@ class SamplingSettings:
             object.__setattr__(self, name, float(value))
         if self.dynamic_threshold == 0.0:
             raise ValueError("dynamic_threshold must be in (0, 1] or None, got 0")
+        if self.guidance_interval is not None:
+            interval = tuple(self.guidance_interval)
+            if len(interval) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in interval) \
+                    or not 0 <= interval[0] <= interval[1]:
+                raise ValueError(f"guidance_interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi, got "
+                                 f"{self.guidance_interval!r}")
+            object.__setattr__(self, "guidance_interval", (float(interval[0]), float(interval[1])))
         if self.classifier_scale > 0 and not self.classifier:
             raise ValueError(f"classifier_scale {self.classifier_scale:g} needs a classifier checkpoint; pass one "
                              "(--classifier PATH)")
 
     def check_for(self, stage: StageConfig) -> None:
-        """Raise ValueError (naming the stage) when a setting does not apply to ``stage``'s kind."""
+        """Raise ValueError (naming the stage) when a setting does not apply to ``stage``'s kind or timesteps."""
+        if self.guidance_interval is not None and not self.guidance_interval[1] < stage.diffusion.num_timesteps:
+            raise ValueError(f"stage {stage.name}: guidance_interval {list(self.guidance_interval)} must lie in "
+                             f"[0, {stage.diffusion.num_timesteps}) (its training timesteps)")
         if stage.kind is StageKind.sr:
             if self.aug_level is None:
                 raise ValueError(f"stage {stage.name}: an SR stage needs sampling.aug_level in [0, 1]")
@@ -205,7 +229,11 @@ class SamplingSettings:
                 raise ValueError(f"stage {stage.name}: truncate applies to SR stages only")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-able dict (the interval as a list)."""
+        d = dataclasses.asdict(self)
+        if d["guidance_interval"] is not None:
+            d["guidance_interval"] = list(d["guidance_interval"])
+        return d
 
 
 _NESTED = {"unet": UNetConfig, "diffusion": DiffusionConfig, "aug": AugConfig, "sampling": SamplingSettings}

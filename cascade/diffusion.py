@@ -2,7 +2,8 @@
 parametrizations, training losses, the variational bound and timestep respacing.
 
 Pure math: nothing here knows about networks, data or training. A model is any callable
-`model(x_t, t, **model_kwargs)` returning ε (C channels) or ε‖v (2C channels, learned variance).
+`model(x_t, t, **model_kwargs)` returning its prediction (C channels) or prediction‖v (2C channels, learned
+variance), where the prediction is ε, v = √ᾱ·ε − √(1−ᾱ)·x_0 or x_0 (`prediction` = "eps", "v", "x0").
 Timesteps are 0-indexed, t ∈ {0..T-1} (index t is the slides' t+1). All tables are float64 torch tensors
 on the CPU; values are gathered per timestep and cast to the dtype/device of the tensor they act on.
 Equation numbers refer to the lecture slides (shared/reference/diffusion-slides.md).
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 SCHEDULES = ("linear", "cosine")
 MODEL_VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES = ("simple", "hybrid")
+PREDICTIONS = ("eps", "v", "x0")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 _COSINE_S = 0.008  # offset s of the cosine schedule (Improved DDPM)
 _MAX_BETA = 0.999  # cosine schedule clip
@@ -183,6 +186,112 @@ def apply_dynamic_threshold(pred_xstart: torch.Tensor, percentile: float) -> tor
 
 
 # ----------------------------------------------------------------------------------------------------
+# Prediction types: ε, v and x_0 are affine in one another given x_t (a = √ᾱ_t, s = √(1 − ᾱ_t))
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_prediction(prediction: str) -> str:
+    """`prediction` if it is one of PREDICTIONS, else a one-line ValueError."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTIONS}")
+    return prediction
+
+
+def _scales(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+
+def v_from_xstart_eps(x_start: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """v = √ᾱ·ε − √(1−ᾱ)·x_0 (Salimans & Ho 2022 'Progressive Distillation', sec. 4).
+
+    alpha_bar: ᾱ_t broadcastable against the images (e.g. B×1×1×1), in (0, 1]."""
+    a, s = _scales(alpha_bar)
+    # v ≡ α_t·ε − σ_t·x (Salimans & Ho 2022, sec. 4 / appendix D).
+    return a * eps - s * x_start
+
+
+def xstart_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x_0 = (x_t − √(1−ᾱ)·ε)/√ᾱ, eq. 2 solved for x_0 (ᾱ > 0)."""
+    a, s = _scales(alpha_bar)
+    # x_0 = (x_t − √(1 − ᾱ_t)·ε)/√ᾱ_t (eq. 2 inverted).
+    return (x_t - s * eps) / a
+
+
+def eps_from_xstart(x_t: torch.Tensor, x_start: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """ε = (x_t − √ᾱ·x_0)/√(1−ᾱ), eq. 2 solved for ε (ᾱ < 1)."""
+    a, s = _scales(alpha_bar)
+    # ε = (x_t − √ᾱ_t·x_0)/√(1 − ᾱ_t) (eq. 2 inverted).
+    return (x_t - a * x_start) / s
+
+
+def xstart_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x_0 = √ᾱ·x_t − √(1−ᾱ)·v (Salimans & Ho 2022, sec. 4); exact for every ᾱ ∈ [0, 1]."""
+    a, s = _scales(alpha_bar)
+    # x̂ = α_t·z_t − σ_t·v̂ (Salimans & Ho 2022, sec. 4, with α² + σ² = 1).
+    return a * x_t - s * v
+
+
+def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """ε = √(1−ᾱ)·x_t + √ᾱ·v (Salimans & Ho 2022, sec. 4); exact for every ᾱ ∈ [0, 1]."""
+    a, s = _scales(alpha_bar)
+    # ε̂ = σ_t·z_t + α_t·v̂ (Salimans & Ho 2022, appendix D).
+    return s * x_t + a * v
+
+
+def prediction_to_xstart_eps(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
+                             prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_0, ε) implied by a network's mean output in `prediction` space ("eps", "v" or "x0") at x_t."""
+    if check_prediction(prediction) == "eps":
+        return xstart_from_eps(x_t, output, alpha_bar), output
+    if prediction == "v":
+        return xstart_from_v(x_t, output, alpha_bar), eps_from_v(x_t, output, alpha_bar)
+    return output, eps_from_xstart(x_t, output, alpha_bar)
+
+
+def prediction_from_xstart_eps(x_start: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor,
+                               prediction: str) -> torch.Tensor:
+    """The network output in `prediction` space for a consistent pair (x_0, ε) at level ᾱ."""
+    if check_prediction(prediction) == "eps":
+        return eps
+    if prediction == "v":
+        return v_from_xstart_eps(x_start, eps, alpha_bar)
+    return x_start
+
+
+def eps_shift_in_prediction(delta_eps: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The change of a `prediction`-space output at fixed x_t when its implied ε changes by `delta_eps`.
+
+    ∂ε/∂ε = 1; x_0 = (x_t − √(1−ᾱ)·ε)/√ᾱ gives ∂x_0/∂ε = −√(1−ᾱ)/√ᾱ; v = (ε − √(1−ᾱ)·x_t)/√ᾱ (from
+    ε = √(1−ᾱ)·x_t + √ᾱ·v) gives ∂v/∂ε = 1/√ᾱ. Used by classifier guidance (eq. 16), which shifts ε̂."""
+    a, s = _scales(alpha_bar)
+    if check_prediction(prediction) == "eps":
+        return delta_eps
+    if prediction == "v":
+        return delta_eps / a
+    return -s / a * delta_eps
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-γ loss weight on the MSE in `prediction` space (Hang et al. 2023, "Efficient Diffusion
+    Training via Min-SNR Weighting Strategy").
+
+    Min-SNR-γ weights the x_0-space error by min(SNR_t, γ), SNR_t = ᾱ_t/(1 − ᾱ_t). At fixed x_t the
+    errors are proportional: ε − ε̂ = (√ᾱ/√(1−ᾱ))·(x̂_0 − x_0), so ‖ε − ε̂‖² = SNR·‖x_0 − x̂_0‖²; and
+    v − v̂ = √ᾱ(ε − ε̂) − √(1−ᾱ)(x_0 − x̂_0) = (x̂_0 − x_0)/√(1−ᾱ), so ‖v − v̂‖² = (SNR + 1)·‖x_0 − x̂_0‖²
+    (1/(1−ᾱ) = 1 + SNR). Dividing min(SNR, γ) by those factors gives the weight on each MSE:
+    ε: min(SNR, γ)/SNR, v: min(SNR, γ)/(SNR + 1), x_0: min(SNR, γ). Raises ValueError unless γ > 0.
+    """
+    if not gamma > 0:
+        raise ValueError(f"min_snr_gamma must be > 0, got {gamma}")
+    clipped = torch.clamp(snr, max=gamma)  # min(SNR_t, γ) on the x_0-space MSE (Hang et al. 2023, Min-SNR-γ)
+    if check_prediction(prediction) == "eps":
+        return clipped / snr
+    if prediction == "v":
+        return clipped / (snr + 1)
+    return clipped
+
+
+# ----------------------------------------------------------------------------------------------------
 # The diffusion
 # ----------------------------------------------------------------------------------------------------
 
@@ -191,14 +300,20 @@ class GaussianDiffusion:
     """A discrete Gaussian diffusion with T steps and its reverse-process parametrization.
 
     betas: β_1..β_T (any array-like, each in (0, 1)). model_var_type: 'fixed_small' (Σ = β̃_t),
-    'fixed_large' (Σ = β_t) or 'learned_range' (network outputs ε‖v, Σ = exp(v·log β_t + (1−v)·log β̃_t)
-    with v mapped from [−1, 1] to [0, 1]). loss_type: 'simple' (Algorithm 1) or 'hybrid'
-    (L_simple + λ·L_vlb, needs 'learned_range'). vlb_weight: λ. timestep_map / original_alphas_cumprod:
+    'fixed_large' (Σ = β_t, with β̃_1 at t = 0 as in DDPM / Improved DDPM) or 'learned_range' (network
+    outputs prediction‖v, Σ = exp(v·log β_t + (1−v)·log β̃_t) with v mapped from [−1, 1] to [0, 1]; the
+    variance channels do not depend on the prediction type). loss_type: 'simple' (Algorithm 1) or 'hybrid'
+    (L_simple + λ·L_vlb, needs 'learned_range'). vlb_weight: λ. prediction: what the network's mean
+    channels predict, 'eps' (ε, DDPM), 'v' (√ᾱ·ε − √(1−ᾱ)·x_0, Salimans & Ho 2022) or 'x0'.
+    loss_weighting: 'uniform' (the plain MSE in the prediction's space; L_simple for ε) or 'min_snr'
+    (Min-SNR-γ, Hang et al. 2023, with γ = min_snr_gamma > 0). timestep_map / original_alphas_cumprod:
     set by `respace`; the model is always called with timesteps on the original training scale.
+    Raises ValueError naming the setting for any value outside these choices.
     """
 
     def __init__(self, betas, model_var_type: str = "fixed_small", loss_type: str = "simple",
-                 vlb_weight: float = 0.001, *, timestep_map=None, original_alphas_cumprod=None):
+                 vlb_weight: float = 0.001, *, prediction: str = "eps", loss_weighting: str = "uniform",
+                 min_snr_gamma: float = 5.0, timestep_map=None, original_alphas_cumprod=None):
         betas = np.asarray(betas.detach().cpu() if isinstance(betas, torch.Tensor) else betas,
                            dtype=np.float64)
         if betas.ndim != 1 or betas.size < 1:
@@ -213,6 +328,14 @@ class GaussianDiffusion:
             raise ValueError("the hybrid loss trains the variance: it needs model_var_type='learned_range'")
         if not vlb_weight >= 0:
             raise ValueError(f"vlb_weight must be >= 0, got {vlb_weight}")
+        check_prediction(prediction)
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss_weighting {loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        self.prediction = prediction
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.vlb_weight = float(vlb_weight)
@@ -239,6 +362,16 @@ class GaussianDiffusion:
         self.log_betas = table(np.log(betas))
         self.posterior_variance = table(posterior_variance)
         self.posterior_log_variance_clipped = table(np.log(np.append(clip_to, posterior_variance[1:])))
+        # fixed_large: Σ_t = β_t, except Σ_0 = β̃_1 for a better decoder likelihood (Ho et al. 2020 'DDPM'
+        # code; Nichol & Dhariwal 2021 'Improved DDPM', the posterior_log_variance_clipped convention).
+        large_variance = np.append(clip_to, betas[1:])
+        self.large_variance = table(large_variance)
+        self.large_log_variance = table(np.log(large_variance))
+        # SNR_t = ᾱ_t/(1 − ᾱ_t) (Kingma et al. 2021 'VDM'); its loss weight per the prediction type.
+        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        self.snr = table(snr)
+        self.loss_weights = (min_snr_weight(self.snr, self.min_snr_gamma, prediction)
+                             if loss_weighting == "min_snr" else torch.ones_like(self.snr))
         # μ̃_t = coef1·x_0 + coef2·x_t (eq. 9).
         self.posterior_mean_coef1 = table(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod))
         self.posterior_mean_coef2 = table((1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod))
@@ -256,21 +389,24 @@ class GaussianDiffusion:
     @classmethod
     def from_config(cls, schedule: str = "linear", num_timesteps: int = 1000,
                     model_var_type: str = "fixed_small", loss: str = "simple",
-                    vlb_weight: float = 0.001) -> GaussianDiffusion:
+                    vlb_weight: float = 0.001, prediction: str = "eps", loss_weighting: str = "uniform",
+                    min_snr_gamma: float = 5.0) -> GaussianDiffusion:
         """Build from the fields of a DiffusionConfig (schedule name instead of betas)."""
         return cls(make_betas(schedule, num_timesteps), model_var_type=model_var_type, loss_type=loss,
-                   vlb_weight=vlb_weight)
+                   vlb_weight=vlb_weight, prediction=prediction, loss_weighting=loss_weighting,
+                   min_snr_gamma=min_snr_gamma)
 
     def __repr__(self) -> str:
         return (f"GaussianDiffusion(num_timesteps={self.num_timesteps}, model_var_type={self.model_var_type!r}, "
-                f"loss_type={self.loss_type!r}, vlb_weight={self.vlb_weight}, "
+                f"loss_type={self.loss_type!r}, vlb_weight={self.vlb_weight}, prediction={self.prediction!r}, "
+                f"loss_weighting={self.loss_weighting!r}, min_snr_gamma={self.min_snr_gamma}, "
                 f"respaced={self.num_timesteps != len(self.original_alphas_cumprod)})")
 
     # -- helpers -------------------------------------------------------------------------------------
 
     @property
     def out_channels_factor(self) -> int:
-        """Model output channels per image channel: 2 for learned variance (ε‖v), else 1."""
+        """Model output channels per image channel: 2 for learned variance (prediction‖v), else 1."""
         return 2 if self.model_var_type == "learned_range" else 1
 
     def _check_t(self, t, x: torch.Tensor) -> torch.Tensor:
@@ -365,6 +501,32 @@ class GaussianDiffusion:
         return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
                 / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
 
+    def predict_xstart_eps(self, x_t: torch.Tensor, t, model_mean: torch.Tensor):
+        """(x̂_0, ε̂) from the mean channels of a model output in this diffusion's prediction space.
+
+        'eps': x̂_0 from eq. 2 inverted; 'v': x̂_0 = √ᾱ·x_t − √(1−ᾱ)·v̂, ε̂ = √(1−ᾱ)·x_t + √ᾱ·v̂
+        (Salimans & Ho 2022, sec. 4); 'x0': ε̂ from eq. 2 inverted. Neither is clipped."""
+        t = self._check_t(t, x_t)
+        if self.prediction == "eps":
+            return self.predict_xstart_from_eps(x_t, t, model_mean), model_mean
+        if self.prediction == "x0":
+            return model_mean, self.predict_eps_from_xstart(x_t, t, model_mean)
+        a = self._extract("sqrt_alphas_cumprod", t, x_t)
+        s = self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
+        # x̂ = α_t·z_t − σ_t·v̂ and ε̂ = σ_t·z_t + α_t·v̂ (Salimans & Ho 2022, sec. 4).
+        return a * x_t - s * model_mean, s * x_t + a * model_mean
+
+    def training_target(self, x_start: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+        """What the mean channels regress onto for x_t = q_sample(x_start, t, noise): ε, v or x_0."""
+        t = self._check_t(t, x_start)
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x_start
+        # v = α_t·ε − σ_t·x_0 (Salimans & Ho 2022, sec. 4).
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * noise
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start)
+
     # -- reverse process ---------------------------------------------------------------------------
 
     def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t, clip_denoised: bool = True,
@@ -373,10 +535,10 @@ class GaussianDiffusion:
 
         Returns a dict with `mean`, `variance`, `log_variance`, `pred_xstart` (x̂_0, clipped to [−1, 1] when
         `clip_denoised`, or dynamically thresholded at percentile `dynamic_threshold` ∈ (0, 1], which
-        takes precedence) and `eps` (the predicted ε, before any clipping).
+        takes precedence) and `eps` (the predicted ε, before any clipping), for any prediction type.
         """
         t = self._check_t(t, x_t)
-        eps, v = self._split_output(model_output, x_t)
+        model_mean, v = self._split_output(model_output, x_t)
         if self.model_var_type == "learned_range":
             min_log = self._extract("posterior_log_variance_clipped", t, x_t)
             max_log = self._extract("log_betas", t, x_t)
@@ -385,12 +547,12 @@ class GaussianDiffusion:
             log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
         else:
-            # fixed_small: Σ = β̃_t (eq. 9); fixed_large: Σ = β_t (eq. 1).
+            # fixed_small: Σ = β̃_t (eq. 9); fixed_large: Σ = β_t (eq. 1), β̃_1 at t = 0 (Improved DDPM).
             small = self.model_var_type == "fixed_small"
-            variance = self._extract("posterior_variance" if small else "betas", t, x_t).expand_as(x_t)
-            log_variance = self._extract("posterior_log_variance_clipped" if small else "log_betas",
+            variance = self._extract("posterior_variance" if small else "large_variance", t, x_t).expand_as(x_t)
+            log_variance = self._extract("posterior_log_variance_clipped" if small else "large_log_variance",
                                          t, x_t).expand_as(x_t)
-        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
+        pred_xstart, eps = self.predict_xstart_eps(x_t, t, model_mean)
         if dynamic_threshold is not None:
             pred_xstart = apply_dynamic_threshold(pred_xstart, dynamic_threshold)
         elif clip_denoised:
@@ -431,28 +593,32 @@ class GaussianDiffusion:
                         model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
         """Per-sample training losses at timesteps t (indices of this diffusion).
 
-        Returns `loss`, `mse` (mean over dimensions of ‖ε − ε_θ‖², Algorithm 1) and `vb` (the VLB term in
-        bits/dim with a stop-gradient mean, so it only trains the variance; zeros for the simple loss).
-        Hybrid: loss = mse + λ·T·vb (λ = 0.001 reproduces improved-diffusion's vb·T/1000). Importance
-        weights from a timestep sampler are applied by the caller.
+        Returns `loss`, `mse` (mean over dimensions of ‖target − output‖² in the prediction's space: ε as in
+        Algorithm 1, v or x_0; unweighted), `weight` (the loss weighting's per-sample weight, 1 for
+        'uniform') and `vb` (the VLB term in bits/dim with a stop-gradient mean, so it only trains the
+        variance; zeros for the simple loss). loss = weight·mse, plus λ·T·vb for the hybrid loss
+        (λ = 0.001 reproduces improved-diffusion's vb·T/1000). Importance weights from a timestep sampler
+        are applied by the caller.
         """
         t = self._check_t(t, x_start)
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
         model_output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
-        eps, v = self._split_output(model_output, x_t)
-        # L_simple = ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² (Algorithm 1), averaged over dimensions.
-        mse = mean_flat((noise - eps) ** 2)
+        model_mean, v = self._split_output(model_output, x_t)
+        # L_simple = ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² (Algorithm 1), or its v / x_0 analogue, per dimension.
+        mse = mean_flat((self.training_target(x_start, t, noise) - model_mean) ** 2)
+        weight = self._extract("loss_weights", t, mse.view(-1, 1)).view(-1)
+        # Weighted MSE: w_t·‖target − output‖², w_t = 1 (uniform) or the Min-SNR-γ weight (Hang et al. 2023).
+        loss = weight * mse
         if self.loss_type == "hybrid":
-            frozen = torch.cat([eps.detach(), v], dim=1)
+            frozen = torch.cat([model_mean.detach(), v], dim=1)
             vb = self.vb_terms_bpd(frozen, x_start, x_t, t, clip_denoised=False)["output"]
             # L_hybrid = L_simple + λ·L_vlb with L_vlb = T·vb_t (Improved DDPM).
-            loss = mse + self.vlb_weight * self.num_timesteps * vb
+            loss = loss + self.vlb_weight * self.num_timesteps * vb
         else:
             vb = torch.zeros_like(mse)
-            loss = mse
-        return {"loss": loss, "mse": mse, "vb": vb}
+        return {"loss": loss, "mse": mse, "weight": weight, "vb": vb}
 
     @torch.no_grad()
     def calc_bpd_loop(self, model, x_start: torch.Tensor, clip_denoised: bool = True,
@@ -500,7 +666,9 @@ class GaussianDiffusion:
         # β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}} keeps ᾱ at the retained steps (eq. 2).
         new_betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
         return GaussianDiffusion(new_betas, model_var_type=self.model_var_type, loss_type=self.loss_type,
-                                 vlb_weight=self.vlb_weight, timestep_map=self.timestep_map[kept],
+                                 vlb_weight=self.vlb_weight, prediction=self.prediction,
+                                 loss_weighting=self.loss_weighting, min_snr_gamma=self.min_snr_gamma,
+                                 timestep_map=self.timestep_map[kept],
                                  original_alphas_cumprod=self.original_alphas_cumprod)
 
 

@@ -411,12 +411,13 @@ class CascadePipeline:
         """The stage's model wrapped for guidance: classifier-free (slides eq. 17; Ho & Salimans 2022 eq. 6)
         and/or classifier guidance (slides eq. 16; Dhariwal & Nichol 2021 Algorithm 1)."""
         model, settings = stage.model, sp.settings
-        if settings.w > 0:  # batched conditional + null-class call
-            model = classifier_free_guidance(model, settings.w, stage.config.num_classes)
+        if settings.w > 0:  # batched conditional + null-class call, inside the guidance interval only
+            model = classifier_free_guidance(model, settings.w, stage.config.num_classes, settings.guidance_interval,
+                                             stage.diffusion.num_timesteps)
         if settings.classifier and settings.classifier_scale > 0:
             classifier = self._classifier(settings.classifier).model
             model = classifier_guidance(model, classifier, sp.diffusion.original_alphas_cumprod,
-                                        settings.classifier_scale)
+                                        settings.classifier_scale, stage.diffusion.prediction)
         return model
 
     def _autocast(self) -> contextlib.AbstractContextManager:

@@ -300,7 +300,8 @@ class StageTrainer:
         state = None
         if self.resume_from is not None:
             record = checkpoint.load_config(self.resume_from)
-            diff = _stage_differences(record["stage"], self.stage.to_dict())
+            # through StageConfig: a record written before a field existed compares with its default
+            diff = _stage_differences(type(self.stage).from_dict(record["stage"]).to_dict(), self.stage.to_dict())
             if diff:
                 raise ValueError(f"cannot resume from {self.resume_from}: its stage configuration differs from "
                                  f"this run's ({'; '.join(diff)})")

@@ -21,7 +21,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cascade.attention import ClassTokens, CrossAttention2d, SelfAttention2d, group_norm
-from cascade.diffusion import aug_alpha_bar
 from cascade.imageops import upsample
 
 
@@ -237,7 +236,9 @@ def check_batch_vector(v: torch.Tensor, name: str, batch: int) -> None:
 
 
 class UNet(nn.Module):
-    """Class-conditional UNet predicting ε (or ε‖v for learned variance).
+    """Class-conditional UNet predicting the diffusion's target: ε, v or x_0 (‖ the variance channels for
+    learned variance). It knows nothing of the noise schedule; the SR conditioning skip wraps it
+    (`cascade.precond.ConditioningSkip`).
 
     Call ``model(x_t, t, y=None, x_low=None, aug_level=None)``:
     - t: B timesteps on the original training scale; y: B class indices, ``num_classes`` = null class,
@@ -266,21 +267,10 @@ class UNet(nn.Module):
         head_channels: int = 64,
         norm_groups: int = 32,
         use_checkpoint: bool = False,
-        cond_skip_std: float = 0.0,
-        alphas_cumprod: torch.Tensor | None = None,
     ):
         super().__init__()
         if low_resolution is not None and not 0 < low_resolution < resolution:
             raise ValueError(f"low_resolution must be in (0, {resolution}), got {low_resolution}")
-        if cond_skip_std < 0:
-            raise ValueError(f"cond_skip_std must be >= 0, got {cond_skip_std}")
-        if cond_skip_std and (low_resolution is None or alphas_cumprod is None):
-            raise ValueError("cond_skip_std needs a super-resolution UNet (low_resolution) and the "
-                             "training schedule's alphas_cumprod")
-        self.cond_skip_std = float(cond_skip_std)
-        if cond_skip_std:
-            alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
-            self.register_buffer("skip_alphas_cumprod", alphas_cumprod, persistent=False)
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be positive or None, got {num_classes}")
         self.resolution, self.low_resolution = resolution, low_resolution
@@ -393,19 +383,4 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         out = self.out_conv(F.silu(self.out_norm(h)))
-        if self.cond_skip_std:
-            eps_skip = self._conditioning_skip(x_t, t, x_up, aug_level)  # float32, also under autocast
-            out = torch.cat([out[:, :3].float() + eps_skip, out[:, 3:].float()], dim=1)
         return out.to(x_t.dtype)
-
-    def _conditioning_skip(self, x_t: torch.Tensor, t: torch.Tensor, x_up: torch.Tensor,
-                           aug_level: torch.Tensor) -> torch.Tensor:
-        """E[ε | x_t] if x_0 ~ N(x_up, σ²I), σ² = cond_skip_std² + (1 − ᾱ(s)): the network learns the rest."""
-        alpha_bar = self.skip_alphas_cumprod[t.long()].view(-1, 1, 1, 1)
-        # range-checked on CPU only: a check on CUDA would force a host sync every step (as for class indices)
-        alpha_bar_s = aug_alpha_bar(aug_level.float(), check=aug_level.device.type == "cpu")
-        aug_var = (1.0 - alpha_bar_s).to(alpha_bar.dtype).view(-1, 1, 1, 1)
-        var = self.cond_skip_std**2 + aug_var
-        residual = x_t.float() - alpha_bar.sqrt() * x_up.float()
-        # Gaussian posterior mean of ε: √(1−ᾱ_t)(x_t − √ᾱ_t·μ)/(ᾱ_t·σ² + 1 − ᾱ_t) (eq. 2 with x_0 ~ N(μ, σ²I))
-        return (1.0 - alpha_bar).sqrt() * residual / (alpha_bar * var + 1.0 - alpha_bar)

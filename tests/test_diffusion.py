@@ -13,8 +13,17 @@ from cascade.diffusion import (
     apply_dynamic_threshold,
     aug_alpha_bar,
     aug_level_from_alpha_bar,
+    eps_from_v,
+    eps_from_xstart,
+    eps_shift_in_prediction,
     make_betas,
+    min_snr_weight,
+    prediction_from_xstart_eps,
+    prediction_to_xstart_eps,
     space_timesteps,
+    v_from_xstart_eps,
+    xstart_from_eps,
+    xstart_from_v,
 )
 from cascade.timestep_sampler import LossSecondMomentResampler, UniformSampler, make_timestep_sampler
 
@@ -179,6 +188,13 @@ def test_learned_variance_endpoints_also_after_respacing():
     x, t = torch.randn(2, 3, 2, 2, dtype=torch.float64), torch.tensor([5, 50])
     torch.testing.assert_close(small.p_mean_variance(x, x, t)["variance"][:, 0, 0, 0], small.posterior_variance[t])
     torch.testing.assert_close(large.p_mean_variance(x, x, t)["variance"][:, 0, 0, 0], large.betas[t])
+    # fixed_large at t = 0 takes β̃ at t = 1, as DDPM / Improved DDPM do (log-variance likewise).
+    out = large.p_mean_variance(x, x, torch.tensor([0, 1]))
+    torch.testing.assert_close(out["variance"][:, 0, 0, 0], torch.stack([large.posterior_variance[1], large.betas[1]]))
+    torch.testing.assert_close(out["log_variance"], out["variance"].log())
+    respaced = large.respace("10")
+    out = respaced.p_mean_variance(x, x, torch.tensor([0, 0]))
+    torch.testing.assert_close(out["variance"][:, 0, 0, 0], respaced.posterior_variance[1].expand(2))
 
 
 def test_vlb_equals_data_nll_for_gaussian_data():
@@ -349,3 +365,169 @@ def test_timestep_samplers():
         LossSecondMomentResampler(5).load_state_dict(sampler.state_dict())
     with pytest.raises(ValueError):
         sampler.update_with_all_losses([7], [1.0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prediction types and loss weighting
+
+
+PREDICTIONS = ("eps", "v", "x0")
+
+
+def _pair(shape=(5, 3, 2, 2), seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    eps = torch.randn(shape, generator=gen, dtype=torch.float64)
+    alpha_bar = torch.tensor([1e-4, 0.1, 0.5, 0.9, 0.9999], dtype=torch.float64).view(-1, 1, 1, 1)
+    return x0, eps, alpha_bar, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+
+
+def test_eps_v_x0_conversions_round_trip():
+    x0, eps, ab, x_t = _pair()
+    v = v_from_xstart_eps(x0, eps, ab)
+    torch.testing.assert_close(v, ab.sqrt() * eps - (1 - ab).sqrt() * x0)  # Salimans & Ho 2022
+    torch.testing.assert_close(xstart_from_v(x_t, v, ab), x0)
+    torch.testing.assert_close(eps_from_v(x_t, v, ab), eps)
+    torch.testing.assert_close(xstart_from_eps(x_t, eps, ab), x0)
+    torch.testing.assert_close(eps_from_xstart(x_t, x0, ab), eps)
+    # (x_t, v) is (x_0, ε) rotated by the angle φ with cos φ = √ᾱ (Salimans & Ho 2022, appendix D): norms agree
+    torch.testing.assert_close(v**2 + x_t**2, eps**2 + x0**2)
+    for prediction in PREDICTIONS:
+        out = prediction_from_xstart_eps(x0, eps, ab, prediction)
+        torch.testing.assert_close(out, {"eps": eps, "v": v, "x0": x0}[prediction])
+        back_x0, back_eps = prediction_to_xstart_eps(out, x_t, ab, prediction)
+        torch.testing.assert_close(back_x0, x0)
+        torch.testing.assert_close(back_eps, eps)
+        # an ε shift at fixed x_t maps to the output shift that implies it
+        delta = 0.01 * torch.ones_like(eps)
+        shifted = out + eps_shift_in_prediction(delta, ab, prediction)
+        torch.testing.assert_close(prediction_to_xstart_eps(shifted, x_t, ab, prediction)[1], eps + delta)
+    with pytest.raises(ValueError, match="unknown prediction type 'score'"):
+        prediction_to_xstart_eps(eps, x_t, ab, "score")
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_diffusion_predictions_match_the_closed_forms(prediction):
+    base = GaussianDiffusion.from_config("cosine", 100, prediction=prediction)
+    d = base.respace("20")
+    assert (d.prediction, d.loss_weighting) == (prediction, "uniform") and "prediction" in repr(d)
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(4, 3, 2, 2, generator=gen, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 5, 12, 19])
+    x_t = d.q_sample(x0, t, eps)
+    ab = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+    target = d.training_target(x0, t, eps)
+    torch.testing.assert_close(target, prediction_from_xstart_eps(x0, eps, ab, prediction))
+    got_x0, got_eps = d.predict_xstart_eps(x_t, t, target)
+    torch.testing.assert_close(got_x0, x0)
+    torch.testing.assert_close(got_eps, eps)
+
+
+@pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large", "learned_range"])
+def test_p_mean_variance_and_vlb_agree_across_prediction_types(var_type):
+    """The same underlying x̂_0, expressed as ε, v or x_0, gives the same reverse step and bound terms; the
+    learned-variance channels act the same whatever the mean's parametrization."""
+    gen = torch.Generator().manual_seed(6)
+    x_start = torch.rand(6, 3, 2, 2, generator=gen, dtype=torch.float64) * 2 - 1
+    pred_x0 = (x_start + 0.3 * torch.randn(x_start.shape, generator=gen, dtype=torch.float64)).clamp(-1.3, 1.3)
+    var_channels = torch.rand(x_start.shape, generator=gen, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([0, 1, 10, 30, 60, 99])
+    results = {}
+    for prediction in PREDICTIONS:
+        d = GaussianDiffusion.from_config("cosine", 100, var_type, prediction=prediction)
+        x_t = d.q_sample(x_start, t, torch.randn(x_start.shape, generator=torch.Generator().manual_seed(7),
+                                                 dtype=torch.float64))
+        ab = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+        out = prediction_from_xstart_eps(pred_x0, eps_from_xstart(x_t, pred_x0, ab), ab, prediction)
+        if var_type == "learned_range":
+            out = torch.cat([out, var_channels], dim=1)
+        results[prediction] = (d.p_mean_variance(out, x_t, t, clip_denoised=False),
+                               d.p_mean_variance(out, x_t, t, clip_denoised=True),
+                               d.vb_terms_bpd(out, x_start, x_t, t)["output"])
+    ref = results["eps"]
+    torch.testing.assert_close(ref[0]["pred_xstart"], pred_x0)
+    for prediction in ("v", "x0"):
+        for got, want in zip(results[prediction][:2], ref[:2]):
+            for key in ("mean", "variance", "log_variance", "pred_xstart", "eps"):
+                torch.testing.assert_close(got[key], want[key], rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(results[prediction][2], ref[2], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 5.0])
+def test_min_snr_weights_per_prediction_type(gamma):
+    d = {p: GaussianDiffusion.from_config("cosine", 50, prediction=p, loss_weighting="min_snr",
+                                          min_snr_gamma=gamma) for p in PREDICTIONS}
+    ab = d["eps"].alphas_cumprod
+    snr = ab / (1 - ab)
+    torch.testing.assert_close(d["eps"].snr, snr)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    # Hang et al. 2023: min(SNR, γ) on the x_0-space MSE, i.e. /SNR on the ε-MSE and /(SNR + 1) on the v-MSE.
+    torch.testing.assert_close(d["eps"].loss_weights, clipped / snr)
+    torch.testing.assert_close(d["v"].loss_weights, clipped / (snr + 1))
+    torch.testing.assert_close(d["x0"].loss_weights, clipped)
+    assert (snr > gamma).any() and (snr < gamma).any()  # both branches of the min are exercised
+    torch.testing.assert_close(min_snr_weight(snr, gamma, "v"), d["v"].loss_weights)
+
+    # The same x̂_0 error costs the same weighted loss whatever the prediction type: min(SNR, γ)·‖x_0 − x̂_0‖².
+    gen = torch.Generator().manual_seed(8)
+    x0 = torch.rand(5, 3, 2, 2, generator=gen, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    pred_x0 = x0 + 0.2 * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 10, 25, 40, 49])
+    x0_mse = ((x0 - pred_x0) ** 2).mean(dim=(1, 2, 3))
+    for prediction, diffusion in d.items():
+        def model(x_t, t_model, diffusion=diffusion, prediction=prediction):
+            a = diffusion.alphas_cumprod[t_model].view(-1, 1, 1, 1)
+            return prediction_from_xstart_eps(pred_x0, eps_from_xstart(x_t, pred_x0, a), a, prediction)
+
+        losses = diffusion.training_losses(model, x0, t, noise)
+        torch.testing.assert_close(losses["loss"], clipped[t] * x0_mse, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(losses["loss"], losses["weight"] * losses["mse"])
+        uniform = GaussianDiffusion.from_config("cosine", 50, prediction=prediction)
+        plain = uniform.training_losses(model, x0, t, noise)
+        # uniform weighting is the plain MSE in the output space: SNR·, (SNR + 1)· and 1· the x_0-space MSE
+        factor = {"eps": snr[t], "v": snr[t] + 1, "x0": torch.ones_like(snr[t])}[prediction]
+        torch.testing.assert_close(plain["loss"], factor * x0_mse, rtol=1e-6, atol=1e-12)
+        assert torch.all(plain["weight"] == 1)
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_hybrid_loss_trains_only_the_variance_for_every_prediction(prediction):
+    gen = torch.Generator().manual_seed(9)
+    x0 = torch.rand(4, 3, 4, 4, generator=gen) * 2 - 1
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.tensor([0, 3, 7, 9])
+    hybrid = GaussianDiffusion.from_config("cosine", 10, "learned_range", "hybrid", prediction=prediction,
+                                           loss_weighting="min_snr", min_snr_gamma=5.0)
+    output = torch.randn(4, 6, 4, 4, generator=gen, requires_grad=True)
+    losses = hybrid.training_losses(lambda x_t, t_model: output * 1.0, x0, t, noise)
+    target = hybrid.training_target(x0, t, noise)
+    torch.testing.assert_close(losses["mse"], ((target - output[:, :3]) ** 2).mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(losses["loss"], losses["weight"] * losses["mse"] + 0.001 * 10 * losses["vb"])
+    (grad,) = torch.autograd.grad(losses["vb"].sum(), output)
+    assert torch.all(grad[:, :3] == 0) and grad[:, 3:].abs().sum() > 0
+
+
+def test_bad_prediction_and_weighting_settings_raise():
+    import stages
+
+    betas = make_betas("cosine", 10)
+    with pytest.raises(ValueError, match="unknown prediction type 'score'"):
+        GaussianDiffusion(betas, prediction="score")
+    with pytest.raises(ValueError, match="unknown loss_weighting 'snr'"):
+        GaussianDiffusion(betas, loss_weighting="snr")
+    for gamma in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="min_snr_gamma must be > 0"):
+            GaussianDiffusion(betas, loss_weighting="min_snr", min_snr_gamma=gamma)
+    base = stages.get_stage("base32", "tiny")
+    for override, message in (({"prediction": "score"}, "diffusion.prediction must be one of"),
+                              ({"loss_weighting": "snr"}, "diffusion.loss_weighting must be one of"),
+                              ({"min_snr_gamma": 0}, "diffusion.min_snr_gamma must be a number > 0")):
+        with pytest.raises(ValueError, match=message) as info:
+            base.with_overrides({"diffusion": override})
+        assert "\n" not in str(info.value)
+    cfg = base.with_overrides({"diffusion": {"prediction": "v", "loss_weighting": "min_snr", "min_snr_gamma": 2.0}})
+    d = stages.build_diffusion(cfg)
+    assert (d.prediction, d.loss_weighting, d.min_snr_gamma) == ("v", "min_snr", 2.0)
+    assert stages.build_diffusion(base).prediction == "eps"  # today's default is unchanged

@@ -212,21 +212,26 @@ def test_tiny_classifier_overfits_one_batch(one_thread):
     assert last < first / 10, (first, last)
 
 
-def _skip_sr64(cond_skip_std: float) -> UNet:
+def _skip_sr64(cond_skip_std: float, prediction: str = "eps"):
     overrides = {"model_channels": 8, "channel_mult": [1], "num_res_blocks": 1, "attention_resolutions": [],
                  "norm_groups": 4, "cond_skip_std": cond_skip_std}
-    cfg = stages.get_stage("sr64", "tiny").with_overrides({"unet": overrides})
+    cfg = stages.get_stage("sr64", "tiny").with_overrides({"unet": overrides,
+                                                           "diffusion": {"prediction": prediction}})
     torch.manual_seed(0)
     return stages.build_model(cfg).eval()  # fresh: the output convolution is zero, only the skip speaks
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 @pytest.mark.parametrize("aug_level", [0.0, 0.3])
-def test_conditioning_skip_is_the_gaussian_posterior_mean_of_eps(aug_level):
+def test_conditioning_skip_is_the_gaussian_posterior_mean_of_the_target(aug_level, prediction):
     from cascade.diffusion import aug_alpha_bar, make_betas
     from cascade.imageops import upsample
+    from cascade.precond import ConditioningSkip
 
     sigma, n = 0.1, 4
-    model = _skip_sr64(sigma)
+    model = _skip_sr64(sigma, prediction)
+    assert isinstance(model, ConditioningSkip) and isinstance(model.backbone, UNet)
+    assert not hasattr(model.backbone, "skip_alphas_cumprod"), "the UNet knows nothing about ᾱ"
     alphas_cumprod = torch.cumprod(1 - torch.as_tensor(make_betas("cosine", 1000)), 0).float()
     gen = torch.Generator().manual_seed(1)
     x_low = torch.rand(n, 3, 32, 32, generator=gen) * 2 - 1
@@ -239,26 +244,65 @@ def test_conditioning_skip_is_the_gaussian_posterior_mean_of_eps(aug_level):
     x0 = x_up + var**0.5 * torch.randn(draws, *x_up.shape, generator=gen)
     eps = torch.randn(draws, *x_up.shape, generator=gen)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-    with torch.no_grad():
-        out = torch.stack([model(x, t, y=torch.zeros(n, dtype=torch.long), x_low=x_low,
-                                 aug_level=torch.full((n,), aug_level)) for x in x_t])
-    eps_hat = out[:, :, :3]
+    target = {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[prediction]
+    levels = torch.full((n,), aug_level)
+    with torch.no_grad():  # the whole model on a few draws (a fresh backbone outputs zeros) ...
+        out = torch.stack([model(x, t, y=torch.zeros(n, dtype=torch.long), x_low=x_low, aug_level=levels)
+                           for x in x_t[:2]])
+        pred = torch.stack([model.skip(x, t, x_up, levels) for x in x_t])  # ... its skip on all of them
+    torch.testing.assert_close(out[:, :, :3], pred[:2])
     assert torch.equal(out[:, :, 3:], torch.zeros_like(out[:, :, 3:]))  # the variance channels are untouched
-    # closed form: E[ε | x_t] = √(1−ᾱ)(x_t − √ᾱ x_up)/(ᾱ·var + 1 − ᾱ), its error variance ᾱ·var/(ᾱ·var + 1 − ᾱ)
-    expected = (1 - ab).sqrt() * (x_t - ab.sqrt() * x_up) / (ab * var + 1 - ab)
-    torch.testing.assert_close(eps_hat, expected, atol=1e-4, rtol=1e-4)
-    mse = ((eps_hat - eps) ** 2).mean(dim=(0, 2, 3, 4))
-    posterior_var = (ab * var / (ab * var + 1 - ab)).flatten()
-    torch.testing.assert_close(mse, posterior_var, atol=0.01, rtol=0.05)
-    # and no other scaling of the same residual does better (it is the minimum-MSE linear estimate)
+    # closed forms: E[ε | x_t] = √(1−ᾱ)·r/D, E[x_0 | x_t] = x_up + √ᾱ·var·r/D, v = √ᾱ·ε − √(1−ᾱ)·x_0, with
+    # r = x_t − √ᾱ x_up and D = ᾱ·var + 1 − ᾱ (computed here through E[ε] and E[x_0], not the skip's v form)
+    scaled = (x_t - ab.sqrt() * x_up) / (ab * var + 1 - ab)
+    e_eps, e_x0 = (1 - ab).sqrt() * scaled, x_up + ab.sqrt() * var * scaled
+    expected = {"eps": e_eps, "x0": e_x0, "v": ab.sqrt() * e_eps - (1 - ab).sqrt() * e_x0}[prediction]
+    torch.testing.assert_close(pred, expected, atol=1e-4, rtol=1e-4)
+    # it is the minimum-MSE estimate: no other scaling of its deviation from the prior mean does better
+    mse = ((pred - target) ** 2).mean(dim=(0, 2, 3, 4))
+    prior_mean = {"eps": torch.zeros_like(x_up), "x0": x_up, "v": -(1 - ab).sqrt() * x_up}[prediction]
     for scale in (0.9, 1.1):
-        assert (((scale * eps_hat - eps) ** 2).mean(dim=(0, 2, 3, 4)) >= mse - 1e-6).all()
+        scaled_pred = prior_mean + scale * (pred - prior_mean)
+        assert (((scaled_pred - target) ** 2).mean(dim=(0, 2, 3, 4)) >= mse - 1e-6).all()
+    if prediction == "eps":  # and its error variance is the posterior's: ᾱ·var/(ᾱ·var + 1 − ᾱ)
+        posterior_var = (ab * var / (ab * var + 1 - ab)).flatten()
+        torch.testing.assert_close(mse, posterior_var, atol=0.01, rtol=0.05)
+
+
+def test_conditioning_skip_keeps_the_bare_unet_state_dict_keys():
+    from cascade.precond import ConditioningSkip
+
+    wrapped, bare = _skip_sr64(0.1), _skip_sr64(0.0)
+    assert isinstance(wrapped, ConditioningSkip) and isinstance(bare, UNet)
+    keys = list(wrapped.state_dict())
+    assert keys == list(bare.state_dict()) and not any(k.startswith("backbone.") for k in keys)
+    with torch.no_grad():
+        for p in bare.parameters():
+            p.add_(torch.randn_like(p))
+    wrapped.load_state_dict(bare.state_dict())  # a bare UNet's checkpoint loads into the wrapper (strict)
+    for (name, a), b in zip(wrapped.backbone.state_dict().items(), bare.state_dict().values()):
+        assert torch.equal(a, b), name
+    prefixed = {"backbone." + k: v for k, v in bare.state_dict().items()}
+    wrapped.load_state_dict(prefixed)  # and so do keys saved with the prefix
+    bare.load_state_dict(wrapped.state_dict())  # and the wrapper's checkpoint into a bare UNet
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        wrapped.load_state_dict({**bare.state_dict(), "stray.weight": torch.zeros(1)})
 
 
 def test_conditioning_skip_bad_settings_raise():
+    from cascade.diffusion import make_betas
+    from cascade.precond import ConditioningSkip
+
     with pytest.raises(ValueError, match="cond_skip_std must be >= 0"):
         stages.get_stage("sr64", "tiny").with_overrides({"unet": {"cond_skip_std": -0.1}})
     with pytest.raises(ValueError, match="applies to sr stages only"):
         stages.get_stage("base32", "tiny").with_overrides({"unet": {"cond_skip_std": 0.1}})
-    with pytest.raises(ValueError, match="needs a super-resolution UNet"):
-        UNet(32, 8, (1, 2), 1, 10, out_channels=6, cond_skip_std=0.1, norm_groups=4, head_channels=8)
+    alphas_cumprod = torch.cumprod(1 - torch.as_tensor(make_betas("cosine", 10)), 0)
+    base = UNet(32, 8, (1, 2), 1, 10, out_channels=6, norm_groups=4, head_channels=8)
+    with pytest.raises(ValueError, match="needs a super-resolution backbone"):
+        ConditioningSkip(base, 0.1, alphas_cumprod)
+    sr = UNet(64, 8, (1,), 1, 10, low_resolution=32, norm_groups=4, head_channels=8)
+    with pytest.raises(ValueError, match="cond_skip_std must be > 0"):
+        ConditioningSkip(sr, 0.0, alphas_cumprod)
+    with pytest.raises(ValueError, match="unknown prediction type"):
+        ConditioningSkip(sr, 0.1, alphas_cumprod, prediction="score")
