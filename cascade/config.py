@@ -47,7 +47,7 @@ class UNetConfig:
 
     model_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int | tuple[int, ...] = 2  # one count for every level, or one per level
+    num_res_blocks: Any = 2  # int (every level) or tuple[int, ...] (one per level); Any: hydra has no unions
     attention_resolutions: tuple[int, ...] = (8,)
     cross_attention_resolutions: tuple[int, ...] = ()
     num_class_tokens: int = 4

@@ -1,5 +1,7 @@
-"""Plain dataclasses for the stage trainer's settings (what `configs/train.yaml` turns into at the edge).
+"""Plain dataclasses for the stage trainer's settings: the one place their defaults are defined.
 
+The defaults are those of a paper-scale GPU run; `configs/size/tiny.yaml` holds only what a CPU run changes.
+`stages.hydra_store` registers these classes with hydra as the structured schema of `tools/train_stage.py`.
 No torch import here: the command line validates its configuration before loading the heavy libraries.
 """
 
@@ -24,27 +26,27 @@ class TrainerConfig:
     ``grad_clip``, ``sample_every``; ``ckpt_every=0`` saves only the final checkpoint.
     """
 
-    max_steps: int = 1000
-    batch_size: int = 8
+    max_steps: int = 500000
+    batch_size: int = 32  # per process and micro-batch
     lr: float = 1e-4
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    warmup_steps: int = 1000
-    grad_clip: float = 1.0
+    warmup_steps: int = 1000  # linear warmup, then constant
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     grad_accum: int = 1
-    mixed_precision: str = "auto"
-    channels_last: str | bool = "auto"
+    mixed_precision: str = "auto"  # auto (bf16 where native) | no | bf16 | fp16
+    channels_last: str | bool = "auto"  # auto (CUDA only) | true | false
     ema_decay: float = 0.9999
-    ema_warmup: float = 10.0
-    p_uncond: float = 0.1
-    ckpt_every: int = 1000
+    ema_warmup: float = 10.0  # decay_n = min(ema_decay, (1 + n) / (ema_warmup + n)); 1 disables
+    p_uncond: float = 0.1  # null-class dropout for classifier-free guidance
+    ckpt_every: int = 5000  # 0: only the final checkpoint
     keep_last: int = 3
-    log_every: int = 10
-    sample_every: int = 0
-    sample_steps: int | str = 25
-    sample_count: int = 8
-    max_nan_in_row: int = 5
+    log_every: int = 100
+    sample_every: int = 10000  # EMA sample grid to <run_dir>/samples/; 0 disables
+    sample_steps: int | str = 25  # respaced sampling steps for the grid (N, ddimN or sections)
+    sample_count: int = 8  # samples per class (base) or val inputs (SR)
+    max_nan_in_row: int = 5  # stop after this many NaN/inf steps in a row
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -79,9 +81,9 @@ class TrainerConfig:
 class DataConfig:
     """Where the shards are and how they are read."""
 
-    root: str
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
+    root: str  # required: the shard folder written by tools/make_shards.py
+    num_workers: int = 2  # loader worker processes per training process
+    shuffle_buffer: int = 1000  # samples in the shuffle buffer
 
     def __post_init__(self) -> None:
         _coerce_fields(self, "data")

@@ -137,3 +137,22 @@ def test_stage_value_lists_parse_per_stage_and_keep_commas_inside_values():
     for bad in ("base32=1,base32=2", "=1", "base32=", "base32=1,junk"):
         with pytest.raises(CascadeConfigError, match="--w"):
             parse_stage_values(bad, float, "--w")
+
+
+def test_no_sampling_flags_use_each_checkpoints_own_settings(runs_root, tmp_path, monkeypatch):  # noqa: F811
+    """`--classes` alone: every stage samples with the SamplingSettings stored in its checkpoint."""
+    from cascade.checkpoint import load_config
+    from cascade.config import StageConfig
+
+    out = tmp_path / "samples"
+    stored = {}
+    for name in ("base32", "sr64"):
+        stage = StageConfig.from_dict(load_config(runs_root / name)["stage"])
+        stored[name] = stage.sampling.to_dict()
+    assert stored["base32"]["w"] > 0 and stored["sr64"]["sampler"] == "ddim"  # not the old global defaults
+    assert sample_cascade.main(["--classes", "1", "--stages", "base32,sr64", "--runs", str(runs_root),
+                                "--out", str(out)]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    for name, want in stored.items():
+        got = settings["stages"][name]
+        assert {k: got[k] for k in want} == want, name

@@ -16,57 +16,52 @@ a run stopped by non-finite losses exits with 1.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
 
 import hydra
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cascade.config import StageConfig
 from cascade.trainer_config import RunConfig
+from stages.hydra_store import register
+
+register()
 
 
-def _drop_nulls(d: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            v = _drop_nulls(v)
-            if v:
-                out[k] = v
-        elif v is not None:
-            out[k] = v
-    return out
-
-
-def build_run(cfg: DictConfig) -> tuple[str, str, dict[str, Any], RunConfig]:
-    """(stage name, size, stage overrides, RunConfig) from the composed configuration; paths made absolute."""
+def build_run(cfg: DictConfig, num_classes: Callable[[str], int]) -> tuple[StageConfig, str, RunConfig]:
+    """(StageConfig, size, RunConfig) from the composed configuration; paths made absolute. The stage's class
+    count, unless set, is ``num_classes(data_root)`` (the shards')."""
     if OmegaConf.is_missing(cfg.data, "root"):
         raise ValueError("data.root is required: data.root=DIR, a shard folder written by tools/make_shards.py")
-    c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    stage = dict(c["stage"])
-    name = stage.pop("name")
-    data = {**c["data"], "root": to_absolute_path(str(c["data"]["root"]))}
+    data_root = to_absolute_path(str(cfg.data.root))
+    c = OmegaConf.to_container(cfg, resolve=True)
+    data = {**c["data"], "root": data_root}
     resume = str(c["resume"])
     if resume not in ("auto", "never"):
         resume = to_absolute_path(resume)
     run = RunConfig.from_dict({"run_dir": to_absolute_path(str(c["run_dir"])), "resume": resume, "seed": c["seed"],
                                "trainer": c["trainer"], "data": data})
-    return name, str(c["size"]), _drop_nulls(stage), run
+    stage = c["stage"]
+    if OmegaConf.is_missing(cfg.stage, "num_classes"):  # checked after the run settings: they need no data
+        stage["num_classes"] = num_classes(data_root)
+    return StageConfig.from_dict(stage), str(c["size"]), run
+
+
+def _shard_classes(root: str) -> int:
+    from cascade.data import read_dataset_info
+
+    return len(read_dataset_info(root)["class_names"])
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
-        name, size, overrides, run = build_run(cfg)
-        import stages
-        from cascade.data import read_dataset_info
+        stage, size, run = build_run(cfg, _shard_classes)
         from cascade.train import StageTrainer
 
-        num_classes = len(read_dataset_info(run.data.root)["class_names"])
-        stage = stages.get_stage(name, size, num_classes)
-        if overrides:
-            stage = stage.with_overrides(overrides)
-        trainer = StageTrainer(stage, run, extra_config={"size": size, "stage_overrides": overrides})
+        trainer = StageTrainer(stage, run, extra_config={"size": size})
     except (ValueError, FileNotFoundError, OmegaConfBaseException) as err:
         print(f"train_stage: error: {err}", file=sys.stderr)
         sys.exit(2)

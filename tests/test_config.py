@@ -1,0 +1,105 @@
+"""One source of configuration: hydra's composed defaults are the dataclasses' and presets', and
+`SamplingSettings` checks every value once, in its constructor."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import stages
+from cascade.config import SamplingSettings, StageConfig, StageKind
+from cascade.trainer_config import DataConfig, TrainerConfig
+from stages.hydra_store import register
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _compose(*overrides: str) -> dict:
+    register()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+@pytest.mark.parametrize("name", stages.STAGE_NAMES)
+@pytest.mark.parametrize("size", stages.SIZES)
+def test_composed_stage_is_the_preset(name, size):
+    composed = _compose(f"stage={name}", f"size={size}")["stage"]
+    assert composed["num_classes"] == "???"  # taken from the shards by the command line
+    preset = stages.get_stage(name, size, num_classes=7)
+    assert StageConfig.from_dict({**composed, "num_classes": 7}) == preset
+
+
+def test_composed_trainer_and_data_defaults_are_the_dataclasses():
+    paper = _compose("size=paper")
+    assert paper["trainer"] == {k: list(v) if isinstance(v, tuple) else v
+                                for k, v in dataclasses.asdict(TrainerConfig()).items()}
+    defaults = {f.name: f.default for f in dataclasses.fields(DataConfig) if f.name != "root"}
+    assert {k: v for k, v in paper["data"].items() if k != "root"} == defaults
+    assert paper["data"]["root"] == "???"
+    tiny = _compose()["trainer"]
+    tiny_yaml = OmegaConf.to_container(OmegaConf.load(CONFIGS / "size" / "tiny.yaml"))["trainer"]
+    changed = {k for k in tiny if tiny[k] != paper["trainer"][k]}
+    assert changed == set(tiny_yaml)  # the size file holds exactly what differs, nothing repeated
+
+
+def test_overrides_are_type_checked_at_composition():
+    from hydra.errors import ConfigCompositionException
+
+    assert _compose("stage=sr64", "stage.sampling.w=2.5")["stage"]["sampling"]["w"] == 2.5
+    for bad in ("stage.sampling.w=abc", "trainer.max_stepz=2", "stage.unet.widht=3"):
+        with pytest.raises(ConfigCompositionException):
+            _compose(bad)
+
+
+def test_sampling_settings_defaults_and_coercion():
+    s = SamplingSettings(steps="25", w=3, guidance_interval=[100, 800])
+    assert s.steps == 25 and s.w == 3.0 and isinstance(s.w, float) and s.guidance_interval == (100.0, 800.0)
+    assert SamplingSettings(steps="ddim25").steps == "ddim25"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.w = 1.0  # frozen: changed copies come from dataclasses.replace
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"sampler": "euler"}, "sampler 'euler' is unknown"),
+    ({"steps": 0}, "steps must be a positive number"),
+    ({"steps": "ddim-x"}, "bad steps 'ddim-x'"),
+    ({"steps": 2.5}, "steps must be a count"),
+    ({"eta": -0.1}, "eta must be >= 0.0"),
+    ({"w": -1}, "w must be >= 0.0"),
+    ({"w": "3"}, "w must be a number"),
+    ({"aug_level": 1.5}, "aug_level must be in [0.0, 1.0]"),
+    ({"dynamic_threshold": 0.0}, "dynamic_threshold must be in (0, 1]"),
+    ({"classifier_scale": 2.0}, "needs a classifier checkpoint"),
+    ({"guidance_interval": (800, 100)}, "guidance_interval must be (t_lo, t_hi)"),
+    ({"guidance_interval": (1, 2, 3)}, "guidance_interval must be (t_lo, t_hi)"),
+])
+def test_sampling_settings_reject_bad_values_in_one_line(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        SamplingSettings(**kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sampling_settings_checked_against_the_stage():
+    sr64, base = stages.get_stage("sr64"), stages.get_stage("base32")
+    assert sr64.kind is StageKind.sr and sr64.kind == "sr"  # a str enum: JSON and old comparisons still work
+    with pytest.raises(ValueError, match="stage sr64: an SR stage needs sampling.aug_level"):
+        sr64.with_overrides({"sampling": {"aug_level": None}})
+    with pytest.raises(ValueError, match="stage base32 is the base stage and takes no conditioning"):
+        base.with_overrides({"sampling": {"aug_level": 0.1}})
+    with pytest.raises(ValueError, match="truncate applies to SR stages only"):
+        base.with_overrides({"sampling": {"truncate": True}})
+    with pytest.raises(ValueError, match=r"guidance_interval \[0.0, 1000.0\] must lie in \[0, 1000\)"):
+        base.with_overrides({"sampling": {"guidance_interval": [0, 1000]}})
+
+
+def test_old_records_keep_their_sampling_level():
+    """A checkpoint record from before SamplingSettings keeps its level s (then under aug.sample_aug_level)."""
+    record = stages.get_stage("sr64").to_dict()
+    del record["sampling"]
+    record["aug"]["sample_aug_level"] = 0.2
+    assert StageConfig.from_dict(record).sampling.aug_level == 0.2
