@@ -424,7 +424,7 @@ class GaussianDiffusion:
             raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]")
         return t.long()
 
-    def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Gather table `name` at timesteps t, shaped to broadcast against x, in x's dtype/device."""
         table = getattr(self, name)
         if x.device.type == "mps":  # no float64 there: gather on the CPU
@@ -459,9 +459,9 @@ class GaussianDiffusion:
     def q_mean_variance(self, x_start: torch.Tensor, t):
         """Mean, variance and log-variance of q(x_t | x_0) (eq. 2)."""
         t = self._check_t(t, x_start)
-        mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
-        variance = (1.0 - self._extract("alphas_cumprod", t, x_start)).expand_as(x_start)
-        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
+        mean = self.extract("sqrt_alphas_cumprod", t, x_start) * x_start
+        variance = (1.0 - self.extract("alphas_cumprod", t, x_start)).expand_as(x_start)
+        log_variance = self.extract("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
         return mean, variance, log_variance
 
     def q_sample(self, x_start: torch.Tensor, t, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -472,8 +472,8 @@ class GaussianDiffusion:
         if noise.shape != x_start.shape:
             raise ValueError(f"noise {tuple(noise.shape)} must match x_start {tuple(x_start.shape)}")
         # x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε (eq. 2).
-        return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
-                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
+        return (self.extract("sqrt_alphas_cumprod", t, x_start) * x_start
+                + self.extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t):
         """Mean μ̃_t, variance β̃_t and clipped log-variance of q(x_{t−1} | x_t, x_0) (eq. 8–9)."""
@@ -481,25 +481,25 @@ class GaussianDiffusion:
             raise ValueError(f"x_start {tuple(x_start.shape)} and x_t {tuple(x_t.shape)} differ in shape")
         t = self._check_t(t, x_t)
         # μ̃_t(x_t, x_0) = √ᾱ_{t−1}β_t/(1−ᾱ_t)·x_0 + √α_t(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t (eq. 9).
-        mean = (self._extract("posterior_mean_coef1", t, x_t) * x_start
-                + self._extract("posterior_mean_coef2", t, x_t) * x_t)
-        variance = self._extract("posterior_variance", t, x_t).expand_as(x_t)
-        log_variance = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        mean = (self.extract("posterior_mean_coef1", t, x_t) * x_start
+                + self.extract("posterior_mean_coef2", t, x_t) * x_t)
+        variance = self.extract("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self.extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
         """x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t, eq. 2 solved for x_0."""
         t = self._check_t(t, x_t)
         # x_0 = x_t/√ᾱ_t − √(1/ᾱ_t − 1)·ε (eq. 2 inverted).
-        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
+        return (self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self.extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
     def predict_eps_from_xstart(self, x_t: torch.Tensor, t, pred_xstart: torch.Tensor) -> torch.Tensor:
         """ε = (x_t/√ᾱ_t − x̂_0)/√(1/ᾱ_t − 1), eq. 2 solved for ε."""
         t = self._check_t(t, x_t)
         # ε = (x_t − √ᾱ_t·x_0)/√(1 − ᾱ_t) (eq. 2 inverted).
-        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
-                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
+        return ((self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
+                / self.extract("sqrt_recipm1_alphas_cumprod", t, x_t))
 
     def predict_xstart_eps(self, x_t: torch.Tensor, t, model_mean: torch.Tensor):
         """(x̂_0, ε̂) from the mean channels of a model output in this diffusion's prediction space.
@@ -511,8 +511,8 @@ class GaussianDiffusion:
             return self.predict_xstart_from_eps(x_t, t, model_mean), model_mean
         if self.prediction == "x0":
             return model_mean, self.predict_eps_from_xstart(x_t, t, model_mean)
-        a = self._extract("sqrt_alphas_cumprod", t, x_t)
-        s = self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
+        a = self.extract("sqrt_alphas_cumprod", t, x_t)
+        s = self.extract("sqrt_one_minus_alphas_cumprod", t, x_t)
         # x̂ = α_t·z_t − σ_t·v̂ and ε̂ = σ_t·z_t + α_t·v̂ (Salimans & Ho 2022, sec. 4).
         return a * x_t - s * model_mean, s * x_t + a * model_mean
 
@@ -524,43 +524,51 @@ class GaussianDiffusion:
         if self.prediction == "x0":
             return x_start
         # v = α_t·ε − σ_t·x_0 (Salimans & Ho 2022, sec. 4).
-        return (self._extract("sqrt_alphas_cumprod", t, x_start) * noise
-                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start)
+        return (self.extract("sqrt_alphas_cumprod", t, x_start) * noise
+                - self.extract("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start)
 
     # -- reverse process ---------------------------------------------------------------------------
 
-    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t, clip_denoised: bool = True,
-                        dynamic_threshold: float | None = None) -> dict[str, torch.Tensor]:
-        """Mean, variance, log-variance of p_θ(x_{t−1} | x_t) (eq. 4) from the raw network output.
+    def p_xstart_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t, clip_denoised: bool = True,
+                          dynamic_threshold: float | None = None) -> dict[str, torch.Tensor]:
+        """Σ_θ(x_t, t) of p_θ(x_{t−1} | x_t) (slides eq. 4) and the denoised x̂_0, from the raw network output:
+        everything a sampler needs besides the posterior mean μ̃_t(x_t, x̂_0), which it forms itself.
 
-        Returns a dict with `mean`, `variance`, `log_variance`, `pred_xstart` (x̂_0, clipped to [−1, 1] when
-        `clip_denoised`, or dynamically thresholded at percentile `dynamic_threshold` ∈ (0, 1], which
-        takes precedence) and `eps` (the predicted ε, before any clipping), for any prediction type.
+        Returns a dict with `variance`, `log_variance` (B×C×H×W), `pred_xstart` (x̂_0, clipped to [−1, 1] when
+        `clip_denoised`, or dynamically thresholded at percentile `dynamic_threshold` ∈ (0, 1], which takes
+        precedence) and `eps` (the predicted ε, before any clipping), for any prediction type.
         """
         t = self._check_t(t, x_t)
         model_mean, v = self._split_output(model_output, x_t)
         if self.model_var_type == "learned_range":
-            min_log = self._extract("posterior_log_variance_clipped", t, x_t)
-            max_log = self._extract("log_betas", t, x_t)
+            min_log = self.extract("posterior_log_variance_clipped", t, x_t)
+            max_log = self.extract("log_betas", t, x_t)
             frac = (v + 1) / 2
-            # Σ_θ = exp(v·log β_t + (1 − v)·log β̃_t) (Improved DDPM, slides "learn the variance").
+            # Σ_θ = exp(v·log β_t + (1 − v)·log β̃_t) (slides "learn the variance"; Nichol & Dhariwal 2021 eq. 15).
             log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
         else:
-            # fixed_small: Σ = β̃_t (eq. 9); fixed_large: Σ = β_t (eq. 1), β̃_1 at t = 0 (Improved DDPM).
+            # fixed_small: Σ = β̃_t (slides eq. 9; Ho et al. 2020 eq. 7); fixed_large: Σ = β_t (slides eq. 1),
+            # β̃_1 at t = 0 (Ho et al. 2020 §3.2; Nichol & Dhariwal 2021).
             small = self.model_var_type == "fixed_small"
-            variance = self._extract("posterior_variance" if small else "large_variance", t, x_t).expand_as(x_t)
-            log_variance = self._extract("posterior_log_variance_clipped" if small else "large_log_variance",
-                                         t, x_t).expand_as(x_t)
+            variance = self.extract("posterior_variance" if small else "large_variance", t, x_t).expand_as(x_t)
+            log_variance = self.extract("posterior_log_variance_clipped" if small else "large_log_variance",
+                                        t, x_t).expand_as(x_t)
         pred_xstart, eps = self.predict_xstart_eps(x_t, t, model_mean)
         if dynamic_threshold is not None:
             pred_xstart = apply_dynamic_threshold(pred_xstart, dynamic_threshold)
         elif clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
-        # μ_θ = μ̃_t(x_t, x̂_0), which equals eq. 13 for the unclipped x̂_0.
-        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance,
-                "pred_xstart": pred_xstart, "eps": eps}
+        return {"variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
+
+    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t, clip_denoised: bool = True,
+                        dynamic_threshold: float | None = None) -> dict[str, torch.Tensor]:
+        """Mean, variance, log-variance of p_θ(x_{t−1} | x_t) (slides eq. 4; Ho et al. 2020 eq. 1) from the raw
+        network output: `p_xstart_variance` plus `mean` = μ̃_t(x_t, x̂_0)."""
+        out = self.p_xstart_variance(model_output, x_t, t, clip_denoised, dynamic_threshold)
+        # μ_θ = μ̃_t(x_t, x̂_0), which equals slides eq. 13 (Ho et al. 2020 eq. 11) for the unclipped x̂_0.
+        out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x_t, self._check_t(t, x_t))
+        return out
 
     # -- bound and losses --------------------------------------------------------------------------
 
@@ -608,7 +616,7 @@ class GaussianDiffusion:
         model_mean, v = self._split_output(model_output, x_t)
         # L_simple = ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² (Algorithm 1), or its v / x_0 analogue, per dimension.
         mse = mean_flat((self.training_target(x_start, t, noise) - model_mean) ** 2)
-        weight = self._extract("loss_weights", t, mse.view(-1, 1)).view(-1)
+        weight = self.extract("loss_weights", t, mse.view(-1, 1)).view(-1)
         # Weighted MSE: w_t·‖target − output‖², w_t = 1 (uniform) or the Min-SNR-γ weight (Hang et al. 2023).
         loss = weight * mse
         if self.loss_type == "hybrid":

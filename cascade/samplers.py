@@ -77,74 +77,72 @@ def _check_stop(diffusion: GaussianDiffusion, stop_at_index: int | None) -> int:
     return int(stop_at_index)
 
 
-def _reverse_loop(step_fn, model, diffusion, shape, x_T, model_kwargs, stop_at_index, generator,
-                  progress, callback, desc):
-    x = _initial_noise(model, shape, x_T, generator)
-    stop = _check_stop(diffusion, stop_at_index)
-    indices = range(diffusion.num_timesteps - 1, stop, -1)
-    for step, index in enumerate(tqdm(indices, disable=not progress, desc=desc)):
-        t = torch.full((x.shape[0],), index, dtype=torch.long, device=x.device)
-        with torch.no_grad():
-            model_output = model(x, diffusion.model_timesteps(t), **(model_kwargs or {}))
-            x, pred_xstart = step_fn(model_output, x, t, index)
-        if callback is not None:
-            callback({"step": step, "t": index, "x": x, "pred_xstart": pred_xstart})
-    return x
-
-
+@torch.no_grad()
 def sample_ddpm(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tensor | None = None, *,
                 model_kwargs: dict | None = None, clip_denoised: bool = True,
                 dynamic_threshold: float | None = None, stop_at_index: int | None = None,
                 generator: NoiseGenerator = None, progress: bool = False,
                 callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-    """Ancestral sampling (Algorithm 2) with the diffusion's (fixed or learned) variance.
+    """Ancestral sampling (slides Algorithm 2; Ho et al. 2020 'DDPM' Algorithm 2) with the diffusion's
+    (fixed or learned) variance, over its (possibly respaced, Nichol & Dhariwal 2021 §4) steps.
 
-    Starts from `x_T` or from N(0, I) noise of `shape` drawn with `generator` (one torch.Generator, or one
-    per sample so that each sample's noise does not depend on the batch it is in). Runs every index of the
-    (possibly respaced) diffusion from T−1 down to 0, or down to `stop_at_index` + 1 so that the returned
-    sample is at noise level alphas_cumprod[stop_at_index] (truncated conditioning augmentation).
-    `callback` receives dict(step, t, x, pred_xstart) after each step.
+    Starts from `x_T` or from N(0, I) noise of `shape` (B×C×H×W) drawn with `generator` (one torch.Generator,
+    or one per sample so that each sample's noise does not depend on the batch it is in). Runs every index of
+    the diffusion from N−1 down to 0, or down to `stop_at_index` + 1 so that the returned sample is at noise
+    level alphas_cumprod[stop_at_index] (truncated conditioning augmentation, Ho et al. 2021 §3.2).
+    `callback` receives dict(step, t, x, pred_xstart) after each step. Returns B×C×H×W; raises ValueError for
+    a bad stop_at_index, shape or generator.
     """
+    x = _initial_noise(model, shape, x_T, generator)
+    stop = _check_stop(diffusion, stop_at_index)
+    for step, index in enumerate(tqdm(range(diffusion.num_timesteps - 1, stop, -1), disable=not progress,
+                                      desc="ddpm")):
+        t = torch.full((x.shape[0],), index, dtype=torch.long, device=x.device)
+        out = diffusion.p_xstart_variance(model(x, diffusion.model_timesteps(t), **(model_kwargs or {})), x, t,
+                                          clip_denoised, dynamic_threshold)
+        # μ̃_t(x_t, x̂_0) = √ᾱ_{t−1}β_t/(1−ᾱ_t)·x̂_0 + √α_t(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t (slides eq. 13; Ho et al. 2020 eq. 7).
+        mean = (diffusion.extract("posterior_mean_coef1", t, x) * out["pred_xstart"]
+                + diffusion.extract("posterior_mean_coef2", t, x) * x)
+        if index > 0:
+            # x_{t−1} = μ_θ(x_t, t) + σ_t·z (slides Algorithm 2, line 4; Ho et al. 2020 Algorithm 2).
+            x = mean + torch.exp(0.5 * out["log_variance"]) * draw_noise(x.shape, generator, x.device, x.dtype)
+        else:
+            x = mean
+        if callback is not None:
+            callback({"step": step, "t": index, "x": x, "pred_xstart": out["pred_xstart"]})
+    return x
 
-    def step_fn(model_output, x, t, index):
-        out = diffusion.p_mean_variance(model_output, x, t, clip_denoised=clip_denoised,
-                                        dynamic_threshold=dynamic_threshold)
-        if index == 0:
-            return out["mean"], out["pred_xstart"]
-        noise = draw_noise(x.shape, generator, x.device, x.dtype)
-        # x_{t−1} = μ_θ(x_t, t) + σ_t·z (Algorithm 2, line 4).
-        return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise, out["pred_xstart"]
 
-    return _reverse_loop(step_fn, model, diffusion, shape, x_T, model_kwargs, stop_at_index, generator,
-                         progress, callback, "ddpm")
-
-
+@torch.no_grad()
 def sample_ddim(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tensor | None = None, *,
                 eta: float = 0.0, model_kwargs: dict | None = None, clip_denoised: bool = True,
                 dynamic_threshold: float | None = None, stop_at_index: int | None = None,
                 generator: NoiseGenerator = None, progress: bool = False,
                 callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-    """DDIM sampling with q_{σ,τ} over the (respaced) diffusion's steps; η = 0 deterministic, η = 1
-    ancestral-like. Arguments as in `sample_ddpm`; any learned variance in the output is ignored."""
+    """DDIM sampling (Song et al. 2021 'DDIM' eq. 12) with q_{σ,τ} over the (respaced) diffusion's steps;
+    η = 0 deterministic, η = 1 ancestral-like. Arguments, shapes and errors as in `sample_ddpm` (also
+    ValueError for η < 0); any learned variance in the output is ignored."""
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-
-    def step_fn(model_output, x, t, index):
-        out = diffusion.p_mean_variance(model_output, x, t, clip_denoised=clip_denoised,
-                                        dynamic_threshold=dynamic_threshold)
+    x = _initial_noise(model, shape, x_T, generator)
+    stop = _check_stop(diffusion, stop_at_index)
+    for step, index in enumerate(tqdm(range(diffusion.num_timesteps - 1, stop, -1), disable=not progress,
+                                      desc="ddim")):
+        t = torch.full((x.shape[0],), index, dtype=torch.long, device=x.device)
+        out = diffusion.p_xstart_variance(model(x, diffusion.model_timesteps(t), **(model_kwargs or {})), x, t,
+                                          clip_denoised, dynamic_threshold)
         eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = diffusion._extract("alphas_cumprod", t, x)
-        alpha_bar_prev = diffusion._extract("alphas_cumprod_prev", t, x)
-        # σ_τ = η·√((1 − ᾱ_{τ−1})/(1 − ᾱ_τ))·√(1 − ᾱ_τ/ᾱ_{τ−1}) (DDIM).
+        alpha_bar = diffusion.extract("alphas_cumprod", t, x)
+        alpha_bar_prev = diffusion.extract("alphas_cumprod_prev", t, x)
+        # σ_τ = η·√((1 − ᾱ_{τ−1})/(1 − ᾱ_τ))·√(1 − ᾱ_τ/ᾱ_{τ−1}) (Song et al. 2021 eq. 16).
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
-        # Mean of q_{σ,τ}(x_{τ−1} | x_τ, x_0): √ᾱ_{τ−1}·x̂_0 + √(1 − ᾱ_{τ−1} − σ²)·ε̂ (slides, strided sampling).
-        mean = alpha_bar_prev.sqrt() * out["pred_xstart"] + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        if index == 0 or eta == 0:
-            return mean, out["pred_xstart"]
-        return mean + sigma * draw_noise(x.shape, generator, x.device, x.dtype), out["pred_xstart"]
-
-    return _reverse_loop(step_fn, model, diffusion, shape, x_T, model_kwargs, stop_at_index, generator,
-                         progress, callback, "ddim")
+        # x_{τ−1} = √ᾱ_{τ−1}·x̂_0 + √(1 − ᾱ_{τ−1} − σ²)·ε̂ + σ·z (Song et al. 2021 eq. 12; slides, strided sampling).
+        x = alpha_bar_prev.sqrt() * out["pred_xstart"] + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        if index > 0 and eta > 0:
+            x = x + sigma * draw_noise(x.shape, generator, x.device, x.dtype)
+        if callback is not None:
+            callback({"step": step, "t": index, "x": x, "pred_xstart": out["pred_xstart"]})
+    return x
 
 
 def _ode_levels(diffusion: GaussianDiffusion, stop: int) -> list[tuple[int, float]]:
