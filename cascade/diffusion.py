@@ -1,5 +1,7 @@
-"""Gaussian diffusion math shared by every stage: schedules, forward process, posterior, reverse-process
-parametrizations, training losses, the variational bound and timestep respacing.
+"""Gaussian diffusion math shared by every stage: forward process, posterior, reverse-process
+parametrizations, training losses and the variational bound (`GaussianDiffusion`), on the tables of
+`cascade.schedules` and the prediction types of `cascade.parameterization` (both re-exported here: this is
+the core's one import for the math).
 
 Pure math: nothing here knows about networks, data or training. A model is any callable
 `model(x_t, t, **model_kwargs)` returning its prediction (C channels) or prediction‖v (2C channels, learned
@@ -12,132 +14,35 @@ Equation numbers refer to the lecture slides (shared/reference/diffusion-slides.
 from __future__ import annotations
 
 import math
-import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-SCHEDULES = ("linear", "cosine")
+from cascade.parameterization import (
+    LOSS_WEIGHTINGS,
+    PREDICTIONS,
+    check_prediction,
+    eps_from_v,
+    eps_from_xstart,
+    eps_shift_in_prediction,
+    min_snr_weight,
+    prediction_from_xstart_eps,
+    prediction_to_xstart_eps,
+    v_from_xstart_eps,
+    xstart_from_eps,
+    xstart_from_v,
+)
+from cascade.schedules import SCHEDULES, aug_alpha_bar, aug_level_from_alpha_bar, make_betas, space_timesteps
+
 MODEL_VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES = ("simple", "hybrid")
-PREDICTIONS = ("eps", "v", "x0")
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
-
-_COSINE_S = 0.008  # offset s of the cosine schedule (Improved DDPM)
-_MAX_BETA = 0.999  # cosine schedule clip
-
-
-# ----------------------------------------------------------------------------------------------------
-# Schedules
-# ----------------------------------------------------------------------------------------------------
-
-
-def make_betas(kind: str, num_timesteps: int) -> np.ndarray:
-    """β_1..β_T (float64, length `num_timesteps`) of the 'linear' or 'cosine' schedule."""
-    if kind not in SCHEDULES:
-        raise ValueError(f"unknown beta schedule {kind!r}; expected one of {SCHEDULES}")
-    try:
-        num_timesteps = operator.index(num_timesteps)
-    except TypeError:
-        raise ValueError(f"num_timesteps must be an int, got {num_timesteps!r}") from None
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
-    if kind == "linear":
-        # DDPM's 1e-4 → 0.02 over 1000 steps, scaled by 1000/T so any T gives the same total noise.
-        scale = 1000.0 / num_timesteps
-        beta_start, beta_end = scale * 1e-4, scale * 0.02
-        if beta_end >= 1.0:
-            raise ValueError(
-                f"linear schedule with num_timesteps={num_timesteps} gives β_T={beta_end:g} >= 1; "
-                "use num_timesteps > 20 or the cosine schedule"
-            )
-        return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
-    # Cosine: ᾱ_t = f(t)/f(0), f(t) = cos²(((t/T + s)/(1 + s))·π/2), β_t = min(1 − ᾱ_t/ᾱ_{t−1}, 0.999).
-    steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
-    f = np.cos((steps + _COSINE_S) / (1 + _COSINE_S) * math.pi / 2) ** 2
-    alpha_bar = f / f[0]
-    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], _MAX_BETA)
-
-
-def aug_alpha_bar(s: torch.Tensor | float, *, check: bool = True) -> torch.Tensor:
-    """ᾱ(s) of the continuous cosine schedule for conditioning-augmentation level s ∈ [0, 1].
-
-    ᾱ(s) = f(s)/f(0), f(s) = cos²(((s + 0.008)/1.008)·π/2), written as sin²((1 − s)/1.008·π/2) so that
-    ᾱ(0) = 1 and ᾱ(1) = 0 exactly. check=False skips the range check (a host sync for CUDA tensors).
-    """
-    s_t = torch.as_tensor(s)
-    dtype = s_t.dtype if s_t.is_floating_point() else torch.get_default_dtype()
-    s64 = s_t.to(torch.float64)
-    if check and bool(((s64 < 0) | (s64 > 1) | torch.isnan(s64)).any()):
-        raise ValueError("aug level s must lie in [0, 1]")
-    half_pi = math.pi / (2 * (1 + _COSINE_S))
-    # Continuous cosine schedule ᾱ(s) = f(s)/f(0) (Improved DDPM, slides "variance scheduling").
-    alpha_bar = torch.sin((1 - s64) * half_pi) ** 2 / math.sin(half_pi) ** 2
-    return alpha_bar.to(dtype)
-
-
-def aug_level_from_alpha_bar(alpha_bar: torch.Tensor | float) -> torch.Tensor:
-    """Inverse of `aug_alpha_bar`: the level s ∈ [0, 1] whose ᾱ(s) equals `alpha_bar` ∈ [0, 1]."""
-    a_t = torch.as_tensor(alpha_bar)
-    dtype = a_t.dtype if a_t.is_floating_point() else torch.get_default_dtype()
-    a64 = a_t.to(torch.float64)
-    if bool(((a64 < 0) | (a64 > 1) | torch.isnan(a64)).any()):
-        raise ValueError("alpha_bar must lie in [0, 1]")
-    half_pi = math.pi / (2 * (1 + _COSINE_S))
-    # s = 1 − asin(√(ᾱ·f(0)))/half_pi, inverting ᾱ(s) = sin²((1 − s)·half_pi)/f(0).
-    s = 1 - torch.asin((a64 * math.sin(half_pi) ** 2).sqrt().clamp(max=1.0)) / half_pi
-    return s.clamp(0.0, 1.0).to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Respacing
-# ----------------------------------------------------------------------------------------------------
-
-
-def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> list[int]:
-    """Timesteps (sorted, 0-indexed) to keep when sampling with fewer steps.
-
-    `section_counts`: "50" (50 evenly spaced steps, first and last included), "10,10,5" (the T steps split
-    into equal sections with 10, 10 and 5 evenly spaced steps each), "ddim25" (the constant stride
-    range(0, T, stride) with exactly 25 steps, as in DDIM), or an int / list of ints.
-    """
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
-    if isinstance(section_counts, str):
-        spec = section_counts.strip()
-        if spec.startswith("ddim"):
-            try:
-                desired = int(spec[len("ddim"):])
-            except ValueError:
-                raise ValueError(f"bad respacing {section_counts!r}: expected 'ddimN'") from None
-            for stride in range(1, num_timesteps + 1):
-                if len(range(0, num_timesteps, stride)) == desired:
-                    return list(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot take exactly {desired} steps of constant stride from {num_timesteps}")
-        try:
-            counts = [int(part) for part in spec.split(",")]
-        except ValueError:
-            raise ValueError(
-                f"bad respacing {section_counts!r}: expected e.g. '50', '10,10,5' or 'ddim25'"
-            ) from None
-    elif isinstance(section_counts, (int, np.integer)) and not isinstance(section_counts, bool):
-        counts = [int(section_counts)]
-    else:
-        counts = [int(c) for c in section_counts]
-    if not counts or len(counts) > num_timesteps:
-        raise ValueError(f"bad respacing {section_counts!r} for {num_timesteps} timesteps")
-    size_per, extra = divmod(num_timesteps, len(counts))
-    start, kept = 0, []
-    for i, count in enumerate(counts):
-        size = size_per + (1 if i < extra else 0)
-        if count < 1 or count > size:
-            raise ValueError(f"cannot take {count} steps from a section of {size} timesteps")
-        stride = (size - 1) / (count - 1) if count > 1 else 0.0
-        kept += [start + round(j * stride) for j in range(count)]
-        start += size
-    return sorted(set(kept))
+__all__ = ["LOSS_TYPES", "LOSS_WEIGHTINGS", "MODEL_VAR_TYPES", "PREDICTIONS", "SCHEDULES", "GaussianDiffusion",
+           "apply_dynamic_threshold", "aug_alpha_bar", "aug_level_from_alpha_bar", "check_prediction",
+           "discretized_gaussian_log_likelihood", "eps_from_v", "eps_from_xstart", "eps_shift_in_prediction",
+           "make_betas", "mean_flat", "min_snr_weight", "normal_kl", "prediction_from_xstart_eps",
+           "prediction_to_xstart_eps", "space_timesteps", "v_from_xstart_eps", "xstart_from_eps", "xstart_from_v"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,113 +88,6 @@ def apply_dynamic_threshold(pred_xstart: torch.Tensor, percentile: float) -> tor
     s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0).to(pred_xstart.dtype)
     s = s.view(-1, *([1] * (pred_xstart.ndim - 1)))
     return torch.maximum(torch.minimum(pred_xstart, s), -s) / s
-
-
-# ----------------------------------------------------------------------------------------------------
-# Prediction types: ε, v and x_0 are affine in one another given x_t (a = √ᾱ_t, s = √(1 − ᾱ_t))
-# ----------------------------------------------------------------------------------------------------
-
-
-def check_prediction(prediction: str) -> str:
-    """`prediction` if it is one of PREDICTIONS, else a one-line ValueError."""
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTIONS}")
-    return prediction
-
-
-def _scales(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-
-
-def v_from_xstart_eps(x_start: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """v = √ᾱ·ε − √(1−ᾱ)·x_0 (Salimans & Ho 2022 'Progressive Distillation', sec. 4).
-
-    alpha_bar: ᾱ_t broadcastable against the images (e.g. B×1×1×1), in (0, 1]."""
-    a, s = _scales(alpha_bar)
-    # v ≡ α_t·ε − σ_t·x (Salimans & Ho 2022, sec. 4 / appendix D).
-    return a * eps - s * x_start
-
-
-def xstart_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """x_0 = (x_t − √(1−ᾱ)·ε)/√ᾱ, eq. 2 solved for x_0 (ᾱ > 0)."""
-    a, s = _scales(alpha_bar)
-    # x_0 = (x_t − √(1 − ᾱ_t)·ε)/√ᾱ_t (eq. 2 inverted).
-    return (x_t - s * eps) / a
-
-
-def eps_from_xstart(x_t: torch.Tensor, x_start: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """ε = (x_t − √ᾱ·x_0)/√(1−ᾱ), eq. 2 solved for ε (ᾱ < 1)."""
-    a, s = _scales(alpha_bar)
-    # ε = (x_t − √ᾱ_t·x_0)/√(1 − ᾱ_t) (eq. 2 inverted).
-    return (x_t - a * x_start) / s
-
-
-def xstart_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """x_0 = √ᾱ·x_t − √(1−ᾱ)·v (Salimans & Ho 2022, sec. 4); exact for every ᾱ ∈ [0, 1]."""
-    a, s = _scales(alpha_bar)
-    # x̂ = α_t·z_t − σ_t·v̂ (Salimans & Ho 2022, sec. 4, with α² + σ² = 1).
-    return a * x_t - s * v
-
-
-def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """ε = √(1−ᾱ)·x_t + √ᾱ·v (Salimans & Ho 2022, sec. 4); exact for every ᾱ ∈ [0, 1]."""
-    a, s = _scales(alpha_bar)
-    # ε̂ = σ_t·z_t + α_t·v̂ (Salimans & Ho 2022, appendix D).
-    return s * x_t + a * v
-
-
-def prediction_to_xstart_eps(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
-                             prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_0, ε) implied by a network's mean output in `prediction` space ("eps", "v" or "x0") at x_t."""
-    if check_prediction(prediction) == "eps":
-        return xstart_from_eps(x_t, output, alpha_bar), output
-    if prediction == "v":
-        return xstart_from_v(x_t, output, alpha_bar), eps_from_v(x_t, output, alpha_bar)
-    return output, eps_from_xstart(x_t, output, alpha_bar)
-
-
-def prediction_from_xstart_eps(x_start: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor,
-                               prediction: str) -> torch.Tensor:
-    """The network output in `prediction` space for a consistent pair (x_0, ε) at level ᾱ."""
-    if check_prediction(prediction) == "eps":
-        return eps
-    if prediction == "v":
-        return v_from_xstart_eps(x_start, eps, alpha_bar)
-    return x_start
-
-
-def eps_shift_in_prediction(delta_eps: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
-    """The change of a `prediction`-space output at fixed x_t when its implied ε changes by `delta_eps`.
-
-    ∂ε/∂ε = 1; x_0 = (x_t − √(1−ᾱ)·ε)/√ᾱ gives ∂x_0/∂ε = −√(1−ᾱ)/√ᾱ; v = (ε − √(1−ᾱ)·x_t)/√ᾱ (from
-    ε = √(1−ᾱ)·x_t + √ᾱ·v) gives ∂v/∂ε = 1/√ᾱ. Used by classifier guidance (eq. 16), which shifts ε̂."""
-    a, s = _scales(alpha_bar)
-    if check_prediction(prediction) == "eps":
-        return delta_eps
-    if prediction == "v":
-        return delta_eps / a
-    return -s / a * delta_eps
-
-
-def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
-    """Min-SNR-γ loss weight on the MSE in `prediction` space (Hang et al. 2023, "Efficient Diffusion
-    Training via Min-SNR Weighting Strategy").
-
-    Min-SNR-γ weights the x_0-space error by min(SNR_t, γ), SNR_t = ᾱ_t/(1 − ᾱ_t). At fixed x_t the
-    errors are proportional: ε − ε̂ = (√ᾱ/√(1−ᾱ))·(x̂_0 − x_0), so ‖ε − ε̂‖² = SNR·‖x_0 − x̂_0‖²; and
-    v − v̂ = √ᾱ(ε − ε̂) − √(1−ᾱ)(x_0 − x̂_0) = (x̂_0 − x_0)/√(1−ᾱ), so ‖v − v̂‖² = (SNR + 1)·‖x_0 − x̂_0‖²
-    (1/(1−ᾱ) = 1 + SNR). Dividing min(SNR, γ) by those factors gives the weight on each MSE:
-    ε: min(SNR, γ)/SNR, v: min(SNR, γ)/(SNR + 1), x_0: min(SNR, γ). Raises ValueError unless γ > 0.
-    """
-    if not gamma > 0:
-        raise ValueError(f"min_snr_gamma must be > 0, got {gamma}")
-    clipped = torch.clamp(snr, max=gamma)  # min(SNR_t, γ) on the x_0-space MSE (Hang et al. 2023, Min-SNR-γ)
-    if check_prediction(prediction) == "eps":
-        return clipped / snr
-    if prediction == "v":
-        return clipped / (snr + 1)
-    return clipped
-
 
 # ----------------------------------------------------------------------------------------------------
 # The diffusion
