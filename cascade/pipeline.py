@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,180 +23,27 @@ import torch
 from tqdm.auto import tqdm
 
 from cascade.augment import condition_low_res
-from cascade.checkpoint import load_config, load_stage, resolve_checkpoint
-from cascade.config import SamplingSettings, StageConfig, StageKind
-from cascade.diffusion import aug_alpha_bar, aug_level_from_alpha_bar, space_timesteps
-from cascade.samplers import SAMPLERS, classifier_free_guidance, classifier_guidance, draw_noise
+from cascade.chain import LoadedStage, check_chain, load_loaded_stage, read_checkpoint
+from cascade.config import SamplingSettings, StageKind
+from cascade.diffusion import aug_alpha_bar, aug_level_from_alpha_bar
+from cascade.plan import (
+    CascadeConfigError,
+    SamplingPlan,
+    StagePlan,
+    resolve_settings,
+    respaced_timesteps,
+    settings_for,
+)
+from cascade.samplers import SAMPLERS, classifier_free_guidance, classifier_guidance
+from cascade.seeding import AUG_NOISE, STEP_NOISE, X_T, per_sample_generators, per_sample_noise
+
+__all__ = ["DEFAULT_CHAIN", "LABELS_KEY", "PRECISIONS", "CascadeConfigError", "CascadePipeline", "LoadedStage",
+           "SamplingPlan", "StagePlan"]
 
 DEFAULT_CHAIN = ("base32", "sr64", "sr128", "sr256")
 PRECISIONS = ("fp32", "bf16")
 LABELS_KEY = "labels"
 
-
-class CascadeConfigError(ValueError):
-    """A checkpoint or setting the cascade cannot use; the message is one line naming the stage and fix."""
-
-
-@dataclass
-class LoadedStage:
-    """One stage rebuilt from its checkpoint."""
-
-    name: str
-    config: StageConfig
-    model: torch.nn.Module
-    diffusion: Any  # cascade.GaussianDiffusion on the training timesteps
-    checkpoint: Path
-    step: int
-    class_names: list[str] | None = None
-
-
-@dataclass
-class StagePlan:
-    """One stage's part of a checked run: its settings and what they resolve to."""
-
-    name: str
-    resolution: int
-    settings: SamplingSettings
-    timesteps: list[int]  # the kept timesteps on the training scale
-    aug_level: float | None = None  # SR stages: the level s the model is told (truncation moves it to ᾱ_k's)
-    stop_at_index: int | None = None  # truncated: the respaced index whose z_k is handed over
-    diffusion: Any = field(default=None, repr=False)  # the respaced diffusion
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.settings.to_dict(), "resolution": self.resolution, "num_steps": len(self.timesteps),
-                "aug_level": self.aug_level, "stop_at_index": self.stop_at_index}
-
-
-@dataclass
-class SamplingPlan:
-    """Everything a run needs, checked before any sampling (see `CascadePipeline.validate`)."""
-
-    classes: list[int]
-    num_per_class: int
-    seed: int
-    batch_size: int | None
-    stages: list[StagePlan]
-
-    @property
-    def labels(self) -> torch.Tensor:
-        """Class of every sample: each class repeated num_per_class times, in the order given."""
-        return torch.tensor(self.classes, dtype=torch.long).repeat_interleave(self.num_per_class)
-
-    @property
-    def indices(self) -> list[int]:
-        """Index of every sample within its class."""
-        return list(range(self.num_per_class)) * len(self.classes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "classes": self.classes,
-            "num_per_class": self.num_per_class,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "stages": {s.name: s.to_dict() for s in self.stages},
-        }
-
-
-def _sample_seed(*parts: int) -> int:
-    """A 63-bit seed derived from non-negative integers (numpy SeedSequence hashing)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def _stage_key(name: str) -> int:
-    return zlib.crc32(name.encode())
-
-
-_X_T, _AUG_NOISE, _STEP_NOISE = 0, 1, 2  # the purposes noise is drawn for
-
-
-def _per_sample_generators(seed: int, stage: str, purpose: int, indices: range) -> list[torch.Generator]:
-    """One CPU generator per sample, seeded by (seed, stage, purpose, sample index): the same noise on every
-    device and for every batching."""
-    return [torch.Generator().manual_seed(_sample_seed(seed, _stage_key(stage), purpose, i)) for i in indices]
-
-
-def _per_sample_noise(seed: int, stage: str, purpose: int, indices: range, shape: tuple[int, ...]) -> torch.Tensor:
-    """Standard normal noise of each sample from its own CPU generator: independent of the batching."""
-    return draw_noise((len(indices), *shape), _per_sample_generators(seed, stage, purpose, indices), "cpu")
-
-
-def _class_names(record: dict[str, Any]) -> list[str] | None:
-    """Class names of the dataset a stage was trained on, as the trainer records them."""
-    names = record.get("train", {}).get("dataset", {}).get("class_names")
-    return [str(n) for n in names] if names else None
-
-
-def _check_chain(names: Sequence[str], configs: Sequence[Any]) -> None:
-    """Each SR stage must take the previous stage's output size; the chain starts with a base stage."""
-    if not names:
-        raise CascadeConfigError("no stages given; name at least the base stage, e.g. base32")
-    for i, (name, cfg) in enumerate(zip(names, configs)):
-        if cfg.name != name:
-            raise CascadeConfigError(
-                f"stage {name}: its checkpoint holds stage {cfg.name!r}; give {name} a {name} checkpoint"
-            )
-        if i == 0 and cfg.kind is not StageKind.base:
-            raise CascadeConfigError(
-                f"stage {name}: the chain must start with a base stage, but {name} is a {cfg.kind.value} stage; "
-                "start with base32"
-            )
-        if i > 0 and cfg.kind is not StageKind.sr:
-            raise CascadeConfigError(
-                f"stage {name}: only super-resolution stages can follow the base stage, but {name} is a "
-                f"{cfg.kind.value} stage; remove it from the chain"
-            )
-        if i > 0 and cfg.low_resolution != configs[i - 1].resolution:
-            prev = names[i - 1]
-            raise CascadeConfigError(
-                f"stage {name}: takes {cfg.low_resolution}x{cfg.low_resolution} inputs but {prev} makes "
-                f"{configs[i - 1].resolution}x{configs[i - 1].resolution} images; put a stage of resolution "
-                f"{cfg.low_resolution} before {name} or drop {name}"
-            )
-
-
-def _per_stage(value: Any, names: Sequence[str], option: str) -> dict[str, Any]:
-    """A single value for every stage, or a {stage: value} dict naming only stages of the chain."""
-    if not isinstance(value, Mapping):
-        return {n: value for n in names}
-    for name in value:
-        if name not in names:
-            raise CascadeConfigError(
-                f"{option}: stage {name!r} is not in the chain ({', '.join(names)}); drop it or add the stage"
-            )
-    return {n: value.get(n) for n in names}
-
-
-def _respaced_timesteps(name: str, num_timesteps: int, steps: int | str | None) -> list[int]:
-    """The kept training timesteps for `SamplingSettings.steps` (its form already checked)."""
-    if steps is None:
-        return list(range(num_timesteps))
-    if isinstance(steps, int) and steps > num_timesteps:
-        raise CascadeConfigError(f"stage {name}: steps {steps} exceeds its {num_timesteps} training timesteps; "
-                                 f"use at most {num_timesteps}")
-    try:
-        return sorted(space_timesteps(num_timesteps, str(steps)))
-    except ValueError as err:
-        raise CascadeConfigError(
-            f"stage {name}: bad steps {steps!r} ({err}); use a count like 50, 'ddim25' or sections like '10,5'"
-        ) from None
-
-
-def _settings_for(stage: StageConfig, base: SamplingSettings, changes: Mapping[str, Any]) -> SamplingSettings:
-    """``base`` with ``changes``, checked for ``stage``; errors become one-line CascadeConfigErrors."""
-    try:
-        settings = dataclasses.replace(base, **changes)
-        settings.check_for(stage)
-    except (TypeError, ValueError) as err:
-        message = str(err)
-        raise CascadeConfigError(message if message.startswith(("stage ", "aug_level:")) else
-                                 f"stage {stage.name}: {message}") from None
-    return settings
-
-
-# Settings that only some kinds take: a single value for the whole chain goes to those stages alone.
-_ONLY_FOR = {"aug_level": StageKind.sr, "truncate": StageKind.sr, "classifier": StageKind.base,
-             "classifier_scale": StageKind.base}
-_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(SamplingSettings))
 
 
 def _check_start_index(start_index: Any) -> None:
@@ -218,28 +63,12 @@ def _check_device(device: str | torch.device, precision: str) -> torch.device:
     return dev
 
 
-def _read_checkpoint(name: str, path: str | Path) -> tuple[Path, dict[str, Any], Any]:
-    """(step folder, config record, StageConfig) of a checkpoint, without loading weights."""
-    try:
-        ckpt = resolve_checkpoint(path)
-        record = load_config(ckpt)
-        return ckpt, record, StageConfig.from_dict(record["stage"])
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        raise CascadeConfigError(f"stage {name}: {err}; train it or pass a checkpoint for {name}") from None
-
-
-def _load(name: str, ckpt: Path, record: dict[str, Any], cfg: Any, device: torch.device,
-          weights: str = "ema") -> LoadedStage:
-    _, model, diffusion = load_stage(ckpt, weights=weights, device=device)
-    return LoadedStage(name, cfg, model, diffusion, ckpt, int(record["step"]), _class_names(record))
-
-
 class CascadePipeline:
     """Samples classes through a chain of stages: base → sr64 → sr128 → sr256 (or a prefix of it)."""
 
     def __init__(self, stages: Sequence[LoadedStage], *, device: str | torch.device = "cpu",
                  precision: str = "fp32"):
-        _check_chain([s.name for s in stages], [s.config for s in stages])
+        check_chain([s.name for s in stages], [s.config for s in stages])
         self.device = _check_device(device, precision)
         self.precision = precision
         self.stages = list(stages)
@@ -260,9 +89,9 @@ class CascadePipeline:
         The chain is checked from the checkpoints' configs before any weights are loaded.
         """
         dev = _check_device(device, precision)
-        found = {name: _read_checkpoint(name, path) for name, path in checkpoints.items()}
-        _check_chain(list(found), [cfg for _, _, cfg in found.values()])
-        return cls([_load(name, *found[name], dev, weights) for name in found], device=dev, precision=precision)
+        found = {name: read_checkpoint(name, path) for name, path in checkpoints.items()}
+        check_chain(list(found), [cfg for _, _, cfg in found.values()])
+        return cls([load_loaded_stage(name, *found[name], dev, weights) for name in found], device=dev, precision=precision)
 
     @classmethod
     def from_runs(cls, runs_dir: str | Path = "runs", stages: Sequence[str] = DEFAULT_CHAIN, *,
@@ -298,7 +127,7 @@ class CascadePipeline:
     def _classifier(self, path: str | Path) -> LoadedStage:
         key = str(path)
         if key not in self._classifiers:
-            ckpt, record, cfg = _read_checkpoint("classifier", path)
+            ckpt, record, cfg = read_checkpoint("classifier", path)
             base = self.stages[0].config
             if cfg.kind is not StageKind.classifier:
                 raise CascadeConfigError(
@@ -316,7 +145,7 @@ class CascadePipeline:
                     f"{base.name} uses {ours.schedule} with {ours.num_timesteps}; pass a classifier trained "
                     f"on {base.name}'s schedule"
                 )
-            self._classifiers[key] = _load("classifier", ckpt, record, cfg, self.device)
+            self._classifiers[key] = load_loaded_stage("classifier", ckpt, record, cfg, self.device)
             self._place(self._classifiers[key].model)
         return self._classifiers[key]
 
@@ -328,23 +157,7 @@ class CascadePipeline:
         naming stages of the chain; a None value keeps the default. Raises CascadeConfigError (one line,
         naming the stage) on an unknown setting or a bad value.
         """
-        names = [s.name for s in self.stages]
-        unknown = sorted(set(overrides) - set(_SETTING_NAMES))
-        if unknown:
-            raise CascadeConfigError(f"unknown sampling setting(s) {', '.join(unknown)}; valid: "
-                                     f"{', '.join(_SETTING_NAMES)}")
-        per_stage = {key: _per_stage(value, names, key) for key, value in overrides.items()}
-        out = {}
-        for stage in self.stages:
-            changes = {}
-            for key, values in per_stage.items():
-                value = values[stage.name]
-                named = isinstance(overrides[key], Mapping)
-                if value is None or (not named and key in _ONLY_FOR and stage.config.kind is not _ONLY_FOR[key]):
-                    continue
-                changes[key] = value
-            out[stage.name] = _settings_for(stage.config, stage.config.sampling, changes)
-        return out
+        return resolve_settings([s.config for s in self.stages], overrides)
 
     def validate(self, classes: Sequence[int], settings: Mapping[str, SamplingSettings] | None = None, *,
                  num_per_class: int = 1, batch_size: int | None = None, seed: int = 0) -> SamplingPlan:
@@ -383,12 +196,12 @@ class CascadePipeline:
                                          f"{type(value).__name__}")
         plans = []
         for stage in self.stages:
-            chosen = _settings_for(stage.config, settings.get(stage.name, stage.config.sampling), {})
+            chosen = settings_for(stage.config, settings.get(stage.name, stage.config.sampling), {})
             if chosen.classifier:
                 n = self._classifier(chosen.classifier).config.num_classes
                 if max(classes) >= n or min(classes) < 0:
                     raise CascadeConfigError(f"classifier: knows {n} classes; choose classes in 0..{n - 1}")
-            timesteps = _respaced_timesteps(stage.name, stage.diffusion.num_timesteps, chosen.steps)
+            timesteps = respaced_timesteps(stage.name, stage.diffusion.num_timesteps, chosen.steps)
             plans.append(StagePlan(name=stage.name, resolution=stage.config.resolution, settings=chosen,
                                    timesteps=timesteps, aug_level=chosen.aug_level,
                                    diffusion=stage.diffusion.respace(timesteps)))
@@ -450,11 +263,11 @@ class CascadePipeline:
                     if settings.truncate:  # z_k is already at the level s of ᾱ_k
                         level = torch.full((len(idx),), sp.aug_level, device=self.device)
                     else:  # re-noise the clean input: x_s = √ᾱ(s)·x + √(1−ᾱ(s))·ε (contracts)
-                        noise = _per_sample_noise(plan.seed, sp.name, _AUG_NOISE, idx, low.shape[1:])
+                        noise = per_sample_noise(plan.seed, sp.name, AUG_NOISE, idx, low.shape[1:])
                         low, level = condition_low_res(low, sp.aug_level, noise=noise.to(self.device))
                     kwargs.update(x_low=low, aug_level=level)
-                x_T = _per_sample_noise(plan.seed, sp.name, _X_T, idx, shape).to(self.device)
-                generator = _per_sample_generators(plan.seed, sp.name, _STEP_NOISE, idx)
+                x_T = per_sample_noise(plan.seed, sp.name, X_T, idx, shape).to(self.device)
+                generator = per_sample_generators(plan.seed, sp.name, STEP_NOISE, idx)
                 with self._autocast():
                     x = SAMPLERS[settings.sampler](model, sp.diffusion, x_T=x_T, model_kwargs=kwargs,
                                                    stop_at_index=sp.stop_at_index, generator=generator,
