@@ -21,11 +21,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     _xops = None
 
 
-def xformers_available() -> bool:
-    """True when xformers' memory-efficient attention can be imported."""
-    return _xops is not None
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(QKᵀ/√d)·V (eq. 15) for q: B×N×H×d, k, v: B×M×H×d (tokens, heads, head dim) → B×N×H×d.
 
