@@ -1,6 +1,6 @@
 """Attention for the UNet: multi-head self-attention over pixels and cross-attention to class tokens.
 
-Both use softmax(QKᵀ/√d)·V (slides eq. 15) through ``F.scaled_dot_product_attention``, or xformers'
+Both use softmax(QKᵀ/√d)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3; Vaswani et al. 2017) through ``F.scaled_dot_product_attention``, or xformers'
 memory-efficient kernel when xformers is importable and the tensors are on CUDA.
 
 Layout: feature maps are B×C×H×W; in channels_last memory that is B×H×W×C, so the pixel tokens
@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(QKᵀ/√d)·V (eq. 15) for q: B×N×H×d, k, v: B×M×H×d (tokens, heads, head dim) → B×N×H×d.
+    """softmax(QKᵀ/√d)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3) for q: B×N×H×d, k, v: B×M×H×d (tokens, heads, head dim) → B×N×H×d.
 
     Uses xformers on CUDA when available, otherwise ``F.scaled_dot_product_attention``.
     """
@@ -36,9 +36,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Reference softmax(QKᵀ/√d)·V (eq. 15) written out, same layout as :func:`attention`."""
-    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(q.shape[-1])  # QKᵀ/√d (eq. 15)
-    return torch.einsum("bhnm,bmhd->bnhd", scores.softmax(dim=-1), v)  # softmax(·)·V (eq. 15)
+    """Reference softmax(QKᵀ/√d)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3) written out, same layout as :func:`attention`."""
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(q.shape[-1])  # QKᵀ/√d (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3)
+    return torch.einsum("bhnm,bmhd->bnhd", scores.softmax(dim=-1), v)  # softmax(·)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3)
 
 
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
@@ -86,7 +86,7 @@ class SelfAttention2d(nn.Module):
 
 
 class CrossAttention2d(nn.Module):
-    """Residual cross-attention: Q = W_Q·φ(z) from pixels, K, V = W_K·τ(y), W_V·τ(y) from tokens (eq. 15)."""
+    """Residual cross-attention: Q = W_Q·φ(z) from pixels, K, V = W_K·τ(y), W_V·τ(y) from tokens (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3)."""
 
     def __init__(self, channels: int, context_dim: int, head_channels: int = 64, norm_groups: int = 32):
         super().__init__()

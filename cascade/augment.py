@@ -1,7 +1,7 @@
 """Conditioning augmentation of the low-resolution input of super-resolution stages (CDM).
 
 Gaussian augmentation noises x_low with the forward process to a continuous level s ∈ [0, 1]
-(x_s = √ᾱ(s)·x + √(1−ᾱ(s))·ε, slides eq. 2, with the continuous cosine ᾱ(s) of
+(x_s = √ᾱ(s)·x + √(1−ᾱ(s))·ε, slides eq. 2 (Ho et al. 2020 'DDPM' eq. 4), with the continuous cosine ᾱ(s) of
 ``cascade.diffusion.aug_alpha_bar``); the level is an input of the network. Training draws s uniformly from
 [0, s_max] per example and, for some stages, blurs a fraction of the examples first (kornia Gaussian
 blur, σ drawn per example). Sampling uses one chosen level and no blur.
@@ -48,7 +48,7 @@ def sample_aug_levels(
 def gaussian_augment(
     x_low: torch.Tensor, aug_level: torch.Tensor, noise: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x_s = √ᾱ(s)·x_low + √(1−ᾱ(s))·ε per example (eq. 2 with the continuous cosine ᾱ(s))."""
+    """x_s = √ᾱ(s)·x_low + √(1−ᾱ(s))·ε per example (slides eq. 2 with the continuous cosine ᾱ(s); Ho et al. 2020 'DDPM' eq. 4)."""
     _check_images(x_low, "x_low")
     if not isinstance(aug_level, torch.Tensor) or aug_level.shape != (x_low.shape[0],):
         got = tuple(aug_level.shape) if isinstance(aug_level, torch.Tensor) else type(aug_level).__name__
@@ -59,7 +59,7 @@ def gaussian_augment(
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from x_low shape {tuple(x_low.shape)}")
     alpha_bar = aug_alpha_bar(aug_level.to(device=x_low.device, dtype=torch.float32)).clamp(0.0, 1.0)
     alpha_bar = alpha_bar.to(x_low.dtype)[:, None, None, None]
-    return alpha_bar.sqrt() * x_low + (1.0 - alpha_bar).sqrt() * noise  # x_s = √ᾱ x + √(1−ᾱ) ε (eq. 2)
+    return alpha_bar.sqrt() * x_low + (1.0 - alpha_bar).sqrt() * noise  # x_s = √ᾱ x + √(1−ᾱ) ε (slides eq. 2; Ho et al. 2020 'DDPM' eq. 4)
 
 
 def random_blur(

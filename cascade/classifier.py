@@ -1,4 +1,4 @@
-"""Noise-aware classifier f_φ(y | x_t, t) for classifier guidance (slides eq. 16).
+"""Noise-aware classifier f_φ(y | x_t, t) for classifier guidance (slides eq. 16; Dhariwal & Nichol 2021 §4).
 
 The UNet's encoder half (input conv, residual down path, middle block with attention), conditioned on a
 sinusoidal timestep embedding only, then GroupNorm → SiLU → attention pooling → linear logits.

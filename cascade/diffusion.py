@@ -8,7 +8,7 @@ Pure math: nothing here knows about networks, data or training. A model is any c
 variance), where the prediction is ε, v = √ᾱ·ε − √(1−ᾱ)·x_0 or x_0 (`prediction` = "eps", "v", "x0").
 Timesteps are 0-indexed, t ∈ {0..T-1} (index t is the slides' t+1). All tables are float64 torch tensors
 on the CPU; values are gathered per timestep and cast to the dtype/device of the tensor they act on.
-Equation numbers refer to the lecture slides (shared/reference/diffusion-slides.md).
+Equation numbers refer to the lecture slides (not in the repository); each also names the paper's equation.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ __all__ = ["LOSS_TYPES", "LOSS_WEIGHTINGS", "MODEL_VAR_TYPES", "PREDICTIONS", "S
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) per element, in nats."""
-    # KL of two Gaussians, the terms L_{t−1} of eq. 7 / eq. 10.
+    # KL of two Gaussians, the terms L_{t−1} of slides eq. 7 / eq. 10 (Ho et al. 2020 'DDPM' eqs. 5, 8).
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
@@ -67,7 +67,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
     inv_stdv = torch.exp(-log_scales)
     plus_in = inv_stdv * (centered + 1.0 / 255.0)
     min_in = inv_stdv * (centered - 1.0 / 255.0)
-    # L_0 = −log p_θ(x_0|x_1) of eq. 7 as the mass of x_0's bin (log_ndtr keeps the tails exact).
+    # L_0 = −log p_θ(x_0|x_1) of slides eq. 7 (Ho et al. 2020 'DDPM' eq. 5, §3.3) as the mass of x_0's bin (log_ndtr keeps the tails exact).
     log_cdf_plus = torch.special.log_ndtr(plus_in)
     log_one_minus_cdf_min = torch.special.log_ndtr(-min_in)
     cdf_delta = torch.special.ndtr(plus_in) - torch.special.ndtr(min_in)
@@ -100,7 +100,7 @@ class GaussianDiffusion:
     betas: β_1..β_T (any array-like, each in (0, 1)). model_var_type: 'fixed_small' (Σ = β̃_t),
     'fixed_large' (Σ = β_t, with β̃_1 at t = 0 as in DDPM / Improved DDPM) or 'learned_range' (network
     outputs prediction‖v, Σ = exp(v·log β_t + (1−v)·log β̃_t) with v mapped from [−1, 1] to [0, 1]; the
-    variance channels do not depend on the prediction type). loss_type: 'simple' (Algorithm 1) or 'hybrid'
+    variance channels do not depend on the prediction type). loss_type: 'simple' (slides Algorithm 1; Ho et al. 2020 'DDPM' Algorithm 1) or 'hybrid'
     (L_simple + λ·L_vlb, needs 'learned_range'). vlb_weight: λ. prediction: what the network's mean
     channels predict, 'eps' (ε, DDPM), 'v' (√ᾱ·ε − √(1−ᾱ)·x_0, Salimans & Ho 2022) or 'x0'.
     loss_weighting: 'uniform' (the plain MSE in the prediction's space; L_simple for ε) or 'min_snr'
@@ -145,7 +145,7 @@ class GaussianDiffusion:
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-        # β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t (eq. 9); β̃ at index 0 is 0, so its log is clipped to β̃_1.
+        # β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t (slides eq. 9; Ho et al. 2020 'DDPM' eq. 7); β̃ at index 0 is 0, so its log is clipped to β̃_1.
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         clip_to = posterior_variance[1] if self.num_timesteps > 1 else betas[0]
         self.betas = table(betas)
@@ -170,7 +170,7 @@ class GaussianDiffusion:
         self.snr = table(snr)
         self.loss_weights = (min_snr_weight(self.snr, self.min_snr_gamma, prediction)
                              if loss_weighting == "min_snr" else torch.ones_like(self.snr))
-        # μ̃_t = coef1·x_0 + coef2·x_t (eq. 9).
+        # μ̃_t = coef1·x_0 + coef2·x_t (slides eq. 9; Ho et al. 2020 'DDPM' eq. 7).
         self.posterior_mean_coef1 = table(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod))
         self.posterior_mean_coef2 = table((1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod))
 
@@ -255,7 +255,7 @@ class GaussianDiffusion:
     # -- forward process and posterior ------------------------------------------------------------
 
     def q_mean_variance(self, x_start: torch.Tensor, t):
-        """Mean, variance and log-variance of q(x_t | x_0) (eq. 2)."""
+        """Mean, variance and log-variance of q(x_t | x_0) (slides eq. 2; Ho et al. 2020 'DDPM' eq. 4)."""
         t = self._check_t(t, x_start)
         mean = self.extract("sqrt_alphas_cumprod", t, x_start) * x_start
         variance = (1.0 - self.extract("alphas_cumprod", t, x_start)).expand_as(x_start)
@@ -263,22 +263,22 @@ class GaussianDiffusion:
         return mean, variance, log_variance
 
     def q_sample(self, x_start: torch.Tensor, t, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Draw x_t ~ q(x_t | x_0): √ᾱ_t·x_0 + √(1−ᾱ_t)·ε (eq. 2)."""
+        """Draw x_t ~ q(x_t | x_0): √ᾱ_t·x_0 + √(1−ᾱ_t)·ε (slides eq. 2; Ho et al. 2020 'DDPM' eq. 4)."""
         t = self._check_t(t, x_start)
         if noise is None:
             noise = torch.randn_like(x_start)
         if noise.shape != x_start.shape:
             raise ValueError(f"noise {tuple(noise.shape)} must match x_start {tuple(x_start.shape)}")
-        # x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε (eq. 2).
+        # x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε (slides eq. 2; Ho et al. 2020 'DDPM' eq. 4).
         return (self.extract("sqrt_alphas_cumprod", t, x_start) * x_start
                 + self.extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t):
-        """Mean μ̃_t, variance β̃_t and clipped log-variance of q(x_{t−1} | x_t, x_0) (eq. 8–9)."""
+        """Mean μ̃_t, variance β̃_t and clipped log-variance of q(x_{t−1} | x_t, x_0) (slides eq. 8–9; Ho et al. 2020 'DDPM' eqs. 6–7)."""
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start {tuple(x_start.shape)} and x_t {tuple(x_t.shape)} differ in shape")
         t = self._check_t(t, x_t)
-        # μ̃_t(x_t, x_0) = √ᾱ_{t−1}β_t/(1−ᾱ_t)·x_0 + √α_t(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t (eq. 9).
+        # μ̃_t(x_t, x_0) = √ᾱ_{t−1}β_t/(1−ᾱ_t)·x_0 + √α_t(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t (slides eq. 9; Ho et al. 2020 'DDPM' eq. 7).
         mean = (self.extract("posterior_mean_coef1", t, x_t) * x_start
                 + self.extract("posterior_mean_coef2", t, x_t) * x_t)
         variance = self.extract("posterior_variance", t, x_t).expand_as(x_t)
@@ -286,23 +286,23 @@ class GaussianDiffusion:
         return mean, variance, log_variance
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
-        """x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t, eq. 2 solved for x_0."""
+        """x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t, slides eq. 2 (Ho et al. 2020 'DDPM' eq. 4) solved for x_0."""
         t = self._check_t(t, x_t)
-        # x_0 = x_t/√ᾱ_t − √(1/ᾱ_t − 1)·ε (eq. 2 inverted).
+        # x_0 = x_t/√ᾱ_t − √(1/ᾱ_t − 1)·ε (slides eq. 2 inverted; Ho et al. 2020 'DDPM' eq. 4).
         return (self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
                 - self.extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
     def predict_eps_from_xstart(self, x_t: torch.Tensor, t, pred_xstart: torch.Tensor) -> torch.Tensor:
-        """ε = (x_t/√ᾱ_t − x̂_0)/√(1/ᾱ_t − 1), eq. 2 solved for ε."""
+        """ε = (x_t/√ᾱ_t − x̂_0)/√(1/ᾱ_t − 1), slides eq. 2 (Ho et al. 2020 'DDPM' eq. 4) solved for ε."""
         t = self._check_t(t, x_t)
-        # ε = (x_t − √ᾱ_t·x_0)/√(1 − ᾱ_t) (eq. 2 inverted).
+        # ε = (x_t − √ᾱ_t·x_0)/√(1 − ᾱ_t) (slides eq. 2 inverted; Ho et al. 2020 'DDPM' eq. 4).
         return ((self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
                 / self.extract("sqrt_recipm1_alphas_cumprod", t, x_t))
 
     def predict_xstart_eps(self, x_t: torch.Tensor, t, model_mean: torch.Tensor):
         """(x̂_0, ε̂) from the mean channels of a model output in this diffusion's prediction space.
 
-        'eps': x̂_0 from eq. 2 inverted; 'v': x̂_0 = √ᾱ·x_t − √(1−ᾱ)·v̂, ε̂ = √(1−ᾱ)·x_t + √ᾱ·v̂
+        'eps': x̂_0 from slides eq. 2 inverted (Ho et al. 2020 'DDPM' eq. 4); 'v': x̂_0 = √ᾱ·x_t − √(1−ᾱ)·v̂, ε̂ = √(1−ᾱ)·x_t + √ᾱ·v̂
         (Salimans & Ho 2022, sec. 4); 'x0': ε̂ from eq. 2 inverted. Neither is clipped."""
         t = self._check_t(t, x_t)
         if self.prediction == "eps":
@@ -329,7 +329,7 @@ class GaussianDiffusion:
 
     def p_xstart_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t, clip_denoised: bool = True,
                           dynamic_threshold: float | None = None) -> dict[str, torch.Tensor]:
-        """Σ_θ(x_t, t) of p_θ(x_{t−1} | x_t) (slides eq. 4) and the denoised x̂_0, from the raw network output:
+        """Σ_θ(x_t, t) of p_θ(x_{t−1} | x_t) (slides eq. 4; Ho et al. 2020 'DDPM' eq. 1) and the denoised x̂_0, from the raw network output:
         everything a sampler needs besides the posterior mean μ̃_t(x_t, x̂_0), which it forms itself.
 
         Returns a dict with `variance`, `log_variance` (B×C×H×W), `pred_xstart` (x̂_0, clipped to [−1, 1] when
@@ -371,26 +371,26 @@ class GaussianDiffusion:
     # -- bound and losses --------------------------------------------------------------------------
 
     def prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
-        """L_T = KL(q(x_T | x_0) ‖ N(0, I)) per sample, in bits per dimension (eq. 7)."""
+        """L_T = KL(q(x_T | x_0) ‖ N(0, I)) per sample, in bits per dimension (slides eq. 7; Ho et al. 2020 'DDPM' eq. 5)."""
         t = torch.full((x_start.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x_start.device)
         mean, _, log_variance = self.q_mean_variance(x_start, t)
-        # L_T of eq. 7.
+        # L_T of slides eq. 7 (Ho et al. 2020 'DDPM' eq. 5).
         kl = normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(log_variance))
         return mean_flat(kl) / math.log(2.0)
 
     def vb_terms_bpd(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t,
                      clip_denoised: bool = False) -> dict[str, torch.Tensor]:
         """One term of the bound per sample, in bits/dim: L_{t−1} = KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t))
-        for t > 0 and L_0 = −log p_θ(x_0|x_1) (discretized 8-bit likelihood) for t = 0 (eq. 7).
+        for t > 0 and L_0 = −log p_θ(x_0|x_1) (discretized 8-bit likelihood) for t = 0 (slides eq. 7; Ho et al. 2020 'DDPM' eq. 5).
 
         Returns `output` (B) and `pred_xstart`.
         """
         t = self._check_t(t, x_t)
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
-        # L_{t−1} (eq. 7 / eq. 10).
+        # L_{t−1} (slides eq. 7 / eq. 10; Ho et al. 2020 'DDPM' eqs. 5, 8).
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
-        # L_0 (eq. 7): discretized Gaussian decoder.
+        # L_0 (slides eq. 7; Ho et al. 2020 'DDPM' eq. 5): discretized Gaussian decoder.
         decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
             x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])) / math.log(2.0)
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
@@ -412,7 +412,7 @@ class GaussianDiffusion:
         x_t = self.q_sample(x_start, t, noise=noise)
         model_output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
         model_mean, v = self._split_output(model_output, x_t)
-        # L_simple = ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² (Algorithm 1), or its v / x_0 analogue, per dimension.
+        # L_simple = ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² (slides Algorithm 1; Ho et al. 2020 'DDPM' Algorithm 1), or its v / x_0 analogue, per dimension.
         mse = mean_flat((self.training_target(x_start, t, noise) - model_mean) ** 2)
         weight = self.extract("loss_weights", t, mse.view(-1, 1)).view(-1)
         # Weighted MSE: w_t·‖target − output‖², w_t = 1 (uniform) or the Min-SNR-γ weight (Hang et al. 2023).
@@ -430,7 +430,7 @@ class GaussianDiffusion:
     def calc_bpd_loop(self, model, x_start: torch.Tensor, clip_denoised: bool = True,
                       model_kwargs: dict | None = None, generator: torch.Generator | None = None,
                       progress: bool = False) -> dict[str, torch.Tensor]:
-        """The full bound of eq. 7 per image, in bits/dim, evaluating every term t = T−1..0.
+        """The full bound of slides eq. 7 (Ho et al. 2020 'DDPM' eq. 5) per image, in bits/dim, evaluating every term t = T−1..0.
 
         Returns `total_bpd` (B) = `prior_bpd` (B) + sum over t of `vb` (B×T), plus `xstart_mse` (B×T) and
         `mse` (B×T, of the ε prediction).
@@ -469,7 +469,7 @@ class GaussianDiffusion:
         if kept[0] < 0 or kept[-1] >= self.num_timesteps:
             raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps - 1}], got {kept[0]}..{kept[-1]}")
         alphas_cumprod = self.alphas_cumprod.numpy()[kept]
-        # β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}} keeps ᾱ at the retained steps (eq. 2).
+        # β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}} keeps ᾱ at the retained steps (slides eq. 2; Ho et al. 2020 'DDPM' eq. 4).
         new_betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
         return GaussianDiffusion(new_betas, model_var_type=self.model_var_type, loss_type=self.loss_type,
                                  vlb_weight=self.vlb_weight, prediction=self.prediction,

@@ -32,16 +32,16 @@ def v_from_xstart_eps(x_start: torch.Tensor, eps: torch.Tensor, alpha_bar: torch
 
 
 def xstart_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """x_0 = (x_t − √(1−ᾱ)·ε)/√ᾱ, eq. 2 solved for x_0 (ᾱ > 0)."""
+    """x_0 = (x_t − √(1−ᾱ)·ε)/√ᾱ, slides eq. 2 (Ho et al. 2020 'DDPM' eq. 4) solved for x_0 (ᾱ > 0)."""
     a, s = _scales(alpha_bar)
-    # x_0 = (x_t − √(1 − ᾱ_t)·ε)/√ᾱ_t (eq. 2 inverted).
+    # x_0 = (x_t − √(1 − ᾱ_t)·ε)/√ᾱ_t (slides eq. 2 inverted; Ho et al. 2020 'DDPM' eq. 4).
     return (x_t - s * eps) / a
 
 
 def eps_from_xstart(x_t: torch.Tensor, x_start: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """ε = (x_t − √ᾱ·x_0)/√(1−ᾱ), eq. 2 solved for ε (ᾱ < 1)."""
+    """ε = (x_t − √ᾱ·x_0)/√(1−ᾱ), slides eq. 2 (Ho et al. 2020 'DDPM' eq. 4) solved for ε (ᾱ < 1)."""
     a, s = _scales(alpha_bar)
-    # ε = (x_t − √ᾱ_t·x_0)/√(1 − ᾱ_t) (eq. 2 inverted).
+    # ε = (x_t − √ᾱ_t·x_0)/√(1 − ᾱ_t) (slides eq. 2 inverted; Ho et al. 2020 'DDPM' eq. 4).
     return (x_t - a * x_start) / s
 
 
@@ -83,7 +83,7 @@ def eps_shift_in_prediction(delta_eps: torch.Tensor, alpha_bar: torch.Tensor, pr
     """The change of a `prediction`-space output at fixed x_t when its implied ε changes by `delta_eps`.
 
     ∂ε/∂ε = 1; x_0 = (x_t − √(1−ᾱ)·ε)/√ᾱ gives ∂x_0/∂ε = −√(1−ᾱ)/√ᾱ; v = (ε − √(1−ᾱ)·x_t)/√ᾱ (from
-    ε = √(1−ᾱ)·x_t + √ᾱ·v) gives ∂v/∂ε = 1/√ᾱ. Used by classifier guidance (eq. 16), which shifts ε̂."""
+    ε = √(1−ᾱ)·x_t + √ᾱ·v) gives ∂v/∂ε = 1/√ᾱ. Used by classifier guidance (slides eq. 16; Dhariwal & Nichol 2021 §4.2), which shifts ε̂."""
     a, s = _scales(alpha_bar)
     if check_prediction(prediction) == "eps":
         return delta_eps

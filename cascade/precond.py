@@ -28,7 +28,7 @@ class ConditioningSkip(nn.Module):
     dtype.
 
     Derivation (a = √ᾱ_t, s = √(1 − ᾱ_t), r = x_t − a·x_up, D = ᾱ_t·σ² + 1 − ᾱ_t): x_t = a·x_0 + s·ε
-    (eq. 2) with x_0 ~ N(x_up, σ²I) makes (x_0, ε, x_t) jointly Gaussian, so
+    (slides eq. 2; Ho et al. 2020 'DDPM' eq. 4) with x_0 ~ N(x_up, σ²I) makes (x_0, ε, x_t) jointly Gaussian, so
       E[ε | x_t]   = s·r/D,
       E[x_0 | x_t] = x_up + a·σ²·r/D,
       E[v | x_t]   = a·E[ε | x_t] − s·E[x_0 | x_t] = a·s·(1 − σ²)·r/D − s·x_up
@@ -78,7 +78,7 @@ class ConditioningSkip(nn.Module):
         var = self.cond_skip_std**2 + (1.0 - alpha_bar_s).to(alpha_bar.dtype).view(-1, 1, 1, 1)
         a, s = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
         x_up = x_up.float()
-        # r/D with r = x_t − √ᾱ_t·μ, D = ᾱ_t·σ² + 1 − ᾱ_t: the Gaussian posterior's shared factor (eq. 2).
+        # r/D with r = x_t − √ᾱ_t·μ, D = ᾱ_t·σ² + 1 − ᾱ_t: the Gaussian posterior's shared factor (slides eq. 2; Ho et al. 2020 'DDPM' eq. 4).
         scaled = (x_t.float() - a * x_up) / (alpha_bar * var + 1.0 - alpha_bar)
         if self.prediction == "eps":
             return s * scaled  # E[ε | x_t] = √(1−ᾱ_t)·r/D

@@ -9,7 +9,7 @@ Samplers: `sample_ddpm` (ancestral, DDPM Algorithm 2), `sample_ddim` (Song et al
 second-order solvers of the probability-flow ODE, `sample_dpmpp2m` (DPM-Solver++(2M), Lu et al. 2022)
 and `sample_heun` (Karras et al. 2022 'EDM', Algorithm 1). Every one of them can stop early at
 `stop_at_index` (truncated conditioning augmentation). Equation numbers refer to the lecture slides
-(shared/reference/diffusion-slides.md).
+(not in the repository); each also names the paper's equation.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def sample_heun(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tens
     levels = _ode_levels(diffusion, stop)
 
     def sigma_of(ab: float) -> float:
-        return math.sqrt((1.0 - ab) / ab)  # σ = √((1 − ᾱ)/ᾱ): x_t/√ᾱ = x_0 + σ·ε (eq. 2)
+        return math.sqrt((1.0 - ab) / ab)  # σ = √((1 − ᾱ)/ᾱ): x_t/√ᾱ = x_0 + σ·ε (slides eq. 2; Ho et al. 2020 'DDPM' eq. 4)
 
     x_tilde = x / math.sqrt(levels[0][1])
     for step, ((index, ab), (next_index, ab_next)) in enumerate(
@@ -285,7 +285,7 @@ def check_guidance_interval(interval, num_timesteps: int | None) -> tuple[float,
 
 
 class ClassifierFreeGuidance(nn.Module):
-    """(1 + w)·ε_θ(x_t, t, y) − w·ε_θ(x_t, t) (eq. 17), both halves in one batched forward pass.
+    """(1 + w)·ε_θ(x_t, t, y) − w·ε_θ(x_t, t) (slides eq. 17; Ho & Salimans 2022 eq. 6), both halves in one batched forward pass.
 
     The combination is made in the model's output space (ε, v or x_0): each is affine in ε at fixed x_t
     with coefficients summing to 1 on the x_t term ((1 + w) − w = 1), so combining outputs equals
@@ -321,7 +321,7 @@ class ClassifierFreeGuidance(nn.Module):
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=y_both, **doubled)
         cond, uncond = out[:batch], out[batch:]
         channels = x.shape[1]
-        # (1 + w)·ε_θ(x_t, t, y) − w·ε_θ(x_t, t) (eq. 17), in the model's output space.
+        # (1 + w)·ε_θ(x_t, t, y) − w·ε_θ(x_t, t) (slides eq. 17; Ho & Salimans 2022 eq. 6), in the model's output space.
         mean = (1 + self.w) * cond[:, :channels] - self.w * uncond[:, :channels]
         if inside is not None:  # guidance only inside [t_lo, t_hi] (Kynkäänniemi et al. 2024)
             mean = torch.where(inside.view(-1, *([1] * (x.ndim - 1))), mean, cond[:, :channels])
@@ -329,7 +329,7 @@ class ClassifierFreeGuidance(nn.Module):
 
 
 class ClassifierGuidance(nn.Module):
-    """ε̄ = ε_θ − √(1 − ᾱ_t)·scale·∇_x log f_φ(y | x_t) (eq. 16) with a classifier `classifier(x_t, t)`.
+    """ε̄ = ε_θ − √(1 − ᾱ_t)·scale·∇_x log f_φ(y | x_t) (slides eq. 16; Dhariwal & Nichol 2021 §4.2) with a classifier `classifier(x_t, t)`.
 
     For a v- or x_0-predicting model the same ε shift is mapped into its output space at fixed x_t
     (`cascade.diffusion.eps_shift_in_prediction`)."""
@@ -357,7 +357,7 @@ class ClassifierGuidance(nn.Module):
         alpha_bar = self.alphas_cumprod[t_index.cpu()].to(device=x.device, dtype=x.dtype)
         alpha_bar = alpha_bar.view(-1, *([1] * (x.ndim - 1)))
         channels = x.shape[1]
-        # ε̄ = ε_θ(x_t, t) − √(1 − ᾱ_t)·s·∇_{x_t} log f_φ(y | x_t) (eq. 16).
+        # ε̄ = ε_θ(x_t, t) − √(1 − ᾱ_t)·s·∇_{x_t} log f_φ(y | x_t) (slides eq. 16; Dhariwal & Nichol 2021 §4.2).
         delta_eps = -(1 - alpha_bar).sqrt() * self.scale * grad.to(out.dtype)
         mean = out[:, :channels] + eps_shift_in_prediction(delta_eps, alpha_bar, self.prediction)
         return _guided_output(out, channels, mean)
