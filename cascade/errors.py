@@ -63,19 +63,23 @@ def describe_failure(err: BaseException) -> str:
 
 
 def ensure_writable_dir(path: str | os.PathLike, option: str) -> Path:
-    """Create ``path`` if needed and check that files can be created in it; OutputNotWritable otherwise.
-
-    ``option`` names the setting in the message (e.g. "run_dir", "--out").
-    """
-    folder = Path(path)
+    """Check, before any work starts, that the folder ``path`` exists and takes new files, or can be created;
+    OutputNotWritable (one line naming ``option``, e.g. "run_dir" or "--out") otherwise. Creates nothing:
+    the check writes and removes one empty file in the folder or its nearest existing parent."""
+    folder = Path(path).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputNotWritable(f"{option} {folder} cannot be created: {existing} is a file; choose another {option}")
+    probe = existing / f".write-test-{os.getpid()}-{threading.get_ident()}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}-{threading.get_ident()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise OutputNotWritable(f"{option} {folder} is not writable ({reason}); choose a writable {option}") from None
+        raise OutputNotWritable(f"{option} {folder} is not writable ({reason} in {existing}); choose a writable "
+                                f"{option}") from None
     return folder
 
 
