@@ -40,6 +40,7 @@ def _run(tool, *args, cwd=ROOT, env=None, timeout=180):
 def _load_tool(name):
     spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
