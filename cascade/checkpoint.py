@@ -196,10 +196,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
     file = ckpt / CONFIG_FILE
     try:
         record = json.loads(file.read_text())
-        if not isinstance(record, dict):
-            raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise _damaged(file, err) from None
+    if not isinstance(record, dict):
+        raise _damaged(file, ValueError(f"expected a JSON object, got {type(record).__name__}"))
     version = record.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt}: checkpoint format {version} is not supported (expected {FORMAT_VERSION})")
@@ -239,8 +239,8 @@ def verify_checkpoint(path: str | Path) -> Path:
     unreadable one. Returns the step folder."""
     ckpt = resolve_checkpoint(path)
     load_config(ckpt)
-    for which in WEIGHT_FILES:
-        if (ckpt / WEIGHT_FILES[which]).exists():
+    for which, name in WEIGHT_FILES.items():
+        if (ckpt / name).exists():
             load_weights(ckpt, which)
     if (ckpt / TRAINING_STATE_FILE).exists():
         load_training_state(ckpt)

@@ -106,7 +106,7 @@ class GracefulInterrupt:
         if self.count >= self.force_after:
             raise KeyboardInterrupt
 
-    def __enter__(self) -> GracefulInterrupt:
+    def __enter__(self) -> GracefulInterrupt:  # noqa: PYI034 - Python 3.10 has no typing.Self
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
             self._installed = True
@@ -157,7 +157,7 @@ def cli_main(prog: str, *, bad_input: tuple[type[BaseException], ...] = (ValueEr
                     raise
                 print_error(prog, str(err))
                 return EXIT_USAGE
-            except Exception as err:  # noqa: BLE001 - the one-line rule covers every failure
+            except Exception as err:  # the one-line rule covers every failure
                 if debug_enabled():
                     raise
                 print_error(prog, describe_failure(err))

@@ -135,8 +135,8 @@ def test_cli_main_maps_failures_to_one_line_and_exit_codes(capsys, monkeypatch):
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["tool: error: --x: bad value; use 1",
                      "tool: error: RuntimeError: something broke (rerun with CASCADE_DEBUG=1 for the traceback)",
-                     "tool: error: [Errno 28] No space left on device: the disk is full; free space, then run the "
-                     "same command again",
+                     ("tool: error: [Errno 28] No space left on device: the disk is full; free space, then run the "
+                      "same command again"),
                      "tool: interrupted; nothing was written"]
     monkeypatch.setenv("CASCADE_DEBUG", "1")
     with pytest.raises(RuntimeError):

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cascade import checkpoint  # noqa: E402
+from cascade import checkpoint
 
 TRAIN_TOOL = ROOT / "tools" / "train_stage.py"
 SHARDS_TOOL = ROOT / "tools" / "make_shards.py"
@@ -149,14 +149,15 @@ def train_drill(work: Path, shards: Path, kills: int, rng: random.Random, *, max
                 proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=err_file)
             killed = False
             if result.kills < kills:
+                # half the kills wait for a checkpoint's temporary folder (killing mid-write); the others,
+                # and those that see no write in time, fall at a random moment before the run would end
                 during_write = rng.random() < 0.5
-                deadline = time.monotonic() + (rng.uniform(0.5, 1.2) * duration if not during_write
-                                               else 4 * duration)
+                deadline = time.monotonic() + rng.uniform(0.3, 0.9) * duration
                 while proc.poll() is None and time.monotonic() < deadline:
                     if during_write and _checkpoint_writing(run_dir):
                         time.sleep(rng.uniform(0.0, 0.002))
                         break
-                    time.sleep(0.0005 if during_write else 0.005)
+                    time.sleep(0.0002 if during_write else 0.005)
                 if proc.poll() is None:
                     writing = _checkpoint_writing(run_dir)
                     proc.kill()  # SIGKILL, to the process this drill started
@@ -168,10 +169,9 @@ def train_drill(work: Path, shards: Path, kills: int, rng: random.Random, *, max
             stderr = err_path.read_text()
             match = RESUMED_RE.search(stderr)
             resumed_step = int(match.group(2)) if match else None
-            if match or (not killed and proc.returncode == 0):
-                if resumed_step != expected_resume:
-                    result.problems.append(f"{run_dir}: resumed from step {resumed_step}, the newest complete "
-                                           f"checkpoint was step {expected_resume}")
+            if (match or (not killed and proc.returncode == 0)) and resumed_step != expected_resume:
+                result.problems.append(f"{run_dir}: resumed from step {resumed_step}, the newest complete "
+                                       f"checkpoint was step {expected_resume}")
             if killed:
                 expected_resume = _visible_checkpoints_readable(run_dir, result)
                 _log(f"kill {result.kills}: {'during a checkpoint write' if writing else 'at a random moment'}; "

@@ -190,7 +190,7 @@ def train(cfg: DictConfig) -> int:
     except NonFiniteLossError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return EXIT_FAILURE
-    except Exception as err:  # noqa: BLE001 - one line per failure; the traceback with HYDRA_FULL_ERROR=1
+    except Exception as err:  # one line per failure; the traceback with HYDRA_FULL_ERROR=1
         if debug_enabled():
             raise
         rank = trainer.accelerator.process_index
