@@ -12,6 +12,10 @@ Layout::
 A folder is written under a temporary name, every file and the folder are fsynced, then it is renamed
 into place and ``latest`` is replaced the same way, so a kill at any moment leaves the previous
 checkpoint intact. Loading never unpickles code: safetensors, JSON and ``torch.load(weights_only=True)``.
+
+A checkpoint damaged after the fact (a truncated file after a full disk, a corrupt copy) raises
+`CheckpointError` naming the file; `checkpoint_candidates` lists a run's checkpoints newest first so that a
+resume can fall back to the newest readable one.
 """
 
 from __future__ import annotations
@@ -31,6 +35,32 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
 WEIGHT_FILES = {"model": "model.safetensors", "ema": "ema.safetensors"}
+TRAINING_STATE_FILE = "training_state.pt"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, or of an unsupported format)."""
+
+
+def _reason(err: BaseException) -> str:
+    """The informative line of a loader's (possibly multi-line) error message."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for line in lines:
+        if "Unsupported global" in line:
+            return line
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _damaged(file: Path, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"checkpoint file {file} is damaged or unreadable ({_reason(err)}); use an earlier "
+                           "checkpoint (another step folder) or retrain")
+
+
+def _safetensors_device(device: str | torch.device) -> str:
+    """safetensors names devices "cpu", "cuda", "cuda:1"; a torch device printed as "cpu:0" is refused."""
+    dev = torch.device(device)
+    return "cpu" if dev.type == "cpu" else str(dev)
 
 
 def _fsync_path(path: Path) -> None:
@@ -98,9 +128,9 @@ def save_checkpoint(
     tmp.mkdir()
     for which, state_dict in weights.items():
         save_file(_contiguous_cpu(state_dict), str(tmp / WEIGHT_FILES[which]))
-    torch.save(training_state, tmp / "training_state.pt")
+    torch.save(training_state, tmp / TRAINING_STATE_FILE)
     record = {"format_version": FORMAT_VERSION, "step": int(step), **config}
-    (tmp / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
     for f in tmp.iterdir():
         _fsync_path(f)
     _fsync_path(tmp)
@@ -126,11 +156,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
     pointer = ckpt_root / LATEST_FILE
     if pointer.is_file():
-        named = ckpt_root / pointer.read_text().strip()
-        if (named / "config.json").is_file():
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):  # a damaged pointer: fall back to the folder listing
+            name = ""
+        named = ckpt_root / name
+        if STEP_DIR_RE.match(name) and (named / "config.json").is_file():
             return named
     found = list_checkpoints(ckpt_root)
     return found[-1] if found else None
+
+
+def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
+    """A run folder's complete checkpoints, the one ``latest`` names first, then the others newest first
+    (what a resume tries in turn when the newest turns out damaged)."""
+    found = list_checkpoints(Path(run_dir) / CHECKPOINTS_DIR)[::-1]
+    latest = latest_checkpoint(run_dir)
+    return ([latest] + [p for p in found if p != latest]) if latest is not None else found
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -151,26 +193,58 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_config(path: str | Path) -> dict[str, Any]:
     """The config record of a checkpoint (stage, train, step, format_version)."""
     ckpt = resolve_checkpoint(path)
-    record = json.loads((ckpt / "config.json").read_text())
+    file = ckpt / CONFIG_FILE
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _damaged(file, err) from None
+    if not isinstance(record, dict):
+        raise _damaged(file, ValueError(f"expected a JSON object, got {type(record).__name__}"))
     version = record.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{ckpt}: checkpoint format {version} is not supported (expected {FORMAT_VERSION})")
+        raise CheckpointError(f"{ckpt}: checkpoint format {version} is not supported (expected {FORMAT_VERSION})")
+    if "stage" not in record:
+        raise _damaged(file, KeyError("no 'stage' entry"))
     return record
 
 
 def load_weights(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The "model" or "ema" state dict of a checkpoint on ``device`` (CheckpointError if the file is damaged)."""
     if which not in WEIGHT_FILES:
         raise ValueError(f"which must be one of {sorted(WEIGHT_FILES)}, got {which!r}")
     ckpt = resolve_checkpoint(path)
     file = ckpt / WEIGHT_FILES[which]
     if not file.is_file():
         raise FileNotFoundError(f"{ckpt} has no {WEIGHT_FILES[which]}")
-    return load_file(str(file), device=str(device))
+    try:
+        return load_file(str(file), device=_safetensors_device(device))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own (non-OSError) error type
+        raise _damaged(file, err) from None
 
 
 def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Optimizer, scheduler, RNG and data position (``torch.load(weights_only=True)``: no code unpickled)."""
     ckpt = resolve_checkpoint(path)
-    return torch.load(ckpt / "training_state.pt", map_location=map_location, weights_only=True)
+    file = ckpt / TRAINING_STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{ckpt} has no {TRAINING_STATE_FILE}; resume from another checkpoint")
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated zip, refused global, …: all mean "unreadable"
+        raise _damaged(file, err) from None
+
+
+def verify_checkpoint(path: str | Path) -> Path:
+    """Read every file of a checkpoint (config, weights, training state); CheckpointError naming the first
+    unreadable one. Returns the step folder."""
+    ckpt = resolve_checkpoint(path)
+    load_config(ckpt)
+    for which, name in WEIGHT_FILES.items():
+        if (ckpt / name).exists():
+            load_weights(ckpt, which)
+    if (ckpt / TRAINING_STATE_FILE).exists():
+        load_training_state(ckpt)
+    return ckpt
 
 
 def load_stage(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):

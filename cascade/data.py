@@ -301,7 +301,9 @@ def _resolve(root_or_urls, split: str) -> tuple[list[str], dict | None, str]:
             info = read_dataset_info(text)
             names = info["shards"].get(split, [])
             if not names:
-                raise ValueError(f"dataset {text} has no {split} shards (counts: {info['counts']})")
+                raise ValueError(f"dataset {text} has no {split} shards ({info['counts'].get(split, {}).get('total', 0)} {split} "
+                                 f"samples); rewrite it with tools/make_shards.py"
+                                 + (" and a larger --val-fraction" if split == "val" else ""))
             return [str(Path(text) / n) for n in names], info, text
         if _is_local(text) and "{" not in text and "::" not in text and not Path(text).exists():
             raise FileNotFoundError(f"dataset not found: {text}")

@@ -14,7 +14,11 @@ from torch import nn
 
 
 class EMA:
-    """A frozen copy of ``model`` whose parameters track an exponential moving average of the model's."""
+    """A frozen copy of ``model`` whose parameters track an exponential moving average of the model's.
+
+    ``num_updates`` counts applied updates only: a skipped step (``apply`` = 0) neither moves the average nor
+    advances the warm-up. The count lives on the model's device, so skipping needs no host synchronisation.
+    """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: float = 10.0):
         if not 0.0 <= decay < 1.0:
@@ -23,8 +27,14 @@ class EMA:
             raise ValueError(f"EMA warmup must be >= 1 (1 disables the warm-up), got {warmup}")
         self.decay = decay
         self.warmup = warmup
-        self.num_updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        self._count = torch.zeros((), dtype=torch.long, device=device)
+
+    @property
+    def num_updates(self) -> int:
+        """Updates applied so far (reading it synchronises with the device)."""
+        return int(self._count)
 
     def decay_at(self, num_updates: int) -> float:
         """Decay used for the update after ``num_updates`` earlier ones."""
@@ -34,24 +44,27 @@ class EMA:
     def update(self, model: nn.Module, apply: torch.Tensor | None = None) -> None:
         """Move the average towards ``model``'s parameters and copy its buffers.
 
-        ``apply`` is an optional 0-dim 0/1 tensor on the model's device: 0 leaves the average unchanged
-        (a skipped optimizer step) without a host–device synchronisation.
+        ``apply`` is an optional 0-dim 0/1 tensor on the model's device: 0 leaves the average and the
+        warm-up count unchanged (a skipped optimizer step) without a host–device synchronisation.
         """
-        weight = 1.0 - self.decay_at(self.num_updates)
+        n = self._count.to(torch.float64)
+        decay = torch.clamp((1.0 + n) / (self.warmup + n), max=self.decay)  # warmed-up EMA decay, as decay_at
+        weight = (1.0 - decay).to(torch.float32)
         if apply is not None:
-            weight = apply.to(torch.float32) * weight
+            applied = apply.to(device=self._count.device, dtype=torch.long)
+            weight = weight * applied.to(torch.float32)
         ema_params = dict(self.model.named_parameters())
         for name, param in model.named_parameters():
             ema = ema_params[name]
-            ema.lerp_(param.detach().to(ema.dtype), weight)  # θ_ema ← θ_ema + (1 − d)(θ − θ_ema)
+            ema.lerp_(param.detach().to(ema.dtype), weight.to(ema.dtype))  # θ_ema ← θ_ema + (1 − d)(θ − θ_ema)
         ema_buffers = dict(self.model.named_buffers())
         for name, buffer in model.named_buffers():
             ema_buffers[name].copy_(buffer)
-        self.num_updates += 1
+        self._count += 1 if apply is None else applied
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], num_updates: int) -> None:
         self.model.load_state_dict(state_dict)
-        self.num_updates = num_updates
+        self._count.fill_(int(num_updates))

@@ -60,5 +60,7 @@ def write_outputs(outputs: Mapping[str, torch.Tensor], plan: SamplingPlan, out_d
             if sp.name == final:
                 Image.fromarray(image).save(out / f"{stem}.png")
     labelled_grid(outputs, plan, class_names).save(out / "grid.png")
-    (out / "settings.json").write_text(json.dumps(dict(record), indent=2, sort_keys=True))
+    tmp = out / ".settings.json.tmp"  # written last and atomically: its presence marks a complete folder
+    tmp.write_text(json.dumps(dict(record), indent=2, sort_keys=True))
+    tmp.replace(out / "settings.json")
     return out

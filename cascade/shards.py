@@ -10,12 +10,20 @@ the largest with `cascade.imageops.downsample`. `dataset.json` records class nam
 names, resolutions, source, seed, how it was made and the bad-input report. Output is a pure function
 of (source, options, seed): fixed tar mtimes, owners and member order, any number of workers.
 
+Interrupted writes: each shard is written under a hidden temporary name, fsynced and renamed into place;
+`dataset.json` is written last, the same way, so a folder holds a dataset only once it is complete (readers
+need dataset.json). While writing, the marker file `.incomplete` is present; a later call removes what an
+interrupted one left (marker, shards, temporary files) and writes the same bytes again, without
+`overwrite`.
+
 Split: per class, a seeded permutation puts round(val_fraction · n) items in `val`; both splits are
 then shuffled (seeded) so every shard mixes classes.
 
 Bad-input policy (nothing crashes the run, nothing valid is lost; all reported at the end):
 - grayscale (1, L), palette (P), CMYK, YCbCr/LAB/HSV → converted to 8-bit RGB (counted per mode);
-- transparency (RGBA, LA, PA, P with a transparent colour) → composited on white, then RGB;
+- transparency (RGBA, LA, PA, P with a transparent colour) → composited on white, then RGB; so is a
+  single transparent colour (PNG tRNS, `info["transparency"]`) of RGB, L, 1 and 16-bit I;16 images, decided
+  from the image's own values before any bit-depth conversion and reported as "<mode>+transparency";
 - 16-bit and 32-bit integer images (I;16*, I) → scaled from 0..65535 to 0..255; float (F) images are
   taken as 0..1 when their maximum is ≤ 1, else 0..255; EXIF orientation is applied;
 - short side < max_res → upscaled (bicubic) and counted; short side < min_size → skipped;
@@ -28,6 +36,7 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +52,7 @@ from cascade.imageops import downsample, float_to_uint8, uint8_to_float
 RESOLUTIONS = (32, 64, 128, 256)
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+INCOMPLETE_MARKER = ".incomplete"
 _TAR_MTIME = 0  # fixed member mtime → byte-identical shards for a seed
 
 
@@ -116,10 +126,33 @@ class BadInputReport:
 
 # ----------------------------------------------------------------------------------------------- policy
 
+def transparent_colour_mask(image: Image.Image) -> np.ndarray | None:
+    """H×W bool mask of the pixels equal to the image's single transparent colour (PNG tRNS, Pillow's
+    `info["transparency"]`) for modes without an alpha band or palette (RGB, L, 1, I;16, I); None when the
+    image has no such colour. Compared on the stored values, before any bit-depth conversion."""
+    value = image.info.get("transparency")
+    if value is None or isinstance(value, bytes) or image.mode not in ("RGB", "L", "1", "I") and \
+            not image.mode.startswith("I;16"):
+        return None
+    arr = np.asarray(image)
+    if image.mode == "1":
+        arr = arr.astype(np.uint8) * 255  # Pillow stores a 1-bit tRNS value scaled to 0 / 255
+    if image.mode == "RGB":
+        colour = np.asarray(value, dtype=np.int64).reshape(-1)[:3]
+        if colour.max(initial=0) > 255:  # a 16-bit colour of a 48-bit PNG that Pillow reads as 8-bit RGB
+            colour = colour >> 8
+        return np.all(arr.astype(np.int64) == colour, axis=-1)
+    return arr.astype(np.int64) == int(value)
+
+
 def to_rgb8(image: Image.Image) -> tuple[Image.Image, str | None]:
-    """Apply the colour part of the policy; returns (8-bit RGB image, original mode if converted)."""
+    """Apply the colour part of the policy; returns (8-bit RGB image, original mode if converted).
+
+    An image with a single transparent colour is reported as "<mode>+transparency" (e.g. "RGB+transparency").
+    """
     mode = image.mode
-    if mode == "RGB":
+    transparent = transparent_colour_mask(image)  # from the stored values, before any conversion
+    if mode == "RGB" and transparent is None:
         return image, None
     if mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I: 16/32-bit integers, 0..65535
         arr = np.asarray(image, dtype=np.float64) / 257.0
@@ -136,6 +169,11 @@ def to_rgb8(image: Image.Image) -> tuple[Image.Image, str | None]:
         image = Image.alpha_composite(white, rgba).convert("RGB")
     else:
         image = image.convert("RGB")
+    if transparent is not None:
+        pixels = np.array(image)
+        pixels[transparent] = 255  # composited on white: the transparent colour is fully transparent
+        image = Image.fromarray(pixels, "RGB")
+        return image, f"{mode}+transparency"
     return image, mode
 
 
@@ -164,7 +202,11 @@ def prepare_image(image: Image.Image, max_res: int, min_size: int) -> tuple[np.n
         if image.format == "JPEG":
             image.draft(None, (max_res, max_res))  # decode huge JPEGs at a reduced (still ≥ max_res) scale
         image.load()
-        image, converted_from = to_rgb8(_apply_exif_orientation(image))
+        transparency = image.info.get("transparency")
+        oriented = _apply_exif_orientation(image)
+        if transparency is not None:
+            oriented.info["transparency"] = transparency  # keep the tRNS colour through the transpose
+        image, converted_from = to_rgb8(oriented)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise SkipImage("skipped_unreadable", f"{type(exc).__name__}: {exc}") from exc
     if converted_from is not None:
@@ -204,6 +246,13 @@ def _init_worker(source: Source) -> None:
     torch.set_num_threads(1)
 
 
+def _init_pool_worker(source: Source) -> None:
+    # Ctrl-C reaches every process of the terminal's group: only the parent handles it (and stops the
+    # pool); a worker would otherwise die printing a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(source)
+
+
 def _process(job: tuple[SourceItem, tuple[int, ...], int]) -> tuple[SourceItem, dict | None, list[str]]:
     """Load one item and make its pyramid; returns (item, files or None when skipped, report events)."""
     item, resolutions, min_size = job
@@ -240,6 +289,30 @@ def split_items(per_class: list[list[SourceItem]], val_fraction: float,
     return splits
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write under a hidden temporary name, fsync, rename into place, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_file(path.parent)
+
+
+def _dataset_files(out: Path) -> list[Path]:
+    """What a dataset consists of in ``out``: shards, dataset.json and temporary files of an interrupted write."""
+    return (sorted(out.glob("train-*.tar")) + sorted(out.glob("val-*.tar")) + sorted(out.glob("dataset.json"))
+            + sorted(out.glob(".train-*.tar.tmp")) + sorted(out.glob(".val-*.tar.tmp"))
+            + sorted(out.glob(".dataset.json.tmp")))
+
+
 class _ShardSink:
     """Writes `{split}-%06d.tar` shards of `shard_size` samples, each atomically (temp file + rename)."""
 
@@ -264,6 +337,7 @@ class _ShardSink:
     def _finish(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            _fsync_file(self._tmp)
             os.replace(self._tmp, self.out_dir / self.names[-1])
             self._writer = None
 
@@ -276,7 +350,7 @@ def _ordered_results(jobs: list, workers: int, source: Source) -> Iterator:
         _init_worker(source)
         yield from map(_process, jobs)
         return
-    with multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(source,)) as pool:
+    with multiprocessing.get_context().Pool(workers, initializer=_init_pool_worker, initargs=(source,)) as pool:
         yield from pool.imap(_process, jobs, chunksize=8)  # imap keeps the input order → deterministic
 
 
@@ -292,8 +366,9 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, shard_size: int 
         raise ValueError(f"min_size must be ≥ 1, got {min_size}")
     resolutions = tuple(r for r in RESOLUTIONS if r <= max_res)
     out = Path(out_dir)
-    existing = sorted(out.glob("train-*.tar")) + sorted(out.glob("val-*.tar")) + sorted(out.glob("dataset.json"))
-    if existing and not overwrite:
+    existing = _dataset_files(out)
+    unfinished = (out / INCOMPLETE_MARKER).is_file()  # left by an interrupted write: replaced without asking
+    if existing and not overwrite and not unfinished:
         raise FileExistsError(f"{out} already holds a dataset ({existing[0].name}, …); pass overwrite=True "
                               "(--overwrite) to replace it")
     per_class = source.items_per_class()
@@ -301,8 +376,10 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, shard_size: int 
         raise ValueError("the source has no images")
     splits = split_items(per_class, val_fraction, seed)
     out.mkdir(parents=True, exist_ok=True)
-    for path in existing:
+    _write_atomic(out / INCOMPLETE_MARKER, b"make_shards is writing (or was interrupted writing) this folder\n")
+    for path in sorted(existing, key=lambda p: p.name != "dataset.json"):  # the dataset stops being one first
         path.unlink()
+    _fsync_file(out)
 
     report = BadInputReport(notes={k: list(v) for k, v in source.notes().items() if v})
     jobs = [(item, resolutions, min_size) for name in SPLITS for item in splits[name]]
@@ -325,6 +402,7 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, shard_size: int 
         for sink in sinks.values():
             for name in sink.names:
                 (out / name).unlink()
+        (out / INCOMPLETE_MARKER).unlink()
         raise ValueError(f"no valid images in the source ({report.num_skipped} skipped: "
                          + "; ".join(report.summary_lines(3)) + ")")
 
@@ -346,9 +424,9 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, shard_size: int 
                      "cascade.imageops.downsample (kornia antialiased bicubic) from the largest"),
         "bad_input": report.to_dict(),
     }
-    tmp = out / ".dataset.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out / "dataset.json")
+    _write_atomic(out / "dataset.json", (json.dumps(info, indent=2) + "\n").encode())
+    (out / INCOMPLETE_MARKER).unlink()
+    _fsync_file(out)
     return info
 
 

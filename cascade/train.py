@@ -15,7 +15,15 @@ an uninterrupted longer run would be.)
 
 Non-finite losses skip the optimizer step without a host–device synchronisation (the fused AdamW's
 `found_inf`, as GradScaler uses it); the hot loop synchronises only at log, checkpoint and sample
-steps, where too many non-finite steps in a row stop the run with `NonFiniteLossError`.
+steps, where too many non-finite steps in a row stop the run with `NonFiniteLossError`. A skipped step
+advances neither the EMA warm-up nor anything logged as trained; the `lr` logged at step n is the rate step n
+used.
+
+Interrupts and damage: a SIGINT (Ctrl-C) during `run()` lets the current step finish, writes a checkpoint
+at that step (the same atomic kind as any other, so a resumed run continues as after any checkpoint) and
+raises `TrainingInterrupted`; with several processes they agree on the step (one tiny CPU all-reduce per
+step). `resume="auto"` skips a damaged newest checkpoint (warning naming it) for the newest readable one.
+Training needs no val split: an SR stage's sample grid then takes its inputs from the train split.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from cascade.config import AugConfig, StageConfig, StageKind
 from cascade.data import make_stage_loader, read_dataset_info
 from cascade.diffusion import GaussianDiffusion
 from cascade.ema import EMA
+from cascade.errors import GracefulInterrupt, Interrupted, ensure_writable_dir
 from cascade.imageops import image_grid, upsample
 from cascade.samplers import sample_ddpm
 from cascade.timestep_sampler import TimestepSampler, UniformSampler, make_timestep_sampler
@@ -55,6 +64,19 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu")
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a NaN or infinite loss."""
+
+
+class TrainingInterrupted(Interrupted):
+    """SIGINT stopped the run at ``step``; ``checkpoint`` holds that step (None if nothing was trained)."""
+
+    def __init__(self, step: int, checkpoint_path: Path | None):
+        self.step, self.checkpoint = step, checkpoint_path
+        super().__init__(f"interrupted at step {step}; run the same command to resume")
+
+
+def _warn(message: str) -> None:
+    """A one-line warning on stderr (no source line, unlike `warnings.warn`'s default format)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -233,8 +255,19 @@ class MetricsLog:
         if resume_step is None:
             path.write_text("")
         elif path.is_file():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in path.read_text(errors="replace").splitlines() if self._step_of(ln) is not None
+                    and self._step_of(ln) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.replace(path)
+
+    @staticmethod
+    def _step_of(line: str) -> int | None:
+        """The step of a record line, None for a blank or cut-off one (a run killed mid-write)."""
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -254,6 +287,7 @@ class StageTrainer:
         self.stage, self.run_cfg, self.cfg = stage, run, run.trainer
         self.run_dir = Path(run.run_dir)
         self.extra_config = dict(extra_config or {})
+        ensure_writable_dir(self.run_dir, "run_dir")  # before anything is built or trained
         self.dataset_info = read_dataset_info(run.data.root)
         _check_classes(self.dataset_info, stage, run.data.root)
 
@@ -273,21 +307,56 @@ class StageTrainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self._make_loader("train", seed=0)  # fails early (clear message) if the shards lack a resolution
+        # Interrupts are agreed on over CPU (gloo) every step, never synchronising an accelerator.
+        self._stop_group = None
+        if self.world_size > 1 and torch.distributed.get_backend() != "gloo":
+            self._stop_group = torch.distributed.new_group(backend="gloo")
         self._build()
 
     # -- building -------------------------------------------------------------------------------------
 
-    def _resume_path(self) -> Path | None:
+    def _resume_candidates(self) -> list[Path]:
+        """Checkpoints to try, in order: resume=auto tries older ones when the newest is damaged."""
         resume = self.run_cfg.resume
         if resume == "never":
             found = checkpoint.latest_checkpoint(self.run_dir)
             if found is not None:
                 raise ValueError(f"{self.run_dir} already holds checkpoint {found}; use resume=auto to continue "
                                  "it or choose another run_dir")
-            return None
+            return []
         if resume == "auto":
-            return checkpoint.latest_checkpoint(self.run_dir)
-        return checkpoint.resolve_checkpoint(resume)
+            return checkpoint.checkpoint_candidates(self.run_dir)
+        return [checkpoint.resolve_checkpoint(resume)]
+
+    def _read_resume_point(self) -> tuple[Path | None, dict | None, dict | None, dict | None]:
+        """(folder, model weights, EMA weights, training state) of the newest readable checkpoint to resume."""
+        candidates = self._resume_candidates()
+        damaged = []
+        for path in candidates:
+            try:
+                record = checkpoint.load_config(path)
+                model_w = checkpoint.load_weights(path, "model")
+                ema_w = checkpoint.load_weights(path, "ema", device=self.device)
+                state = checkpoint.load_training_state(path)
+            except checkpoint.CheckpointError as err:
+                if self.run_cfg.resume != "auto":
+                    raise
+                damaged.append(path)
+                if self.accelerator.is_main_process:
+                    _warn(f"checkpoint {path} is damaged, skipping it: {err}")
+                continue
+            # through StageConfig: a record written before a field existed compares with its default
+            diff = _stage_differences(type(self.stage).from_dict(record["stage"]).to_dict(), self.stage.to_dict())
+            if diff:
+                raise ValueError(f"cannot resume from {path}: its stage configuration differs from "
+                                 f"this run's ({'; '.join(diff)})")
+            if damaged and self.accelerator.is_main_process:
+                _warn(f"resuming from the older checkpoint {path} instead of the damaged {damaged[0]}")
+            return path, model_w, ema_w, state
+        if damaged:
+            raise ValueError(f"every checkpoint in {self.run_dir / checkpoint.CHECKPOINTS_DIR} is damaged (newest: "
+                             f"{damaged[0]}); move them away to start afresh, or resume=PATH from a copy")
+        return None, None, None, None
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -296,17 +365,9 @@ class StageTrainer:
         self.diffusion = build_diffusion(self.stage)
         self.sampler = make_timestep_sampler(self.stage.diffusion.timestep_sampler, self.diffusion.num_timesteps)
         self.loss_fn = make_stage_loss(self.stage, self.diffusion, self.sampler, cfg.p_uncond)
-        self.resume_from = self._resume_path()
-        state = None
-        if self.resume_from is not None:
-            record = checkpoint.load_config(self.resume_from)
-            # through StageConfig: a record written before a field existed compares with its default
-            diff = _stage_differences(type(self.stage).from_dict(record["stage"]).to_dict(), self.stage.to_dict())
-            if diff:
-                raise ValueError(f"cannot resume from {self.resume_from}: its stage configuration differs from "
-                                 f"this run's ({'; '.join(diff)})")
-            model.load_state_dict(checkpoint.load_weights(self.resume_from, "model"))
-            state = checkpoint.load_training_state(self.resume_from)
+        self.resume_from, model_w, ema_w, state = self._read_resume_point()
+        if model_w is not None:
+            model.load_state_dict(model_w)
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -323,14 +384,14 @@ class StageTrainer:
         self.nan_total = torch.zeros((), dtype=torch.long, device=self.device)
         self.nan_in_row = torch.zeros((), dtype=torch.long, device=self.device)
         if state is not None:
-            self.ema.load_state_dict(checkpoint.load_weights(self.resume_from, "ema", device=str(self.device)),
-                                     int(state["ema_num_updates"]))
+            self.ema.load_state_dict(ema_w, int(state["ema_num_updates"]))
             optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.sampler.load_state_dict(state["timestep_sampler"])
             self.step = int(state["step"])
             self.nan_total.fill_(int(state["nan"]["total"]))
             self.nan_in_row.fill_(int(state["nan"]["in_row"]))
+        self.step_lr = self.scheduler.get_last_lr()[0]  # the rate of the last step taken (logged)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         if state is not None and "grad_scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
@@ -375,12 +436,24 @@ class StageTrainer:
                                  pin_memory=self.device.type == "cuda")
 
     def _val_batch(self) -> dict[str, torch.Tensor]:
-        """The first sample_count val examples (the conditioning of the SR sample grids)."""
-        loader = make_stage_loader(self.run_cfg.data.root, split="val", resolution=self.stage.resolution,
-                                   low_resolution=self.stage.low_resolution, batch_size=self.cfg.sample_count,
-                                   rank=0, world_size=1, num_workers=0)
-        batch = next(iter(loader))
-        return {k: batch[k] for k in ("x", "x_low", "y")}
+        """The first sample_count val examples (the conditioning of the SR sample grids); without a val
+        split, the first train examples in shard order (with a warning)."""
+        root = self.run_cfg.data.root
+        sources = [("val", root)] if self.dataset_info["shards"].get("val") else []
+        sources.append(("train", [str(Path(root) / n) for n in self.dataset_info["shards"]["train"]]))
+        for split, source in sources:
+            # read in val mode (each sample once, in shard order, no flips), whichever split it is
+            loader = make_stage_loader(source, split="val", resolution=self.stage.resolution,
+                                       low_resolution=self.stage.low_resolution, batch_size=self.cfg.sample_count,
+                                       rank=0, world_size=1, num_workers=0)
+            batch = next(iter(loader), None)
+            if batch is not None:
+                if split == "train":
+                    _warn(f"{root} has no val samples; the sample grids take their low-resolution inputs from "
+                          "the train split")
+                return {k: batch[k] for k in ("x", "x_low", "y")}
+        raise ValueError(f"no readable sample in {root} for the sample grids; rewrite the shards "
+                         "(tools/make_shards.py) or set trainer.sample_every=0")
 
     # -- checkpoints and logs --------------------------------------------------------------------------
 
@@ -447,7 +520,7 @@ class StageTrainer:
         q_sum, q_count = win["q_sum"].tolist(), win["q_count"].tolist()
         record = {"step": self.step, "loss": loss_sum / steps,
                   **{f"loss_q{i}": (q_sum[i] / q_count[i] if q_count[i] else None) for i in range(4)},
-                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_sum / steps,
+                  "lr": self.step_lr, "grad_norm": grad_sum / steps,
                   "img_per_s": images / seconds if seconds > 0 else None, "nan_skips": int(self.nan_total)}
         if self.stage.kind is StageKind.classifier:
             record["accuracy"] = float(win["correct"]) / max(float(win["seen"]), 1.0)
@@ -518,6 +591,7 @@ class StageTrainer:
             bad = loss_bad | ~torch.isfinite(grad_norm)
             if self.fused:
                 self.optimizer.optimizer.found_inf = bad.float()  # fused AdamW skips the update on device
+        self.step_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (logged with it)
         if self.fused or self.mixed_precision == "fp16" or not bool(bad):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -532,7 +606,20 @@ class StageTrainer:
         self.win_steps += 1
         self.step += 1
 
+    def _stop_requested(self, interrupt: GracefulInterrupt) -> bool:
+        """Whether any process got SIGINT (all processes get the same answer at the same step)."""
+        if self.world_size == 1:
+            return interrupt.requested
+        flag = torch.tensor([int(interrupt.requested)], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._stop_group)
+        return bool(flag.item())
+
     def run(self) -> Path:
+        """Train to max_steps; returns the final checkpoint folder. SIGINT → checkpoint, `TrainingInterrupted`."""
+        with GracefulInterrupt() as interrupt:
+            return self._run(interrupt)
+
+    def _run(self, interrupt: GracefulInterrupt) -> Path:
         cfg, acc = self.cfg, self.accelerator
         wants_val = cfg.sample_every and self.stage.kind is StageKind.sr and acc.is_main_process
         self.val_batch = self._val_batch() if wants_val else None
@@ -546,22 +633,36 @@ class StageTrainer:
             print(f"resuming {self.stage.name} from {self.resume_from} (step {self.step})", file=sys.stderr)
         self._reset_window()
         last_saved = self.resume_from  # what a run resumed at or past max_steps returns
+        saved_step = self.step if self.resume_from is not None else 0
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.stage.name, unit="step",
                    disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
         self.model.train()
-        while self.step < cfg.max_steps:
-            self._train_step()
-            bar.update(1)
-            at_ckpt = bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0
-            if self.step % cfg.log_every == 0 or at_ckpt or self.step == cfg.max_steps:
-                self._log(bar)
-            paused = time.perf_counter()
-            if at_ckpt or self.step == cfg.max_steps:
-                self._new_segment(self.step)
-                last_saved = self._save()
-            if cfg.sample_every and self.step % cfg.sample_every == 0:
-                self._write_samples()
-            self.win_time += time.perf_counter() - paused  # images/s measures training only
+        try:
+            while self.step < cfg.max_steps:
+                if self._stop_requested(interrupt):
+                    if self.step != saved_step:  # a checkpoint at this step, as at any other
+                        if self.win_steps:
+                            self._log(bar)
+                        self._new_segment(self.step)
+                        last_saved = self._save()
+                    raise TrainingInterrupted(self.step, None if last_saved is None else Path(last_saved))
+                self._train_step()
+                bar.update(1)
+                at_ckpt = bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0
+                if self.step % cfg.log_every == 0 or at_ckpt or self.step == cfg.max_steps:
+                    self._log(bar)
+                paused = time.perf_counter()
+                if at_ckpt or self.step == cfg.max_steps:
+                    self._new_segment(self.step)
+                    last_saved = self._save()
+                    saved_step = self.step
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self._write_samples()
+                self.win_time += time.perf_counter() - paused  # images/s measures training only
+        except TrainingInterrupted:
+            bar.close()
+            acc.end_training()
+            raise
         bar.close()
         acc.end_training()
         return Path(last_saved)
@@ -580,6 +681,7 @@ __all__ = [
     "SRDiffusionLoss",
     "StageTrainer",
     "TrainerConfig",
+    "TrainingInterrupted",
     "drop_labels",
     "make_accelerator",
     "make_stage_loss",

@@ -98,3 +98,35 @@ def test_training_state_refuses_pickled_code(tmp_path):
     torch.save({"x": Evil()}, path / "training_state.pt")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         ck.load_training_state(path)
+
+
+def test_load_weights_accepts_any_torch_device_spelling(tmp_path):
+    """accelerate's device under torchrun prints as "cpu:0", which safetensors refuses: every spelling loads."""
+    path = _save(tmp_path, 4)
+    for device in (torch.device("cpu", 0), torch.device("cpu"), "cpu", "cpu:0"):
+        loaded = ck.load_weights(path, "ema", device=device)
+        assert torch.equal(loaded["w"], _weights(5)["w"])
+
+
+@pytest.mark.parametrize("victim, damage", [
+    ("ema.safetensors", "truncate"), ("model.safetensors", "garbage"), ("training_state.pt", "truncate"),
+    ("config.json", "truncate"),
+])
+def test_damaged_files_raise_one_line_naming_the_file(tmp_path, victim, damage):
+    path = _save(tmp_path, 6)
+    file = path / victim
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 8)
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.verify_checkpoint(path)
+    assert str(file) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_checkpoint_candidates_put_latest_first_then_newest(tmp_path):
+    for step in (1, 2, 3):
+        _save(tmp_path, step)
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000002\n")
+    assert [p.name for p in ck.checkpoint_candidates(tmp_path)] == ["step-00000002", "step-00000003",
+                                                                    "step-00000001"]
+    (tmp_path / "checkpoints" / "latest").write_bytes(b"\xff\xfe")  # a damaged pointer: the listing decides
+    assert ck.latest_checkpoint(tmp_path).name == "step-00000003"

@@ -113,3 +113,61 @@ def test_cli_error_has_no_traceback(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"make_shards: error: source folder not found: {tmp_path / 'missing'}"]
+
+
+def test_single_transparent_colour_is_composited_on_white_and_reported(tmp_path, make_shards, capsys):
+    """PNG tRNS in RGB, L and 16-bit L (I;16): the transparent colour becomes white, decided from the stored
+    values before the 16 → 8-bit conversion, and each file is listed in the bad-input report."""
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    rgb = np.full((64, 64, 3), (10, 20, 30), np.uint8)
+    rgb[:, 32:] = (200, 100, 50)
+    Image.fromarray(rgb).save(src / "rgb.png", transparency=(10, 20, 30))
+    gray = np.full((64, 64), 40, np.uint8)
+    gray[:, 32:] = 90
+    Image.fromarray(gray).save(src / "gray.png", transparency=40)
+    deep = np.full((64, 64), 1000, np.uint16)  # 1000/257 → 4 after conversion: only the 16-bit value matches
+    deep[:, 32:] = 60000
+    Image.fromarray(deep).save(src / "deep.png", transparency=1000)
+    info = make_shards.main(["--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--max-res", "64",
+                             "--val-fraction", "0", "--no-progress"])
+    out = capsys.readouterr().out
+    assert info["bad_input"]["converted"] == {
+        "I;16+transparency": {"count": 1, "files": ["a/deep.png"]},
+        "L+transparency": {"count": 1, "files": ["a/gray.png"]},
+        "RGB+transparency": {"count": 1, "files": ["a/rgb.png"]}}
+    assert "converted from RGB+transparency to RGB: 1 (a/rgb.png)" in out
+    images = [float_to_uint8(s["images"][64]).numpy() for s in iterate_split(tmp_path / "out", "train", [64])]
+    halves = sorted((tuple(int(c) for c in im[32, 8]), tuple(int(c) for c in im[32, 56])) for im in images)
+    assert halves == sorted([((255, 255, 255), (200, 100, 50)), ((255, 255, 255), (90, 90, 90)),
+                             ((255, 255, 255), (233, 233, 233))])
+
+
+def test_interrupted_write_is_never_a_dataset_and_a_rerun_finishes_it(tmp_path, make_shards, capsys, monkeypatch):
+    from cascade import shards
+
+    args = ["--source", "synthetic", "--num-classes", "2", "--images-per-class", "4", "--max-res", "32",
+            "--shard-size", "2", "--val-fraction", "0.5", "--no-progress"]
+    reference = make_shards.main(args + ["--out", str(tmp_path / "ref")])
+    calls = {"n": 0}
+    real = shards._ShardSink.write
+
+    def interrupted_write(self, files):  # Ctrl-C while the third sample is being written
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(self, files)
+
+    monkeypatch.setattr(shards._ShardSink, "write", interrupted_write)
+    out = tmp_path / "out"
+    assert make_shards.main(args + ["--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("make_shards: interrupted;") and "Traceback" not in err[0]
+    assert not (out / "dataset.json").exists() and (out / ".incomplete").exists()
+    with pytest.raises(FileNotFoundError, match="no dataset.json"):
+        next(iterate_split(out, "train", [32]))
+    monkeypatch.undo()
+    assert make_shards.main(args + ["--out", str(out)]) == reference  # same command, no --overwrite
+    for name in ["dataset.json"] + reference["shards"]["train"] + reference["shards"]["val"]:
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert not (out / ".incomplete").exists() and not list(out.glob(".*.tmp"))

@@ -78,6 +78,18 @@ def test_ema_skip_flag_leaves_average_unchanged():
     torch.testing.assert_close(ema.model.w.data, torch.ones(3))  # 0.5·0 + 0.5·2
 
 
+def test_ema_skipped_update_does_not_advance_the_warmup():
+    model = _WithBuffer()
+    ema = EMA(model, decay=0.99, warmup=10)
+    model.w.data.fill_(1.0)
+    for _ in range(3):
+        ema.update(model, apply=torch.tensor(False))
+    assert ema.num_updates == 0 and torch.equal(ema.model.w.data, torch.zeros(3))
+    ema.update(model, apply=torch.tensor(True))
+    assert ema.num_updates == 1
+    torch.testing.assert_close(ema.model.w.data, torch.full((3,), 1 - ema.decay_at(0)))  # first warm-up decay
+
+
 def test_ema_rejects_bad_decay():
     with pytest.raises(ValueError, match="decay"):
         EMA(_WithBuffer(), decay=1.0)
@@ -160,6 +172,13 @@ def test_every_stage_trains_a_few_steps(tiny_runs):
         assert any(not torch.equal(model_w[k], ema_w[k]) for k in model_w), name
 
 
+def test_logged_lr_is_the_rate_the_step_used(tiny_runs):
+    """warmup_steps=2: step 1 trains at lr/2, steps 2 and 3 at lr (the scheduler's rate before it steps)."""
+    records = _records(tiny_runs["base32"])
+    lr = checkpoint.load_config(tiny_runs["base32"])["train"]["trainer"]["lr"]
+    assert [r["lr"] for r in records] == pytest.approx([lr / 2, lr, lr])
+
+
 def test_checkpoint_rebuilds_the_stage_alone(synthetic_shards, tmp_path):
     """load_stage on a copied step folder (no run dir, no shards) gives the trained EMA model's outputs."""
     import stages
@@ -213,6 +232,7 @@ def test_nonfinite_losses_are_skipped_then_stop(synthetic_shards, tmp_path, monk
     state = checkpoint.load_training_state(final)
     assert all(int(s["step"]) == 2 for s in state["optimizer"]["state"].values())  # 4 steps, 2 skipped
     assert state["nan"] == {"total": 2, "in_row": 0}
+    assert state["ema_num_updates"] == 2  # the two skipped steps did not advance the EMA warm-up
 
     calls["n"] = 0
     bad_calls.clear()

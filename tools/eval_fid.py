@@ -9,7 +9,9 @@ Writes <out>/results.json and <out>/results.md (rows = stages; columns = metric 
 metrics labelled with their feature network). Real-image statistics are cached in <data>/fid_stats/.
 With `accelerate launch` every process samples its share and the main process computes and writes the
 metrics (the same numbers as one process; on CPU too, with `--device cpu`: keep `--multi_gpu`, accelerate's
-`--cpu` flag starts a single process). Bad inputs give one line on stderr and exit code 2.
+`--cpu` flag starts a single process). Bad inputs (an unwritable --out, a damaged checkpoint, shards without
+a val split) give one line on stderr and exit code 2; other failures one line and 1; Ctrl-C 130, leaving
+earlier results untouched. CASCADE_DEBUG=1 shows tracebacks.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from cascade.cli_args import (
     report_error,
     sampler_overrides,
 )
+from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
 from cascade.evaluation import MODES, evaluate
 from cascade.pipeline import DEFAULT_CHAIN, CascadeConfigError
 
@@ -45,10 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main(PROG, interrupted="interrupted; nothing was written (earlier results in --out are untouched)")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     accelerator = Accelerator(cpu=args.device == "cpu")
     try:
+        if accelerator.is_main_process:
+            ensure_writable_dir(args.out, "--out")
         modes = parse_choices(args.modes, MODES, "--modes", what="mode")
         overrides = sampler_overrides(args)
         pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
@@ -61,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(PROG, err) if accelerator.is_main_process else 2
     if evaluation is None:  # not the main process
         return 0
-    json_path, md_path = evaluation.write(args.out)
+    with deferred_interrupts():  # a Ctrl-C while writing waits for both files to be complete
+        json_path, md_path = evaluation.write(args.out)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0

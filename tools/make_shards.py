@@ -12,12 +12,19 @@ import argparse
 import sys
 
 from cascade.datasets import get_source
+from cascade.errors import cli_main, ensure_writable_dir
 from cascade.shards import RESOLUTIONS, BadInputReport, write_shards
 
+PROG = "make_shards"
+
 POLICY = """bad-input policy: grayscale, palette, CMYK and 16-bit images are converted to 8-bit RGB;
-transparent images are composited on white; images whose short side is below --max-res are upscaled
+transparent images (alpha, or one transparent colour) are composited on white; images whose short side is below --max-res are upscaled
 (bicubic) and counted, below --min-size skipped; unreadable, truncated and non-image files are skipped.
-Everything is reported at the end (counts and file names) and stored in dataset.json."""
+Everything is reported at the end (counts and file names) and stored in dataset.json.
+
+interrupted runs: shards appear only complete and dataset.json last, so an interrupted folder is never read
+as a dataset; run the same command again to finish it (same bytes). Errors: one line on stderr; a traceback
+only with CASCADE_DEBUG=1."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,11 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+@cli_main(PROG, bad_input=(), interrupted="interrupted; the output folder holds no complete dataset (no "
+                                            "dataset.json); run the same command to write it")
+def main(argv=None) -> dict | int:
+    """Returns dataset.json's dict; bad input raises SystemExit with one line; failures return an exit code."""
     args = parse_args(argv)
     try:
         source = get_source(args.source, seed=args.seed, images_per_class=args.images_per_class,
                             num_classes=args.num_classes)
+        ensure_writable_dir(args.out, "--out")
         info = write_shards(source, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
                             seed=args.seed, workers=args.workers, max_res=args.max_res, min_size=args.min_size,
                             overwrite=args.overwrite, progress=not args.no_progress)
@@ -58,8 +69,13 @@ def main(argv=None) -> dict:
           f"({len(info['shards']['train'])} + {len(info['shards']['val'])} shards)")
     lines = BadInputReport.from_dict(info["bad_input"]).summary_lines()
     print("bad input: none" if not lines else "bad input:\n  " + "\n  ".join(lines))
+    if counts["val"]["total"] == 0:
+        print(f"{PROG}: warning: the val split is empty (--val-fraction {args.val_fraction} rounds to 0 images "
+              "per class); training works without it, evaluation (eval_fid.py, sweep.py) needs one: raise "
+              "--val-fraction or the number of images", file=sys.stderr)
     return info
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    result = main(sys.argv[1:])
+    sys.exit(result if isinstance(result, int) else 0)

@@ -5,15 +5,18 @@
     python tools/sample_cascade.py --classes 3 --truncate --aug-level sr64=0.2 --ckpt sr64=runs/sr64-b
 
 Every sampling setting left out is the stage's own default, stored in its checkpoint (`SamplingSettings`), so
-`--classes 1,7` alone samples each stage as it samples best. Writes to --out: `<class>_<index>.png` (final stage), `<stage>/<class>_<index>.png` (every stage),
-`grid.png` (rows = samples by class, columns = stages) and `settings.json`. Bad inputs give one line on
-stderr and exit code 2.
+`--classes 1,7` alone samples each stage as it samples best. Writes to --out: `<class>_<index>.png` (final
+stage), `<stage>/<class>_<index>.png` (every stage), `grid.png` (rows = samples by class, columns = stages) and
+`settings.json`, last: a folder without settings.json is incomplete (an interrupted run removes the old one
+first). Bad inputs (an unwritable --out, a damaged checkpoint) give one line on stderr and exit code 2; other
+failures one line and 1; Ctrl-C 130. CASCADE_DEBUG=1 shows tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import stages
 from cascade.cli_args import (
@@ -26,6 +29,7 @@ from cascade.cli_args import (
     report_error,
     sampler_overrides,
 )
+from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
 from cascade.outputs import write_outputs
 from cascade.pipeline import DEFAULT_CHAIN, PRECISIONS, CascadeConfigError, CascadePipeline
 
@@ -52,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main(PROG, interrupted="interrupted; the output folder is incomplete (no settings.json); run the same "
+                            "command to write it")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        ensure_writable_dir(args.out, "--out")
         chain = parse_stage_list(args.stages, stages.STAGE_NAMES)
         pipe = CascadePipeline.from_runs(args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt),
                                          device=args.device or default_device(), precision=args.precision)
@@ -67,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                              num_per_class=args.num_per_class, batch_size=args.batch_size, seed=args.seed)
     except CascadeConfigError as err:
         return report_error(PROG, err)
+    (Path(args.out) / "settings.json").unlink(missing_ok=True)  # present again only once all is written
     outputs = pipe.run(plan, progress=True)
-    out = write_outputs(outputs, plan, args.out, record=pipe.run_record(plan), class_names=pipe.class_names)
+    with deferred_interrupts():  # a Ctrl-C while writing waits for the files to be complete
+        out = write_outputs(outputs, plan, args.out, record=pipe.run_record(plan), class_names=pipe.class_names)
     final = plan.stages[-1]
     print(f"wrote {len(plan.labels)} images of {final.resolution}x{final.resolution} and the stages "
           f"{', '.join(s.name for s in plan.stages)} to {out}/ (grid.png, settings.json)")

@@ -8,7 +8,9 @@ The base stage tries every w; SR stages every (w, s), teacher-forced by default 
 real low-resolution inputs) or cascaded (each SR stage takes the previous stage's samples at its best
 setting). Writes <out>/sweep.json, <out>/sweep.md and <out>/sweep.png and prints the best settings as
 flags for tools/sample_cascade.py. FID is ranked with the standard Inception when --inception-weights is
-given, else with the classifier's features (--rank-by NAME to choose). Bad inputs: one line, exit code 2.
+given, else with the classifier's features (--rank-by NAME to choose). Bad inputs (an unwritable --out, a
+damaged checkpoint): one line, exit code 2; other failures one line and 1; Ctrl-C 130, leaving earlier
+results untouched. CASCADE_DEBUG=1 shows tracebacks.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cascade.cli_args import (
     report_error,
     sampler_overrides,
 )
+from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
 from cascade.evaluation import MODES, TEACHER_FORCED, sweep
 from cascade.pipeline import CascadeConfigError
 
@@ -44,10 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main(PROG, interrupted="interrupted; nothing was written (earlier results in --out are untouched)")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     accelerator = Accelerator(cpu=args.device == "cpu")
     try:
+        if accelerator.is_main_process:
+            ensure_writable_dir(args.out, "--out")
         grid = sampler_overrides(args, grid=True)
         w, aug_level = grid.pop("w", None), grid.pop("aug_level", None)
         pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
@@ -59,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(PROG, err) if accelerator.is_main_process else 2
     if result is None:  # not the main process
         return 0
-    paths = result.write(args.out)
+    with deferred_interrupts():  # a Ctrl-C while writing waits for the files to be complete
+        paths = result.write(args.out)
     print(paths[1].read_text())
     print(f"wrote {', '.join(str(p) for p in paths)}")
     print(f"best settings: {result.flags()}")
