@@ -24,37 +24,45 @@ at that step (the same atomic kind as any other, so a resumed run continues as a
 raises `TrainingInterrupted`; with several processes they agree on the step (one tiny CPU all-reduce per
 step). `resume="auto"` skips a damaged newest checkpoint (warning naming it) for the newest readable one.
 Training needs no val split: an SR stage's sample grid then takes its inputs from the train split.
+
+The losses live in `cascade.losses` and the process set-up (precision, accelerate state, seeding) in
+`cascade.runtime`; what stays here is one cohesive thing, the `StageTrainer`, whose set-up, loop, checkpoints,
+logs and sample grids share its state.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, is_tensorboard_available
 from tqdm.auto import tqdm
 
 from cascade import checkpoint
-from cascade.augment import augment_low_res, condition_low_res
+from cascade.augment import condition_low_res
 from cascade.build import build_diffusion, build_model
-from cascade.config import AugConfig, StageConfig, StageKind
+from cascade.config import StageKind
 from cascade.data import make_stage_loader, read_dataset_info
-from cascade.diffusion import GaussianDiffusion
 from cascade.ema import EMA
 from cascade.errors import GracefulInterrupt, Interrupted, ensure_writable_dir
 from cascade.imageops import image_grid, upsample
+from cascade.losses import ClassifierLoss, DiffusionLoss, SRDiffusionLoss, drop_labels, make_stage_loss
+from cascade.runtime import (
+    get_rng_state,
+    make_accelerator,
+    native_bf16,
+    resolve_mixed_precision,
+    seed_everything,
+    segment_seed,
+    set_rng_state,
+)
 from cascade.samplers import sample_ddpm
-from cascade.timestep_sampler import TimestepSampler, UniformSampler, make_timestep_sampler
+from cascade.timestep_sampler import UniformSampler, make_timestep_sampler
 from cascade.trainer_config import RunConfig, TrainerConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -80,72 +88,6 @@ def _warn(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- setup
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: CUDA with bf16 support, or a CPU with AVX512-BF16 / AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.cpu.get_cpu_capability() == "AVX512" and (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return False
-
-
-def resolve_mixed_precision(mode: str, device: torch.device) -> str:
-    """"auto" → "bf16" where the device computes bf16 natively (`native_bf16`), else "no"; other modes pass
-    through."""
-    if mode != "auto":
-        return mode
-    return "bf16" if native_bf16(device) else "no"
-
-
-def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
-    """An `Accelerator` with this run's precision, whatever an earlier run in the same process used.
-
-    accelerate keeps one process-wide `AcceleratorState` and refuses a second precision ("AcceleratorState has
-    already been initialized and cannot be changed"). One process may train a bf16 stage and then a
-    full-precision one (a notebook, the demo, the test suite), so the precision part of that state is reset
-    when it differs; the distributed part (`PartialState`: process group, rank, device) is kept.
-    """
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, **kwargs)
-
-
-def segment_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of the data segment starting at ``step`` on ``rank`` (stable across runs and machines)."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint32)[0])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def get_rng_state() -> dict[str, Any]:
-    """torch (CPU and CUDA), numpy and python RNG states as tensors/primitives (weights_only-loadable)."""
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                       "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _check_classes(info: dict[str, Any], stage, root: str) -> None:
     if len(info["class_names"]) != stage.num_classes:
         raise ValueError(f"stage {stage.name} has {stage.num_classes} classes but the shards in {root} have "
@@ -165,86 +107,6 @@ def _stage_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- loss
-
-def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int) -> torch.Tensor:
-    """Replace each label by the null class with probability p_uncond (classifier-free guidance)."""
-    if p_uncond == 0:
-        return y
-    drop = torch.rand(y.shape, device=y.device) < p_uncond
-    return torch.where(drop, torch.full_like(y, null_class), y)
-
-
-def sample_timesteps(sampler: TimestepSampler, batch: int, device: torch.device):
-    """(t, importance weights or None); uniform t is drawn on the device (no host round trip)."""
-    if isinstance(sampler, UniformSampler):
-        return torch.randint(0, sampler.num_timesteps, (batch,), device=device), None
-    return sampler.sample(batch, device)
-
-
-class DiffusionLoss:
-    """Training loss of a base stage: null-class dropout with probability p_uncond (Ho & Salimans 2022 §3.2),
-    then the diffusion's per-sample loss at t from the timestep sampler (L_simple, slides eq. 14 / Ho et al.
-    2020 eq. 14; or the hybrid L_simple + λ·L_vlb, Nichol & Dhariwal 2021 eq. 16), importance-weighted when
-    the sampler is not uniform. Returns {"loss": scalar, "per_sample": B, "t": B}."""
-
-    def __init__(self, diffusion: GaussianDiffusion, sampler: TimestepSampler, *, num_classes: int, p_uncond: float):
-        self.diffusion, self.sampler = diffusion, sampler
-        self.num_classes, self.p_uncond = num_classes, p_uncond
-
-    def conditioning(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"y": drop_labels(batch["y"], self.p_uncond, self.num_classes)}
-
-    def __call__(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x0 = batch["x"]
-        t, weights = sample_timesteps(self.sampler, x0.shape[0], x0.device)
-        per_sample = self.diffusion.training_losses(model, x0, t, noise=torch.randn_like(x0),
-                                                    model_kwargs=self.conditioning(batch))["loss"]
-        loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
-        return {"loss": loss, "per_sample": per_sample, "t": t}
-
-
-class SRDiffusionLoss(DiffusionLoss):
-    """Training loss of a super-resolution stage: `DiffusionLoss` with the low-resolution input conditioned by
-    Gaussian (and, per the stage, blur) augmentation at a random level s (Ho et al. 2021 "Cascaded Diffusion
-    Models" §3.2), which the model also receives."""
-
-    def __init__(self, diffusion: GaussianDiffusion, sampler: TimestepSampler, *, num_classes: int, p_uncond: float,
-                 aug: AugConfig):
-        super().__init__(diffusion, sampler, num_classes=num_classes, p_uncond=p_uncond)
-        self.aug = aug
-
-    def conditioning(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x_low, aug_level = augment_low_res(batch["x_low"], self.aug)
-        return {**super().conditioning(batch), "x_low": x_low, "aug_level": aug_level}
-
-
-class ClassifierLoss:
-    """Training loss of a noise-aware classifier (Dhariwal & Nichol 2021 §4.1): cross-entropy of the label on
-    x_t ~ q(x_t | x_0) at a random t. Returns {"loss", "per_sample": B, "t": B, "correct": count}."""
-
-    def __init__(self, diffusion: GaussianDiffusion, sampler: TimestepSampler):
-        self.diffusion, self.sampler = diffusion, sampler
-
-    def __call__(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x0, y = batch["x"], batch["y"]
-        t, _ = sample_timesteps(self.sampler, x0.shape[0], x0.device)
-        x_t = self.diffusion.q_sample(x0, t, noise=torch.randn_like(x0))
-        logits = model(x_t, self.diffusion.model_timesteps(t))
-        per_sample = F.cross_entropy(logits.float(), y, reduction="none")
-        return {"loss": per_sample.mean(), "per_sample": per_sample, "t": t,
-                "correct": (logits.argmax(dim=1) == y).sum()}
-
-
-def make_stage_loss(stage: StageConfig, diffusion: GaussianDiffusion, sampler: TimestepSampler,
-                    p_uncond: float) -> DiffusionLoss | ClassifierLoss:
-    """The loss callable ``loss(model, batch)`` of the stage's kind, chosen once per run."""
-    if stage.kind is StageKind.classifier:
-        return ClassifierLoss(diffusion, sampler)
-    if stage.kind is StageKind.sr:
-        return SRDiffusionLoss(diffusion, sampler, num_classes=stage.num_classes, p_uncond=p_uncond, aug=stage.aug)
-    return DiffusionLoss(diffusion, sampler, num_classes=stage.num_classes, p_uncond=p_uncond)
-
-
 # ----------------------------------------------------------------------------------------------- outputs
 
 class MetricsLog:

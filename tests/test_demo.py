@@ -13,11 +13,11 @@ pytestmark = pytest.mark.slow
 def quick_demo(tmp_path_factory):
     """The quick demo with `mixed_precision=auto` resolving to bf16, as on a CPU with native bf16, on every
     machine; the modules after this one train and evaluate in full precision in the same process."""
-    import cascade.train
+    from cascade import runtime
 
     out = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cascade.train, "native_bf16", lambda device: True)
+        mp.setattr(runtime, "native_bf16", lambda device: True)
         return demo.run_demo(out, demo.QUICK, _tiny_configs(), seed=0, progress=False)
 
 

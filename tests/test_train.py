@@ -121,13 +121,13 @@ def test_mixed_precision_auto_and_label_dropout():
 
 
 def test_auto_precision_follows_native_bf16(monkeypatch):
-    from cascade import train
+    from cascade import runtime
 
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
-    assert train.resolve_mixed_precision("auto", torch.device("cpu")) == "bf16"
-    monkeypatch.setattr(train, "native_bf16", lambda device: False)
-    assert train.resolve_mixed_precision("auto", torch.device("cpu")) == "no"
-    assert train.resolve_mixed_precision("bf16", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
+    assert runtime.resolve_mixed_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    assert runtime.resolve_mixed_precision("auto", torch.device("cpu")) == "no"
+    assert runtime.resolve_mixed_precision("bf16", torch.device("cpu")) == "bf16"
 
 
 def test_precisions_change_between_runs_in_one_process(synthetic_shards, tmp_path):

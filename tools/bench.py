@@ -35,9 +35,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import stages
+from cascade.losses import make_stage_loss
 from cascade.samplers import classifier_free_guidance, sample_ddim
 from cascade.timestep_sampler import UniformSampler
-from cascade.train import make_stage_loss
 
 BENCH_STAGES = ("base32", "sr64", "sr128", "sr256", "classifier32", "big32")
 DEFAULT_BATCH = {"base32": 32, "sr64": 16, "sr128": 8, "sr256": 4, "classifier32": 32, "big32": 16}

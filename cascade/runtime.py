@@ -1,0 +1,77 @@
+"""Process set-up for a training run: the precision a device computes natively, accelerate's process-wide
+state, and seeding / RNG states for exact resume. No model or data code here."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA with bf16 support, or a CPU with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.cpu.get_cpu_capability() == "AVX512" and (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def resolve_mixed_precision(mode: str, device: torch.device) -> str:
+    """"auto" → "bf16" where the device computes bf16 natively (`native_bf16`), else "no"; other modes pass
+    through."""
+    if mode != "auto":
+        return mode
+    return "bf16" if native_bf16(device) else "no"
+
+
+def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
+    """An `Accelerator` with this run's precision, whatever an earlier run in the same process used.
+
+    accelerate keeps one process-wide `AcceleratorState` and refuses a second precision ("AcceleratorState has
+    already been initialized and cannot be changed"). One process may train a bf16 stage and then a
+    full-precision one (a notebook, the demo, the test suite), so the precision part of that state is reset
+    when it differs; the distributed part (`PartialState`: process group, rank, device) is kept.
+    """
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, **kwargs)
+
+
+def segment_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the data segment starting at ``step`` on ``rank`` (stable across runs and machines)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint32)[0])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states as tensors/primitives (weights_only-loadable)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                       "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
