@@ -21,21 +21,22 @@ def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int) -> torch.Tens
     return torch.where(drop, torch.full_like(y, null_class), y)
 
 
-def sample_timesteps(sampler: TimestepSampler, batch: int, device: torch.device):
+def sample_timesteps(timestep_sampler: TimestepSampler, batch: int, device: torch.device):
     """(t, importance weights or None); uniform t is drawn on the device (no host round trip)."""
-    if isinstance(sampler, UniformSampler):
-        return torch.randint(0, sampler.num_timesteps, (batch,), device=device), None
-    return sampler.sample(batch, device)
+    if isinstance(timestep_sampler, UniformSampler):
+        return torch.randint(0, timestep_sampler.num_timesteps, (batch,), device=device), None
+    return timestep_sampler.sample(batch, device)
 
 
 class DiffusionLoss:
     """Training loss of a base stage: null-class dropout with probability p_uncond (Ho & Salimans 2022 §3.2),
     then the diffusion's per-sample loss at t from the timestep sampler (L_simple, slides eq. 14 / Ho et al.
     2020 eq. 14; or the hybrid L_simple + λ·L_vlb, Nichol & Dhariwal 2021 eq. 16), importance-weighted when
-    the sampler is not uniform. Returns {"loss": scalar, "per_sample": B, "t": B}."""
+    the timestep sampler is not uniform. Returns {"loss": scalar, "per_sample": B, "t": B}."""
 
-    def __init__(self, diffusion: GaussianDiffusion, sampler: TimestepSampler, *, num_classes: int, p_uncond: float):
-        self.diffusion, self.sampler = diffusion, sampler
+    def __init__(self, diffusion: GaussianDiffusion, timestep_sampler: TimestepSampler, *, num_classes: int,
+                 p_uncond: float):
+        self.diffusion, self.timestep_sampler = diffusion, timestep_sampler
         self.num_classes, self.p_uncond = num_classes, p_uncond
 
     def conditioning(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,7 +44,7 @@ class DiffusionLoss:
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x0 = batch["x"]
-        t, weights = sample_timesteps(self.sampler, x0.shape[0], x0.device)
+        t, weights = sample_timesteps(self.timestep_sampler, x0.shape[0], x0.device)
         per_sample = self.diffusion.training_losses(model, x0, t, noise=torch.randn_like(x0),
                                                     model_kwargs=self.conditioning(batch))["loss"]
         loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
@@ -55,9 +56,10 @@ class SRDiffusionLoss(DiffusionLoss):
     Gaussian (and, per the stage, blur) augmentation at a random level s (Ho et al. 2021 "Cascaded Diffusion
     Models" §3.2), which the model also receives."""
 
-    def __init__(self, diffusion: GaussianDiffusion, sampler: TimestepSampler, *, num_classes: int, p_uncond: float,
+    def __init__(self, diffusion: GaussianDiffusion, timestep_sampler: TimestepSampler, *, num_classes: int,
+                 p_uncond: float,
                  aug: AugConfig):
-        super().__init__(diffusion, sampler, num_classes=num_classes, p_uncond=p_uncond)
+        super().__init__(diffusion, timestep_sampler, num_classes=num_classes, p_uncond=p_uncond)
         self.aug = aug
 
     def conditioning(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,12 +71,12 @@ class ClassifierLoss:
     """Training loss of a noise-aware classifier (Dhariwal & Nichol 2021 §4.1): cross-entropy of the label on
     x_t ~ q(x_t | x_0) at a random t. Returns {"loss", "per_sample": B, "t": B, "correct": count}."""
 
-    def __init__(self, diffusion: GaussianDiffusion, sampler: TimestepSampler):
-        self.diffusion, self.sampler = diffusion, sampler
+    def __init__(self, diffusion: GaussianDiffusion, timestep_sampler: TimestepSampler):
+        self.diffusion, self.timestep_sampler = diffusion, timestep_sampler
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x0, y = batch["x"], batch["y"]
-        t, _ = sample_timesteps(self.sampler, x0.shape[0], x0.device)
+        t, _ = sample_timesteps(self.timestep_sampler, x0.shape[0], x0.device)
         x_t = self.diffusion.q_sample(x0, t, noise=torch.randn_like(x0))
         logits = model(x_t, self.diffusion.model_timesteps(t))
         per_sample = F.cross_entropy(logits.float(), y, reduction="none")
@@ -82,11 +84,12 @@ class ClassifierLoss:
                 "correct": (logits.argmax(dim=1) == y).sum()}
 
 
-def make_stage_loss(stage: StageConfig, diffusion: GaussianDiffusion, sampler: TimestepSampler,
+def make_stage_loss(stage: StageConfig, diffusion: GaussianDiffusion, timestep_sampler: TimestepSampler,
                     p_uncond: float) -> DiffusionLoss | ClassifierLoss:
     """The loss callable ``loss(model, batch)`` of the stage's kind, chosen once per run."""
     if stage.kind is StageKind.classifier:
-        return ClassifierLoss(diffusion, sampler)
+        return ClassifierLoss(diffusion, timestep_sampler)
     if stage.kind is StageKind.sr:
-        return SRDiffusionLoss(diffusion, sampler, num_classes=stage.num_classes, p_uncond=p_uncond, aug=stage.aug)
-    return DiffusionLoss(diffusion, sampler, num_classes=stage.num_classes, p_uncond=p_uncond)
+        return SRDiffusionLoss(diffusion, timestep_sampler, num_classes=stage.num_classes, p_uncond=p_uncond,
+                               aug=stage.aug)
+    return DiffusionLoss(diffusion, timestep_sampler, num_classes=stage.num_classes, p_uncond=p_uncond)

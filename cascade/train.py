@@ -225,8 +225,8 @@ class StageTrainer:
         seed_everything(self.run_cfg.seed)  # same initial weights on every rank
         model = build_model(self.stage)
         self.diffusion = build_diffusion(self.stage)
-        self.sampler = make_timestep_sampler(self.stage.diffusion.timestep_sampler, self.diffusion.num_timesteps)
-        self.loss_fn = make_stage_loss(self.stage, self.diffusion, self.sampler, cfg.p_uncond)
+        self.timestep_sampler = make_timestep_sampler(self.stage.diffusion.timestep_sampler, self.diffusion.num_timesteps)
+        self.loss_fn = make_stage_loss(self.stage, self.diffusion, self.timestep_sampler, cfg.p_uncond)
         self.resume_from, model_w, ema_w, state = self._read_resume_point()
         if model_w is not None:
             model.load_state_dict(model_w)
@@ -249,7 +249,7 @@ class StageTrainer:
             self.ema.load_state_dict(ema_w, int(state["ema_num_updates"]))
             optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            self.sampler.load_state_dict(state["timestep_sampler"])
+            self.timestep_sampler.load_state_dict(state["timestep_sampler"])
             self.step = int(state["step"])
             self.nan_total.fill_(int(state["nan"]["total"]))
             self.nan_in_row.fill_(int(state["nan"]["in_row"]))
@@ -334,7 +334,7 @@ class StageTrainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "ema_num_updates": self.ema.num_updates,
-                "timestep_sampler": self.sampler.state_dict(),
+                "timestep_sampler": self.timestep_sampler.state_dict(),
                 "nan": {"total": int(self.nan_total), "in_row": int(self.nan_in_row)},
                 "data": {"segment_start": self.segment_start, "world_size": self.world_size},
                 "rng": [r["rng"] for r in per_rank],
@@ -434,8 +434,8 @@ class StageTrainer:
                 out = self.loss_fn(self.model, batch)
                 acc.backward(out["loss"])
             per_sample, t = out["per_sample"].detach().float(), out["t"]
-            if not isinstance(self.sampler, UniformSampler):  # importance sampling needs every rank's losses
-                self.sampler.update_with_all_losses(acc.gather(t), acc.gather(per_sample))
+            if not isinstance(self.timestep_sampler, UniformSampler):  # importance sampling needs every rank's losses
+                self.timestep_sampler.update_with_all_losses(acc.gather(t), acc.gather(per_sample))
             step_loss += out["loss"].detach().float() / cfg.grad_accum
             quarter = torch.clamp(t * 4 // self.diffusion.num_timesteps, max=3)
             finite = torch.isfinite(per_sample)
