@@ -284,7 +284,7 @@ def _headline(results: dict, num_classes: int) -> list[str]:
 
 
 def _report_blocks(plan, class_names, grids, real_grid, curves, evaluation, result, out: Path) -> list:
-    from cascade.metrics import report_table
+    from cascade.report import report_table
 
     columns, table = report_table(evaluation.results)
     rows = [[stage] + [cells.get(c, "–") for c in columns] for stage, cells in table.items()]

@@ -15,15 +15,9 @@ import pytest
 import torch
 from test_pipeline import runs_root  # noqa: F401  (fixture: the folder of the tiny trained runs)
 
-from cascade.evaluation import (
-    CASCADED,
-    TEACHER_FORCED,
-    evaluate,
-    load_for_evaluation,
-    process_slice,
-    stage_metrics,
-)
-from cascade.metrics import reference_stats_path
+from cascade.evaluation import evaluate, load_for_evaluation, stage_metrics
+from cascade.generation import CASCADED, TEACHER_FORCED, process_slice
+from cascade.reference_stats import reference_stats_path
 from cascade.pipeline import CascadeConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
