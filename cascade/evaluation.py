@@ -273,11 +273,12 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
         keys.update({(TEACHER_FORCED, n): i > 0 for i, n in enumerate(names) if not (i == 0 and reuse_base)})
     skip = [(TEACHER_FORCED, names[0])] if reuse_base else []
     run = {"seed": seed, "batch_size": batch_size}
+    cas_list = None if cas is None else cas.sample_list(batch_size, rank, world, tuple(low_resolutions),
+                                                        read_at=pipeline.stages[0].config.resolution)
     generated = generate(pipeline, data, chain_sampler(pipeline, data, settings, modes, skip=skip, **run), keys,
                          batch_size=batch_size, accelerator=accelerator, progress=progress)
     cas_generated = None
     if cas is not None:
-        cas_list = cas.sample_list(batch_size, rank, world, tuple(low_resolutions))
         cas_keys = dict.fromkeys(keys, False)
         cas_generated = generate(pipeline, cas_list, chain_sampler(pipeline, cas_list, settings, modes, skip=skip,
                                                                    **run),

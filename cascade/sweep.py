@@ -161,7 +161,8 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
     check_extras(pr_k, bootstrap, data.num_samples)
     cas = None if cas_per_class is None else CASData(data.root, pipeline.stages[0].config.num_classes,
                                                      cas_per_class, cas_settings)
-    cas_list = None if cas is None else cas.sample_list(batch_size, rank, world, tuple(low_resolutions))
+    cas_list = None if cas is None else cas.sample_list(batch_size, rank, world, tuple(low_resolutions),
+                                                        read_at=pipeline.stages[0].config.resolution)
     classes = sorted(set(data.labels.tolist()))
     for name, tried in grid.items():  # every setting is checked against the chain before any sampling
         for setting in tried:

@@ -64,15 +64,15 @@ class CASData:
         self._refs: dict[int, CASReference] = {}
 
     def sample_list(self, batch_size: int, rank: int = 0, world_size: int = 1,
-                    low_resolutions: tuple[int, ...] = ()) -> EvalData:
-        """N samples per class (class-major); teacher-forced inputs from the ceiling's training images."""
+                    low_resolutions: tuple[int, ...] = (), read_at: int = 32) -> EvalData:
+        """N samples per class (class-major); teacher-forced inputs (low_resolutions) from the ceiling's
+        training images. Checks first that every class has N training images (reading labels at `read_at`)."""
         labels = torch.arange(self.num_classes).repeat_interleave(self.per_class)
         samples = process_slice(len(labels), batch_size, rank, world_size)
-        low_res = {}
-        if low_resolutions:
-            train_labels, images = read_split(self.root, "train", low_resolutions, keep=low_resolutions)
-            index = _first_per_class(train_labels, self.per_class, self.num_classes, self.root)
-            low_res = {r: uint8_to_float(images[r][index[samples.start : samples.stop]]) for r in low_resolutions}
+        train_labels, images = read_split(self.root, "train", list(low_resolutions) or [read_at],
+                                          keep=low_resolutions)
+        index = _first_per_class(train_labels, self.per_class, self.num_classes, self.root)
+        low_res = {r: uint8_to_float(images[r][index[samples.start : samples.stop]]) for r in low_resolutions}
         return EvalData(self.root, labels, 0, samples, low_res)
 
     def reference(self, resolution: int) -> CASReference:
@@ -138,7 +138,7 @@ class MemorisationCheck:
         closest to a training image in pixel space (relative to the threshold), float K×3×R×R each.
         Errors (no class with two training images) are one line."""
         ref = self.reference(images_uint8.shape[1])
-        x = uint8_to_float(images_uint8)
+        x = uint8_to_float(images_uint8.cpu())
         try:
             feature = memorisation(extract_features(self.net, x, batch_size=self.batch_size), ref.train_features,
                                    ref.train_labels, held_out=ref.val_features, ratio=self.ratio)

@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from cascade.cas import CASSettings, SmallCNN, cas_with_ceiling, classification_accuracy_score, train_classifier
+from cascade.cas import (
+    CASSettings,
+    SmallCNN,
+    cas_with_ceiling,
+    classification_accuracy_score,
+    train_classifier,
+)
 from cascade.memorisation import memorisation, nearest_neighbours, pixel_vectors, typical_same_class_distance
 from cascade.metrics import (
     MIN_FID_SAMPLES,
