@@ -208,3 +208,43 @@ def add_evaluation_arguments(p: argparse.ArgumentParser, default_stages: str) ->
     p.add_argument("--device", default=None,
                    help="torch device (default: accelerate's device of this process, e.g. cuda:0 or cpu)")
     p.add_argument("--precision", default="fp32", help="one of fp32, bf16 (default fp32)")
+
+
+def add_metric_arguments(p: argparse.ArgumentParser, *, memorisation: bool = True) -> None:
+    """Options of the optional metrics (eval_fid.py, sweep.py): precision / recall's k, FID's bootstrap
+    interval, CAS and (memorisation=True) the memorisation check."""
+    p.add_argument("--pr-k", type=int, default=3, metavar="K",
+                   help="k of the k-NN manifolds of precision / recall (default 3; 0 leaves them out)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="B",
+                   help="95%% confidence interval of FID from B resamplings of the generated set (default off)")
+    p.add_argument("--cas", type=int, default=None, metavar="N",
+                   help="Classification Accuracy Score: train a small classifier on N generated images per class "
+                        "of each stage, test it on the real val images; next to the same classifier trained on N "
+                        "real training images per class (the ceiling)")
+    p.add_argument("--cas-steps", type=int, default=300, metavar="STEPS",
+                   help="training steps of each CAS classifier (default 300)")
+    if memorisation:
+        p.add_argument("--memorisation", action="store_true",
+                       help="nearest training image of every sample (features and 32² pixels); saves the closest "
+                            "pairs as memorisation-<stage>.png")
+
+
+def metric_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`evaluate` / `sweep` keyword arguments from the options `add_metric_arguments` defines."""
+    from cascade.cas import CASSettings
+
+    if args.pr_k < 0:
+        raise CascadeConfigError(f"--pr-k must be >= 0 (0 leaves precision / recall out), got {args.pr_k}")
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        raise CascadeConfigError(f"--bootstrap must be 0 (off) or >= 2 resamples, got {args.bootstrap}")
+    if args.cas is not None and args.cas < 1:
+        raise CascadeConfigError(f"--cas: needs at least 1 generated image per class, got {args.cas}")
+    try:
+        cas_settings = CASSettings(steps=args.cas_steps)
+    except ValueError as err:
+        raise CascadeConfigError(f"--cas-steps: {err}") from None
+    options = {"pr_k": args.pr_k or None, "bootstrap": args.bootstrap, "cas_per_class": args.cas,
+               "cas_settings": cas_settings}
+    if hasattr(args, "memorisation"):
+        options["memorisation"] = args.memorisation
+    return options

@@ -44,6 +44,8 @@ class DemoPlan:
     ckpt_every: int
     ema_decay: float = 0.999
     val_fraction: float = 0.1
+    cas_per_class: int = 1  # generated images per class for the Classification Accuracy Score
+    cas_steps: int = 60  # training steps of each CAS classifier
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,6 +71,8 @@ DEFAULT = DemoPlan(
     num_per_class=2,
     eval_samples=20,
     ckpt_every=50,
+    cas_per_class=2,
+    cas_steps=60,
 )
 
 QUICK = DemoPlan(
@@ -84,6 +88,8 @@ QUICK = DemoPlan(
     num_per_class=1,
     eval_samples=10,
     ckpt_every=10,
+    cas_per_class=1,
+    cas_steps=10,
 )
 
 
@@ -161,23 +167,41 @@ def _real_grid(data_dir: Path, out_dir: Path, num_classes: int, per_class: int) 
 
 
 EXPLANATION = [
+    ("Sample counts first: every FID carries its count n. FID is biased upwards at small n (the bias falls "
+    "roughly as 1/n) and this demo evaluates on a few dozen images, far below the 2,048 FID needs, so its FIDs "
+    "are marked *biased*: compare them only between rows with the same n. KID (kernel distance) is unbiased, so "
+    "the compact tables lead with it; at small n it is noisy and can be slightly negative: read KID within its "
+    "± std of 0 as 'indistinguishable at this n'."),
     ("FID and KID compare the distribution of generated images with the held-out val photographs at each "
     "stage's resolution, measured in the feature space named in brackets (here the demo's own classifier32, "
     "trained on the same crops: numbers are comparable only within this report, not with published "
     "Inception FIDs). Lower is better; the real val set against itself scores 0."),
+    ("Precision / recall (Kynkäänniemi et al. 2019, k = 3 nearest neighbours, same feature space): precision is "
+    "the fraction of samples that fall inside the real images' manifold (quality), recall the fraction of real "
+    "images inside the samples' manifold (diversity / coverage). Both in [0, 1], higher is better; FID mixes "
+    "the two."),
     ("Teacher-forced: an SR stage receives the real low-resolution val image (the stage judged alone). "
-    "Cascaded: it receives the previous stage's sample (what a user gets). The gap between the two columns "
+    "Cascaded: it receives the previous stage's sample (what a user gets). The gap between the two rows "
     "shows how much an SR stage suffers from its imperfect input; conditioning augmentation is what keeps "
     "this gap small."),
+    ("CAS (Classification Accuracy Score, Ravuri & Vinyals 2019; the second headline number of the Cascaded "
+    "Diffusion Models paper): a fresh small CNN trained only on generated images (a few per class here) and "
+    "tested on the real val photographs, next to the same CNN trained on as many real training crops (the "
+    "ceiling, 'real'). Near the ceiling: the samples carry what tells the classes apart, in real variety. "
+    "With this few images per class both numbers are rough."),
+    ("Memorised: the fraction of samples closer to a training crop than half the typical distance between two "
+    "training crops of the same class, in the classifier's feature space and in 32² pixels; 'val' is the same "
+    "test on held-out real crops (the chance rate). Well above the val rate: the generator copies training "
+    "images. The closest pairs (sample left, nearest training crop right) are shown so you can look."),
     ("Patch FID [classifier32-features-patch32]: the same FID on 32×32 patches cut from each image at its own "
     "resolution (up to 4×4 patches per image). Whole-image features see every stage at 32², so they judge "
     "content and colour; patch features see the texture and detail an SR stage adds, so they tell a sharp, "
     "realistic 256² image from a blurred or noisy one."),
     ("Detail ratio (SR stages): the RMS of each image's detail above the stage's input size (the image minus "
     "its own down- and re-upsampled version) relative to the same measure on the real val photographs. About "
-    "1: as much fine detail as real photographs; near the bicubic row: the stage only upsamples; well above "
+    "1: as much fine detail as real photographs; near the bicubic point: the stage only upsamples; well above "
     "1: noise. It says how much detail is added, not whether it is right: read it with the consistency PSNR "
-    "and the FIDs."),
+    "(the plot puts the two side by side) and the FIDs."),
     ("Rows \"<stage> (bicubic)\": the real low-resolution inputs upsampled with bicubic interpolation and scored "
     "like a stage's output: the baseline an SR stage must beat. Its consistency PSNR is the ceiling for a "
     "stage that only upsamples; the small classifier's patch features hardly react to blur, so at this "
@@ -186,7 +210,8 @@ EXPLANATION = [
     "High values (≳ 25 dB) mean the stage adds detail without changing the content it was conditioned on."),
     ("Class accuracy: the fraction of generated images that classifier32 (trained on real crops) assigns to the "
     "class they were sampled for. Chance is 1 / number of classes; well above chance means the class "
-    "conditioning (with classifier-free guidance) works."),
+    "conditioning (with classifier-free guidance) works. Unlike CAS it rewards class-typical images and says "
+    "nothing about diversity."),
     ("IS (Inception Score with the classifier's logits) is high when samples are confidently classified and "
     "all classes are covered."),
 ]
@@ -204,6 +229,7 @@ def run_demo(out_dir: str | Path, plan: DemoPlan, stage_configs: dict[str, Stage
     if missing:
         raise ValueError(f"run_demo: no stage configuration for {', '.join(missing)}; pass one per stage in "
                          f"{', '.join(TRAIN_ORDER)}")
+    from cascade.cas import CASSettings
     from cascade.evaluation import classifier_feature_net, evaluate
     from cascade.features import PatchFeatures
     from cascade.outputs import write_outputs
@@ -243,12 +269,14 @@ def run_demo(out_dir: str | Path, plan: DemoPlan, stage_configs: dict[str, Stage
     real_grid = _real_grid(data_dir, out, num_classes, plan.num_per_class)
     lap("sampling")
 
-    _log(f"evaluating every stage on {plan.eval_samples} samples (teacher-forced and cascaded)")
+    _log(f"evaluating every stage on {plan.eval_samples} samples (teacher-forced and cascaded), CAS on "
+         f"{plan.cas_per_class} per class, memorisation")
     clf = classifier_feature_net(runs_dir / "classifier32")
     nets = [clf, PatchFeatures(clf, clf.resolution)]
     evaluation = evaluate(pipeline, data_dir, feature_nets=nets, classifier=clf, num_samples=plan.eval_samples,
                           seed=seed, batch_size=max(plan.batch_size.values()), progress=progress, baselines=True,
-                          settings=settings)
+                          settings=settings, cas_per_class=plan.cas_per_class,
+                          cas_settings=CASSettings(steps=plan.cas_steps, batch_size=16), memorisation=True)
     evaluation.write(out)
     result.metrics = evaluation.results
     lap("evaluation")
@@ -279,12 +307,14 @@ def _headline(results: dict, num_classes: int) -> list[str]:
                 line += f" (bicubic-upsampled input: {baseline['detail_ratio']:.2f}; real images: 1)"
         if "consistency_psnr" in metrics:
             line += f"; consistency {metrics['consistency_psnr']:.1f} dB"
+        if "cas" in metrics:
+            line += f"; CAS {metrics['cas']['top1']:.0%} (real-data ceiling {metrics['cas']['real_top1']:.0%})"
         lines.append(line)
     return lines
 
 
 def _report_blocks(plan, class_names, grids, real_grid, curves, evaluation, result, out: Path) -> list:
-    from cascade.metrics import report_table
+    from cascade.report import BASELINE_SUFFIX, SMALL_SAMPLE_NOTE, report_table, summary_table
 
     columns, table = report_table(evaluation.results)
     rows = [[stage] + [cells.get(c, "–") for c in columns] for stage, cells in table.items()]
@@ -311,9 +341,25 @@ def _report_blocks(plan, class_names, grids, real_grid, curves, evaluation, resu
         ("img", real_grid.relative_to(out).as_posix(), "real val crops at 256² (for comparison)"),
         ("img", "samples/grid.png", "the cascade per sample: columns are stages (each shown at 256²)"),
         ("h2", "Metrics"),
-        ("table", ["stage", *columns], rows),
+        ("p", (f"{evaluation.meta['num_samples']} generated images per stage and mode (n below), CAS from "
+               f"{plan.cas_per_class} per class. " + SMALL_SAMPLE_NOTE)),
+    ]
+    for stage, by_mode in evaluation.results.items():
+        if stage.endswith(BASELINE_SUFFIX):
+            continue
+        blocks += [("h3", stage), ("table", *summary_table(by_mode))]
+    if (out / "results.png").is_file():
+        blocks.append(("img", "results.png", ("detail ratio against consistency PSNR per SR stage: teacher-forced, "
+                                              "cascaded and the bicubic-upsampled input; real images have detail "
+                                              "ratio 1 (dashed)")))
+    for stage in evaluation.pairs:
+        blocks.append(("img", f"memorisation-{stage}.png",
+                       f"{stage}: the samples closest to a training crop (left) next to that crop (right)"))
+    blocks += [
         ("h3", "What the numbers mean"),
         ("list", EXPLANATION),
+        ("h3", "Full table"),
+        ("table", ["stage", *columns], rows),
         ("h2", "Training"),
         ("img", curves.relative_to(out).as_posix(),
          ("training loss per stage (hybrid loss; thin lines: loss per quarter of the t range, high t on the "

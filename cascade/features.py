@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -21,6 +22,10 @@ from cascade.imageops import float_to_uint8, resize
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+
+# Images for the metrics: a B×3×H×W tensor, an iterable of such tensors (or of {"x": tensor} batches), or a
+# zero-argument callable returning such an iterable (called lazily, so a cache hit never opens the data).
+ImageSource = torch.Tensor | Iterable | Callable[[], Iterable]
 
 
 def _check_images(x: torch.Tensor) -> None:
@@ -247,3 +252,60 @@ def _last_parametrised_module(model: nn.Module, probe: torch.Tensor, noise_aware
     if not called:
         raise ValueError("the classifier has no module with parameters to take features from; pass head=")
     return called[-1]
+
+
+class PassThrough(nn.Module):
+    """Feature module for torchmetrics' FID / KID / IS that receives already-extracted features B×D."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def image_batches(source: ImageSource, batch_size: int) -> Iterator[torch.Tensor]:
+    """Yield image batches of at most batch_size from an `ImageSource`; ValueError on anything but
+    B×3×H×W tensors or a non-positive batch_size."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(source, torch.Tensor):
+        source = [source]
+    elif callable(source) and not isinstance(source, Iterable):
+        source = source()
+    for batch in source:
+        if isinstance(batch, Mapping):
+            if "x" not in batch:
+                raise ValueError(f"batch mappings must hold images under 'x', got keys {sorted(batch)}")
+            batch = batch["x"]
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1] != 3:
+            desc = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise ValueError(f"image batches must be B×3×H×W tensors, got {desc}")
+        yield from batch.split(batch_size)
+
+
+def iter_features(feature_net: FeatureNet, images: ImageSource, *, batch_size: int = 64,
+                  max_samples: int | None = None, resolution: int | None = None,
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yield (features B×D float32 on CPU, logits B×K or None) per batch; stop after max_samples images.
+    `resolution`, when given, is checked against every batch (catches feeding the wrong pyramid level)."""
+    device = device_of(feature_net)
+    seen = 0
+    with torch.no_grad():
+        for batch in image_batches(images, batch_size):
+            if resolution is not None and tuple(batch.shape[-2:]) != (resolution, resolution):
+                raise ValueError(f"expected {resolution}×{resolution} images, got {tuple(batch.shape[-2:])}")
+            if max_samples is not None:
+                if seen >= max_samples:
+                    return
+                batch = batch[: max_samples - seen]
+            features, logits = feature_net.features_and_logits(batch.to(device))
+            seen += batch.shape[0]
+            yield features.float().cpu(), None if logits is None else logits.float().cpu()
+
+
+def extract_features(feature_net: FeatureNet, images: ImageSource, *, batch_size: int = 64) -> torch.Tensor:
+    """All features N×D (float32, CPU) of an `ImageSource` in one tensor."""
+    parts = [f for f, _ in iter_features(feature_net, images, batch_size=batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, feature_net.num_features)

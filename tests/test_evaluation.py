@@ -15,16 +15,11 @@ import pytest
 import torch
 from test_pipeline import runs_root  # noqa: F401  (fixture: the folder of the tiny trained runs)
 
-from cascade.evaluation import (
-    CASCADED,
-    TEACHER_FORCED,
-    evaluate,
-    load_for_evaluation,
-    process_slice,
-    stage_metrics,
-)
-from cascade.metrics import reference_stats_path
+from cascade.cas import CASSettings
+from cascade.evaluation import evaluate, load_for_evaluation, stage_metrics
+from cascade.generation import CASCADED, TEACHER_FORCED, process_slice
 from cascade.pipeline import CascadeConfigError
+from cascade.reference_stats import reference_stats_path
 
 ROOT = Path(__file__).resolve().parents[1]
 NET = "classifier32-features"
@@ -167,6 +162,38 @@ def test_truncated_chain_leaves_out_the_noisy_handover(loaded, shards):
     assert "base32: cascaded metrics left out" in result.meta["notes"][0]
 
 
+def test_cas_memorisation_precision_recall_and_bootstrap(loaded, runs_root, shards, tmp_path):  # noqa: F811
+    pipe, nets, classifier = loaded
+    run = dict(feature_nets=nets, classifier=classifier, settings=_settings(pipe), modes=[CASCADED], bootstrap=5,
+               cas_per_class=2, cas_settings=CASSettings(steps=3, batch_size=4, width=8), memorisation=True, **FAST)
+    first, again = evaluate(pipe, shards, **run), evaluate(pipe, shards, **run)
+    assert first.results == again.results  # deterministic for a seed, CAS training included
+    for stage in CHAIN:
+        metrics = first.results[stage][CASCADED]
+        fid = metrics["features"][NET]
+        assert fid["fid_biased"] and fid["num_fake"] == 4 and fid["fid_ci"][0] <= fid["fid_ci"][1]
+        assert 0 <= fid["precision"] <= 1 and 0 <= fid["recall"] <= 1 and fid["pr_k"] == 3
+        cas = metrics["cas"]
+        assert (cas["num_train"], cas["num_test"]) == (3 * 2, 6) and 0 <= cas["top1"] <= 1
+        assert 0 <= cas["real_top1"] <= 1 and "top5" not in cas  # 3 classes: top-1 only
+        memo = metrics["memorisation"]
+        assert memo["feature_net"] == NET and memo["threshold_pixel"] > 0 and 0 <= memo["fraction_pixel"] <= 1
+        assert 0 <= memo["val_fraction_feature"] <= 1
+    _, md_path = first.write(tmp_path)
+    md = md_path.read_text()
+    assert md.index("## base32") < md.index("## Full table") and "(n=4, biased)" in md and "KID ± std" in md
+    assert "CAS top-1" in md and "memorised" in md
+    for name in ("memorisation-base32.png", "memorisation-sr64.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    out = tmp_path / "cli"
+    assert eval_fid.main(_cli_args(runs_root, shards, out, "--modes", "cascaded", "--cas", "2", "--cas-steps", "3",
+                                   "--memorisation", "--pr-k", "2")) == 0
+    cli = json.loads((out / "results.json").read_text())
+    assert cli["results"]["sr64"][CASCADED]["features"][NET]["pr_k"] == 2
+    assert set(cli["results"]["sr64"][CASCADED]["cas"]) >= {"top1", "real_top1"}
+    assert (out / "memorisation-sr64.png").is_file() and (out / "results.png").is_file()
+
+
 def test_sweep_writes_table_plot_and_best_flags(runs_root, shards, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "sweep"
     args = _cli_args(runs_root, shards, out, "--w", "0,2", "--aug-level", "sr64=0,0.3")
@@ -182,6 +209,21 @@ def test_sweep_writes_table_plot_and_best_flags(runs_root, shards, tmp_path, cap
     assert "★" in (out / "sweep.md").read_text()
     printed = capsys.readouterr().out
     assert f"best settings: {saved['flags']}" in printed and saved["flags"].startswith("--w base32=")
+    assert all(0 <= r["precision"] <= 1 and r["num_samples"] == 4 for r in saved["records"])
+
+
+def test_sweep_ranks_by_cas(runs_root, shards, tmp_path):  # noqa: F811
+    out = tmp_path / "sweep"
+    args = _cli_args(runs_root, shards, out, "--w", "0,2", "--cas", "2", "--cas-steps", "2", "--rank-metric",
+                     "cas_top1", "--mode", "cascaded")
+    args[args.index("--steps") + 1] = "1"
+    assert sweep_tool.main(args) == 0
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["meta"]["rank_metric"] == "cas_top1" and len(saved["records"]) == 4
+    for stage, best in saved["best"].items():
+        tried = [r["cas_top1"] for r in saved["records"] if r["stage"] == stage]
+        assert best["cas_top1"] == max(tried) and best["cas"]["real_top1"] >= 0
+    assert "CAS top-1 (real)" in (out / "sweep.md").read_text()
 
 
 def _error_line(stderr: str) -> str:
@@ -214,6 +256,10 @@ def test_missing_inception_weights_is_one_line_in_a_subprocess(runs_root, shards
         (["--classifier", "/nonexistent/clf"], "classifier: checkpoint path /nonexistent/clf does not exist"),
         (["--w", "base32=-1"], "stage base32: w must be >= 0"),
         (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+        (["--pr-k", "4"], "--pr-k: precision/recall with k=4 needs more than 4 samples per stage, got 4"),
+        (["--cas", "0"], "--cas: needs at least 1 generated image per class, got 0"),
+        (["--cas", "50"], "fewer than the 50 per class the real ceiling needs; pass --cas"),
+        (["--bootstrap", "1"], "--bootstrap must be 0 (off) or >= 2 resamples"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(runs_root, shards, tmp_path, capsys, args, expected):  # noqa: F811

@@ -11,18 +11,19 @@ from cascade.features import ClassifierFeatures, InceptionFeatures, PatchFeature
 from cascade.imageops import downsample, upsample
 from cascade.metrics import (
     best_setting,
-    cached_reference_stats,
     class_accuracy,
     compute_fid_kid,
-    compute_reference_stats,
     consistency_psnr,
     detail_ratio,
     fine_detail_rms,
-    plot_sweep,
+)
+from cascade.reference_stats import (
+    cached_reference_stats,
+    compute_reference_stats,
     reference_stats_path,
     shard_fingerprint,
-    write_report,
 )
+from cascade.report import plot_sweep, write_report
 
 RES = 16
 

@@ -1,12 +1,17 @@
-"""Evaluate a cascade stage by stage: FID / KID (/ IS), consistency and class accuracy, teacher-forced and cascaded.
+"""Evaluate a cascade stage by stage: FID / KID (/ IS), precision / recall, consistency, detail ratio and class
+accuracy, teacher-forced and cascaded; optionally CAS, memorisation and a bootstrap interval for FID.
 
     python tools/eval_fid.py --data data/shards --stages base32,sr64 --num-samples 1000 --w 3 --steps 100
+    python tools/eval_fid.py --data data/shards --cas 50 --memorisation --bootstrap 200
     python tools/eval_fid.py --data data/shards --patch-fid --baselines --sampler sr64=ddim --steps sr64=25
     python tools/eval_fid.py --data data/shards --inception-weights weights/pt_inception-2015-12-05-6726825d.pth
     accelerate launch --multi_gpu --num_processes 2 tools/eval_fid.py --data data/shards --out eval/two
 
-Writes <out>/results.json and <out>/results.md (rows = stages; columns = metric × mode, feature-based
-metrics labelled with their feature network). Real-image statistics are cached in <data>/fid_stats/.
+Writes <out>/results.json and <out>/results.md (a compact table per stage, then the full table: rows =
+stages, columns = metric × mode, feature-based metrics labelled with their feature network), <out>/results.png
+(detail ratio vs consistency per SR stage) and with --memorisation <out>/memorisation-<stage>.png (closest
+pairs). Every FID carries its sample count; below 2,048 samples it is marked biased (read KID first).
+Real-image statistics are cached in <data>/fid_stats/.
 With `accelerate launch` every process samples its share and the main process computes and writes the
 metrics (the same numbers as one process; on CPU too, with `--device cpu`: keep `--multi_gpu`, accelerate's
 `--cpu` flag starts a single process). Bad inputs (an unwritable --out, a damaged checkpoint, shards without
@@ -24,14 +29,17 @@ from accelerate import Accelerator
 from cascade.cli_args import (
     OneLineArgumentParser,
     add_evaluation_arguments,
+    add_metric_arguments,
     add_sampler_arguments,
     load_evaluation_inputs,
+    metric_options,
     parse_choices,
     report_error,
     sampler_overrides,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
-from cascade.evaluation import MODES, evaluate
+from cascade.evaluation import evaluate
+from cascade.generation import MODES
 from cascade.pipeline import DEFAULT_CHAIN, CascadeConfigError
 
 PROG = "eval_fid"
@@ -42,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluation_arguments(p, default_stages=",".join(DEFAULT_CHAIN))
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)} (default both)")
     add_sampler_arguments(p)
+    add_metric_arguments(p)
     p.add_argument("--baselines", action="store_true",
                    help="add a row per SR stage scoring its real input upsampled (bicubic): what the stage must beat")
     p.add_argument("--out", default="eval", help="output folder (default eval/)")
@@ -57,12 +66,13 @@ def main(argv: list[str] | None = None) -> int:
             ensure_writable_dir(args.out, "--out")
         modes = parse_choices(args.modes, MODES, "--modes", what="mode")
         overrides = sampler_overrides(args)
+        options = metric_options(args)
         pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
         evaluation = evaluate(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
                               settings=pipe.settings(**overrides), num_samples=args.num_samples, modes=modes,
                               seed=args.seed,
                               batch_size=args.batch_size, accelerator=accelerator,
-                              progress=accelerator.is_main_process, baselines=args.baselines)
+                              progress=accelerator.is_main_process, baselines=args.baselines, **options)
     except CascadeConfigError as err:
         return report_error(PROG, err) if accelerator.is_main_process else 2
     if evaluation is None:  # not the main process

@@ -1,16 +1,19 @@
-"""Sweep guidance weights w and augmentation levels s per stage; FID per setting, the best one marked.
+"""Sweep guidance weights w and augmentation levels s per stage; metrics per setting, the best one marked.
 
     python tools/sweep.py --data data/shards --stages base32,sr64 --w 0,1,3 --aug-level 0,0.1,0.3 --steps 100
     python tools/sweep.py --data data/shards --w base32=0,2,4,sr64=0,1 --mode cascaded
+    python tools/sweep.py --data data/shards --w 0,1,3 --cas 20 --rank-metric cas_top1
     accelerate launch tools/sweep.py --data data/shards --inception-weights weights/pt_inception-2015-12-05-6726825d.pth
 
 The base stage tries every w; SR stages every (w, s), teacher-forced by default (each stage judged alone on
 real low-resolution inputs) or cascaded (each SR stage takes the previous stage's samples at its best
 setting). Writes <out>/sweep.json, <out>/sweep.md and <out>/sweep.png and prints the best settings as
-flags for tools/sample_cascade.py. FID is ranked with the standard Inception when --inception-weights is
-given, else with the classifier's features (--rank-by NAME to choose). Bad inputs (an unwritable --out, a
-damaged checkpoint): one line, exit code 2; other failures one line and 1; Ctrl-C 130, leaving earlier
-results untouched. CASCADE_DEBUG=1 shows tracebacks.
+flags for tools/sample_cascade.py. The best is the lowest FID unless --rank-metric names another metric
+(kid_mean, precision, recall, class_accuracy, consistency_psnr, detail_ratio (closest to 1), cas_top1, ...);
+feature metrics come from the standard Inception when --inception-weights is given, else from the
+classifier's features (--rank-by NAME to choose). Bad inputs (an unwritable --out, a damaged checkpoint):
+one line, exit code 2; other failures one line and 1; Ctrl-C 130, leaving earlier results untouched.
+CASCADE_DEBUG=1 shows tracebacks.
 """
 
 from __future__ import annotations
@@ -23,14 +26,18 @@ from accelerate import Accelerator
 from cascade.cli_args import (
     OneLineArgumentParser,
     add_evaluation_arguments,
+    add_metric_arguments,
     add_sampler_arguments,
     load_evaluation_inputs,
+    metric_options,
     report_error,
     sampler_overrides,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
-from cascade.evaluation import MODES, TEACHER_FORCED, sweep
+from cascade.generation import MODES, TEACHER_FORCED
+from cascade.metrics import METRIC_GOALS
 from cascade.pipeline import CascadeConfigError
+from cascade.sweep import sweep
 
 PROG = "sweep"
 
@@ -40,9 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluation_arguments(p, default_stages="base32,sr64")
     p.add_argument("--mode", default=TEACHER_FORCED, choices=MODES, help=f"default {TEACHER_FORCED}")
     p.add_argument("--rank-by", default=None, metavar="NAME",
-                   help="feature network whose FID picks the best (default: inception-v3 if given, else the "
-                        "classifier's features)")
+                   help="feature network of the feature metrics (FID, KID, precision, recall) that rank "
+                        "(default: inception-v3 if given, else the classifier's features)")
+    p.add_argument("--rank-metric", default="fid", choices=list(METRIC_GOALS),
+                   help="the metric that picks the best setting (default fid; lowest FID / KID, highest precision, "
+                        "recall, accuracies and consistency, detail ratio closest to 1)")
     add_sampler_arguments(p, grid=True)
+    add_metric_arguments(p, memorisation=False)
     p.add_argument("--out", default="sweep", help="output folder (default sweep/)")
     return p
 
@@ -55,12 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             ensure_writable_dir(args.out, "--out")
         grid = sampler_overrides(args, grid=True)
+        options = metric_options(args)
         w, aug_level = grid.pop("w", None), grid.pop("aug_level", None)
         pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
         result = sweep(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
                        settings=pipe.settings(**grid), w=w, aug_level=aug_level, mode=args.mode,
-                       rank_by=args.rank_by, num_samples=args.num_samples, seed=args.seed,
-                       batch_size=args.batch_size, accelerator=accelerator, progress=accelerator.is_main_process)
+                       rank_by=args.rank_by, rank_metric=args.rank_metric, num_samples=args.num_samples, seed=args.seed,
+                       batch_size=args.batch_size, accelerator=accelerator, progress=accelerator.is_main_process,
+                       **options)
     except CascadeConfigError as err:
         return report_error(PROG, err) if accelerator.is_main_process else 2
     if result is None:  # not the main process
