@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from cascade.atomic import fsync_path, write_atomic
+
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -61,24 +63,6 @@ def _safetensors_device(device: str | torch.device) -> str:
     """safetensors names devices "cpu", "cuda", "cuda:1"; a torch device printed as "cpu:0" is refused."""
     dev = torch.device(device)
     return "cpu" if dev.type == "cpu" else str(dev)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def _contiguous_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -132,8 +116,8 @@ def save_checkpoint(
     record = {"format_version": FORMAT_VERSION, "step": int(step), **config}
     (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
     for f in tmp.iterdir():
-        _fsync_path(f)
-    _fsync_path(tmp)
+        fsync_path(f)
+    fsync_path(tmp)
     if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first
         stale = ckpt_root / f".{final.name}.stale-{os.getpid()}"
         os.replace(final, stale)
@@ -141,8 +125,8 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_path(ckpt_root)
-    _write_text_atomic(ckpt_root / LATEST_FILE, final.name + "\n")
+    fsync_path(ckpt_root)
+    write_atomic(ckpt_root / LATEST_FILE, final.name + "\n", tmp_suffix=f".tmp-{os.getpid()}")
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in ckpt_root.glob(".step-*.tmp-*"):  # from runs killed mid-write

@@ -46,6 +46,7 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cascade.atomic import fsync_path, write_atomic
 from cascade.datasets import Source, SourceItem
 from cascade.imageops import downsample, float_to_uint8, uint8_to_float
 
@@ -289,23 +290,6 @@ def split_items(per_class: list[list[SourceItem]], val_fraction: float,
     return splits
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write under a hidden temporary name, fsync, rename into place, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-    _fsync_file(path.parent)
-
-
 def _dataset_files(out: Path) -> list[Path]:
     """What a dataset consists of in ``out``: shards, dataset.json and temporary files of an interrupted write."""
     return (sorted(out.glob("train-*.tar")) + sorted(out.glob("val-*.tar")) + sorted(out.glob("dataset.json"))
@@ -337,7 +321,7 @@ class _ShardSink:
     def _finish(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            _fsync_file(self._tmp)
+            fsync_path(self._tmp)
             os.replace(self._tmp, self.out_dir / self.names[-1])
             self._writer = None
 
@@ -376,10 +360,10 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, shard_size: int 
         raise ValueError("the source has no images")
     splits = split_items(per_class, val_fraction, seed)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / INCOMPLETE_MARKER, b"make_shards is writing (or was interrupted writing) this folder\n")
+    write_atomic(out / INCOMPLETE_MARKER, b"make_shards is writing (or was interrupted writing) this folder\n")
     for path in sorted(existing, key=lambda p: p.name != "dataset.json"):  # the dataset stops being one first
         path.unlink()
-    _fsync_file(out)
+    fsync_path(out)
 
     report = BadInputReport(notes={k: list(v) for k, v in source.notes().items() if v})
     jobs = [(item, resolutions, min_size) for name in SPLITS for item in splits[name]]
@@ -424,9 +408,9 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, shard_size: int 
                      "cascade.imageops.downsample (kornia antialiased bicubic) from the largest"),
         "bad_input": report.to_dict(),
     }
-    _write_atomic(out / "dataset.json", (json.dumps(info, indent=2) + "\n").encode())
+    write_atomic(out / "dataset.json", (json.dumps(info, indent=2) + "\n").encode())
     (out / INCOMPLETE_MARKER).unlink()
-    _fsync_file(out)
+    fsync_path(out)
     return info
 
 

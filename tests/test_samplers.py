@@ -28,6 +28,13 @@ N, SHAPE = 4000, (1, 2, 2)  # 16000 independent scalars per run
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _respaced_index(diffusion: GaussianDiffusion) -> torch.Tensor:
+    """Original-scale timestep → index of the respaced diffusion (−1 where a timestep was not kept)."""
+    index = torch.full((int(diffusion.timestep_map.max()) + 1,), -1, dtype=torch.long)
+    index[diffusion.timestep_map] = torch.arange(diffusion.num_timesteps)
+    return index
+
+
 class GaussianOracle(nn.Module):
     """Exact reverse process for data x_0 ~ N(MU, SIGMA²I): the optimal ε and (learned_range) the v that
     gives the true variance of q(x_{t−1}|x_t). Called with original-scale timesteps."""
@@ -35,9 +42,7 @@ class GaussianOracle(nn.Module):
     def __init__(self, diffusion: GaussianDiffusion, learned: bool = False):
         super().__init__()
         self.d, self.learned = diffusion, learned
-        self.index = torch.full((int(diffusion.timestep_map.max()) + 1,), -1, dtype=torch.long)
-        self.index[diffusion.timestep_map] = torch.arange(diffusion.num_timesteps)
-        self.calls = []
+        self.index, self.calls = _respaced_index(diffusion), []
 
     def forward(self, x, t, **kwargs):
         self.calls.append(t.clone())
@@ -289,9 +294,7 @@ class GaussianDenoiser(nn.Module):
     def __init__(self, diffusion: GaussianDiffusion, prediction: str = "eps"):
         super().__init__()
         self.d, self.prediction = diffusion, prediction
-        self.index = torch.full((int(diffusion.timestep_map.max()) + 1,), -1, dtype=torch.long)
-        self.index[diffusion.timestep_map] = torch.arange(diffusion.num_timesteps)
-        self.calls = []
+        self.index, self.calls = _respaced_index(diffusion), []
 
     def forward(self, x, t, **kwargs):
         self.calls.append(t.clone())
