@@ -27,7 +27,7 @@ CHAIN = ("base32", "sr64", "sr128", "sr256")
 
 
 @dataclass(frozen=True)
-class DemoPlan:
+class DemoBudget:
     """How much of everything the demo does; `DEFAULT` fits ~20 minutes on 2 CPU cores, `QUICK` ~2."""
 
     images_per_class: int
@@ -58,7 +58,7 @@ _SAMPLERS = {"base32": "ddpm", "sr64": "ddim", "sr128": "ddim", "sr256": "ddim"}
 # presets' 0.1 (consistency 31 vs 25 dB at 128²) and still tolerate the base stage's samples.
 _AUG_LEVELS = {"sr64": 0.03, "sr128": 0.03, "sr256": 0.03}
 
-DEFAULT = DemoPlan(
+DEFAULT = DemoBudget(
     images_per_class=60,
     train_steps={"classifier32": 120, "base32": 350, "sr64": 120, "sr128": 100, "sr256": 60},
     batch_size={"classifier32": 32, "base32": 32, "sr64": 16, "sr128": 8, "sr256": 4},
@@ -75,7 +75,7 @@ DEFAULT = DemoPlan(
     cas_steps=60,
 )
 
-QUICK = DemoPlan(
+QUICK = DemoBudget(
     images_per_class=12,
     train_steps={"classifier32": 10, "base32": 20, "sr64": 8, "sr128": 5, "sr256": 4},
     batch_size={"classifier32": 16, "base32": 16, "sr64": 8, "sr128": 4, "sr256": 2},
@@ -107,39 +107,39 @@ def _log(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def make_demo_shards(data_dir: Path, plan: DemoPlan, seed: int, progress: bool) -> dict[str, Any]:
+def make_demo_shards(data_dir: Path, budget: DemoBudget, seed: int, progress: bool) -> dict[str, Any]:
     """Shards of the built-in photographs; reused when a previous run made them with the same settings."""
     from cascade.datasets import get_source
     from cascade.shards import write_shards
 
-    wanted = {"images_per_class": plan.images_per_class, "val_fraction": plan.val_fraction, "seed": seed}
+    wanted = {"images_per_class": budget.images_per_class, "val_fraction": budget.val_fraction, "seed": seed}
     marker = data_dir / "demo_settings.json"
     if marker.is_file() and json.loads(marker.read_text()) == wanted and (data_dir / "dataset.json").is_file():
         _log(f"reusing shards in {data_dir}")
         return read_dataset_info(data_dir)
-    source = get_source("photos", seed=seed, images_per_class=plan.images_per_class)
-    _log(f"writing shards of {len(source.class_names)} photographs × {plan.images_per_class} crops to {data_dir}")
-    info = write_shards(source, data_dir, shard_size=64, val_fraction=plan.val_fraction, seed=seed,
+    source = get_source("photos", seed=seed, images_per_class=budget.images_per_class)
+    _log(f"writing shards of {len(source.class_names)} photographs × {budget.images_per_class} crops to {data_dir}")
+    info = write_shards(source, data_dir, shard_size=64, val_fraction=budget.val_fraction, seed=seed,
                         overwrite=True, progress=progress)
     marker.write_text(json.dumps(wanted))
     return info
 
 
-def train_demo_stage(stage: StageConfig, data_dir: Path, runs_dir: Path, plan: DemoPlan, seed: int,
+def train_demo_stage(stage: StageConfig, data_dir: Path, runs_dir: Path, budget: DemoBudget, seed: int,
                      progress: bool) -> Path:
-    """Train (or resume, or return the finished checkpoint of) one stage with the plan's budget for it."""
+    """Train (or resume, or return the finished checkpoint of) one stage with the budget's steps and batch size for it."""
     from cascade.train import train_stage
 
     name = stage.name
 
     trainer = TrainerConfig(
-        max_steps=plan.train_steps[name], batch_size=plan.batch_size[name], lr=plan.lr,
-        warmup_steps=plan.warmup_steps, ckpt_every=plan.ckpt_every, keep_last=1, log_every=10,
-        ema_decay=plan.ema_decay, sample_every=0, progress=progress,
+        max_steps=budget.train_steps[name], batch_size=budget.batch_size[name], lr=budget.lr,
+        warmup_steps=budget.warmup_steps, ckpt_every=budget.ckpt_every, keep_last=1, log_every=10,
+        ema_decay=budget.ema_decay, sample_every=0, progress=progress,
     )
     run = RunConfig(run_dir=str(runs_dir / name), data=DataConfig(root=str(data_dir), num_workers=1), trainer=trainer,
                     resume="auto", seed=seed)
-    return train_stage(stage, run, extra_config={"size": "tiny", "stage_overrides": {}, "demo": plan.to_dict()})
+    return train_stage(stage, run, extra_config={"size": "tiny", "stage_overrides": {}, "demo": budget.to_dict()})
 
 
 def _stage_grids(outputs: dict[str, torch.Tensor], out_dir: Path, num_per_class: int) -> dict[str, Path]:
@@ -217,7 +217,7 @@ EXPLANATION = [
 ]
 
 
-def run_demo(out_dir: str | Path, plan: DemoPlan, stage_configs: dict[str, StageConfig], *, seed: int = 0,
+def run_demo(out_dir: str | Path, budget: DemoBudget, stage_configs: dict[str, StageConfig], *, seed: int = 0,
              progress: bool = True) -> DemoResult:
     """Run (or resume) the whole demo; returns where the report is and the headline numbers.
 
@@ -246,43 +246,43 @@ def run_demo(out_dir: str | Path, plan: DemoPlan, stage_configs: dict[str, Stage
         result.seconds[name] = round(now - clock, 1)
         clock = now
 
-    info = make_demo_shards(data_dir, plan, seed, progress)
+    info = make_demo_shards(data_dir, budget, seed, progress)
     class_names = info["class_names"]
     num_classes = len(class_names)
     lap("shards")
     for i, name in enumerate(TRAIN_ORDER, 1):
-        _log(f"[{i}/{len(TRAIN_ORDER)}] training {name} for {plan.train_steps[name]} steps "
-             f"(batch {plan.batch_size[name]}); finished stages are not retrained")
+        _log(f"[{i}/{len(TRAIN_ORDER)}] training {name} for {budget.train_steps[name]} steps "
+             f"(batch {budget.batch_size[name]}); finished stages are not retrained")
         stage = dataclasses.replace(stage_configs[name], num_classes=num_classes)
-        result.checkpoints[name] = train_demo_stage(stage, data_dir, runs_dir, plan, seed, progress)
+        result.checkpoints[name] = train_demo_stage(stage, data_dir, runs_dir, budget, seed, progress)
         lap(f"train {name}")
 
-    _log(f"sampling {plan.num_per_class} image(s) per class through {' → '.join(CHAIN)}")
+    _log(f"sampling {budget.num_per_class} image(s) per class through {' → '.join(CHAIN)}")
     pipeline = CascadePipeline.from_runs(runs_dir, CHAIN)
-    settings = pipeline.settings(w=plan.w, steps=plan.sample_steps, sampler=plan.sampler, aug_level=plan.aug_level)
-    sampling_plan = pipeline.validate(list(range(num_classes)), settings, num_per_class=plan.num_per_class,
+    settings = pipeline.settings(w=budget.w, steps=budget.sample_steps, sampler=budget.sampler, aug_level=budget.aug_level)
+    sampling_plan = pipeline.validate(list(range(num_classes)), settings, num_per_class=budget.num_per_class,
                                       seed=seed)
     outputs = pipeline.run(sampling_plan, progress=progress)
     write_outputs(outputs, sampling_plan, samples_dir, class_names=class_names,
                   record=pipeline.run_record(sampling_plan))
-    grids = _stage_grids(outputs, out, plan.num_per_class)
-    real_grid = _real_grid(data_dir, out, num_classes, plan.num_per_class)
+    grids = _stage_grids(outputs, out, budget.num_per_class)
+    real_grid = _real_grid(data_dir, out, num_classes, budget.num_per_class)
     lap("sampling")
 
-    _log(f"evaluating every stage on {plan.eval_samples} samples (teacher-forced and cascaded), CAS on "
-         f"{plan.cas_per_class} per class, memorisation")
+    _log(f"evaluating every stage on {budget.eval_samples} samples (teacher-forced and cascaded), CAS on "
+         f"{budget.cas_per_class} per class, memorisation")
     clf = classifier_feature_net(runs_dir / "classifier32")
     nets = [clf, PatchFeatures(clf, clf.resolution)]
-    evaluation = evaluate(pipeline, data_dir, feature_nets=nets, classifier=clf, num_samples=plan.eval_samples,
-                          seed=seed, batch_size=max(plan.batch_size.values()), progress=progress, baselines=True,
-                          settings=settings, cas_per_class=plan.cas_per_class,
-                          cas_settings=CASSettings(steps=plan.cas_steps, batch_size=16), memorisation=True)
+    evaluation = evaluate(pipeline, data_dir, feature_nets=nets, classifier=clf, num_samples=budget.eval_samples,
+                          seed=seed, batch_size=max(budget.batch_size.values()), progress=progress, baselines=True,
+                          settings=settings, cas_per_class=budget.cas_per_class,
+                          cas_settings=CASSettings(steps=budget.cas_steps, batch_size=16), memorisation=True)
     evaluation.write(out)
     result.metrics = evaluation.results
     lap("evaluation")
 
     curves = plot_training_curves({name: runs_dir / name for name in TRAIN_ORDER}, out / "training-curves.png")
-    blocks = _report_blocks(plan, class_names, grids, real_grid, curves, evaluation, result, out)
+    blocks = _report_blocks(budget, class_names, grids, real_grid, curves, evaluation, result, out)
     write_report_pages(out, "cascade demo report", blocks)
     lap("report")
     _log(f"report: {result.report_html} (Markdown copy: {result.report_md})")
@@ -313,7 +313,7 @@ def _headline(results: dict, num_classes: int) -> list[str]:
     return lines
 
 
-def _report_blocks(plan, class_names, grids, real_grid, curves, evaluation, result, out: Path) -> list:
+def _report_blocks(budget, class_names, grids, real_grid, curves, evaluation, result, out: Path) -> list:
     from cascade.report import BASELINE_SUFFIX, SMALL_SAMPLE_NOTE, report_table, summary_table
 
     columns, table = report_table(evaluation.results)
@@ -325,10 +325,10 @@ def _report_blocks(plan, class_names, grids, real_grid, curves, evaluation, resu
               "the five stages trained from scratch at the `tiny` preset, every class sampled through "
               "base32 → sr64 → sr128 → sr256 with classifier-free guidance, and every stage evaluated.")),
         ("list", [f"classes: {', '.join(f'{i} {n}' for i, n in enumerate(class_names))}",
-                  f"guidance w per stage: {plan.w}; respaced sampling steps: {plan.sample_steps}",
-                  (f"sampler per stage: {plan.sampler} (SR stages use DDIM: a few minutes of training leave the "
+                  f"guidance w per stage: {budget.w}; respaced sampling steps: {budget.sample_steps}",
+                  (f"sampler per stage: {budget.sampler} (SR stages use DDIM: a few minutes of training leave the "
                    "learned variance too wide for few-step ancestral sampling); conditioning augmentation level "
-                   f"s at sampling: {plan.aug_level}"),
+                   f"s at sampling: {budget.aug_level}"),
                   *headline]),
         ("h2", "Samples"),
         ("p", ("Rows are classes (in the order listed above), columns are independent samples. Compare with the "
@@ -342,7 +342,7 @@ def _report_blocks(plan, class_names, grids, real_grid, curves, evaluation, resu
         ("img", "samples/grid.png", "the cascade per sample: columns are stages (each shown at 256²)"),
         ("h2", "Metrics"),
         ("p", (f"{evaluation.meta['num_samples']} generated images per stage and mode (n below), CAS from "
-               f"{plan.cas_per_class} per class. " + SMALL_SAMPLE_NOTE)),
+               f"{budget.cas_per_class} per class. " + SMALL_SAMPLE_NOTE)),
     ]
     for stage, by_mode in evaluation.results.items():
         if stage.endswith(BASELINE_SUFFIX):
@@ -364,7 +364,7 @@ def _report_blocks(plan, class_names, grids, real_grid, curves, evaluation, resu
         ("img", curves.relative_to(out).as_posix(),
          ("training loss per stage (hybrid loss; thin lines: loss per quarter of the t range, high t on the "
          "right quarter is the easiest); classifier: cross-entropy and accuracy on noised inputs")),
-        ("list", [f"{name}: {plan.train_steps[name]} steps at batch {plan.batch_size[name]}, checkpoint "
+        ("list", [f"{name}: {budget.train_steps[name]} steps at batch {budget.batch_size[name]}, checkpoint "
                   f"{result.checkpoints[name].relative_to(out).as_posix()}" for name in TRAIN_ORDER]),
         ("h2", "Timings"),
         ("table", ["step", "seconds"], [[k, v] for k, v in result.seconds.items()]),
