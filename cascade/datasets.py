@@ -284,7 +284,7 @@ class DigitsSource(Source):
             raise ValueError(f"images_per_class must be ≥ 1, got {self.images_per_class}")
         self.kind = "digits"
         self._images = None
-        images, targets = self._load()
+        _, targets = self._load()
         self.class_names = [str(c) for c in range(10)]
         self._indices = [[int(i) for i in np.flatnonzero(targets == c)[: self.images_per_class]] for c in range(10)]
 

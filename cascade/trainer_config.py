@@ -22,9 +22,12 @@ class TrainerConfig:
     computes it natively (CUDA with bf16 support, CPUs with AVX512-BF16/AMX), else full precision.
     ``channels_last="auto"`` uses the channels-last memory format on CUDA only. 0 disables
     ``grad_clip``, ``sample_every``; ``ckpt_every=0`` saves only the final checkpoint.
+    ``max_seconds`` > 0 also ends the run (with its final checkpoint) after the first step that completes
+    that many wall-clock seconds into this invocation's training loop (a time budget; 0 = no limit).
     """
 
     max_steps: int = 1000
+    max_seconds: float = 0.0
     batch_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -55,7 +58,7 @@ class TrainerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "ckpt_every", "sample_every", "weight_decay", "grad_clip"):
+        for name in ("warmup_steps", "ckpt_every", "sample_every", "weight_decay", "grad_clip", "max_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
