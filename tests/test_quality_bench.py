@@ -155,11 +155,12 @@ def test_sampler_specs_and_network_evaluations(tiny_runs, one_thread):
 
 
 def test_trainer_time_budget_stops_with_a_final_checkpoint(synthetic_shards, tmp_path, one_thread):
+    from conftest import tiny_run_config
+
     import stages
     from cascade.checkpoint import latest_checkpoint
     from cascade.train import StageTrainer
     from cascade.trainer_config import TrainerConfig
-    from conftest import tiny_run_config
 
     stage = stages.get_stage("base32", "tiny", num_classes=3)
     trainer = StageTrainer(stage, tiny_run_config(tmp_path / "run", synthetic_shards, max_steps=50, ckpt_every=0,

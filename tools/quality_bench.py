@@ -21,7 +21,15 @@ from pathlib import Path
 
 from cascade.cli_args import OneLineArgumentParser, report_error
 from cascade.judge import JudgeSettings
-from cascade.quality_bench import RECIPES, BenchConfig, BenchError, main_settings, prepare, run_benchmark, write_report
+from cascade.quality_bench import (
+    RECIPES,
+    BenchConfig,
+    BenchError,
+    main_settings,
+    prepare,
+    run_benchmark,
+    write_report,
+)
 
 PROG = "quality_bench"
 QUICK = {"steps": 3, "per_class": 2, "samplers": "ddim3", "judge_epochs": 2}
