@@ -447,6 +447,7 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
                          **trained, "nfe_per_image": nfe, "sample_seconds": seconds,
                          **{k: v for k, v in metrics.items() if k not in ("num_real", "num_fake")},
                          "grid": grid_path.name})
+    machine["torch_threads_at_end"] = torch.get_num_threads()
     if hasattr(os, "getloadavg"):
         machine["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     meta = {"stage": cfg.stage, "stage_kind": kind, "size": cfg.size, "data": str(cfg.data),

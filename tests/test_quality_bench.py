@@ -109,6 +109,7 @@ def test_judge_is_deterministic_and_cached(shards, monkeypatch, one_thread):
     (["--samplers", "euler10"], "--samplers: bad item 'euler10'"),
     (["--samplers", "ddim10:q=1"], "--samplers: bad option 'q=1'"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_options_are_one_line_errors(tool, shards, tmp_path, capsys, args, message):
     argv = {"--stage": "base32", "--data": str(shards), "--out": str(tmp_path / "out"), "--recipes": "today",

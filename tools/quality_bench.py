@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="tiny", help="stage preset size: tiny or paper (default tiny)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the judge (default 0)")
     p.add_argument("--workers", type=int, default=1, help="data loader processes while training (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice); 1 avoids OpenMP oversubscription when "
+                        "other processes share the cores")
     p.add_argument("--sample-batch", type=int, default=100, help="images per sampling batch (default 100)")
     p.add_argument("--judge-epochs", type=int, default=None, help=f"judge training epochs (default {JudgeSettings.epochs})")
     p.add_argument("--overwrite", action="store_true", help="replace runs of the same recipes already in --out")
@@ -89,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         prepared = prepare(config_from_args(args))
+        if args.threads is not None:
+            if args.threads < 1:
+                raise BenchError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         result = run_benchmark(prepared, log=lambda m: print(f"[{PROG}] {m}", file=sys.stderr, flush=True))
     except BenchError as err:
         return report_error(PROG, err)
