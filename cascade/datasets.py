@@ -1,4 +1,4 @@
-"""Image sources for the shard writer: `synthetic`, `photos` and an ImageFolder-layout `folder`.
+"""Image sources for the shard writer: `synthetic`, `photos`, `digits` and an ImageFolder-layout `folder`.
 
 A source is a list of picklable `SourceItem`s (class index + a reference) and a `load(item)` that
 returns a PIL image; the writer (`cascade.shards`) applies the bad-input policy, the square crop and
@@ -9,6 +9,9 @@ the resolution pyramid. Generated sources are deterministic functions of (seed, 
   2-8 px textures, pixel noise).
 - `photos`: colour photographs shipped inside scikit-image and scikit-learn (offline), one class per
   photograph, random multi-scale square crops resized to 256². Needs the `demo` extra.
+- `digits`: scikit-learn's handwritten digits (`load_digits`: 1,797 real 8×8 grayscale scans of the
+  digits 0-9, about 180 per class, offline), upscaled (bicubic) to 256², grayscale replicated to RGB.
+  Needs the `demo` extra.
 - `folder`: `root/<class name>/**/<image>` (ImageFolder / ImageNet train layout); class index by
   sorted folder name; every file under a class folder is offered to the writer, which skips
   non-images and reports them.
@@ -259,6 +262,61 @@ class PhotoSource(Source):
                 "unavailable_offline": sorted(self.unavailable)}
 
 
+# ----------------------------------------------------------------------------------------------- digits
+
+DIGITS_MAX_VALUE = 16  # load_digits pixels are ink counts 0..16 (Alpaydin & Kaynak's UCI "optdigits")
+
+
+@dataclass
+class DigitsSource(Source):
+    """scikit-learn's handwritten digits: 10 classes "0".."9", 1,797 real 8×8 images in all.
+
+    Each image is scaled from 0..16 to 0..255 (ink bright on a dark background, as stored), upscaled
+    with bicubic interpolation to 256² and replicated to RGB; the writer makes the 32² level and the
+    pyramid from it like for every other source. images_per_class: keep at most this many per class
+    (the first in load_digits order); None keeps all.
+    """
+
+    images_per_class: int | None = None
+
+    def __post_init__(self):
+        if self.images_per_class is not None and self.images_per_class < 1:
+            raise ValueError(f"images_per_class must be ≥ 1, got {self.images_per_class}")
+        self.kind = "digits"
+        self._images = None
+        _, targets = self._load()
+        self.class_names = [str(c) for c in range(10)]
+        self._indices = [[int(i) for i in np.flatnonzero(targets == c)[: self.images_per_class]] for c in range(10)]
+
+    @staticmethod
+    def _load() -> tuple[np.ndarray, np.ndarray]:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise ImportError("the 'digits' source needs scikit-learn: pip install -e .[demo]") from None
+        digits = load_digits()
+        return np.asarray(digits.images), np.asarray(digits.target)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_images"] = None  # reloaded lazily in each writer process
+        return state
+
+    def items_per_class(self) -> list[list[SourceItem]]:
+        return [[SourceItem(c, i, f"{c}/{i:04d}") for i in indices] for c, indices in enumerate(self._indices)]
+
+    def load(self, item: SourceItem) -> Image.Image:
+        if self._images is None:
+            self._images = self._load()[0]
+        pixels = np.clip(self._images[int(item.ref)] * (255.0 / DIGITS_MAX_VALUE) + 0.5, 0, 255).astype(np.uint8)
+        gray = Image.fromarray(pixels, "L").resize((GENERATED_RESOLUTION, GENERATED_RESOLUTION), Image.BICUBIC)
+        return Image.fromarray(np.repeat(np.asarray(gray)[..., None], 3, axis=-1), "RGB")
+
+    def describe(self) -> dict:
+        return {"kind": "digits", "origin": "sklearn.datasets.load_digits (8x8)", "resolution": GENERATED_RESOLUTION,
+                "images_per_class": [len(i) for i in self._indices]}
+
+
 # ----------------------------------------------------------------------------------------------- folder
 
 @dataclass
@@ -304,7 +362,10 @@ class FolderSource(Source):
 
 def get_source(spec: str, *, seed: int = 0, images_per_class: int | None = None,
                num_classes: int | None = None) -> Source:
-    """`synthetic`, `photos`, or a folder path → the Source. Unused options for a source → ValueError."""
+    """`synthetic`, `photos`, `digits`, or a folder path → the Source. Unused options for a source → ValueError.
+
+    images_per_class: generated sources make that many (default 100); `digits` keeps at most that many
+    of its real images per class (default all)."""
     if spec == "synthetic":
         return SyntheticSource(num_classes=10 if num_classes is None else num_classes,
                                images_per_class=100 if images_per_class is None else images_per_class, seed=seed)
@@ -312,6 +373,8 @@ def get_source(spec: str, *, seed: int = 0, images_per_class: int | None = None,
         raise ValueError("num_classes applies only to the synthetic source")
     if spec == "photos":
         return PhotoSource(images_per_class=100 if images_per_class is None else images_per_class, seed=seed)
+    if spec == "digits":
+        return DigitsSource(images_per_class=images_per_class)
     if images_per_class is not None:
-        raise ValueError("images_per_class applies only to generated sources (synthetic, photos)")
+        raise ValueError("images_per_class applies only to the built-in sources (synthetic, photos, digits)")
     return FolderSource(root=spec)

@@ -476,6 +476,15 @@ class StageTrainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._stop_group)
         return bool(flag.item())
 
+    def _out_of_time(self, started: float) -> bool:
+        """trainer.max_seconds spent since `started` (on any rank: every rank stops at the same step)."""
+        if not self.cfg.max_seconds:
+            return False
+        spent = time.perf_counter() - started >= self.cfg.max_seconds
+        if self.world_size > 1:  # a per-step all-reduce, only for runs with a time budget
+            spent = bool(self.accelerator.reduce(torch.tensor(float(spent), device=self.device), "max"))
+        return spent
+
     def run(self) -> Path:
         """Train to max_steps; returns the final checkpoint folder. SIGINT → checkpoint, `TrainingInterrupted`."""
         with GracefulInterrupt() as interrupt:
@@ -499,6 +508,7 @@ class StageTrainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.stage.name, unit="step",
                    disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
         self.model.train()
+        started = time.perf_counter()
         try:
             while self.step < cfg.max_steps:
                 if self._stop_requested(interrupt):
@@ -510,17 +520,21 @@ class StageTrainer:
                     raise TrainingInterrupted(self.step, None if last_saved is None else Path(last_saved))
                 self._train_step()
                 bar.update(1)
+                out_of_time = self._out_of_time(started)  # trainer.max_seconds: a wall-clock budget
+                last = self.step == cfg.max_steps or out_of_time
                 at_ckpt = bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0
-                if self.step % cfg.log_every == 0 or at_ckpt or self.step == cfg.max_steps:
+                if self.step % cfg.log_every == 0 or at_ckpt or last:
                     self._log(bar)
                 paused = time.perf_counter()
-                if at_ckpt or self.step == cfg.max_steps:
+                if at_ckpt or last:
                     self._new_segment(self.step)
                     last_saved = self._save()
                     saved_step = self.step
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self._write_samples()
                 self.win_time += time.perf_counter() - paused  # images/s measures training only
+                if out_of_time:
+                    break
         except TrainingInterrupted:
             bar.close()
             acc.end_training()

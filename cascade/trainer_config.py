@@ -24,9 +24,12 @@ class TrainerConfig:
     computes it natively (CUDA with bf16 support, CPUs with AVX512-BF16/AMX), else full precision.
     ``channels_last="auto"`` uses the channels-last memory format on CUDA only. 0 disables
     ``grad_clip``, ``sample_every``; ``ckpt_every=0`` saves only the final checkpoint.
+    ``max_seconds`` > 0 also ends the run (with its final checkpoint) after the first step that completes
+    that many wall-clock seconds into this invocation's training loop (a time budget; 0 = no limit).
     """
 
     max_steps: int = 500000
+    max_seconds: float = 0.0  # > 0: also stop (with a final checkpoint) after this many seconds of training
     batch_size: int = 32  # per process and micro-batch
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -57,7 +60,7 @@ class TrainerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "ckpt_every", "sample_every", "weight_decay", "grad_clip"):
+        for name in ("warmup_steps", "ckpt_every", "sample_every", "weight_decay", "grad_clip", "max_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -171,3 +171,31 @@ def test_interrupted_write_is_never_a_dataset_and_a_rerun_finishes_it(tmp_path, 
     for name in ["dataset.json"] + reference["shards"]["train"] + reference["shards"]["val"]:
         assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
     assert not (out / ".incomplete").exists() and not list(out.glob(".*.tmp"))
+
+
+def test_digits_source_writes_real_digits_as_gray_rgb(tmp_path, make_shards, capsys):
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    info = make_shards.main(["--source", "digits", "--out", str(tmp_path), "--images-per-class", "4",
+                             "--max-res", "64", "--val-fraction", "0.25", "--no-progress"])
+    assert info["class_names"] == [str(c) for c in range(10)]
+    assert info["counts"]["train"]["total"] == 30 and info["counts"]["val"]["total"] == 10
+    assert "bad input: none" in capsys.readouterr().out
+    digits = sklearn_datasets.load_digits()
+    seen = 0
+    for sample in iterate_split(tmp_path, "train", [32, 64]):
+        image = float_to_uint8(sample["images"][32]).numpy().astype(int)
+        assert image.shape == (32, 32, 3)
+        assert (image[..., 0] == image[..., 1]).all() and (image[..., 0] == image[..., 2]).all()  # gray as RGB
+        # the 32² image is its 8×8 digit upscaled: 4×4 block means give back the digit (0..16 → 0..255)
+        blocks = image[..., 0].reshape(8, 4, 8, 4).mean(axis=(1, 3)) * 16 / 255
+        errors = np.abs(digits.images[digits.target == sample["y"]][:4] - blocks[None]).mean(axis=(1, 2))
+        assert errors.min() < 1.0, (sample["key"], errors)  # one of its class's first 4 digits
+        seen += 1
+    assert seen == 30
+
+
+def test_digits_source_without_scikit_learn_is_one_line(tmp_path, make_shards, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as if not installed
+    with pytest.raises(SystemExit) as exc:
+        make_shards.main(["--source", "digits", "--out", str(tmp_path), "--no-progress"])
+    assert str(exc.value.code) == "make_shards: error: the 'digits' source needs scikit-learn: pip install -e .[demo]"

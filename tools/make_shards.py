@@ -2,6 +2,7 @@
 
   python tools/make_shards.py --source synthetic --out data/synthetic --images-per-class 200
   python tools/make_shards.py --source photos --out data/photos          # needs the `demo` extra
+  python tools/make_shards.py --source digits --out data/digits --val-fraction 0.2   # `demo` extra
   python tools/make_shards.py --source /data/imagenet/train --out data/imagenet --workers 16
   python tools/make_shards.py --source /data/fashion_mnist --out data/fmnist --max-res 32
 """
@@ -31,14 +32,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=POLICY,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True,
-                        help="'synthetic', 'photos' or a folder of class sub-folders (ImageFolder layout)")
+                        help="'synthetic', 'photos', 'digits' or a folder of class sub-folders (ImageFolder layout)")
     parser.add_argument("--out", required=True, help="output folder for train-*.tar, val-*.tar, dataset.json")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of each class for val")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, shuffles and generated images")
     parser.add_argument("--workers", type=int, default=1, help="processes decoding/resizing images")
     parser.add_argument("--images-per-class", type=int, default=None,
-                        help="images per class for generated sources (default 100)")
+                        help="images per class for generated sources (default 100); "
+                             "for digits at most this many (default all)")
     parser.add_argument("--num-classes", type=int, default=None, help="classes of the synthetic source (default 10)")
     parser.add_argument("--max-res", type=int, default=256, choices=RESOLUTIONS,
                         help="largest resolution written; only sizes ≤ it are stored (default 256)")

@@ -1,0 +1,111 @@
+"""Quality benchmark: train named recipes of one stage for the same budget, sample them, score the samples.
+
+    python tools/make_shards.py --source digits --out data/digits --val-fraction 0.2
+    python tools/quality_bench.py --stage base32 --data data/digits --recipes today,eps-simple --minutes 2
+    python tools/quality_bench.py --stage base32 --data data/digits --steps 2000 --samplers ddim25,ddpm50:w=1
+    python tools/quality_bench.py --stage sr64 --data data/photos --minutes 10 --samplers ddim25:s=0.03
+    python tools/quality_bench.py --stage base32 --data data/digits --quick      # a smoke run, well under a minute
+
+Base stages are judged by a small classifier trained on the real train split (cached in <data>/judge/):
+class accuracy, Fréchet distance and KID against the real val split. SR stages are judged teacher-forced
+on real low-resolution val inputs: consistency PSNR, PSNR to the real image and detail ratio, beside
+bicubic upsampling. Writes <out>/quality.md, <out>/quality.json, one sample grid per recipe and sampler
+(one row per class) and the trained runs in <out>/runs/. Bad inputs: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cascade.cli_args import OneLineArgumentParser, report_error
+from cascade.judge import JudgeSettings
+from cascade.quality_bench import (
+    RECIPES,
+    BenchConfig,
+    BenchError,
+    main_settings,
+    prepare,
+    run_benchmark,
+    write_report,
+)
+
+PROG = "quality_bench"
+QUICK = {"steps": 3, "per_class": 2, "samplers": "ddim3", "judge_epochs": 2}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", required=True, help="the stage to train: base32, sr64, sr128 or sr256")
+    p.add_argument("--data", required=True, metavar="DIR", help="shard folder (tools/make_shards.py)")
+    p.add_argument("--out", default=None, help="output folder (default quality/<stage>)")
+    p.add_argument("--recipes", default=None,
+                   help=f"comma-separated recipes (default all: {', '.join(RECIPES)}); "
+                        + "; ".join(f"{k}: {v.description}" for k, v in RECIPES.items()))
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=None, help="wall-clock training minutes per recipe")
+    budget.add_argument("--steps", type=int, default=None, help="training steps per recipe")
+    p.add_argument("--samplers", default=None,
+                   help="comma-separated SAMPLER STEPS[:w=W][:eta=E][:s=S], e.g. ddim25,ddpm50:w=1 (default ddim25)")
+    p.add_argument("--w", type=float, default=None,
+                   help="default guidance weight of the samplers (default 3 for base stages, 1 for SR stages)")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="samples per class (SR: val inputs per class) (default 20)")
+    p.add_argument("--size", default="tiny", help="stage preset size: tiny or paper (default tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the judge (default 0)")
+    p.add_argument("--workers", type=int, default=1, help="data loader processes while training (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice); 1 avoids OpenMP oversubscription when "
+                        "other processes share the cores")
+    p.add_argument("--sample-batch", type=int, default=100, help="images per sampling batch (default 100)")
+    p.add_argument("--judge-epochs", type=int, default=None, help=f"judge training epochs (default {JudgeSettings.epochs})")
+    p.add_argument("--overwrite", action="store_true", help="replace runs of the same recipes already in --out")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK['steps']} steps, {QUICK['per_class']} samples per class, "
+                        f"{QUICK['samplers']}, {QUICK['judge_epochs']} judge epochs (explicit options win)")
+    p.add_argument("--progress", action="store_true", help="training progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    quick = QUICK if args.quick else {}
+    minutes, steps = args.minutes, args.steps
+    if minutes is None and steps is None:
+        steps = quick.get("steps")
+    default_w = args.w if args.w is not None else (3.0 if args.stage.startswith("base") else 1.0)
+    recipes, samplers = main_settings(args.recipes, args.samplers or quick.get("samplers", "ddim25"), default_w)
+    epochs = args.judge_epochs if args.judge_epochs is not None else quick.get("judge_epochs", JudgeSettings.epochs)
+    try:
+        judge = JudgeSettings(epochs=epochs, seed=args.seed)
+    except ValueError as err:
+        raise BenchError(f"--judge-epochs: {err}") from None
+    return BenchConfig(
+        stage=args.stage, data=Path(args.data), out=Path(args.out or Path("quality") / args.stage), recipes=recipes,
+        samplers=samplers, minutes=minutes, steps=steps,
+        per_class=args.per_class if args.per_class is not None else quick.get("per_class", 20), size=args.size,
+        seed=args.seed, num_workers=args.workers, sample_batch=args.sample_batch, judge=judge,
+        overwrite=args.overwrite, progress=args.progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        prepared = prepare(config_from_args(args))
+        if args.threads is not None:
+            if args.threads < 1:
+                raise BenchError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        result = run_benchmark(prepared, log=lambda m: print(f"[{PROG}] {m}", file=sys.stderr, flush=True))
+    except BenchError as err:
+        return report_error(PROG, err)
+    md, js = write_report(result, prepared.config.out)
+    print(md.read_text())
+    print(f"wrote {md} and {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
