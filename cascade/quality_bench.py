@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-import stages
 from cascade import checkpoint
 from cascade.augment import condition_low_res
+from cascade.config import StageConfig, StageKind
 from cascade.data import read_dataset_info
 from cascade.imageops import float_to_uint8, image_grid, uint8_to_float, upsample
 from cascade.judge import Judge, JudgeSettings, get_judge, real_floor, score
@@ -119,7 +119,8 @@ def apply_recipe(name: str, stage_cfg: Any, trainer: TrainerConfig,
 class SamplerSetting:
     """One way of sampling: `sampler` (a key of cascade.samplers.SAMPLERS) over `steps` respaced steps, with
     classifier-free guidance weight w, DDIM η, and (SR stages) the augmentation level s (None: the stage's
-    own `aug.sample_aug_level`). `label` is the spec it was parsed from."""
+    own `sampling.aug_level`); `sample_images` applies it to the stage's own `SamplingSettings`. `label` is the
+    spec it was parsed from."""
 
     label: str
     sampler: str
@@ -188,25 +189,33 @@ def sample_images(model: torch.nn.Module, diffusion: Any, stage_cfg: Any, settin
 
     SR stages take clean low-resolution inputs x_low (N×3×r×r in [-1, 1]), re-noised to level s as the
     pipeline does (`condition_low_res`). All noise comes from one generator seeded with `seed`."""
-    sampler = SAMPLERS[setting.sampler]
-    kwargs_extra = {"eta": setting.eta} if "eta" in inspect.signature(sampler).parameters else {}
-    respaced = diffusion.respace(str(setting.steps))
-    guided = classifier_free_guidance(model, setting.w, stage_cfg.num_classes) if setting.w > 0 else model
-    level = stage_cfg.aug.sample_aug_level if setting.aug_level is None else setting.aug_level
+    changes = {"sampler": setting.sampler, "steps": setting.steps, "w": setting.w, "eta": setting.eta}
+    if setting.aug_level is not None:
+        changes["aug_level"] = setting.aug_level
+    settings = dataclasses.replace(stage_cfg.sampling, **changes)  # the stage's own defaults, as changed
+    settings.check_for(stage_cfg)
+    sampler = SAMPLERS[settings.sampler]
+    options = {"clip_denoised": settings.clip_denoised, "dynamic_threshold": settings.dynamic_threshold}
+    if settings.sampler == "ddim":
+        options["eta"] = settings.eta
+    respaced = diffusion.respace(str(settings.steps))
+    guided = (classifier_free_guidance(model, settings.w, stage_cfg.num_classes, settings.guidance_interval,
+                                       diffusion.num_timesteps) if settings.w > 0 else model)
+    level = settings.aug_level
     generator = torch.Generator(device).manual_seed(seed)
     res, out = stage_cfg.resolution, []
     with _count_forward_rows(model) as rows, torch.no_grad():
         for start in range(0, len(labels), batch_size):
             y = labels[start : start + batch_size].to(device)
             kwargs: dict[str, torch.Tensor] = {"y": y}
-            if stage_cfg.kind == "sr":
+            if stage_cfg.kind is StageKind.sr:
                 low = x_low[start : start + batch_size].to(device)
                 noise = torch.randn(low.shape, generator=generator, device=device)
                 low, aug_level = condition_low_res(low, level, noise=noise)
                 kwargs.update(x_low=low, aug_level=aug_level)
             x_T = torch.randn((len(y), 3, res, res), generator=generator, device=device)
             out.append(sampler(guided, respaced, x_T=x_T, model_kwargs=kwargs, generator=generator,
-                               **kwargs_extra).float().cpu())
+                               **options).float().cpu())
     return torch.cat(out), rows[0] / len(labels)
 
 
@@ -244,10 +253,13 @@ class Prepared:
     runs: dict[str, tuple[Any, TrainerConfig]]
 
 
-def prepare(cfg: BenchConfig) -> Prepared:
-    """Check every setting and input before anything runs; BenchError (one line) otherwise."""
-    if cfg.stage not in stages.STAGE_NAMES:
-        raise BenchError(f"--stage: unknown stage {cfg.stage!r}; valid stages: {', '.join(stages.STAGE_NAMES)}")
+def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageConfig]]) -> Prepared:
+    """Check every setting and input before anything runs; BenchError (one line) otherwise.
+
+    ``presets``: stage name → ``(size, num_classes) -> StageConfig``, the stage definitions to benchmark (the
+    command line passes those of `stages`)."""
+    if cfg.stage not in presets:
+        raise BenchError(f"--stage: unknown stage {cfg.stage!r}; valid stages: {', '.join(presets)}")
     if (cfg.minutes is None) == (cfg.steps is None):
         raise BenchError("give exactly one training budget: --minutes M or --steps N")
     if cfg.minutes is not None and not cfg.minutes > 0:
@@ -267,11 +279,11 @@ def prepare(cfg: BenchConfig) -> Prepared:
     except (FileNotFoundError, ValueError) as err:
         raise BenchError(f"--data: {err}; pass a shard folder written by tools/make_shards.py") from None
     try:
-        stage_cfg = stages.get_stage(cfg.stage, cfg.size, len(info["class_names"]))
+        stage_cfg = presets[cfg.stage](cfg.size, len(info["class_names"]))
     except ValueError as err:
         raise BenchError(str(err)) from None
     needed = [r for r in (stage_cfg.resolution, stage_cfg.low_resolution) if r is not None]
-    if stage_cfg.kind == "classifier":
+    if stage_cfg.kind is StageKind.classifier:
         raise BenchError(f"--stage: {cfg.stage} is a classifier; the benchmark trains base or SR stages")
     lacking = [r for r in needed if r not in info["resolutions"]]
     if lacking:
@@ -410,7 +422,7 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
     kind, num_classes = first_stage.kind, first_stage.num_classes
     rows: list[dict[str, Any]] = []
     judge: Judge | None = None
-    if kind == "base":
+    if kind is StageKind.base:
         judge = get_judge(cfg.data, first_stage.resolution, cfg.judge, log=log)
         log(f"judge {judge.features.name}: {100 * judge.val_accuracy:.1f}% on real val images"
             + (" (cached)" if judge.from_cache else f" (trained in {judge.train_seconds:.0f} s)"))
@@ -434,7 +446,7 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
                                         batch_size=cfg.sample_batch, device=device)
             seconds = time.perf_counter() - started
             grid_path = cfg.out / f"grid-{_file_label(name)}-{_file_label(setting.label)}.png"
-            if kind == "base":
+            if kind is StageKind.base:
                 metrics = score(judge, images, labels, seed=cfg.seed)
                 _grid_base(images, labels, min(cfg.per_class, 10)).save(grid_path)
             else:
@@ -443,7 +455,7 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
             rows.append({"recipe": name, "sampler": setting.label, "sampler_name": setting.sampler,
                          "steps": setting.steps, "w": setting.w, "eta": setting.eta,
                          "aug_level": (stage_cfg.aug.sample_aug_level if setting.aug_level is None
-                                       else setting.aug_level) if kind == "sr" else None,
+                                       else setting.aug_level) if kind is StageKind.sr else None,
                          **trained, "nfe_per_image": nfe, "sample_seconds": seconds,
                          **{k: v for k, v in metrics.items() if k not in ("num_real", "num_fake")},
                          "grid": grid_path.name})
@@ -478,11 +490,11 @@ def _cells(row: Mapping[str, Any], kind: str) -> list[str]:
         return "–" if value is None else format(value, fmt)
 
     common = [row["recipe"], row["sampler"], num("w", "g")]
-    if kind == "sr":
+    if kind is StageKind.sr:
         common.append(num("aug_level", "g"))
     common += [num("train_steps", "d"), num("train_seconds", ".0f"), num("nfe_per_image", "g"),
                num("sample_seconds", ".1f")]
-    if kind == "base":
+    if kind is StageKind.base:
         acc = row.get("class_accuracy")
         kid = "–" if row.get("kid_mean") is None else f"{row['kid_mean']:.4f} ± {row['kid_std']:.4f}"
         return common + ["–" if acc is None else f"{100 * acc:.1f}%", num("fd", ".2f"), kid]
@@ -513,10 +525,10 @@ def markdown(result: BenchResult) -> str:
         lines.append(f"- judge `{j['name']}`: {j['num_features']}-d penultimate features, {j['settings']['epochs']} "
                      f"epochs on the real train split, {100 * j['val_accuracy']:.1f}% on real val images"
                      + (" (cached)" if j["from_cache"] else f" (trained in {j['train_seconds']:.0f} s)"))
-    columns = BASE_COLUMNS if kind == "base" else SR_COLUMNS
+    columns = BASE_COLUMNS if kind is StageKind.base else SR_COLUMNS
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cells(r, kind)) + " |" for r in result.rows]
-    if kind == "base":
+    if kind is StageKind.base:
         lines += ["", ("Row `real images`: class acc is the judge's accuracy on real val images (the ceiling); FD and KID "
                   "are real train images (as many as the samples) against the val split (the floor). FD and KID are "
                   "in the judge's features, against the real val split; KID is mean ± std over subsets. NFE/img: "

@@ -16,9 +16,11 @@ bicubic upsampling. Writes <out>/quality.md, <out>/quality.json, one sample grid
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
+import stages
 from cascade.cli_args import OneLineArgumentParser, report_error
 from cascade.judge import JudgeSettings
 from cascade.quality_bench import (
@@ -91,7 +93,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        prepared = prepare(config_from_args(args))
+        presets = {name: functools.partial(stages.get_stage, name) for name in stages.STAGE_NAMES}
+        prepared = prepare(config_from_args(args), presets)
         if args.threads is not None:
             if args.threads < 1:
                 raise BenchError(f"--threads must be >= 1, got {args.threads}")
