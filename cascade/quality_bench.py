@@ -454,7 +454,7 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
                 _grid_sr(images, labels, real, x_low, min(cfg.per_class, 3)).save(grid_path)
             rows.append({"recipe": name, "sampler": setting.label, "sampler_name": setting.sampler,
                          "steps": setting.steps, "w": setting.w, "eta": setting.eta,
-                         "aug_level": (stage_cfg.aug.sample_aug_level if setting.aug_level is None
+                         "aug_level": (stage_cfg.sampling.aug_level if setting.aug_level is None
                                        else setting.aug_level) if kind is StageKind.sr else None,
                          **trained, "nfe_per_image": nfe, "sample_seconds": seconds,
                          **{k: v for k, v in metrics.items() if k not in ("num_real", "num_fake")},
