@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cascade.cas import CASSettings, cas_with_ceiling
 from cascade.data import iterate_split, read_dataset_info
 from cascade.features import ClassifierFeatures
 from cascade.imageops import float_to_uint8, uint8_to_float
@@ -226,21 +227,52 @@ def judge_reference(features: ClassifierFeatures, root: Path, resolution: int, b
                                   batch_size=batch_size)
 
 
+PR_K = 3  # k of the k-NN manifolds of precision / recall (Kynkäänniemi et al. 2019)
+
+
 def _fd_kid(reference, images: torch.Tensor, features: ClassifierFeatures, batch_size: int, seed: int) -> dict:
-    result = compute_fid_kid(reference, images, features, batch_size=batch_size, inception_score=False, seed=seed)
+    pr_k = PR_K if len(images) > PR_K else None
+    result = compute_fid_kid(reference, images, features, batch_size=batch_size, inception_score=False, seed=seed,
+                             pr_k=pr_k)
     return {"fd": result["fid"], "kid_mean": result["kid_mean"], "kid_std": result["kid_std"],
+            "precision": result.get("precision"), "recall": result.get("recall"),
             "num_real": result["num_real"], "num_fake": result["num_fake"]}
 
 
-def score(judge: Judge, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256,
-          seed: int = 0) -> dict[str, float]:
+def score(judge: Judge, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256, seed: int = 0,
+          cas: CASSettings | None = None) -> dict[str, float]:
     """Generated images (N×3×R×R in [-1, 1], quantised to uint8 first as saved PNGs would be) against the
-    real val split: {"class_accuracy", "fd", "kid_mean", "kid_std", "num_real", "num_fake"}."""
+    real val split: {"class_accuracy", "fd", "kid_mean", "kid_std", "precision", "recall" (k = 3, in the
+    judge's features), "num_real", "num_fake"}; with ``cas`` also the Classification Accuracy Score
+    (Ravuri & Vinyals 2019): "cas_top1" of a fresh small CNN trained on these images, tested on the real val
+    split, next to "cas_real_top1", the same CNN trained on as many real train images (`cascade.cas`)."""
     images = _real_uint8(images)
     reference = judge_reference(judge.features, judge.data_root, judge.resolution, batch_size=batch_size)
     result = _fd_kid(reference, images, judge.features, batch_size, seed)
     result["class_accuracy"] = class_accuracy(judge.features.logits, images, labels, batch_size=batch_size)
+    if cas is not None:
+        num_classes = len(read_dataset_info(judge.data_root)["class_names"])
+        real, real_labels = _balanced_subset(*load_split(judge.data_root, "train", judge.resolution), labels, seed)
+        test, test_labels = load_split(judge.data_root, REFERENCE_SPLIT, judge.resolution)
+        found = cas_with_ceiling(images, labels, real, real_labels, test, test_labels, num_classes, cas, seed=seed)
+        result.update(cas_top1=found["top1"], cas_real_top1=found["real_top1"])
     return result
+
+
+def _balanced_subset(images: torch.Tensor, labels: torch.Tensor, like: torch.Tensor,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """As many real images of each class as ``like`` holds labels of it (a seeded choice); ValueError when a
+    class has too few."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for c, n in zip(*torch.unique(like, return_counts=True)):
+        pool = torch.nonzero(labels == c).flatten()
+        if len(pool) < n:
+            raise ValueError(f"CAS: class {int(c)} has {len(pool)} real train images, fewer than the {int(n)} "
+                             "generated ones; lower --per-class")
+        keep.append(pool[torch.randperm(len(pool), generator=generator)[: int(n)]])
+    keep = torch.cat(keep)
+    return images[keep], labels[keep]
 
 
 def real_floor(judge: Judge, num_images: int, *, batch_size: int = 256, seed: int = 0) -> dict[str, float]:

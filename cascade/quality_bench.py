@@ -42,6 +42,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from cascade import checkpoint
 from cascade.augment import condition_low_res
+from cascade.cas import CASSettings
 from cascade.config import StageConfig, StageKind
 from cascade.data import read_dataset_info
 from cascade.imageops import float_to_uint8, image_grid, uint8_to_float, upsample
@@ -240,6 +241,7 @@ class BenchConfig:
     num_workers: int = 1
     sample_batch: int = 100
     judge: JudgeSettings = field(default_factory=JudgeSettings)
+    cas: CASSettings | None = None  # also the Classification Accuracy Score per row (base stages)
     overwrite: bool = False
     progress: bool = False
 
@@ -429,7 +431,7 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
         labels = torch.arange(num_classes).repeat_interleave(cfg.per_class)
         floor = real_floor(judge, len(labels), seed=cfg.seed)
         rows.append({"recipe": "real images", "sampler": "–", "class_accuracy": judge.val_accuracy,
-                     **{k: floor[k] for k in ("fd", "kid_mean", "kid_std")}, "reference": True})
+                     **{k: floor[k] for k in ("fd", "kid_mean", "kid_std", "precision", "recall")}, "reference": True})
         real = x_low = None
     else:
         labels, real, x_low = _sr_inputs(cfg.data, first_stage, cfg.per_class)
@@ -447,7 +449,7 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
             seconds = time.perf_counter() - started
             grid_path = cfg.out / f"grid-{_file_label(name)}-{_file_label(setting.label)}.png"
             if kind is StageKind.base:
-                metrics = score(judge, images, labels, seed=cfg.seed)
+                metrics = score(judge, images, labels, seed=cfg.seed, cas=cfg.cas)
                 _grid_base(images, labels, min(cfg.per_class, 10)).save(grid_path)
             else:
                 metrics = sr_metrics(images, real, x_low)
@@ -479,7 +481,7 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
 # ----------------------------------------------------------------------------------------------- report
 
 BASE_COLUMNS = ("recipe", "sampler", "w", "train steps", "train s", "NFE/img", "sample s", "class acc",
-                "FD [judge]", "KID [judge]")
+                "FD [judge]", "KID [judge]", "precision / recall", "CAS (real)")
 SR_COLUMNS = ("recipe", "sampler", "w", "s", "train steps", "train s", "NFE/img", "sample s", "consistency PSNR (dB)",
               "PSNR to real (dB)", "detail ratio")
 
@@ -497,7 +499,9 @@ def _cells(row: Mapping[str, Any], kind: str) -> list[str]:
     if kind is StageKind.base:
         acc = row.get("class_accuracy")
         kid = "–" if row.get("kid_mean") is None else f"{row['kid_mean']:.4f} ± {row['kid_std']:.4f}"
-        return common + ["–" if acc is None else f"{100 * acc:.1f}%", num("fd", ".2f"), kid]
+        pr = ("–" if row.get("precision") is None else f"{row['precision']:.2f} / {row['recall']:.2f}")
+        cas = ("–" if row.get("cas_top1") is None else f"{100 * row['cas_top1']:.0f}% ({100 * row['cas_real_top1']:.0f}%)")
+        return common + ["–" if acc is None else f"{100 * acc:.1f}%", num("fd", ".2f"), kid, pr, cas]
     return common + [num("consistency_psnr", ".2f"), num("psnr", ".2f"), num("detail_ratio", ".2f")]
 
 

@@ -63,6 +63,8 @@ def test_quick_base_run_writes_table_json_and_grids(tool, shards, tmp_path, caps
     for row in trained:
         assert row["train_steps"] == 3 and row["nfe_per_image"] == 6  # 3 guided steps: 2 evaluations each
         assert 0.0 <= row["class_accuracy"] <= 1.0 and row["fd"] >= 0 and row["kid_std"] >= 0
+        assert 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["recall"] <= 1.0  # k-NN manifolds, k = 3
+        assert "cas_top1" not in row  # CAS only with --cas
         assert (out / row["grid"]).is_file()
     assert document["meta"]["judge"]["from_cache"] is False
     assert md in capsys.readouterr().out
@@ -170,3 +172,18 @@ def test_trainer_time_budget_stops_with_a_final_checkpoint(synthetic_shards, tmp
     assert trainer.step == 1 and final == latest_checkpoint(tmp_path / "run")  # the first step exceeds 1 ns
     with pytest.raises(ValueError, match="trainer.max_seconds must be >= 0"):
         TrainerConfig(max_seconds=-1.0)
+
+
+def test_cas_scores_samples_beside_the_real_ceiling(shards, tmp_path, one_thread):
+    """score(..., cas=...): real train images as "samples" score near their own ceiling; noise near chance."""
+    from cascade.cas import CASSettings
+    from cascade.judge import JudgeSettings, get_judge, load_split, score
+
+    judge = get_judge(shards, 32, JudgeSettings(epochs=1, seed=0), log=lambda m: None)
+    images, labels = load_split(shards, "train", 32)
+    cas = CASSettings(steps=30, batch_size=8, width=8)
+    real = score(judge, images, labels, cas=cas)
+    assert 0.0 <= real["cas_top1"] <= 1.0 and real["cas_top1"] == real["cas_real_top1"]  # same images, same seed
+    noise = score(judge, torch.rand(images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1, labels,
+                  cas=cas)
+    assert noise["cas_real_top1"] == real["cas_real_top1"]  # the ceiling does not depend on the samples

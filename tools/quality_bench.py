@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import stages
+from cascade.cas import CASSettings
 from cascade.cli_args import OneLineArgumentParser, report_error
 from cascade.judge import JudgeSettings
 from cascade.quality_bench import (
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "other processes share the cores")
     p.add_argument("--sample-batch", type=int, default=100, help="images per sampling batch (default 100)")
     p.add_argument("--judge-epochs", type=int, default=None, help=f"judge training epochs (default {JudgeSettings.epochs})")
+    p.add_argument("--cas", action="store_true",
+                   help="also the Classification Accuracy Score per row (a small CNN trained on the samples, tested "
+                        "on real val images, beside the same CNN trained on as many real images)")
     p.add_argument("--overwrite", action="store_true", help="replace runs of the same recipes already in --out")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['steps']} steps, {QUICK['per_class']} samples per class, "
@@ -87,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         samplers=samplers, minutes=minutes, steps=steps,
         per_class=args.per_class if args.per_class is not None else quick.get("per_class", 20), size=args.size,
         seed=args.seed, num_workers=args.workers, sample_batch=args.sample_batch, judge=judge,
-        overwrite=args.overwrite, progress=args.progress)
+        cas=CASSettings() if args.cas else None, overwrite=args.overwrite, progress=args.progress)
 
 
 def main(argv: list[str] | None = None) -> int:
