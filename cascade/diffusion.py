@@ -9,6 +9,9 @@ variance), where the prediction is ε, v = √ᾱ·ε − √(1−ᾱ)·x_0 or x
 Timesteps are 0-indexed, t ∈ {0..T-1} (index t is the slides' t+1). All tables are float64 torch tensors
 on the CPU; values are gathered per timestep and cast to the dtype/device of the tensor they act on.
 Equation numbers refer to the lecture slides (not in the repository); each also names the paper's equation.
+
+Longer than ~400 lines as one cohesive thing: `GaussianDiffusion`'s tables and the formulas that read them
+(forward, posterior, reverse, losses, bound, respacing) belong together.
 """
 
 from __future__ import annotations

@@ -12,14 +12,13 @@ import torch
 
 from cascade.judge import JudgeSettings, get_judge, train_judge
 from cascade.quality_bench import (
-    BASE_COLUMNS,
-    SR_COLUMNS,
     BenchError,
     Recipe,
     apply_recipe,
     parse_samplers,
     sample_images,
 )
+from cascade.quality_report import BASE_COLUMNS, SR_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 

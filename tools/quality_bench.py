@@ -31,8 +31,8 @@ from cascade.quality_bench import (
     main_settings,
     prepare,
     run_benchmark,
-    write_report,
 )
+from cascade.quality_report import write_report
 
 PROG = "quality_bench"
 QUICK = {"steps": 3, "per_class": 2, "samplers": "ddim3", "judge_epochs": 2}
