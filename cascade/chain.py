@@ -69,10 +69,13 @@ def read_checkpoint(name: str, path: str | Path) -> tuple[Path, dict[str, Any], 
         record = load_config(ckpt)
         return ckpt, record, StageConfig.from_dict(record["stage"])
     except (FileNotFoundError, ValueError, KeyError) as err:
-        raise CascadeConfigError(f"stage {name}: {err}; train it or pass a checkpoint for {name}") from None
+        message = str(err)
+        advice = "" if "checkpoint" in message and ("retrain" in message or "earlier" in message) else \
+            f"; train it or pass a checkpoint for {name}"  # damaged-file messages carry their own advice
+        raise CascadeConfigError(f"stage {name}: {message}{advice}") from None
 
 
 def load_loaded_stage(name: str, ckpt: Path, record: dict[str, Any], cfg: Any, device: torch.device,
-          weights: str = "ema") -> LoadedStage:
+                      weights: str = "ema") -> LoadedStage:
     _, model, diffusion = load_stage(ckpt, weights=weights, device=device)
     return LoadedStage(name, cfg, model, diffusion, ckpt, int(record["step"]), _class_names(record))

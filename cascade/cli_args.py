@@ -138,7 +138,8 @@ def report_error(prog: str, err: Exception) -> int:
 def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> None:
     """The sampling-settings options (`SamplingSettings`); each left out keeps every stage's own default.
 
-    --w, --steps, --sampler, --eta, --aug-level, --truncate: one value or STAGE=VALUE,... per stage.
+    --w, --steps, --sampler, --aug-level: one value or STAGE=VALUE,... per stage; --eta (DDIM's η) one value
+    for every DDIM stage; --truncate / --no-truncate for every SR stage.
     grid: --w and --aug-level take lists of values to sweep (`0,1,3` or `base32=0,1,sr64=0,2`), no --truncate.
     """
     if grid:
@@ -157,8 +158,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> 
                    help=f"one of {', '.join(SAMPLERS)}, or STAGE=SAMPLER,... per stage (default: each stage's own)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: each stage's own)")
     if not grid:
-        p.add_argument("--truncate", action="store_true", default=None,
-                       help="truncated conditioning augmentation between stages")
+        p.add_argument("--truncate", action=argparse.BooleanOptionalAction, default=None,
+                       help="truncated conditioning augmentation between stages (--no-truncate: off; default: each "
+                            "stage's own)")
 
 
 def load_evaluation_inputs(args: argparse.Namespace, device: Any):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,7 +143,7 @@ class SamplingSettings:
       "ddim": Song et al. 2021 "DDIM" eq. 12).
     - ``steps``: respaced steps: a count (int ≥ 1), a spacing string ("50", "ddim25", sections "10,5"), or
       None for every training timestep (Nichol & Dhariwal 2021 "Improved DDPM" §4).
-    - ``eta``: DDIM's η ≥ 0 (0: deterministic; 1: DDPM-like variance).
+    - ``eta``: DDIM's η in [0, 1] (0: deterministic; 1: DDPM-like variance); nonzero only with ``ddim``.
     - ``w``: classifier-free guidance weight ≥ 0 (Ho & Salimans 2022 eq. 6: ε̃ = (1+w)·ε(c) − w·ε(∅)).
     - ``aug_level``: SR stages only: the conditioning augmentation level s in [0, 1] the low-resolution input
       is re-noised to (CDM §3.2); None on base and classifier stages.
@@ -151,7 +152,7 @@ class SamplingSettings:
     - ``clip_denoised``: clamp x̂_0 to [−1, 1]; ``dynamic_threshold``: Imagen's percentile in (0, 1] (Saharia
       et al. 2022 §2.3) instead, or None.
     - ``classifier`` / ``classifier_scale``: base stage only: a noise-aware classifier checkpoint and its
-      guidance scale ≥ 0 (Dhariwal & Nichol 2021 "Diffusion Models Beat GANs" Algorithm 1).
+      guidance scale > 0, given together (Dhariwal & Nichol 2021 "Diffusion Models Beat GANs" Algorithm 1).
     - ``guidance_interval``: (t_lo, t_hi) on the training timestep scale, 0 ≤ t_lo ≤ t_hi < T: classifier-free
       guidance only there, the plain conditional prediction elsewhere (Kynkäänniemi et al. 2024); None: every t.
 
@@ -186,16 +187,16 @@ class SamplingSettings:
                 raise ValueError(f"steps must be a positive number of steps, got {steps}")
             if isinstance(steps, str) and not _SPACING.match(steps.replace(" ", "")):
                 raise ValueError(f"bad steps {steps!r}; use a count like 50, 'ddim25' or sections like '10,5'")
-        for name, low, high in (("eta", 0.0, None), ("w", 0.0, None), ("classifier_scale", 0.0, None),
+        for name, low, high in (("eta", 0.0, 1.0), ("w", 0.0, math.inf), ("classifier_scale", 0.0, math.inf),
                                 ("aug_level", 0.0, 1.0), ("dynamic_threshold", 0.0, 1.0)):
             value = getattr(self, name)
             if value is None and name in ("aug_level", "dynamic_threshold"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")  # noqa: TRY004 (a bad setting value)
-            if not value >= low or (high is not None and value > high):
-                raise ValueError(f"{name} must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}, "
-                                 f"got {value}")
+            if not low <= value <= high or not math.isfinite(value):
+                raise ValueError(f"{name} must be {f'in [{low}, {high}]' if high < math.inf else f'>= {low}'} and "
+                                 f"finite, got {value}")
             object.__setattr__(self, name, float(value))
         if self.dynamic_threshold == 0.0:
             raise ValueError("dynamic_threshold must be in (0, 1] or None, got 0")
@@ -206,12 +207,22 @@ class SamplingSettings:
                 raise ValueError(f"guidance_interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi, got "
                                  f"{self.guidance_interval!r}")
             object.__setattr__(self, "guidance_interval", (float(interval[0]), float(interval[1])))
+        if self.eta and self.sampler != "ddim":
+            raise ValueError(f"eta {self.eta:g} applies to the ddim sampler only; the {self.sampler} sampler would "
+                             "ignore it (use sampler ddim or eta 0)")
+        if self.classifier and not self.classifier_scale > 0:
+            raise ValueError(f"classifier {self.classifier} is given with classifier_scale 0, which would not guide; "
+                             "pass a scale > 0 (--classifier-scale S)")
         if self.classifier_scale > 0 and not self.classifier:
             raise ValueError(f"classifier_scale {self.classifier_scale:g} needs a classifier checkpoint; pass one "
                              "(--classifier PATH)")
 
     def check_for(self, stage: StageConfig) -> None:
         """Raise ValueError (naming the stage) when a setting does not apply to ``stage``'s kind or timesteps."""
+        num_timesteps = stage.diffusion.num_timesteps
+        if isinstance(self.steps, int) and self.steps > num_timesteps:
+            raise ValueError(f"stage {stage.name}: sampling steps {self.steps} exceeds its {num_timesteps} training "
+                             f"timesteps; use at most {num_timesteps}")
         if self.guidance_interval is not None and not self.guidance_interval[1] < stage.diffusion.num_timesteps:
             raise ValueError(f"stage {stage.name}: guidance_interval {list(self.guidance_interval)} must lie in "
                              f"[0, {stage.diffusion.num_timesteps}) (its training timesteps)")

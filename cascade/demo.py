@@ -35,10 +35,7 @@ class DemoBudget:
     batch_size: dict[str, int]
     lr: float
     warmup_steps: int
-    sample_steps: dict[str, str]  # respaced sampling steps per stage
-    w: dict[str, float]  # classifier-free guidance weight per stage
-    sampler: dict[str, str]  # "ddpm" or "ddim" per stage
-    aug_level: dict[str, float]  # conditioning augmentation level s per SR stage at sampling time
+    sample_steps: dict[str, int] | None  # respaced sampling steps per stage; None: each stage's own settings
     num_per_class: int  # samples per class through the whole cascade
     eval_samples: int  # generated images per stage for FID/KID
     ckpt_every: int
@@ -51,23 +48,15 @@ class DemoBudget:
         return dataclasses.asdict(self)
 
 
-# SR stages sample with DDIM: after a few minutes of training the learned variance (trained through the small
-# λ·L_vlb term) is still far off and inflates the ancestral sampler's few-step variance into visible noise.
-_SAMPLERS = {"base32": "ddpm", "sr64": "ddim", "sr128": "ddim", "sr256": "ddim"}
-# Low sampling-time augmentation: the tiny SR stages are sharper teacher-forced at s = 0.03 than at the
-# presets' 0.1 (consistency 31 vs 25 dB at 128²) and still tolerate the base stage's samples.
-_AUG_LEVELS = {"sr64": 0.03, "sr128": 0.03, "sr256": 0.03}
-
+# Sampling: each stage's own `SamplingSettings` (the tiny presets: base32 ancestral 40 steps at w = 3, SR stages
+# DDIM at s = 0.03, sr64 at w = 1); the quick budget only takes fewer steps.
 DEFAULT = DemoBudget(
     images_per_class=60,
     train_steps={"classifier32": 120, "base32": 350, "sr64": 120, "sr128": 100, "sr256": 60},
     batch_size={"classifier32": 32, "base32": 32, "sr64": 16, "sr128": 8, "sr256": 4},
     lr=2e-3,
     warmup_steps=30,
-    sample_steps={"base32": "40", "sr64": "15", "sr128": "10", "sr256": "10"},
-    w={"base32": 3.0, "sr64": 1.0, "sr128": 0.0, "sr256": 0.0},
-    sampler=_SAMPLERS,
-    aug_level=_AUG_LEVELS,
+    sample_steps=None,
     num_per_class=2,
     eval_samples=20,
     ckpt_every=50,
@@ -81,10 +70,7 @@ QUICK = DemoBudget(
     batch_size={"classifier32": 16, "base32": 16, "sr64": 8, "sr128": 4, "sr256": 2},
     lr=2e-3,
     warmup_steps=5,
-    sample_steps={"base32": "8", "sr64": "4", "sr128": "3", "sr256": "3"},
-    w={"base32": 3.0, "sr64": 1.0, "sr128": 0.0, "sr256": 0.0},
-    sampler=_SAMPLERS,
-    aug_level=_AUG_LEVELS,
+    sample_steps={"base32": 8, "sr64": 4, "sr128": 3, "sr256": 3},
     num_per_class=1,
     eval_samples=10,
     ckpt_every=10,
@@ -259,7 +245,7 @@ def run_demo(out_dir: str | Path, budget: DemoBudget, stage_configs: dict[str, S
 
     _log(f"sampling {budget.num_per_class} image(s) per class through {' → '.join(CHAIN)}")
     pipeline = CascadePipeline.from_runs(runs_dir, CHAIN)
-    settings = pipeline.settings(w=budget.w, steps=budget.sample_steps, sampler=budget.sampler, aug_level=budget.aug_level)
+    settings = pipeline.settings(steps=budget.sample_steps)  # each stage's own settings
     sampling_plan = pipeline.validate(list(range(num_classes)), settings, num_per_class=budget.num_per_class,
                                       seed=seed)
     outputs = pipeline.run(sampling_plan, progress=progress)
@@ -282,7 +268,7 @@ def run_demo(out_dir: str | Path, budget: DemoBudget, stage_configs: dict[str, S
     lap("evaluation")
 
     curves = plot_training_curves({name: runs_dir / name for name in TRAIN_ORDER}, out / "training-curves.png")
-    blocks = _report_blocks(budget, class_names, grids, real_grid, curves, evaluation, result, out)
+    blocks = _report_blocks(budget, settings, class_names, grids, real_grid, curves, evaluation, result, out)
     write_report_pages(out, "cascade demo report", blocks)
     lap("report")
     _log(f"report: {result.report_html} (Markdown copy: {result.report_md})")
@@ -313,7 +299,7 @@ def _headline(results: dict, num_classes: int) -> list[str]:
     return lines
 
 
-def _report_blocks(budget, class_names, grids, real_grid, curves, evaluation, result, out: Path) -> list:
+def _report_blocks(budget, settings, class_names, grids, real_grid, curves, evaluation, result, out: Path) -> list:
     from cascade.report import BASELINE_SUFFIX, SMALL_SAMPLE_NOTE, report_table, summary_table
 
     columns, table = report_table(evaluation.results)
@@ -325,10 +311,12 @@ def _report_blocks(budget, class_names, grids, real_grid, curves, evaluation, re
               "the five stages trained from scratch at the `tiny` preset, every class sampled through "
               "base32 → sr64 → sr128 → sr256 with classifier-free guidance, and every stage evaluated.")),
         ("list", [f"classes: {', '.join(f'{i} {n}' for i, n in enumerate(class_names))}",
-                  f"guidance w per stage: {budget.w}; respaced sampling steps: {budget.sample_steps}",
-                  (f"sampler per stage: {budget.sampler} (SR stages use DDIM: a few minutes of training leave the "
-                   "learned variance too wide for few-step ancestral sampling); conditioning augmentation level "
-                   f"s at sampling: {budget.aug_level}"),
+                  ("sampling per stage (each stage's own settings, stored in its checkpoint): "
+                   + "; ".join(f"{n}: {s.sampler} {s.steps} steps, w = {s.w:g}"
+                               + (f", s = {s.aug_level:g}" if s.aug_level is not None else "")
+                               for n, s in settings.items())
+                   + " (SR stages use DDIM: a few minutes of training leave the learned variance too wide for "
+                   "few-step ancestral sampling)"),
                   *headline]),
         ("h2", "Samples"),
         ("p", ("Rows are classes (in the order listed above), columns are independent samples. Compare with the "

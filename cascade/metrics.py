@@ -62,9 +62,10 @@ def frechet_distance(mean1: torch.Tensor, cov1: torch.Tensor, mean2: torch.Tenso
 
 def fid_bootstrap(reference: ReferenceStats, fake_features: torch.Tensor, num_resamples: int, *, seed: int = 0,
                   confidence: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval (Efron & Tibshirani 1993, ch. 13) of FID over `num_resamples` resamplings
-    of the generated features N×D with replacement; the reference statistics stay fixed, so the interval
-    covers the sampling variation of the generated set. Deterministic for a seed."""
+    """Bias-corrected percentile bootstrap interval (Efron & Tibshirani 1993, ch. 13 and §10.6) of FID over
+    `num_resamples` resamplings of the generated features N×D with replacement; the reference statistics stay
+    fixed, so the interval covers the sampling variation of the generated set. The percentiles are shifted by
+    the bootstrap bias (duplicates in a resample raise its FID) and clipped at 0. Deterministic for a seed."""
     if isinstance(num_resamples, bool) or not isinstance(num_resamples, int) or num_resamples < 2:
         raise ValueError(f"bootstrap: needs at least 2 resamples, got {num_resamples!r}")
     if not 0 < confidence < 1:
@@ -79,9 +80,13 @@ def fid_bootstrap(reference: ReferenceStats, fake_features: torch.Tensor, num_re
         x = features[torch.randint(0, n, (n,), generator=generator)]
         values.append(frechet_distance(x.mean(0), torch.cov(x.T).reshape(x.shape[1], x.shape[1]),
                                        reference.mean, reference.cov))
-    low, high = torch.tensor(values, dtype=torch.float64).quantile(torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2],
-                                                           dtype=torch.float64))
-    return float(low), float(high)
+    values = torch.tensor(values, dtype=torch.float64)
+    low, high = values.quantile(torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64))
+    # Resampling with replacement duplicates images, which inflates FID: shift the percentile interval by the
+    # bootstrap's bias estimate mean(FID*) − FID (Efron & Tibshirani 1993, §10.6), so it brackets the FID.
+    bias = float(values.mean()) - frechet_distance(features.mean(0), torch.cov(features.T).reshape(
+        features.shape[1], features.shape[1]), reference.mean, reference.cov)
+    return max(0.0, float(low) - bias), max(0.0, float(high) - bias)
 
 
 def _kth_neighbour_distance(x: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
@@ -137,7 +142,8 @@ def compute_fid_kid(
     """FID, KID (mean, std over subsets) and, when the net has logits, Inception Score of fake images.
 
     reference: cached ReferenceStats (must come from this feature network) or real images (all their
-    features are kept for KID). kid_subset_size defaults to min(1000, #real KID features, #fake).
+    features are kept for KID). kid_subset_size defaults to min(1000, #real KID features, #fake // 2) (at
+    least 2): subsets of the generated set that differ, so the std shows its sampling noise.
     The KID / IS subset draws use a private RNG seeded with `seed` (the global RNG is left untouched).
     pr_k: adds "precision" / "recall" (`precision_recall` with k = pr_k) against the real KID features (all
     real features, or a uniform subsample of up to 5,000 from cached statistics). bootstrap B >= 2 adds
@@ -179,8 +185,8 @@ def compute_fid_kid(
     if num_fake < 2:
         raise ValueError(f"FID needs at least 2 generated images, got {num_fake}")
     num_real_kid = reference.kid_features.shape[0]
-    if kid_subset_size is None:
-        kid_subset_size = min(1000, num_real_kid, num_fake)
+    if kid_subset_size is None:  # subsets of at most half the generated set, so their spread shows its noise
+        kid_subset_size = max(2, min(1000, num_real_kid, num_fake // 2))
     if kid_subset_size > min(num_real_kid, num_fake):
         raise ValueError(
             f"kid_subset_size={kid_subset_size} exceeds the available features "

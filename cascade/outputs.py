@@ -36,7 +36,9 @@ def labelled_grid(outputs: Mapping[str, torch.Tensor], plan: SamplingPlan,
     grid = Image.new("RGB", (margin + cell * len(plan.stages), header + cell * len(labels)), "white")
     draw = ImageDraw.Draw(grid)
     for j, sp in enumerate(plan.stages):
-        draw.text((margin + j * cell + 4, 4), f"{sp.name} ({sp.resolution}x{sp.resolution})", fill="black", font=font)
+        noisy = ", noisy z_k: truncated" if sp.stop_at_index is not None else ""  # handed over, not a clean image
+        draw.text((margin + j * cell + 4, 4), f"{sp.name} ({sp.resolution}x{sp.resolution}{noisy})", fill="black",
+                  font=font)
         images = float_to_uint8(outputs[sp.name]).numpy()
         for i, image in enumerate(images):
             tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
@@ -48,7 +50,10 @@ def labelled_grid(outputs: Mapping[str, torch.Tensor], plan: SamplingPlan,
 
 def write_outputs(outputs: Mapping[str, torch.Tensor], plan: SamplingPlan, out_dir: str | Path, *,
                   record: Mapping[str, Any], class_names: Sequence[str] | None = None) -> Path:
-    """Final PNGs `<out>/<class>_<index>.png`, every stage in `<out>/<stage>/`, `grid.png`, `settings.json`."""
+    """Final PNGs `<out>/<class>_<index>.png`, every stage in `<out>/<stage>/`, `grid.png`, `settings.json`.
+
+    A stage that hands over z_k (truncated conditioning augmentation) writes that noisy z_k: its grid column
+    says so, and settings.json gives its `stop_at_index`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stems = [sample_stem(c, i, class_names) for c, i in zip(plan.labels.tolist(), plan.indices)]

@@ -38,7 +38,7 @@ from cascade.samplers import SAMPLERS, classifier_free_guidance, classifier_guid
 from cascade.seeding import AUG_NOISE, STEP_NOISE, X_T, per_sample_generators, per_sample_noise
 
 __all__ = ["DEFAULT_CHAIN", "LABELS_KEY", "PRECISIONS", "CascadeConfigError", "CascadePipeline", "LoadedStage",
-           "SamplingPlan", "StagePlan"]
+           "NonFiniteSamplesError", "SamplingPlan", "StagePlan"]
 
 DEFAULT_CHAIN = ("base32", "sr64", "sr128", "sr256")
 PRECISIONS = ("fp32", "bf16")
@@ -61,6 +61,10 @@ def _check_device(device: str | torch.device, precision: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CascadeConfigError(f"device {device} is not available on this machine; use cpu")
     return dev
+
+
+class NonFiniteSamplesError(RuntimeError):
+    """A stage's samples hold NaN or infinite values; the message is one line naming the stage."""
 
 
 class CascadePipeline:
@@ -273,7 +277,11 @@ class CascadePipeline:
                                                    stop_at_index=sp.stop_at_index, generator=generator,
                                                    callback=lambda *a, **k: bar.update(1), **options)
                 chunks.append(x.float().cpu())
-        return torch.cat(chunks)
+        images = torch.cat(chunks)
+        if not torch.isfinite(images).all():  # a diverged model or sampler: never hand on or write such images
+            raise NonFiniteSamplesError(f"stage {sp.name}: the {settings.sampler} sampler produced NaN or infinite "
+                                        "values; check the checkpoint (was its training loss finite?) and the settings")
+        return images
 
     def run(self, plan: SamplingPlan, *, progress: bool = True, start_index: int = 0) -> dict[str, torch.Tensor]:
         """Sample a validated plan: {stage: N×3×R×R float32 CPU images, "labels": N}.
@@ -319,9 +327,12 @@ class CascadePipeline:
         elif x_low is not None:
             raise CascadeConfigError(f"stage {name}: is a {cfg.kind.value} stage and takes no x_low; pass None")
         chosen = settings if settings is not None else cfg.sampling
-        if isinstance(chosen, SamplingSettings) and chosen.truncate:
-            chosen = dataclasses.replace(chosen, truncate=False)
-        plan = self.validate(labels.tolist(), {name: chosen}, batch_size=batch_size, seed=seed)
+        if not isinstance(chosen, SamplingSettings):
+            raise CascadeConfigError(f"stage {name}: settings must be a SamplingSettings, got {type(chosen).__name__}")
+        # A stage alone: no truncation, neither its own nor one a later stage's defaults would ask of it.
+        alone = {s.name: dataclasses.replace(s.config.sampling, truncate=False) for s in self.stages}
+        alone[name] = dataclasses.replace(chosen, truncate=False)
+        plan = self.validate(labels.tolist(), alone, batch_size=batch_size, seed=seed)
         return self._sample_stage(stage, plan.stages[names.index(name)], plan, plan.labels, x_low,
                                   start_index=start_index, progress=progress)
 

@@ -126,7 +126,7 @@ class SamplerSetting:
     label: str
     sampler: str
     steps: int
-    w: float
+    w: float | None  # None: the stage's own sampling.w
     eta: float = 0.0
     aug_level: float | None = None
 
@@ -134,9 +134,11 @@ class SamplerSetting:
 _SPEC_KEYS = {"w": "w", "eta": "eta", "s": "aug_level"}
 
 
-def parse_samplers(text: str, default_w: float, samplers: Mapping[str, Callable] = SAMPLERS) -> list[SamplerSetting]:
+def parse_samplers(text: str, default_w: float | None,
+                   samplers: Mapping[str, Callable] = SAMPLERS) -> list[SamplerSetting]:
     """`ddim25,ddpm50:w=1,ddim25:s=0.03` → settings. Each item is SAMPLER STEPS (a sampler name followed by its
-    step count) and optional `:w=W`, `:eta=E`, `:s=S`; w defaults to `default_w`. BenchError on a bad item."""
+    step count) and optional `:w=W`, `:eta=E`, `:s=S`; w defaults to `default_w` (None: the stage's own
+    `sampling.w`). BenchError on a bad item."""
     names = sorted(samplers, key=len, reverse=True)  # longest first: a name may end in a digit
     example = "e.g. --samplers ddim25,ddpm50:w=1"
     settings = []
@@ -146,7 +148,7 @@ def parse_samplers(text: str, default_w: float, samplers: Mapping[str, Callable]
         if name is None:
             raise BenchError(f"--samplers: bad item {item!r}; expected SAMPLER STEPS with SAMPLER one of "
                              f"{', '.join(samplers)} ({example})")
-        values: dict[str, float] = {"w": default_w}
+        values: dict[str, float | None] = {"w": default_w}
         for option in options:
             key, sep, raw = option.partition("=")
             if not sep or key not in _SPEC_KEYS:
@@ -156,7 +158,7 @@ def parse_samplers(text: str, default_w: float, samplers: Mapping[str, Callable]
             except ValueError:
                 raise BenchError(f"--samplers: {key} in {item!r} must be a number, got {raw!r}") from None
         steps = int(head[len(name):])
-        if steps < 1 or values["w"] < 0 or values.get("eta", 0.0) < 0 or not 0 <= values.get("s", 0.0) <= 1:
+        if steps < 1 or (values["w"] or 0.0) < 0 or values.get("eta", 0.0) < 0 or not 0 <= values.get("s", 0.0) <= 1:
             raise BenchError(f"--samplers: {item!r}: need steps >= 1, w >= 0, eta >= 0 and s in [0, 1]")
         if values.get("eta", 0.0) and "eta" not in inspect.signature(samplers[name]).parameters:
             raise BenchError(f"--samplers: {item!r}: sampler {name} takes no eta")
@@ -190,7 +192,9 @@ def sample_images(model: torch.nn.Module, diffusion: Any, stage_cfg: Any, settin
 
     SR stages take clean low-resolution inputs x_low (N×3×r×r in [-1, 1]), re-noised to level s as the
     pipeline does (`condition_low_res`). All noise comes from one generator seeded with `seed`."""
-    changes = {"sampler": setting.sampler, "steps": setting.steps, "w": setting.w, "eta": setting.eta}
+    changes = {"sampler": setting.sampler, "steps": setting.steps, "eta": setting.eta}
+    if setting.w is not None:
+        changes["w"] = setting.w
     if setting.aug_level is not None:
         changes["aug_level"] = setting.aug_level
     settings = dataclasses.replace(stage_cfg.sampling, **changes)  # the stage's own defaults, as changed
@@ -455,7 +459,8 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
                 metrics = sr_metrics(images, real, x_low)
                 _grid_sr(images, labels, real, x_low, min(cfg.per_class, 3)).save(grid_path)
             rows.append({"recipe": name, "sampler": setting.label, "sampler_name": setting.sampler,
-                         "steps": setting.steps, "w": setting.w, "eta": setting.eta,
+                         "steps": setting.steps, "w": stage_cfg.sampling.w if setting.w is None else setting.w,
+                         "eta": setting.eta,
                          "aug_level": (stage_cfg.sampling.aug_level if setting.aug_level is None
                                        else setting.aug_level) if kind is StageKind.sr else None,
                          **trained, "nfe_per_image": nfe, "sample_seconds": seconds,

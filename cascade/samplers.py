@@ -122,8 +122,8 @@ def sample_ddim(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tens
     """DDIM sampling (Song et al. 2021 'DDIM' eq. 12) with q_{σ,τ} over the (respaced) diffusion's steps;
     η = 0 deterministic, η = 1 ancestral-like. Arguments, shapes and errors as in `sample_ddpm` (also
     ValueError for η < 0); any learned variance in the output is ignored."""
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:  # σ_τ ≤ √(1 − ᾱ_{τ−1}) needs η ≤ 1 (Song et al. 2021 eq. 16)
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     x = _initial_noise(model, shape, x_T, generator)
     stop = _check_stop(diffusion, stop_at_index)
     for step, index in enumerate(tqdm(range(diffusion.num_timesteps - 1, stop, -1), disable=not progress,

@@ -61,7 +61,7 @@ from cascade.runtime import (
     segment_seed,
     set_rng_state,
 )
-from cascade.samplers import sample_ddpm
+from cascade.samplers import SAMPLERS, classifier_free_guidance
 from cascade.timestep_sampler import UniformSampler, make_timestep_sampler
 from cascade.trainer_config import RunConfig, TrainerConfig
 
@@ -395,25 +395,33 @@ class StageTrainer:
 
     @torch.no_grad()
     def _write_samples(self) -> Path | None:
-        """A PNG grid of EMA samples: classes × samples (base) or low-res | sample | real rows (SR)."""
+        """A PNG grid of EMA samples: classes × samples (base) or low-res | sample | real rows (SR), sampled with
+        the stage's own `SamplingSettings` (sampler, w, η, guidance interval, s) over trainer.sample_steps."""
         path = None
-        if self.accelerator.is_main_process and self.stage.kind != "classifier":
-            n = self.cfg.sample_count
+        if self.accelerator.is_main_process and self.stage.kind is not StageKind.classifier:
+            n, settings = self.cfg.sample_count, self.stage.sampling
             diffusion = self.diffusion.respace(str(self.cfg.sample_steps))
             generator = torch.Generator(self.device).manual_seed(self.run_cfg.seed)
             res = self.stage.resolution
+            model = self.ema.model
+            if settings.w > 0:
+                model = classifier_free_guidance(model, settings.w, self.stage.num_classes, settings.guidance_interval,
+                                                 self.diffusion.num_timesteps)
+            options = {"clip_denoised": settings.clip_denoised, "dynamic_threshold": settings.dynamic_threshold,
+                       **({"eta": settings.eta} if settings.sampler == "ddim" else {})}
+            sample = SAMPLERS[settings.sampler]
             if self.stage.kind is StageKind.base:
                 classes = min(self.stage.num_classes, n)
                 y = torch.arange(classes, device=self.device).repeat_interleave(n)
-                images = sample_ddpm(self.ema.model, diffusion, (len(y), 3, res, res), model_kwargs={"y": y},
-                                     generator=generator)
+                images = sample(model, diffusion, (len(y), 3, res, res), model_kwargs={"y": y}, generator=generator,
+                                **options)
                 grid = image_grid(images, ncol=n)
             else:
                 val = {k: v.to(self.device) for k, v in self.val_batch.items()}
                 noise = torch.randn(val["x_low"].shape, generator=generator, device=self.device)
-                x_low, aug_level = condition_low_res(val["x_low"], self.stage.sampling.aug_level, noise=noise)
-                images = sample_ddpm(self.ema.model, diffusion, (len(val["y"]), 3, res, res), generator=generator,
-                                     model_kwargs={"y": val["y"], "x_low": x_low, "aug_level": aug_level})
+                x_low, aug_level = condition_low_res(val["x_low"], settings.aug_level, noise=noise)
+                images = sample(model, diffusion, (len(val["y"]), 3, res, res), generator=generator,
+                                model_kwargs={"y": val["y"], "x_low": x_low, "aug_level": aug_level}, **options)
                 rows = torch.cat([upsample(val["x_low"], res), images, val["x"]])
                 grid = image_grid(rows, ncol=len(val["y"]))
             out_dir = self.run_dir / SAMPLES_DIR

@@ -1,6 +1,6 @@
 """The metrics that need the training split: CAS and memorisation, wired to shard folders.
 
-- CAS (`cascade.cas`): a sample list of N generated images per class (`cas_sample_list`; teacher-forced SR
+- CAS (`cascade.cas`): a sample list of N generated images per class (`CASData.sample_list`; teacher-forced SR
   stages take the low-resolution versions of N real *training* images per class, never val images, which
   are the test set), the same N real training images per class for the ceiling, and every real val image
   as the test set, all at the stage's resolution (`CASReference`).

@@ -8,6 +8,7 @@ No torch import here: the command line validates its configuration before loadin
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,8 +64,10 @@ class TrainerConfig:
         for name in ("warmup_steps", "ckpt_every", "sample_every", "weight_decay", "grad_clip", "max_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"trainer.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.max_seconds < math.inf:
+            raise ValueError(f"trainer.max_seconds must be a finite number >= 0 (0: no limit), got {self.max_seconds}")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"trainer.adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:

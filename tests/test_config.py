@@ -69,7 +69,12 @@ def test_sampling_settings_defaults_and_coercion():
     ({"steps": 0}, "steps must be a positive number"),
     ({"steps": "ddim-x"}, "bad steps 'ddim-x'"),
     ({"steps": 2.5}, "steps must be a count"),
-    ({"eta": -0.1}, "eta must be >= 0.0"),
+    ({"eta": -0.1, "sampler": "ddim"}, "eta must be in [0.0, 1.0]"),
+    ({"eta": 2.0, "sampler": "ddim"}, "eta must be in [0.0, 1.0]"),  # √(1 − ᾱ − σ²) would be NaN
+    ({"eta": 0.5}, "eta 0.5 applies to the ddim sampler only"),
+    ({"w": float("inf")}, "w must be >= 0.0 and finite"),
+    ({"classifier_scale": float("nan"), "classifier": "c"}, "classifier_scale must be >= 0.0 and finite"),
+    ({"classifier": "runs/classifier32"}, "given with classifier_scale 0"),
     ({"w": -1}, "w must be >= 0.0"),
     ({"w": "3"}, "w must be a number"),
     ({"aug_level": 1.5}, "aug_level must be in [0.0, 1.0]"),
@@ -86,6 +91,8 @@ def test_sampling_settings_reject_bad_values_in_one_line(kwargs, message):
 
 def test_sampling_settings_checked_against_the_stage():
     sr64, base = stages.get_stage("sr64"), stages.get_stage("base32")
+    with pytest.raises(ValueError, match="stage base32: sampling steps 40 exceeds its 10 training timesteps"):
+        base.with_overrides({"diffusion": {"num_timesteps": 10}})
     assert sr64.kind is StageKind.sr and sr64.kind == "sr"  # a str enum: JSON and old comparisons still work
     with pytest.raises(ValueError, match="stage sr64: an SR stage needs sampling.aug_level"):
         sr64.with_overrides({"sampling": {"aug_level": None}})

@@ -107,6 +107,13 @@ def test_fid_kid_self_near_zero_and_shift_larger(net):
         compute_fid_kid(real, real[:1], net)
 
 
+def test_kid_std_reflects_the_generated_set_at_small_n(net):
+    """With few samples the default KID subsets are at most half the generated set, so they differ and the std
+    is not 0 (with subsets of the whole set every subset would hold every sample)."""
+    result = compute_fid_kid(images(64, 0), images(12, 1, shift=0.3), net, kid_subsets=20, seed=0)
+    assert result["kid_std"] > 0
+
+
 def test_cached_stats_match_images_and_reject_other_net(net):
     real, fake = images(64, 0), images(64, 2, shift=0.2)
     stats = compute_reference_stats(real, net, kid_max_features=None)

@@ -214,7 +214,7 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
         ({"sampler": {"sr128": "ddim"}}, "'sr128' is not in the chain"),
         ({"aug_level": {"sr64": 1.5}}, "stage sr64: aug_level must be in [0.0, 1.0]"),
         ({"aug_level": {"base32": 0.1}}, "base32 is the base stage"),
-        ({"eta": -1.0}, "eta must be >= 0"),
+        ({"eta": -1.0}, "eta must be in [0.0, 1.0]"),
         ({"classifier_scale": 1.0}, "needs a classifier checkpoint"),
         ({"num_per_class": 0}, "num_per_class must be an integer >= 1"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
@@ -260,3 +260,34 @@ def test_bad_device_and_precision(runs_root):
         CascadePipeline.from_runs(runs_root, ("base32",), precision="fp8")
     with pytest.raises(CascadeConfigError, match="not a torch device"):
         CascadePipeline.from_runs(runs_root, ("base32",), device="gpu0")
+
+
+def test_stage_alone_ignores_truncation_a_later_stage_asks_for(pipe_64):
+    """sample_stage("base32") is the base stage alone even when sr64's own defaults truncate the chain."""
+    import dataclasses
+
+    sr = pipe_64.stages[1]
+    plain = pipe_64.sample_stage("base32", [0, 1], None, pipe_64.settings(steps=3)["base32"], seed=2)
+    original = sr.config
+    sr.config = dataclasses.replace(original, sampling=dataclasses.replace(original.sampling, truncate=True))
+    try:
+        alone = pipe_64.sample_stage("base32", [0, 1], None, pipe_64.settings(steps=3)["base32"], seed=2)
+    finally:
+        sr.config = original
+    assert torch.equal(plain, alone) and alone.abs().max() <= 1.0  # a clean sample, not a handed-over z_k
+
+
+def test_non_finite_samples_are_one_line_errors(pipe_base):
+    from cascade.pipeline import NonFiniteSamplesError
+
+    class Diverged(torch.nn.Module):
+        def forward(self, x, t, **kwargs):
+            return torch.full((x.shape[0], 6, *x.shape[2:]), float("nan"))
+
+    bare, pipe_base.stages[0].model = pipe_base.stages[0].model, Diverged()
+    try:
+        with pytest.raises(NonFiniteSamplesError) as err:
+            pipe_base([1], steps=2, w=0.0, progress=False)
+    finally:
+        pipe_base.stages[0].model = bare
+    assert "stage base32: the ddpm sampler produced NaN or infinite values" in _one_line(err)

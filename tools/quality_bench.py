@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samplers", default=None,
                    help="comma-separated SAMPLER STEPS[:w=W][:eta=E][:s=S], e.g. ddim25,ddpm50:w=1 (default ddim25)")
     p.add_argument("--w", type=float, default=None,
-                   help="default guidance weight of the samplers (default 3 for base stages, 1 for SR stages)")
+                   help="default guidance weight of the samplers (default: the stage's own sampling.w)")
     p.add_argument("--per-class", type=int, default=None,
                    help="samples per class (SR: val inputs per class) (default 20)")
     p.add_argument("--size", default="tiny", help="stage preset size: tiny or paper (default tiny)")
@@ -79,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     minutes, steps = args.minutes, args.steps
     if minutes is None and steps is None:
         steps = quick.get("steps")
-    default_w = args.w if args.w is not None else (3.0 if args.stage.startswith("base") else 1.0)
+    default_w = args.w  # None: each stage's own sampling.w
     recipes, samplers = main_settings(args.recipes, args.samplers or quick.get("samplers", "ddim25"), default_w)
     epochs = args.judge_epochs if args.judge_epochs is not None else quick.get("judge_epochs", JudgeSettings.epochs)
     try:

@@ -118,6 +118,10 @@ def check_command_line(argv: list[str]) -> None:
         job = OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})
         job_values = OmegaConf.to_container(job, resolve=True, throw_on_missing=False)
         str(cfg.hydra.run.dir)  # resolves its interpolations (run_dir, the date)
+        choices = cfg.hydra.runtime.choices
+        if choices.get("preset") != f"{choices.get('stage')}_{choices.get('size')}":
+            raise ValueError(f"preset={choices.get('preset')} does not match stage={choices.get('stage')} "
+                             f"size={choices.get('size')}; choose the stage with stage= and size= only")
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         if debug_enabled():
             raise
