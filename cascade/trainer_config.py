@@ -37,6 +37,7 @@ class TrainerConfig:
     grad_accum: int = 1
     mixed_precision: str = "auto"  # auto (bf16 where native) | no | bf16 | fp16
     channels_last: str | bool = "auto"  # auto (CUDA only) | true | false
+    compile: bool = False  # torch.compile the model's forward (compile time vs steady-state gain: tools/bench.py --compile)
     ema_decay: float = 0.9999
     ema_warmup: float = 10.0  # decay_n = min(ema_decay, (1 + n) / (ema_warmup + n)); 1 disables
     p_uncond: float = 0.1  # null-class dropout for classifier-free guidance
