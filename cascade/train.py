@@ -41,6 +41,7 @@ from cascade.augment import augment_low_res, condition_low_res
 from cascade.build import build_diffusion, build_model
 from cascade.config import AugConfig, StageConfig, StageKind
 from cascade.data import make_stage_loader, read_dataset_info
+from cascade.device import native_bf16
 from cascade.diffusion import GaussianDiffusion
 from cascade.ema import EMA
 from cascade.imageops import image_grid, upsample
@@ -58,16 +59,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------- setup
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: CUDA with bf16 support, or a CPU with AVX512-BF16 / AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.cpu.get_cpu_capability() == "AVX512" and (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return False
-
 
 def check_compile_available(device: torch.device) -> None:
     """Raise ValueError (one line, naming the fix) when torch.compile's inductor backend cannot build kernels for
