@@ -194,7 +194,7 @@ proc = subprocess.run([sys.executable, "tools/sample_cascade.py", "--runs", str(
                        "--num-per-class", "2", "--device", device, "--precision", "auto", "--out",
                        str(work / "samples")], capture_output=True, text=True, check=False)
 results["sample_cascade"] = {"rc": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
-                             "stdout": proc.stdout[-500:], "stderr": proc.stderr[-800:]}
+                             "stdout": proc.stdout[-500:], "stderr": proc.stderr[-300:]}
 print(json.dumps(results["sample_cascade"]), flush=True)
 json.dump(results, open(out, "w"), indent=1)
 if proc.returncode != 0 or any("error" in r for r in results["runs"]):
