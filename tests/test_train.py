@@ -108,6 +108,16 @@ def test_mixed_precision_auto_and_label_dropout():
     assert 0.07 < (dropped == 5).float().mean() < 0.13
 
 
+
+def test_compile_without_a_compiler_is_one_clear_error(monkeypatch):
+    import shutil
+
+    from cascade import train
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"^trainer.compile=true needs a C\+\+ compiler .*trainer.compile=false$"):
+        train.check_compile_available(torch.device("cpu"))
+
 def test_auto_precision_follows_native_bf16(monkeypatch):
     from cascade import train
 
