@@ -209,7 +209,8 @@ def add_evaluation_arguments(p: argparse.ArgumentParser, default_stages: str) ->
     p.add_argument("--seed", type=int, default=0, help="same seed, same samples (default 0)")
     p.add_argument("--device", default=None,
                    help="torch device (default: accelerate's device of this process, e.g. cuda:0 or cpu)")
-    p.add_argument("--precision", default="fp32", help="one of fp32, bf16 (default fp32)")
+    p.add_argument("--precision", default="auto",
+                   help="one of auto, fp32, bf16 (default auto: bf16 where the device computes it natively, else fp32)")
 
 
 def add_metric_arguments(p: argparse.ArgumentParser, *, memorisation: bool = True) -> None:

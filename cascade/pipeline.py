@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from cascade.augment import condition_low_res
 from cascade.chain import LoadedStage, check_chain, load_loaded_stage, read_checkpoint
 from cascade.config import SamplingSettings, StageKind
+from cascade.device import SAMPLING_PRECISIONS, resolve_sampling_precision
 from cascade.diffusion import aug_alpha_bar, aug_level_from_alpha_bar
 from cascade.plan import (
     CascadeConfigError,
@@ -41,7 +42,7 @@ __all__ = ["DEFAULT_CHAIN", "LABELS_KEY", "PRECISIONS", "CascadeConfigError", "C
            "NonFiniteSamplesError", "SamplingPlan", "StagePlan"]
 
 DEFAULT_CHAIN = ("base32", "sr64", "sr128", "sr256")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = SAMPLING_PRECISIONS  # auto: bf16 autocast where the device computes it natively, else fp32
 LABELS_KEY = "labels"
 
 
@@ -51,7 +52,8 @@ def _check_start_index(start_index: Any) -> None:
         raise CascadeConfigError(f"start_index must be an integer >= 0, got {start_index!r}")
 
 
-def _check_device(device: str | torch.device, precision: str) -> torch.device:
+def _check_device(device: str | torch.device, precision: str) -> tuple[torch.device, str]:
+    """(device, resolved precision): "auto" becomes bf16 where the device computes it natively, else fp32."""
     if precision not in PRECISIONS:
         raise CascadeConfigError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
     try:
@@ -60,7 +62,7 @@ def _check_device(device: str | torch.device, precision: str) -> torch.device:
         raise CascadeConfigError(f"device {device!r} is not a torch device; use e.g. cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CascadeConfigError(f"device {device} is not available on this machine; use cpu")
-    return dev
+    return dev, resolve_sampling_precision(precision, dev)
 
 
 class NonFiniteSamplesError(RuntimeError):
@@ -68,13 +70,17 @@ class NonFiniteSamplesError(RuntimeError):
 
 
 class CascadePipeline:
-    """Samples classes through a chain of stages: base → sr64 → sr128 → sr256 (or a prefix of it)."""
+    """Samples classes through a chain of stages: base → sr64 → sr128 → sr256 (or a prefix of it).
+
+    ``precision``: "fp32", "bf16" (autocast) or "auto" (bf16 where the device computes it natively,
+    `cascade.device.native_bf16`, else fp32; the command-line tools' default); ``self.precision`` is the
+    resolved one.
+    """
 
     def __init__(self, stages: Sequence[LoadedStage], *, device: str | torch.device = "cpu",
                  precision: str = "fp32"):
         check_chain([s.name for s in stages], [s.config for s in stages])
-        self.device = _check_device(device, precision)
-        self.precision = precision
+        self.device, self.precision = _check_device(device, precision)  # the resolved precision: fp32 or bf16
         self.stages = list(stages)
         self._classifiers: dict[str, LoadedStage] = {}
         for stage in self.stages:
@@ -92,7 +98,7 @@ class CascadePipeline:
 
         The chain is checked from the checkpoints' configs before any weights are loaded.
         """
-        dev = _check_device(device, precision)
+        dev, _ = _check_device(device, precision)
         found = {name: read_checkpoint(name, path) for name, path in checkpoints.items()}
         check_chain(list(found), [cfg for _, _, cfg in found.values()])
         return cls([load_loaded_stage(name, *found[name], dev, weights) for name in found], device=dev, precision=precision)

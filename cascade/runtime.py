@@ -1,5 +1,6 @@
-"""Process set-up for a training run: the precision a device computes natively, accelerate's process-wide
-state, and seeding / RNG states for exact resume. No model or data code here."""
+"""Process set-up for a training run: accelerate's process-wide state, torch.compile's toolchain, and seeding /
+RNG states for exact resume (the precision a device computes natively is `cascade.device`'s). No model or data
+code here."""
 
 from __future__ import annotations
 
@@ -12,22 +13,20 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: CUDA with bf16 support, or a CPU with AVX512-BF16 / AMX."""
+def check_compile_available(device: torch.device) -> None:
+    """Raise ValueError (one line, naming the fix) when torch.compile's inductor backend cannot build kernels for
+    ``device``: it needs a C++ compiler on CPU and Triton on CUDA."""
+    import importlib.util
+    import os
+    import shutil
+
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.cpu.get_cpu_capability() == "AVX512" and (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return False
-
-
-def resolve_mixed_precision(mode: str, device: torch.device) -> str:
-    """"auto" → "bf16" where the device computes bf16 natively (`native_bf16`), else "no"; other modes pass
-    through."""
-    if mode != "auto":
-        return mode
-    return "bf16" if native_bf16(device) else "no"
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("trainer.compile=true needs Triton on CUDA (pip install triton); "
+                             "or set trainer.compile=false")
+    elif not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        raise ValueError("trainer.compile=true needs a C++ compiler (g++ or clang++) for torch.compile on CPU; "
+                         "install one or set trainer.compile=false")
 
 
 def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import gather_object, is_tensorboard_available
 from tqdm.auto import tqdm
 
@@ -48,21 +49,21 @@ from cascade.augment import condition_low_res
 from cascade.build import build_diffusion, build_model
 from cascade.config import StageKind
 from cascade.data import make_stage_loader, read_dataset_info
+from cascade.device import native_bf16, resolve_mixed_precision
 from cascade.ema import EMA
 from cascade.errors import GracefulInterrupt, Interrupted, ensure_writable_dir
 from cascade.imageops import image_grid, upsample
 from cascade.losses import ClassifierLoss, DiffusionLoss, SRDiffusionLoss, drop_labels, make_stage_loss
 from cascade.runtime import (
+    check_compile_available,
     get_rng_state,
     make_accelerator,
-    native_bf16,
-    resolve_mixed_precision,
     seed_everything,
     segment_seed,
     set_rng_state,
 )
 from cascade.samplers import SAMPLERS, classifier_free_guidance
-from cascade.timestep_sampler import UniformSampler, make_timestep_sampler
+from cascade.timestep_sampler import TimestepSampler, UniformSampler, make_timestep_sampler
 from cascade.trainer_config import RunConfig, TrainerConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -107,6 +108,92 @@ def _stage_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- loss
+
+# ----------------------------------------------------------------------------------------------- one step
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainerConfig, device: torch.device):
+    """(AdamW, LR scheduler, fused) of a run: AdamW (fused on CPU/CUDA/XPU) with linear warmup to lr over
+    ``cfg.warmup_steps``, then constant."""
+    fused = device.type in FUSED_ADAMW_DEVICES
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay, fused=fused)
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    return optimizer, scheduler, fused
+
+
+def new_window(device: torch.device) -> dict[str, torch.Tensor]:
+    """Zeroed on-device sums of one logging window (filled by `TrainStep`, read at log steps)."""
+    return {"loss": torch.zeros((), device=device), "grad_norm": torch.zeros((), device=device),
+            "q_sum": torch.zeros(4, device=device), "q_count": torch.zeros(4, device=device),
+            "correct": torch.zeros((), device=device), "seen": torch.zeros((), device=device),
+            "max_in_row": torch.zeros((), dtype=torch.long, device=device)}
+
+
+class TrainStep:
+    """One optimizer step of the stage trainer: the code `StageTrainer` runs and `tools/bench.py` times.
+
+    ``step(micro_batches, window)``: for each micro-batch (``grad_accum`` of them, on the device) the stage
+    loss under the accelerator's autocast and its backward; gradient clipping; AdamW, skipped on device for
+    a non-finite loss or gradient norm (fused AdamW's ``found_inf``: no host synchronisation); the LR
+    schedule; the EMA update (skipped likewise). The window's on-device sums (`new_window`) and the
+    non-finite counters ``nan_total`` / ``nan_in_row`` (0-dim long tensors) are updated in place.
+    ``compile=True`` runs the model's forward through ``torch.compile`` (the weights stay shared).
+    """
+
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler, ema: EMA,
+                 loss_fn, timestep_sampler: TimestepSampler, *, grad_clip: float, fused: bool, mixed_precision: str,
+                 nan_total: torch.Tensor, nan_in_row: torch.Tensor, compile: bool = False):
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.ema, self.loss_fn, self.timestep_sampler = ema, loss_fn, timestep_sampler
+        self.grad_clip, self.fused, self.mixed_precision = grad_clip, fused, mixed_precision
+        self.nan_total, self.nan_in_row = nan_total, nan_in_row
+        self.runner = torch.compile(model) if compile else model
+        self.num_timesteps = timestep_sampler.num_timesteps
+        self.last_lr = float("nan")  # the rate the latest step used (logged with it)
+
+    def __call__(self, micro_batches: list[dict[str, torch.Tensor]], window: dict[str, torch.Tensor]) -> None:
+        acc = self.accelerator
+        n = len(micro_batches)
+        step_loss = torch.zeros((), device=self.nan_total.device)
+        for batch in micro_batches:
+            with acc.accumulate(self.model):
+                out = self.loss_fn(self.runner, batch)
+                acc.backward(out["loss"])
+            per_sample, t = out["per_sample"].detach().float(), out["t"]
+            if not isinstance(self.timestep_sampler, UniformSampler):  # importance sampling needs every rank's losses
+                self.timestep_sampler.update_with_all_losses(acc.gather(t), acc.gather(per_sample))
+            step_loss += out["loss"].detach().float() / n
+            quarter = torch.clamp(t * 4 // self.num_timesteps, max=3)
+            finite = torch.isfinite(per_sample)
+            window["q_sum"].index_add_(0, quarter, torch.where(finite, per_sample, 0.0))
+            window["q_count"].index_add_(0, quarter, finite.float())
+            if "correct" in out:
+                window["correct"] += out["correct"]
+                window["seen"] += len(t)
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm).detach().float()
+        loss_bad = ~torch.isfinite(step_loss)
+        if self.mixed_precision == "fp16":
+            bad = loss_bad  # the GradScaler skips steps with non-finite gradients itself
+        else:
+            bad = loss_bad | ~torch.isfinite(grad_norm)
+            if self.fused:
+                self.optimizer.optimizer.found_inf = bad.float()  # fused AdamW skips the update on device
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+        if self.fused or self.mixed_precision == "fp16" or not bool(bad):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.ema.update(acc.unwrap_model(self.model), apply=~bad)
+        bad_long = bad.long()
+        self.nan_total += bad_long
+        self.nan_in_row.add_(bad_long).mul_(bad_long)  # consecutive non-finite steps: +1, or back to 0
+        window["max_in_row"] = torch.maximum(window["max_in_row"], self.nan_in_row)
+        window["loss"] += torch.where(bad, 0.0, step_loss)
+        window["grad_norm"] += torch.where(bad, 0.0, grad_norm)
+
+
 # ----------------------------------------------------------------------------------------------- outputs
 
 class MetricsLog:
@@ -165,6 +252,9 @@ class StageTrainer:
         self.device = self.accelerator.device
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.channels_last = self.device.type == "cuda" if self.cfg.channels_last == "auto" else self.cfg.channels_last
+        self.compile = self.cfg.compile
+        if self.compile:
+            check_compile_available(self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -234,14 +324,7 @@ class StageTrainer:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
-        fused = self.device.type in FUSED_ADAMW_DEVICES
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                      weight_decay=cfg.weight_decay, fused=fused)
-        self.fused = fused
-        warmup = cfg.warmup_steps
-        # Linear warmup to lr over warmup_steps, then constant.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        optimizer, self.scheduler, self.fused = make_optimizer(model, cfg, self.device)
         self.step = 0
         self.nan_total = torch.zeros((), dtype=torch.long, device=self.device)
         self.nan_in_row = torch.zeros((), dtype=torch.long, device=self.device)
@@ -258,6 +341,10 @@ class StageTrainer:
         if state is not None and "grad_scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.resume_state = state
+        self.train_step = TrainStep(self.accelerator, self.model, self.optimizer, self.scheduler, self.ema,
+                                    self.loss_fn, self.timestep_sampler, grad_clip=cfg.grad_clip, fused=self.fused,
+                                    mixed_precision=self.mixed_precision, nan_total=self.nan_total,
+                                    nan_in_row=self.nan_in_row, compile=self.compile)
 
     def _new_segment(self, step: int, rng: list[dict] | None = None) -> None:
         """Start the data segment at ``step``: RNG states and a fresh loader seeded from (seed, step, rank)."""
@@ -354,11 +441,7 @@ class StageTrainer:
         return path if path is not None else self.run_dir / checkpoint.CHECKPOINTS_DIR / checkpoint.step_dir_name(self.step)
 
     def _reset_window(self) -> None:
-        dev = self.device
-        self.win = {"loss": torch.zeros((), device=dev), "grad_norm": torch.zeros((), device=dev),
-                    "q_sum": torch.zeros(4, device=dev), "q_count": torch.zeros(4, device=dev),
-                    "correct": torch.zeros((), device=dev), "seen": torch.zeros((), device=dev),
-                    "max_in_row": torch.zeros((), dtype=torch.long, device=dev)}
+        self.win = new_window(self.device)
         self.win_steps = 0
         self.win_time = time.perf_counter()
 
@@ -434,45 +517,8 @@ class StageTrainer:
     # -- the loop ---------------------------------------------------------------------------------------
 
     def _train_step(self) -> None:
-        acc, cfg = self.accelerator, self.cfg
-        step_loss = torch.zeros((), device=self.device)
-        for _ in range(cfg.grad_accum):
-            batch = next(self.batches)
-            with acc.accumulate(self.model):
-                out = self.loss_fn(self.model, batch)
-                acc.backward(out["loss"])
-            per_sample, t = out["per_sample"].detach().float(), out["t"]
-            if not isinstance(self.timestep_sampler, UniformSampler):  # importance sampling needs every rank's losses
-                self.timestep_sampler.update_with_all_losses(acc.gather(t), acc.gather(per_sample))
-            step_loss += out["loss"].detach().float() / cfg.grad_accum
-            quarter = torch.clamp(t * 4 // self.diffusion.num_timesteps, max=3)
-            finite = torch.isfinite(per_sample)
-            self.win["q_sum"].index_add_(0, quarter, torch.where(finite, per_sample, 0.0))
-            self.win["q_count"].index_add_(0, quarter, finite.float())
-            if "correct" in out:
-                self.win["correct"] += out["correct"]
-                self.win["seen"] += len(t)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm).detach().float()
-        loss_bad = ~torch.isfinite(step_loss)
-        if self.mixed_precision == "fp16":
-            bad = loss_bad  # the GradScaler skips steps with non-finite gradients itself
-        else:
-            bad = loss_bad | ~torch.isfinite(grad_norm)
-            if self.fused:
-                self.optimizer.optimizer.found_inf = bad.float()  # fused AdamW skips the update on device
-        self.step_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (logged with it)
-        if self.fused or self.mixed_precision == "fp16" or not bool(bad):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.ema.update(acc.unwrap_model(self.model), apply=~bad)
-        bad_long = bad.long()
-        self.nan_total += bad_long
-        self.nan_in_row.add_(bad_long).mul_(bad_long)  # consecutive non-finite steps: +1, or back to 0
-        self.win["max_in_row"] = torch.maximum(self.win["max_in_row"], self.nan_in_row)
-        self.win["loss"] += torch.where(bad, 0.0, step_loss)
-        self.win["grad_norm"] += torch.where(bad, 0.0, grad_norm)
+        self.train_step([next(self.batches) for _ in range(self.cfg.grad_accum)], self.win)
+        self.step_lr = self.train_step.last_lr
         self.win_steps += 1
         self.step += 1
 
@@ -564,12 +610,15 @@ __all__ = [
     "RunConfig",
     "SRDiffusionLoss",
     "StageTrainer",
+    "TrainStep",
     "TrainerConfig",
     "TrainingInterrupted",
     "drop_labels",
     "make_accelerator",
+    "make_optimizer",
     "make_stage_loss",
     "native_bf16",
+    "new_window",
     "resolve_mixed_precision",
     "segment_seed",
     "train_stage",

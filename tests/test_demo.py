@@ -15,11 +15,11 @@ def quick_demo(tmp_path_factory):
     path on a CPU with and without native bf16; emulated bf16 would make this test minutes slower on AVX2).
     Changing precision within one process is `test_train.test_precisions_change_between_runs_in_one_process`'s
     job, and the session's tiny runs train one stage in bf16 among fp32 ones."""
-    from cascade import runtime
+    from cascade import device
 
     out = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runtime, "native_bf16", lambda device: False)
+        mp.setattr(device, "native_bf16", lambda device: False)
         return demo.run_demo(out, demo.QUICK, _tiny_configs(), seed=0, progress=False)
 
 

@@ -190,6 +190,24 @@ def test_bf16_precision_runs(runs_root):
     assert out["base32"].dtype == torch.float32 and torch.isfinite(out["base32"]).all()
 
 
+def test_bf16_and_fp32_samples_agree_on_a_fixed_seed(runs_root):
+    # bf16 autocast runs on every CPU (natively or emulated), so this holds wherever the suite runs
+    out = {p: CascadePipeline.from_runs(runs_root, BASE_SR64, precision=p)([0, 2], steps=4, sampler="ddim", eta=0.0,
+                                                                         w=2.0, seed=7, progress=False)
+           for p in ("fp32", "bf16")}
+    for stage in BASE_SR64:
+        diff = (out["bf16"][stage] - out["fp32"][stage]).abs()
+        assert diff.mean() < 2e-3 and diff.max() < 0.05, (stage, float(diff.mean()), float(diff.max()))
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_follows_native_bf16(runs_root, monkeypatch, native, expected):
+    import cascade.device
+
+    monkeypatch.setattr(cascade.device, "native_bf16", lambda device: native)
+    assert CascadePipeline.from_runs(runs_root, ("base32",), precision="auto").precision == expected
+
+
 def _one_line(err: pytest.ExceptionInfo) -> str:
     message = str(err.value)
     assert "\n" not in message

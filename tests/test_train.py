@@ -120,14 +120,24 @@ def test_mixed_precision_auto_and_label_dropout():
     assert 0.07 < (dropped == 5).float().mean() < 0.13
 
 
-def test_auto_precision_follows_native_bf16(monkeypatch):
-    from cascade import runtime
+def test_compile_without_a_compiler_is_one_clear_error(monkeypatch):
+    import shutil
 
-    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
-    assert runtime.resolve_mixed_precision("auto", torch.device("cpu")) == "bf16"
-    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
-    assert runtime.resolve_mixed_precision("auto", torch.device("cpu")) == "no"
-    assert runtime.resolve_mixed_precision("bf16", torch.device("cpu")) == "bf16"
+    from cascade import train
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"^trainer.compile=true needs a C\+\+ compiler .*trainer.compile=false$"):
+        train.check_compile_available(torch.device("cpu"))
+
+
+def test_auto_precision_follows_native_bf16(monkeypatch):
+    from cascade import device
+
+    monkeypatch.setattr(device, "native_bf16", lambda device: True)
+    assert device.resolve_mixed_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(device, "native_bf16", lambda device: False)
+    assert device.resolve_mixed_precision("auto", torch.device("cpu")) == "no"
+    assert device.resolve_mixed_precision("bf16", torch.device("cpu")) == "bf16"
 
 
 def test_precisions_change_between_runs_in_one_process(synthetic_shards, tmp_path):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stages
-from cascade.attention import CrossAttention2d, attention, explicit_attention
+from cascade.attention import SHORT_SEQUENCE, CrossAttention2d, attention, explicit_attention
 from cascade.unet import UNet, timestep_embedding
 
 
@@ -45,6 +45,20 @@ def test_sdpa_attention_equals_explicit_softmax():
     manual = torch.softmax(q[0, :, 1] @ k[0, :, 1].T / 8**0.5, dim=-1) @ v[0, :, 1]  # eq. 15, one head
     torch.testing.assert_close(attention(q, k, v)[0, :, 1], manual, atol=1e-5, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("tokens", [16, SHORT_SEQUENCE + 4])  # the float32 path for short bf16 sequences, flash for long
+def test_bf16_attention_matches_float32_on_both_kernel_paths(tokens):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, tokens, 2, 8, generator=gen) for _ in range(3))
+    expected = explicit_attention(q, k, v)
+    qb, kb, vb = (t.bfloat16().requires_grad_(True) for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(qb, kb, vb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (qb, kb, vb))
 
 def test_cross_attention_block_uses_context():
     block = _randomize_zero_params(CrossAttention2d(16, 12, head_channels=8))

@@ -4,7 +4,11 @@
   python tools/bench.py --modes fp32,cl,bf16+cl           # several modes (fp32, bf16, cl, compile; join with +)
   python tools/bench.py --stages base32,big32 --compare diffusers
   python tools/bench.py --quick --stages base32           # smoke run
+  python tools/bench.py --stages base32 --compile         # + compile time and steady-state gain of torch.compile
+  python tools/bench.py --stages base32 --trainer         # + the trainer's img/s against its bare step
 
+Training is timed through the library's own step (`cascade.train.TrainStep`: autocast, loss, backward, clipping,
+fused AdamW, LR schedule, EMA update), on one batch held on the device: the "bare step".
 Every (model, mode) runs in its own subprocess so peak memory (ru_maxrss, or CUDA max allocated) is its own.
 The conv and matmul ceilings are measured in the same run with the model's dominant 3×3 conv shape (its
 largest total-FLOP conv at the stated batch size) and the same conv as an im2col GEMM, fp32 and bf16.
@@ -35,9 +39,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import stages
+from cascade.ema import EMA
 from cascade.losses import make_stage_loss
+from cascade.runtime import make_accelerator
 from cascade.samplers import classifier_free_guidance, sample_ddim
 from cascade.timestep_sampler import UniformSampler
+from cascade.train import TrainStep, make_optimizer, new_window
+from cascade.trainer_config import TrainerConfig
 
 BENCH_STAGES = ("base32", "sr64", "sr128", "sr256", "classifier32", "big32")
 DEFAULT_BATCH = {"base32": 32, "sr64": 16, "sr128": 8, "sr256": 4, "classifier32": 32, "big32": 16}
@@ -247,7 +255,6 @@ def run_config(model_name: str, stage_name: str, mode: str, batch: int, steps: i
     ceilings = measure_ceilings(shape, batch, device, repeats)
     if opts["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    runner = torch.compile(model) if opts["compile"] else model
     diffusion = stages.build_diffusion(cfg)
     sampler = UniformSampler(diffusion.num_timesteps)
     gen = torch.Generator().manual_seed(0)
@@ -257,28 +264,38 @@ def run_config(model_name: str, stage_name: str, mode: str, batch: int, steps: i
     if cfg.low_resolution:
         batch_data["x_low"] = torch.randn(batch, 3, cfg.low_resolution, cfg.low_resolution, generator=gen).clamp(-1, 1)
     batch_data = {k: (v.contiguous(memory_format=fmt) if v.ndim == 4 else v).to(device) for k, v in batch_data.items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))  # as the trainer
+    # The trainer's own step (cascade.train.TrainStep) with the trainer's defaults: accelerate's autocast,
+    # fused AdamW, clipping, the non-finite skip, the LR schedule and the EMA update.
+    tcfg = TrainerConfig(batch_size=batch, mixed_precision="bf16" if opts["bf16"] else "no")
+    acc = make_accelerator(tcfg.mixed_precision, cpu=device.type == "cpu")
+    ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
+    optimizer, scheduler, fused = make_optimizer(model, tcfg, device)
+    prepared, optimizer = acc.prepare(model, optimizer)
+    step = TrainStep(acc, prepared, optimizer, scheduler, ema, make_stage_loss(cfg, diffusion, sampler, tcfg.p_uncond),
+                     sampler, grad_clip=tcfg.grad_clip, fused=fused, mixed_precision=tcfg.mixed_precision,
+                     nan_total=torch.zeros((), dtype=torch.long, device=device),
+                     nan_in_row=torch.zeros((), dtype=torch.long, device=device), compile=opts["compile"])
+    runner, window = step.runner, new_window(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def train_step():
-        with _autocast(device, opts["bf16"]):
-            loss = make_stage_loss(cfg, diffusion, sampler, p_uncond=0.1)(runner, batch_data)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step([batch_data], window)
 
     model.train()
     load_before = os.getloadavg()[0]
-    warmup = 3 if opts["compile"] else 1
-    step_s = _time(train_step, device, steps, repeats, warmup=warmup)
+    start = time.perf_counter()
+    train_step()  # the first step: compiles under torch.compile
+    _sync(device)
+    first_step_s = time.perf_counter() - start
+    step_s = _time(train_step, device, steps, repeats, warmup=2 if opts["compile"] else 0)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {
         "model": model_name, "stage": stage_name, "mode": mode, "device": device_name,
         "threads": torch.get_num_threads(), "batch_size": batch, "params": stages.count_parameters(model),
         "forward_gflops_per_image": flops / 1e9, "dominant_conv": shape, "ceilings": ceilings,
-        "train_step_s": step_s, "train_images_per_s": batch / step_s,
+        "train_step_s": step_s, "train_images_per_s": batch / step_s, "first_step_s": first_step_s,
         "train_gflops_per_s": 3 * flops * batch / step_s / 1e9, **({"diffusers": extra} if extra else {}),
     }
     if device.type == "cuda":
@@ -306,6 +323,44 @@ def run_config(model_name: str, stage_name: str, mode: str, batch: int, steps: i
                        "sample_gflops_per_s": 2 * flops * batch / per_step / 1e9})  # CFG: 2 forwards per image
     result["loadavg_1m"] = [load_before, os.getloadavg()[0]]
     return result
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+
+def run_trainer(stage_name: str, mode: str, batch: int, steps: int, device_name: str, threads: int | None,
+                num_workers: int) -> dict:
+    """Train the stage with `StageTrainer` for ``steps`` steps on a temporary synthetic shard set (logging every
+    10 steps, only the final checkpoint, no sample grids); returns its img/s (the metrics log's windows after the
+    first, which holds loader start-up and compilation) and the wall-clock img/s of the whole run."""
+    from cascade.datasets import SyntheticSource
+    from cascade.shards import write_shards
+    from cascade.train import StageTrainer
+    from cascade.trainer_config import DataConfig, RunConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    opts = parse_mode(mode)
+    cfg = stage_config(stage_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards(SyntheticSource(num_classes=cfg.num_classes, images_per_class=40), f"{tmp}/data",
+                     shard_size=50, val_fraction=0.1, max_res=cfg.resolution)
+        trainer_cfg = TrainerConfig(max_steps=steps, batch_size=batch, warmup_steps=100, ema_decay=0.999,
+                                    log_every=10, ckpt_every=0, sample_every=0, progress=False,
+                                    mixed_precision="bf16" if opts["bf16"] else "no",
+                                    channels_last=opts["channels_last"], compile=opts["compile"])
+        run = RunConfig(run_dir=f"{tmp}/run", data=DataConfig(root=f"{tmp}/data", num_workers=num_workers),
+                        trainer=trainer_cfg)
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        StageTrainer(cfg, run).run()
+        wall = time.perf_counter() - start
+        records = [json.loads(ln) for ln in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines() if ln.strip()]
+    rates = [r["img_per_s"] for r in records[1:] if r.get("img_per_s")]
+    steady = len(rates) / sum(1.0 / r for r in rates) if rates else float("nan")  # equal images per window
+    return {"model": "trainer", "stage": stage_name, "mode": mode, "device": device_name, "batch_size": batch,
+            "threads": torch.get_num_threads(), "num_workers": num_workers, "steps": steps,
+            "trainer_images_per_s": steady, "wall_images_per_s": steps * batch / wall,
+            "loadavg_1m": [load_before, os.getloadavg()[0]]}
 
 
 # ------------------------------------------------------------------------------------------ data loader
@@ -345,12 +400,34 @@ def _cpu_name() -> str:
 def _spawn(args: argparse.Namespace, model: str, stage: str, mode: str, batch: int) -> dict:
     spec = {"model": model, "stage": stage, "mode": mode, "batch": batch, "steps": args.steps,
             "repeats": args.repeats, "sample_steps": args.sample_steps, "device": args.device,
-            "threads": args.threads, "w": args.w}
+            "threads": args.threads, "w": args.w, "trainer_steps": args.trainer_steps,
+            "num_workers": args.data_workers}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
                           capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {model}/{stage}/{mode} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compile_gains(results: list[dict]) -> list[dict]:
+    """For every compiled result with an eager twin (same model, stage, mode without +compile): compile time
+    (first step minus a steady step), steady-state speed-up and the steps after which compiling pays off."""
+    out = []
+    for r in results:
+        tokens = r["mode"].split("+")
+        if "compile" not in tokens:
+            continue
+        eager_mode = "+".join(t for t in tokens if t != "compile") or "fp32"
+        eager = next((e for e in results if (e["model"], e["stage"], e["mode"]) == (r["model"], r["stage"], eager_mode)), None)
+        if eager is None:
+            continue
+        compile_s = r["first_step_s"] - r["train_step_s"]
+        saved = eager["train_step_s"] - r["train_step_s"]
+        out.append({"model": r["model"], "stage": r["stage"], "mode": eager_mode, "compile_s": compile_s,
+                    "eager_step_s": eager["train_step_s"], "compiled_step_s": r["train_step_s"],
+                    "speedup": eager["train_step_s"] / r["train_step_s"],
+                    "break_even_steps": compile_s / saved if saved > 0 else None})
+    return out
 
 
 def format_table(results: list[dict], data: dict) -> str:
@@ -406,24 +483,41 @@ def main(argv=None) -> dict:
     parser.add_argument("--compare", choices=["diffusers"], default=None)
     parser.add_argument("--data-workers", type=int, default=None, help="loader workers (default: DataConfig's)")
     parser.add_argument("--no-data", action="store_true", help="skip the data loader measurement")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run every mode under torch.compile: prints compile time and steady-state gain")
+    parser.add_argument("--trainer", action="store_true",
+                        help="also train each stage with the trainer (synthetic shards) and compare with the bare step")
+    parser.add_argument("--trainer-steps", type=int, default=60, help="steps of each --trainer run (default 60)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 step, 1 repeat, 1 sampling step")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.data_workers is None:
+        from cascade.trainer_config import DataConfig
+
+        args.data_workers = DataConfig.__dataclass_fields__["num_workers"].default
     if args.worker:
         s = json.loads(args.worker)
+        if s["model"] == "trainer":
+            result = run_trainer(s["stage"], s["mode"], s["batch"], s["trainer_steps"], s["device"], s["threads"],
+                                 s["num_workers"])
+            print(json.dumps(result))
+            return result
         result = run_config(s["model"], s["stage"], s["mode"], s["batch"], s["steps"], s["repeats"],
                             s["sample_steps"], s["device"], s["threads"], s["w"])
         print(json.dumps(result))
         return result
     if args.quick:
         args.steps, args.repeats, args.sample_steps = 1, 1, min(args.sample_steps, 1)
+        args.trainer_steps = min(args.trainer_steps, 20)
     names = [s for s in args.stages.split(",") if s]
     for n in names:
         stage_config(n)
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         parse_mode(m)
+    if args.compile:  # each mode also compiled, to print compile time and steady-state gain side by side
+        modes = [v for m in modes for v in ([m] if parse_mode(m)["compile"] else [m, f"{m}+compile"])]
     if args.compare:
         _diffusers()
     batches = {n: args.batch_size or DEFAULT_BATCH[n] for n in names}
@@ -439,17 +533,32 @@ def main(argv=None) -> dict:
                 print(f"  measured diffusers {name} {mode}: {results[-1]['train_images_per_s']:.1f} img/s "
                       f"(cascade/diffusers = {ratio:.2f}×, FLOPs ratio "
                       f"{results[-1]['diffusers']['flops_ratio']:.2f})", flush=True)
+    compile_report = compile_gains(results)
+    for c in compile_report:
+        print(f"  compile {c['model']} {c['stage']} {c['mode']}: compile {c['compile_s']:.1f} s, step "
+              f"{1e3 * c['eager_step_s']:.1f} → {1e3 * c['compiled_step_s']:.1f} ms ({c['speedup']:.2f}×), "
+              + (f"pays off after {c['break_even_steps']:.0f} steps" if c["break_even_steps"] else "never pays off"),
+              flush=True)
+    trainer = []
+    if args.trainer:
+        for name in names:
+            for mode in modes:
+                run = _spawn(args, "trainer", name, mode, batches[name])
+                bare = next(r for r in results if r["model"] == "cascade" and r["stage"] == name and r["mode"] == mode)
+                run["bare_step_images_per_s"] = bare["train_images_per_s"]
+                run["trainer_vs_bare"] = run["trainer_images_per_s"] / bare["train_images_per_s"]
+                trainer.append(run)
+                print(f"  trainer {name} {mode} ({run['num_workers']} workers): {run['trainer_images_per_s']:.1f} img/s "
+                      f"= {100 * run['trainer_vs_bare']:.0f}% of the bare step ({bare['train_images_per_s']:.1f}); "
+                      f"whole run {run['wall_images_per_s']:.1f} img/s", flush=True)
     data = {}
     if not args.no_data:
-        from cascade.trainer_config import DataConfig
-
-        workers = args.data_workers if args.data_workers is not None else DataConfig.__dataclass_fields__["num_workers"].default
-        data = measure_data([n for n in names if n != "big32"], batches, 2 if args.quick else 10, workers)
+        data = measure_data([n for n in names if n != "big32"], batches, 2 if args.quick else 10, args.data_workers)
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu_name(),
               "torch": torch.__version__, "device": args.device, "logical_cpus": os.cpu_count(),
               "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "results": results,
-              "data_loader_images_per_s": data}
+              "compile": compile_report, "trainer": trainer, "data_loader_images_per_s": data}
     table = format_table(results, data)
     print(f"\n{report['date']}  {report['cpu']}  torch {report['torch']}  {args.device}  "
           f"{sorted({r['threads'] for r in results})} threads  capability {report['cpu_capability']}  "

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: all at once)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
+    p.add_argument("--precision", default="auto",
+                   help=f"one of {', '.join(PRECISIONS)} (default auto: bf16 where the device computes it natively, "
+                        "else fp32)")
     p.add_argument("--out", default="samples", help="output folder (default samples/)")
     return p
 
