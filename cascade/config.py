@@ -194,9 +194,11 @@ class SamplingSettings:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")  # noqa: TRY004 (a bad setting value)
-            if not low <= value <= high or not math.isfinite(value):
-                raise ValueError(f"{name} must be {f'in [{low}, {high}]' if high < math.inf else f'>= {low}'} and "
-                                 f"finite, got {value}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be {f'in [{low}, {high}]' if high < math.inf else f'>= {low}'}, "
+                                 f"got {value}")
             object.__setattr__(self, name, float(value))
         if self.dynamic_threshold == 0.0:
             raise ValueError("dynamic_threshold must be in (0, 1] or None, got 0")
