@@ -79,3 +79,11 @@ def load_loaded_stage(name: str, ckpt: Path, record: dict[str, Any], cfg: Any, d
                       weights: str = "ema") -> LoadedStage:
     _, model, diffusion = load_stage(ckpt, weights=weights, device=device)
     return LoadedStage(name, cfg, model, diffusion, ckpt, int(record["step"]), _class_names(record))
+
+
+def check_classifier(path: str | Path, cfg: StageConfig) -> None:
+    """Raise CascadeConfigError (one line) unless the checkpoint at ``path`` holds a classifier stage."""
+    if cfg.kind is not StageKind.classifier:
+        raise CascadeConfigError(
+            f"classifier: {path} holds a {cfg.kind.value} stage ({cfg.name}); pass a classifier checkpoint"
+        )

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from cascade.cas import DEFAULT_CAS, CASSettings
+from cascade.chain import check_classifier
 from cascade.checkpoint import load_stage
 from cascade.config import SamplingSettings, StageKind
 from cascade.data import iterate_split
@@ -67,10 +68,7 @@ def classifier_feature_net(path: str | Path, device: str | torch.device = "cpu")
         cfg, model, _ = load_stage(path, device=device)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise CascadeConfigError(f"classifier: {err}; train classifier32 or pass --classifier PATH") from None
-    if cfg.kind is not StageKind.classifier:
-        raise CascadeConfigError(
-            f"classifier: {path} holds a {cfg.kind.value} stage ({cfg.name}); pass a classifier checkpoint"
-        )
+    check_classifier(path, cfg)
     return ClassifierFeatures(model, f"{cfg.name}-features", resolution=cfg.resolution)
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from cascade.cas import CASSettings, cas_with_ceiling
 from cascade.data import iterate_split, read_dataset_info
 from cascade.features import ClassifierFeatures
+from cascade.generation import read_split
 from cascade.imageops import float_to_uint8, uint8_to_float
 from cascade.metrics import class_accuracy, compute_fid_kid
 from cascade.reference_stats import cached_reference_stats, shard_fingerprint
@@ -116,13 +117,10 @@ class Judge:
 
 def load_split(root: str | Path, split: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a split at `resolution` (N×3×R×R float in [-1, 1]) and its labels (N long)."""
-    images, labels = [], []
-    for batch in iterate_split(root, split, [resolution], batch_size=256):
-        images.append(batch["images"][resolution])
-        labels.append(batch["y"])
-    if not images:
+    labels, images = read_split(Path(root), split, [resolution], keep=[resolution])
+    if resolution not in images:
         raise ValueError(f"the {split} split of {root} has no readable images")
-    return torch.cat(images), torch.cat(labels)
+    return uint8_to_float(images[resolution]), labels  # exact: the shards hold uint8
 
 
 def _shifted(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cascade.augment import condition_low_res
-from cascade.chain import LoadedStage, check_chain, load_loaded_stage, read_checkpoint
+from cascade.chain import LoadedStage, check_chain, check_classifier, load_loaded_stage, read_checkpoint
 from cascade.config import SamplingSettings, StageKind
 from cascade.device import SAMPLING_PRECISIONS, resolve_sampling_precision
 from cascade.diffusion import aug_alpha_bar, aug_level_from_alpha_bar
@@ -139,10 +139,7 @@ class CascadePipeline:
         if key not in self._classifiers:
             ckpt, record, cfg = read_checkpoint("classifier", path)
             base = self.stages[0].config
-            if cfg.kind is not StageKind.classifier:
-                raise CascadeConfigError(
-                    f"classifier: {path} holds a {cfg.kind.value} stage ({cfg.name}); pass a classifier checkpoint"
-                )
+            check_classifier(path, cfg)
             if cfg.resolution != base.resolution:
                 raise CascadeConfigError(
                     f"classifier: it sees {cfg.resolution}x{cfg.resolution} images but the base stage "
