@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import json
 import os
 import platform
 import re
@@ -42,6 +43,7 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from cascade import checkpoint
+from cascade.atomic import write_atomic
 from cascade.augment import condition_low_res
 from cascade.cas import CASSettings
 from cascade.config import StageConfig, StageKind
@@ -54,6 +56,7 @@ from cascade.samplers import SAMPLERS, classifier_free_guidance
 from cascade.trainer_config import DataConfig, RunConfig, TrainerConfig
 
 RUNS_DIR = "runs"
+TRAIN_RECORD = "bench_train.json"  # what a finished training run recorded, read back by --reuse
 
 # Trainer settings every recipe starts from (the issue-14 probe: batch 8, lr 2e-4, EMA 0.999, bf16 where
 # native); a recipe's trainer overrides replace them. Only the final checkpoint is written.
@@ -87,13 +90,48 @@ RECIPES: dict[str, Recipe] = {
 DEFAULT_RECIPES = tuple(RECIPES)
 
 
+def resolve_recipe(spec: str, recipes: Mapping[str, Recipe] = RECIPES) -> Recipe:
+    """The recipe a spec names: a known recipe, optionally followed by `+KEY=VALUE` changes, e.g.
+    ``v-minsnr5+lr=1e-3+batch_size=16+diffusion.min_snr_gamma=1``. A bare KEY is a trainer setting
+    (`TrainerConfig` field), a dotted SECTION.KEY a stage setting; values are read as YAML scalars
+    (``1e-3`` → 0.001, ``true``, ``[8, 16]``). BenchError on an unknown recipe or a malformed change."""
+    import yaml
+
+    base, *changes = spec.split("+")
+    if base not in recipes:
+        raise BenchError(f"--recipes: unknown recipe {base!r}; known recipes: {', '.join(recipes)} "
+                         f"(each may be followed by +KEY=VALUE changes, e.g. v-minsnr5+lr=1e-3)")
+    recipe = recipes[base]
+    if not changes:
+        return recipe
+    stage = {k: dict(v) if isinstance(v, Mapping) else v for k, v in recipe.stage.items()}
+    trainer = dict(recipe.trainer)
+    for change in changes:
+        key, sep, raw = change.partition("=")
+        if not sep or not key or not raw:
+            raise BenchError(f"--recipes: bad change {change!r} in {spec!r}; use +KEY=VALUE (trainer) or "
+                             f"+SECTION.KEY=VALUE (stage), e.g. v-minsnr5+lr=1e-3+diffusion.min_snr_gamma=1")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise BenchError(f"--recipes: value of {key} in {spec!r} is not readable: {raw!r}") from None
+        if isinstance(value, float) or (isinstance(value, str) and re.fullmatch(r"[-+]?[\d.]+e[-+]?\d+", value)):
+            value = float(value)  # YAML 1.1 reads 1e-3 as a string
+        section, dot, name = key.partition(".")
+        if dot:
+            if not isinstance(stage.setdefault(section, {}), dict):
+                raise BenchError(f"--recipes: {section} in {spec!r} is not a section of the stage configuration")
+            stage[section][name] = value
+        else:
+            trainer[key] = value
+    return Recipe(f"{recipe.description}; changed: {', '.join(changes)}", stage, trainer)
+
+
 def apply_recipe(name: str, stage_cfg: Any, trainer: TrainerConfig,
                  recipes: Mapping[str, Recipe] = RECIPES) -> tuple[Any, TrainerConfig]:
-    """(stage config, trainer config) of a recipe; BenchError naming the recipe and any key this version's
-    configuration does not know."""
-    if name not in recipes:
-        raise BenchError(f"--recipes: unknown recipe {name!r}; known recipes: {', '.join(recipes)}")
-    recipe = recipes[name]
+    """(stage config, trainer config) of a recipe spec (`resolve_recipe`); BenchError naming the recipe and any
+    key this version's configuration does not know."""
+    recipe = resolve_recipe(name, recipes)
     known = stage_cfg.to_dict()
     for section, values in recipe.stage.items():
         if section not in known:
@@ -107,8 +145,9 @@ def apply_recipe(name: str, stage_cfg: Any, trainer: TrainerConfig,
     if unknown:
         raise BenchError(f"recipe {name}: trainer setting {unknown[0]} is unknown to this version's configuration")
     try:
+        new_trainer = dataclasses.replace(trainer, **recipe.trainer)
         return (stage_cfg.with_overrides({k: dict(v) if isinstance(v, Mapping) else v for k, v in recipe.stage.items()}),
-                dataclasses.replace(trainer, **recipe.trainer))
+                new_trainer)
     except (ValueError, TypeError) as err:
         raise BenchError(f"recipe {name}: {err}") from None
 
@@ -129,9 +168,10 @@ class SamplerSetting:
     w: float | None  # None: the stage's own sampling.w
     eta: float = 0.0
     aug_level: float | None = None
+    guidance_interval: tuple[float, float] | None = None  # None: the stage's own sampling.guidance_interval
 
 
-_SPEC_KEYS = {"w": "w", "eta": "eta", "s": "aug_level"}
+_SPEC_KEYS = {"w": "w", "eta": "eta", "s": "aug_level", "gi": "guidance_interval"}
 
 
 def parse_samplers(text: str, default_w: float | None,
@@ -149,10 +189,19 @@ def parse_samplers(text: str, default_w: float | None,
             raise BenchError(f"--samplers: bad item {item!r}; expected SAMPLER STEPS with SAMPLER one of "
                              f"{', '.join(samplers)} ({example})")
         values: dict[str, float | None] = {"w": default_w}
+        interval = None
         for option in options:
             key, sep, raw = option.partition("=")
             if not sep or key not in _SPEC_KEYS:
-                raise BenchError(f"--samplers: bad option {option!r} in {item!r}; use w=W, eta=E or s=S ({example})")
+                raise BenchError(f"--samplers: bad option {option!r} in {item!r}; use w=W, eta=E, s=S or gi=LO-HI "
+                                 f"({example})")
+            if key == "gi":
+                bounds = re.fullmatch(r"(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)", raw)
+                if bounds is None or float(bounds[1]) > float(bounds[2]):
+                    raise BenchError(f"--samplers: gi in {item!r} must be LO-HI timesteps with LO <= HI, e.g. "
+                                     f"gi=100-800, got {raw!r}")
+                interval = (float(bounds[1]), float(bounds[2]))
+                continue
             try:
                 values[key] = float(raw)
             except ValueError:
@@ -162,7 +211,8 @@ def parse_samplers(text: str, default_w: float | None,
             raise BenchError(f"--samplers: {item!r}: need steps >= 1, w >= 0, eta >= 0 and s in [0, 1]")
         if values.get("eta", 0.0) and "eta" not in inspect.signature(samplers[name]).parameters:
             raise BenchError(f"--samplers: {item!r}: sampler {name} takes no eta")
-        settings.append(SamplerSetting(item, name, steps, **{_SPEC_KEYS[k]: v for k, v in values.items()}))
+        settings.append(SamplerSetting(item, name, steps, **{_SPEC_KEYS[k]: v for k, v in values.items()},
+                                       guidance_interval=interval))
     labels = [s.label for s in settings]
     if len(set(labels)) != len(labels):
         raise BenchError(f"--samplers: an item is named twice in {text!r}; name each once")
@@ -197,6 +247,8 @@ def sample_images(model: torch.nn.Module, diffusion: Any, stage_cfg: Any, settin
         changes["w"] = setting.w
     if setting.aug_level is not None:
         changes["aug_level"] = setting.aug_level
+    if setting.guidance_interval is not None:
+        changes["guidance_interval"] = setting.guidance_interval
     settings = dataclasses.replace(stage_cfg.sampling, **changes)  # the stage's own defaults, as changed
     settings.check_for(stage_cfg)
     sampler = SAMPLERS[settings.sampler]
@@ -247,6 +299,7 @@ class BenchConfig:
     judge: JudgeSettings = field(default_factory=JudgeSettings)
     cas: CASSettings | None = None  # also the Classification Accuracy Score per row (base stages)
     overwrite: bool = False
+    reuse: bool = False  # sample runs already trained in `out` (same recipe and budget) instead of retraining
     progress: bool = False
 
 
@@ -301,9 +354,13 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
     if len(set(cfg.recipes)) != len(cfg.recipes):
         raise BenchError("--recipes: a recipe is named twice; name each once")
     for name in cfg.recipes:
-        run_dir = cfg.out / RUNS_DIR / name
+        run_dir = cfg.out / RUNS_DIR / _file_label(name)
+        if cfg.reuse and cfg.overwrite:
+            raise BenchError("--reuse and --overwrite exclude each other: reuse keeps trained runs, overwrite replaces them")
+        if cfg.reuse:
+            continue
         if not cfg.overwrite and checkpoint.latest_checkpoint(run_dir) is not None:
-            raise BenchError(f"{run_dir} already holds a trained run; pass --overwrite or choose another --out")
+            raise BenchError(f"{run_dir} already holds a trained run; pass --overwrite, --reuse or choose another --out")
     return Prepared(cfg, info, runs)
 
 
@@ -348,7 +405,16 @@ class BenchResult:
 def _train(name: str, stage_cfg: Any, trainer: TrainerConfig, cfg: BenchConfig, log) -> dict[str, Any]:
     from cascade.train import StageTrainer
 
-    run_dir = cfg.out / RUNS_DIR / name
+    run_dir = cfg.out / RUNS_DIR / _file_label(name)
+    record = run_dir / TRAIN_RECORD
+    budget = {"minutes": cfg.minutes, "steps": cfg.steps}
+    if cfg.reuse and record.exists():
+        trained = json.loads(record.read_text())
+        if trained.get("budget") != budget:
+            raise BenchError(f"--reuse: {run_dir} was trained with budget {trained.get('budget')}, this run asks "
+                             f"{budget}; pass the same --minutes/--steps or --overwrite")
+        log(f"reusing {cfg.stage} recipe {name}: {trained['train_steps']} steps in {trained['train_seconds']:.0f} s")
+        return {k: v for k, v in trained.items() if k != "budget"}
     if cfg.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run = RunConfig(run_dir=str(run_dir), data=DataConfig(root=str(cfg.data), num_workers=cfg.num_workers),
@@ -362,8 +428,10 @@ def _train(name: str, stage_cfg: Any, trainer: TrainerConfig, cfg: BenchConfig, 
     started = time.perf_counter()
     final = trainer_obj.run()
     seconds = time.perf_counter() - started
-    return {"checkpoint": str(final), "train_steps": trainer_obj.step, "train_seconds": seconds,
-            "mixed_precision": trainer_obj.mixed_precision}
+    trained = {"checkpoint": str(final), "train_steps": trainer_obj.step, "train_seconds": seconds,
+               "mixed_precision": trainer_obj.mixed_precision}
+    write_atomic(record, json.dumps({**trained, "budget": budget}, indent=1))
+    return trained
 
 
 def _sr_inputs(root: Path, stage_cfg: Any, per_class: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -460,7 +528,9 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
                 _grid_sr(images, labels, real, x_low, min(cfg.per_class, 3)).save(grid_path)
             rows.append({"recipe": name, "sampler": setting.label, "sampler_name": setting.sampler,
                          "steps": setting.steps, "w": stage_cfg.sampling.w if setting.w is None else setting.w,
-                         "eta": setting.eta,
+                         "eta": setting.eta, "guidance_interval": (stage_cfg.sampling.guidance_interval
+                                                                   if setting.guidance_interval is None
+                                                                   else list(setting.guidance_interval)),
                          "aug_level": (stage_cfg.sampling.aug_level if setting.aug_level is None
                                        else setting.aug_level) if kind is StageKind.sr else None,
                          **trained, "nfe_per_image": nfe, "sample_seconds": seconds,
@@ -475,8 +545,8 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
             "budget": {"minutes": cfg.minutes} if cfg.minutes is not None else {"steps": cfg.steps},
             "samples": {"num_images": len(labels), "per_class": cfg.per_class, "seed": cfg.seed},
             "trainer_common": {k: v for k, v in BENCH_TRAINER.items() if k not in ("keep_last", "log_every")},
-            "recipes": {n: {"description": RECIPES[n].description, "stage": dict(RECIPES[n].stage),
-                            "trainer": dict(RECIPES[n].trainer)} for n in cfg.recipes},
+            "recipes": {n: {"description": r.description, "stage": dict(r.stage), "trainer": dict(r.trainer)}
+                        for n, r in ((n, resolve_recipe(n)) for n in cfg.recipes)},
             "machine": machine, "device": str(device),
             "judge": None if judge is None else judge.describe(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -492,7 +562,6 @@ def main_settings(args_recipes: str | None, samplers: str, default_w: float) -> 
     """(recipe names, sampler settings) from the command line's texts (None: every recipe in RECIPES)."""
     names = list(DEFAULT_RECIPES) if args_recipes is None else [n.strip() for n in args_recipes.split(",")]
     for n in names:
-        if n not in RECIPES:
-            raise BenchError(f"--recipes: unknown recipe {n!r}; known recipes: {', '.join(RECIPES)}")
+        resolve_recipe(n)
     return names, parse_samplers(samplers, default_w)
 

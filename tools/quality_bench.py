@@ -45,12 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default quality/<stage>)")
     p.add_argument("--recipes", default=None,
                    help=f"comma-separated recipes (default all: {', '.join(RECIPES)}); "
-                        + "; ".join(f"{k}: {v.description}" for k, v in RECIPES.items()))
+                        + "; ".join(f"{k}: {v.description}" for k, v in RECIPES.items())
+                        + ". Each may be followed by +KEY=VALUE changes: a trainer setting (+lr=1e-3, +batch_size=16, "
+                          "+ema_decay=0.995) or a stage setting (+diffusion.min_snr_gamma=1)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock training minutes per recipe")
     budget.add_argument("--steps", type=int, default=None, help="training steps per recipe")
     p.add_argument("--samplers", default=None,
-                   help="comma-separated SAMPLER STEPS[:w=W][:eta=E][:s=S], e.g. ddim25,ddpm50:w=1 (default ddim25)")
+                   help="comma-separated SAMPLER STEPS[:w=W][:eta=E][:s=S][:gi=LO-HI], e.g. ddim25,ddpm50:w=1,"
+                        "dpmpp2m15:gi=100-800 (gi: guidance only for timesteps LO..HI) (default ddim25)")
     p.add_argument("--w", type=float, default=None,
                    help="default guidance weight of the samplers (default: the stage's own sampling.w)")
     p.add_argument("--per-class", type=int, default=None,
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the Classification Accuracy Score per row (a small CNN trained on the samples, tested "
                         "on real val images, beside the same CNN trained on as many real images)")
     p.add_argument("--overwrite", action="store_true", help="replace runs of the same recipes already in --out")
+    p.add_argument("--reuse", action="store_true",
+                   help="sample and score runs already trained in --out with the same recipe and budget instead of "
+                        "training them again (e.g. to try more --samplers)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['steps']} steps, {QUICK['per_class']} samples per class, "
                         f"{QUICK['samplers']}, {QUICK['judge_epochs']} judge epochs (explicit options win)")
@@ -91,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         samplers=samplers, minutes=minutes, steps=steps,
         per_class=args.per_class if args.per_class is not None else quick.get("per_class", 20), size=args.size,
         seed=args.seed, num_workers=args.workers, sample_batch=args.sample_batch, judge=judge,
-        cas=CASSettings() if args.cas else None, overwrite=args.overwrite, progress=args.progress)
+        cas=CASSettings() if args.cas else None, overwrite=args.overwrite, reuse=args.reuse, progress=args.progress)
 
 
 def main(argv: list[str] | None = None) -> int:
