@@ -315,8 +315,8 @@ def _report_blocks(budget, settings, class_names, grids, real_grid, curves, eval
                    + "; ".join(f"{n}: {s.sampler} {s.steps} steps, w = {s.w:g}"
                                + (f", s = {s.aug_level:g}" if s.aug_level is not None else "")
                                for n, s in settings.items())
-                   + " (SR stages use DDIM: a few minutes of training leave the learned variance too wide for "
-                   "few-step ancestral sampling)"),
+                   + " (SR stages with learned variance use DDIM: a few minutes of training leave it too wide "
+                   "for few-step ancestral sampling)"),
                   *headline]),
         ("h2", "Samples"),
         ("p", ("Rows are classes (in the order listed above), columns are independent samples. Compare with the "

@@ -79,7 +79,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "today": Recipe("the stage preset as is (ε-prediction; tiny presets: learned-range variance, hybrid loss)"),
+    "today": Recipe("the stage preset as is (ε-prediction, learned-range variance, hybrid loss; the tiny sr64 "
+                    "preset: v-prediction, Min-SNR-5, fixed small variance since the benchmark's sr64 run)"),
     "eps-simple": Recipe("ε-prediction, uniform L_simple, fixed small variance (Ho et al. 2020 'DDPM' eq. 14)",
                          {"diffusion": {"loss": "simple", "model_var_type": "fixed_small"}}),
     "v-minsnr5": Recipe("v-prediction (Salimans & Ho 2022) with Min-SNR-5 weighting (Hang et al. 2023), "

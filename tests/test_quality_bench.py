@@ -186,3 +186,59 @@ def test_cas_scores_samples_beside_the_real_ceiling(shards, tmp_path, one_thread
     noise = score(judge, torch.rand(images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1, labels,
                   cas=cas)
     assert noise["cas_real_top1"] == real["cas_real_top1"]  # the ceiling does not depend on the samples
+
+
+def test_recipe_changes_apply_trainer_and_stage_keys_and_name_bad_ones():
+    import stages
+    from cascade.quality_bench import resolve_recipe
+    from cascade.trainer_config import TrainerConfig
+
+    stage = stages.get_stage("base32", "tiny", 3)
+    new_stage, trainer = apply_recipe("v-minsnr5+lr=1e-3+batch_size=16+diffusion.min_snr_gamma=1", stage,
+                                      TrainerConfig())
+    assert trainer.lr == 1e-3 and trainer.batch_size == 16  # YAML 1.1 reads "1e-3" as text: taken as a number
+    assert new_stage.diffusion.prediction == "v" and new_stage.diffusion.min_snr_gamma == 1
+    assert "changed: lr=1e-3" in resolve_recipe("v-minsnr5+lr=1e-3").description
+    for spec, message in [("nope+lr=1", "--recipes: unknown recipe 'nope'"),
+                          ("today+lr", "--recipes: bad change 'lr' in 'today+lr'"),
+                          ("today+=3", "--recipes: bad change '=3'"),
+                          ("today+diffusion.no_such_key=1", "recipe today+diffusion.no_such_key=1: stage setting "
+                                                            "diffusion.no_such_key is unknown"),
+                          ("today+no_such_setting=1", "trainer setting no_such_setting is unknown"),
+                          ("today+lr=-1", "recipe today+lr=-1: ")]:
+        with pytest.raises(BenchError, match="^" + message.replace("+", r"\+").replace(".", r"\.")):
+            apply_recipe(spec, stage, TrainerConfig())
+
+
+def test_guidance_interval_item_runs_fewer_network_evaluations(tiny_runs, one_thread):
+    from cascade.checkpoint import latest_checkpoint, load_stage
+
+    full, inside = parse_samplers("ddim4,ddim4:gi=0-500", default_w=3.0)
+    assert full.guidance_interval is None and inside.guidance_interval == (0.0, 500.0)
+    for bad in ("ddim4:gi=500-100", "ddim4:gi=a-b", "ddim4:gi=5"):
+        with pytest.raises(BenchError, match="gi in .* must be LO-HI timesteps"):
+            parse_samplers(bad, 3.0)
+    cfg, model, diffusion = load_stage(latest_checkpoint(tiny_runs["base32"]))
+    labels = torch.tensor([0, 1])
+    _, nfe_full = sample_images(model, diffusion, cfg, full, labels)
+    _, nfe_inside = sample_images(model, diffusion, cfg, inside, labels)
+    assert nfe_full == 8 and 4 < nfe_inside < 8  # guided (2 evaluations) only at the steps with t <= 500
+
+
+def test_reuse_samples_a_trained_run_without_training_it_again(tool, shards, tmp_path, capsys, one_thread):
+    out = tmp_path / "out"
+    common = ["--stage", "base32", "--data", str(shards), "--out", str(out), "--quick", "--recipes", "eps-simple",
+              "--workers", "0"]
+    assert tool.main(common) == 0
+    checkpoint_bytes = {p: p.read_bytes() for p in (out / "runs").rglob("*.safetensors")}
+    assert checkpoint_bytes
+    capsys.readouterr()
+    assert tool.main(common + ["--reuse", "--samplers", "ddim2"]) == 0
+    assert "reusing base32 recipe eps-simple: 3 steps" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in (out / "runs").rglob("*.safetensors")} == checkpoint_bytes
+    rows = json.loads((out / "quality.json").read_text())["rows"]
+    assert [(r["recipe"], r["sampler"], r.get("train_steps")) for r in rows[1:]] == [("eps-simple", "ddim2", 3)]
+    assert tool.main(common + ["--reuse", "--steps", "5"]) == 2  # another budget: not the same run
+    assert "was trained with budget" in capsys.readouterr().err
+    assert tool.main(common + ["--reuse", "--overwrite"]) == 2
+    assert "--reuse and --overwrite exclude each other" in capsys.readouterr().err

@@ -26,8 +26,8 @@ def test_tiny_stage_forward_shapes_and_size(name):
     assert stages.count_parameters(model) < 3_000_000
     with torch.no_grad():
         out = model(**stages.example_inputs(cfg, batch_size=1, generator=torch.Generator().manual_seed(0)))
-    r = cfg.resolution
-    assert out.shape == ((1, 7) if cfg.kind == "classifier" else (1, 6, r, r))
+    r, channels = cfg.resolution, 6 if cfg.diffusion.model_var_type == "learned_range" else 3  # mean ‖ variance
+    assert out.shape == ((1, 7) if cfg.kind == "classifier" else (1, channels, r, r))
 
 
 @pytest.mark.parametrize("name", stages.STAGE_NAMES)
