@@ -79,8 +79,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "today": Recipe("the stage preset as is (ε-prediction, learned-range variance, hybrid loss; the tiny sr64 "
-                    "preset: v-prediction, Min-SNR-5, fixed small variance since the benchmark's sr64 run)"),
+    "today": Recipe("the stage preset as is (ε-prediction, learned-range variance, hybrid loss; the tiny base32 "
+                    "and sr64 presets: v-prediction, Min-SNR-5, fixed small variance since the benchmark's runs)"),
     "eps-simple": Recipe("ε-prediction, uniform L_simple, fixed small variance (Ho et al. 2020 'DDPM' eq. 14)",
                          {"diffusion": {"loss": "simple", "model_var_type": "fixed_small"}}),
     "v-minsnr5": Recipe("v-prediction (Salimans & Ho 2022) with Min-SNR-5 weighting (Hang et al. 2023), "
@@ -146,9 +146,8 @@ def apply_recipe(name: str, stage_cfg: Any, trainer: TrainerConfig,
     if unknown:
         raise BenchError(f"recipe {name}: trainer setting {unknown[0]} is unknown to this version's configuration")
     try:
-        new_trainer = dataclasses.replace(trainer, **recipe.trainer)
         return (stage_cfg.with_overrides({k: dict(v) if isinstance(v, Mapping) else v for k, v in recipe.stage.items()}),
-                new_trainer)
+                dataclasses.replace(trainer, **recipe.trainer))
     except (ValueError, TypeError) as err:
         raise BenchError(f"recipe {name}: {err}") from None
 

@@ -530,4 +530,4 @@ def test_bad_prediction_and_weighting_settings_raise():
     cfg = base.with_overrides({"diffusion": {"prediction": "v", "loss_weighting": "min_snr", "min_snr_gamma": 2.0}})
     d = stages.build_diffusion(cfg)
     assert (d.prediction, d.loss_weighting, d.min_snr_gamma) == ("v", "min_snr", 2.0)
-    assert stages.build_diffusion(base).prediction == "eps"  # today's default is unchanged
+    assert stages.build_diffusion(stages.get_stage("base32", "paper")).prediction == "eps"  # CDM's recipe

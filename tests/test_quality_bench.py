@@ -204,7 +204,8 @@ def test_recipe_changes_apply_trainer_and_stage_keys_and_name_bad_ones():
                           ("today+=3", "--recipes: bad change '=3'"),
                           ("today+diffusion.no_such_key=1", "recipe today+diffusion.no_such_key=1: stage setting "
                                                             "diffusion.no_such_key is unknown"),
-                          ("today+no_such_setting=1", "trainer setting no_such_setting is unknown"),
+                          ("today+no_such_setting=1", "recipe today+no_such_setting=1: trainer setting "
+                                                      "no_such_setting is unknown"),
                           ("today+lr=-1", "recipe today+lr=-1: ")]:
         with pytest.raises(BenchError, match="^" + message.replace("+", r"\+").replace(".", r"\.")):
             apply_recipe(spec, stage, TrainerConfig())
@@ -234,7 +235,7 @@ def test_reuse_samples_a_trained_run_without_training_it_again(tool, shards, tmp
     assert checkpoint_bytes
     capsys.readouterr()
     assert tool.main(common + ["--reuse", "--samplers", "ddim2"]) == 0
-    assert "reusing base32 recipe eps-simple: 3 steps" in capsys.readouterr().out
+    assert "reusing base32 recipe eps-simple: 3 steps" in capsys.readouterr().err  # progress goes to stderr
     assert {p: p.read_bytes() for p in (out / "runs").rglob("*.safetensors")} == checkpoint_bytes
     rows = json.loads((out / "quality.json").read_text())["rows"]
     assert [(r["recipe"], r["sampler"], r.get("train_steps")) for r in rows[1:]] == [("eps-simple", "ddim2", 3)]

@@ -82,7 +82,7 @@ def test_overrides_apply_and_reject_unknown_keys():
 
 
 def test_build_diffusion_follows_config():
-    cfg = stages.get_stage("base32").with_overrides({"diffusion": {"num_timesteps": 50}})
+    cfg = stages.get_stage("base32", "paper").with_overrides({"diffusion": {"num_timesteps": 50}})
     diffusion = stages.build_diffusion(cfg)
     assert isinstance(diffusion, GaussianDiffusion) and diffusion.num_timesteps == 50
     assert diffusion.model_var_type == "learned_range" and diffusion.loss_type == "hybrid"

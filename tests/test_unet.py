@@ -94,7 +94,8 @@ def test_null_class_is_unconditional_branch():
 
 
 def test_output_is_zero_at_init_and_learned_variance_doubles_channels():
-    cfg = stages.get_stage("base32", "tiny")
+    cfg = stages.get_stage("base32", "tiny").with_overrides(
+        {"diffusion": {"model_var_type": "learned_range", "loss": "hybrid"}})
     model = stages.build_model(cfg)
     out = model(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), torch.tensor([0, 1]))
     assert out.shape == (2, 6, 32, 32) and not out.any()
