@@ -43,7 +43,7 @@ _PAPER = {"head_channels": 64, "norm_groups": 32, "use_checkpoint": True}
 # loss (ancestral 40 steps, w = 3; on digits 71% vs 74.5%, within one standard error at 200 samples);
 # sr64 over the conditioning skip: detail ratio 0.61 vs 0.45 at the same consistency (31.2 dB), DDIM 15.
 _TINY_V_MINSNR = DiffusionConfig(prediction="v", loss_weighting="min_snr", min_snr_gamma=5.0, loss="simple",
-                                    model_var_type="fixed_small")
+                                 model_var_type="fixed_small")
 
 # Sampling defaults of the tiny stages, the demo's measured settings: base32 guided (w = 3) ancestral at 40
 # steps; SR stages DDIM (the few-minute learned variance inflates few-step ancestral noise) at s = 0.03.
