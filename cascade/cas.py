@@ -77,9 +77,10 @@ def _check_set(what: str, images: torch.Tensor, labels: torch.Tensor, num_classe
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                     settings: CASSettings = DEFAULT_CAS, *, seed: int = 0) -> SmallCNN:
-    """A fresh `SmallCNN` trained on (images, labels) with AdamW and random horizontal flips, on the images'
-    device. Raises ValueError when there are fewer images than classes or a class has no image."""
+                     settings: CASSettings = DEFAULT_CAS, *, seed: int = 0, hflip: bool = True) -> SmallCNN:
+    """A fresh `SmallCNN` trained on (images, labels) with AdamW, on the images' device; with random horizontal
+    flips when ``hflip`` (only where mirror images keep their class: dataset.json "hflip", not for digits).
+    Raises ValueError when there are fewer images than classes or a class has no image."""
     labels = _check_set("training", images, labels, num_classes)
     if len(labels) < num_classes:
         raise ValueError(f"CAS: needs at least one training image per class: got {len(labels)} images for "
@@ -98,7 +99,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
         index = torch.randint(0, n, (min(settings.batch_size, n),), generator=generator)
         x = images[index.to(images.device)].float()
         flip = (torch.rand(len(index), generator=generator) < 0.5).to(x.device)
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if hflip:  # the draw is made either way: the batches do not depend on hflip
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         loss = F.cross_entropy(model(x), labels[index].to(x.device))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,13 +125,15 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_c
 
 def classification_accuracy_score(train_images: torch.Tensor, train_labels: torch.Tensor,
                                   test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
-                                  settings: CASSettings = DEFAULT_CAS, *, seed: int = 0) -> dict[str, float]:
+                                  settings: CASSettings = DEFAULT_CAS, *, seed: int = 0,
+                                  hflip: bool = True) -> dict[str, float]:
     """Top-1 (and top-5 with > 5 classes) accuracy on the real test set of a classifier trained on
-    (train_images, train_labels) only. Returns {"top1", ["top5"], "num_train", "num_test"}."""
+    (train_images, train_labels) only (random flips when ``hflip``, see `train_classifier`).
+    Returns {"top1", ["top5"], "num_train", "num_test"}."""
     if test_images.shape[-1] != train_images.shape[-1]:
         raise ValueError(f"CAS: training images are {train_images.shape[-1]}² but test images "
                          f"{test_images.shape[-1]}²; test at the generated images' resolution")
-    model = train_classifier(train_images, train_labels, num_classes, settings, seed=seed)
+    model = train_classifier(train_images, train_labels, num_classes, settings, seed=seed, hflip=hflip)
     return {**accuracy(model, test_images, test_labels, num_classes), "num_train": len(train_labels),
             "num_test": len(test_labels)}
 
@@ -137,8 +141,9 @@ def classification_accuracy_score(train_images: torch.Tensor, train_labels: torc
 def cas_with_ceiling(generated: torch.Tensor, generated_labels: torch.Tensor, real: torch.Tensor | None,
                      real_labels: torch.Tensor, test_images: torch.Tensor, test_labels: torch.Tensor,
                      num_classes: int, settings: CASSettings = DEFAULT_CAS, *, seed: int = 0,
-                     ceiling: dict[str, float] | None = None) -> dict[str, float]:
-    """CAS of generated images next to the same classifier trained on as many real training images.
+                     ceiling: dict[str, float] | None = None, hflip: bool = True) -> dict[str, float]:
+    """CAS of generated images next to the same classifier trained on as many real training images (both with
+    random horizontal flips when ``hflip``: pass the dataset's `cascade.data.dataset_hflip`).
 
     Returns {"top1", ["top5"], "real_top1", ["real_top5"], "num_train", "num_test"}; pass `ceiling` (a
     previous `classification_accuracy_score` of the real set) to skip retraining it. Raises ValueError when
@@ -148,8 +153,8 @@ def cas_with_ceiling(generated: torch.Tensor, generated_labels: torch.Tensor, re
         raise ValueError(f"CAS: the ceiling needs as many real training images as generated ones, got "
                          f"{len(real_labels)} real and {len(generated_labels)} generated")
     score = classification_accuracy_score(generated, generated_labels, test_images, test_labels, num_classes,
-                                          settings, seed=seed)
+                                          settings, seed=seed, hflip=hflip)
     if ceiling is None:
         ceiling = classification_accuracy_score(real, real_labels, test_images, test_labels, num_classes,
-                                                settings, seed=seed)
+                                                settings, seed=seed, hflip=hflip)
     return {**score, **{f"real_{k}": v for k, v in ceiling.items() if k.startswith("top")}}

@@ -287,6 +287,18 @@ def read_dataset_info(root: str | Path) -> dict:
     return info
 
 
+def dataset_hflip(info: dict | None, setting: str | bool = "auto") -> bool:
+    """Whether training flips images horizontally at random. ``setting`` "auto" follows the dataset's declaration
+    (dataset.json "hflip", written by `cascade.shards.write_shards` from its source: False for digits; shards
+    written before the field existed, or url lists without dataset.json, count as mirror-symmetric); True / False
+    override it. Raises ValueError for any other setting."""
+    if setting == "auto":
+        return bool((info or {}).get("hflip", True))
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"hflip must be auto, true or false, got {setting!r}")
+
+
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
@@ -328,13 +340,14 @@ def _distributed_rank_world() -> tuple[int, int]:
 def make_stage_loader(root_or_urls, *, split: str = "train", resolution: int, low_resolution: int | None = None,
                       batch_size: int, num_workers: int = 2, seed: int = 0, shuffle_buffer: int = 1000,
                       rank: int | None = None, world_size: int | None = None, epoch_length: int | None = None,
-                      hflip: bool = True, keep_keys: bool = False, pin_memory: bool = False,
+                      hflip: str | bool = "auto", keep_keys: bool = False, pin_memory: bool = False,
                       prefetch_factor: int = 2, stats: LoaderStats | None = None) -> StageLoader:
     """Loader of one stage's batches from a shard folder (with dataset.json), a url pattern or a url list.
 
     epoch_length: train batches per rank and epoch (default: ceil(train samples / (batch_size·world_size)),
     from dataset.json). rank/world_size default to torch.distributed when initialised, else 0/1.
-    Val reads every sample once, never flips. keep_keys adds `"key"` (list of sample keys) to batches.
+    Val reads every sample once, never flips; train flips at random when `dataset_hflip(info, hflip)` says so
+    ("auto": the dataset's declaration). keep_keys adds `"key"` (list of sample keys) to batches.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -373,7 +386,7 @@ def make_stage_loader(root_or_urls, *, split: str = "train", resolution: int, lo
     dataset = _StageDataset(
         urls, train=train, resolution=resolution, low_resolution=low_resolution, batch_size=batch_size, seed=seed,
         shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size, batches_per_epoch=epoch_length,
-        hflip=hflip and train, num_classes=num_classes, stats=stats or LoaderStats(), keep_keys=keep_keys)
+        hflip=dataset_hflip(info, hflip) and train, num_classes=num_classes, stats=stats or LoaderStats(), keep_keys=keep_keys)
     return StageLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                        info=info)
 

@@ -50,6 +50,9 @@ class Source:
 
     kind: str = ""
     class_names: list[str] = field(default_factory=list)
+    # Whether a horizontal mirror image still belongs to its class: training may then flip images at random
+    # (dataset.json "hflip"). False for digits and text, where a mirrored 3 is no 3.
+    hflip: bool = True
 
     def items_per_class(self) -> list[list[SourceItem]]:
         raise NotImplementedError
@@ -283,6 +286,7 @@ class DigitsSource(Source):
         if self.images_per_class is not None and self.images_per_class < 1:
             raise ValueError(f"images_per_class must be ≥ 1, got {self.images_per_class}")
         self.kind = "digits"
+        self.hflip = False  # a mirrored 3, 7 or 9 is no digit: flipping teaches the model mirrored classes
         self._images = None
         _, targets = self._load()
         self.class_names = [str(c) for c in range(10)]

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cascade.cas import CASSettings, cas_with_ceiling
-from cascade.data import iterate_split, read_dataset_info
+from cascade.data import dataset_hflip, iterate_split, read_dataset_info
 from cascade.features import ClassifierFeatures
 from cascade.generation import read_split
 from cascade.imageops import float_to_uint8, uint8_to_float
@@ -249,10 +249,12 @@ def score(judge: Judge, images: torch.Tensor, labels: torch.Tensor, *, batch_siz
     result = _fd_kid(reference, images, judge.features, batch_size, seed)
     result["class_accuracy"] = class_accuracy(judge.features.logits, images, labels, batch_size=batch_size)
     if cas is not None:
-        num_classes = len(read_dataset_info(judge.data_root)["class_names"])
+        info = read_dataset_info(judge.data_root)
+        num_classes = len(info["class_names"])
         real, real_labels = _balanced_subset(*load_split(judge.data_root, "train", judge.resolution), labels, seed)
         test, test_labels = load_split(judge.data_root, REFERENCE_SPLIT, judge.resolution)
-        found = cas_with_ceiling(images, labels, real, real_labels, test, test_labels, num_classes, cas, seed=seed)
+        found = cas_with_ceiling(images, labels, real, real_labels, test, test_labels, num_classes, cas, seed=seed,
+                                 hflip=dataset_hflip(info))
         result.update(cas_top1=found["top1"], cas_real_top1=found["real_top1"])
     return result
 

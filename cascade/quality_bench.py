@@ -78,11 +78,17 @@ class Recipe:
     trainer: Mapping[str, Any] = field(default_factory=dict)
 
 
+# Every recipe but `today` names each objective setting it relies on, so it means the same whatever the preset.
 RECIPES: dict[str, Recipe] = {
-    "today": Recipe("the stage preset as is (ε-prediction, learned-range variance, hybrid loss; the tiny base32 "
-                    "and sr64 presets: v-prediction, Min-SNR-5, fixed small variance since the benchmark's runs)"),
+    "today": Recipe("the stage preset as is (the tiny base32 and sr64 presets: v-prediction, Min-SNR-5, fixed "
+                    "small variance; the others: ε-prediction, learned-range variance, hybrid loss)"),
+    "cdm": Recipe("ε-prediction, learned-range variance, hybrid loss (Nichol & Dhariwal 2021 'Improved DDPM' "
+                  "§3.1; CDM's recipe and the paper presets'; the tiny presets' before the benchmark)",
+                  {"diffusion": {"prediction": "eps", "loss_weighting": "uniform", "loss": "hybrid",
+                                 "model_var_type": "learned_range"}}),
     "eps-simple": Recipe("ε-prediction, uniform L_simple, fixed small variance (Ho et al. 2020 'DDPM' eq. 14)",
-                         {"diffusion": {"loss": "simple", "model_var_type": "fixed_small"}}),
+                         {"diffusion": {"prediction": "eps", "loss_weighting": "uniform", "loss": "simple",
+                                        "model_var_type": "fixed_small"}}),
     "v-minsnr5": Recipe("v-prediction (Salimans & Ho 2022) with Min-SNR-5 weighting (Hang et al. 2023), "
                         "fixed small variance",
                         {"diffusion": {"prediction": "v", "loss_weighting": "min_snr", "min_snr_gamma": 5,

@@ -396,6 +396,7 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, shard_size: int 
         "seed": seed,
         "num_classes": len(source.class_names),
         "class_names": list(source.class_names),
+        "hflip": bool(source.hflip),  # random horizontal flips keep an image in its class (training augmentation)
         "resolutions": list(resolutions),
         "image_format": {str(r): "png" for r in resolutions},
         "counts": {name: {"total": sinks[name].count, "per_class": per_class_counts[name]} for name in SPLITS},

@@ -54,6 +54,7 @@ from cascade.ema import EMA
 from cascade.errors import GracefulInterrupt, Interrupted, ensure_writable_dir
 from cascade.imageops import image_grid, upsample
 from cascade.losses import ClassifierLoss, DiffusionLoss, SRDiffusionLoss, drop_labels, make_stage_loss
+from cascade.memory_format import probe_channels_last
 from cascade.runtime import (
     check_compile_available,
     get_rng_state,
@@ -69,6 +70,9 @@ from cascade.trainer_config import RunConfig, TrainerConfig
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu")
+# trainer.channels_last=auto measures the layouts on CPU only for runs with at least this many steps to go (or a
+# time budget): the probe costs about 8 training steps' forward + backward.
+PROBE_MIN_STEPS = 200
 
 
 class NonFiniteLossError(RuntimeError):
@@ -252,6 +256,7 @@ class StageTrainer:
         self.device = self.accelerator.device
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.channels_last = self.device.type == "cuda" if self.cfg.channels_last == "auto" else self.cfg.channels_last
+        self.layout_probe = None  # the channels_last=auto measurement on CPU (cascade.memory_format.LayoutProbe)
         self.compile = self.cfg.compile
         if self.compile:
             check_compile_available(self.device)
@@ -321,6 +326,8 @@ class StageTrainer:
         if model_w is not None:
             model.load_state_dict(model_w)
         model.to(self.device)
+        if self.cfg.channels_last == "auto" and self.device.type == "cpu":
+            self.channels_last = self._auto_channels_last(model, state)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
@@ -345,6 +352,32 @@ class StageTrainer:
                                     self.loss_fn, self.timestep_sampler, grad_clip=cfg.grad_clip, fused=self.fused,
                                     mixed_precision=self.mixed_precision, nan_total=self.nan_total,
                                     nan_in_row=self.nan_in_row, compile=self.compile)
+
+    def _auto_channels_last(self, model: torch.nn.Module, state: dict | None) -> bool:
+        """``trainer.channels_last=auto`` on CPU: the layout a resumed run used, else the faster one measured on this
+        machine (`cascade.memory_format.probe_channels_last`, a few forward + backward passes of a copy of the model
+        at the run's batch size and precision). Runs with fewer than `PROBE_MIN_STEPS` steps to go and no time
+        budget, and multi-process runs (every rank must agree), keep the contiguous layout."""
+        if state is not None and "channels_last" in state:
+            return bool(state["channels_last"])
+        remaining = self.cfg.max_steps - (int(state["step"]) if state is not None else 0)
+        if self.world_size > 1 or (remaining < PROBE_MIN_STEPS and not self.cfg.max_seconds):
+            return False
+        gen = torch.Generator().manual_seed(0)
+        res, batch_size = self.stage.resolution, self.cfg.batch_size
+        batch = {"x": torch.rand(batch_size, 3, res, res, generator=gen) * 2 - 1,
+                 "y": torch.randint(0, self.stage.num_classes, (batch_size,), generator=gen)}
+        if self.stage.low_resolution:
+            low = self.stage.low_resolution
+            batch["x_low"] = torch.rand(batch_size, 3, low, low, generator=gen) * 2 - 1
+        sampler = make_timestep_sampler(self.stage.diffusion.timestep_sampler, self.diffusion.num_timesteps)
+        loss_fn = make_stage_loss(self.stage, self.diffusion, sampler, self.cfg.p_uncond)
+        probe = probe_channels_last(model, loss_fn, {k: v.to(self.device) for k, v in batch.items()},
+                                    autocast=self.accelerator.autocast)
+        if self.accelerator.is_main_process:
+            print(probe.describe(), file=sys.stderr)
+        self.layout_probe = probe
+        return probe.channels_last
 
     def _new_segment(self, step: int, rng: list[dict] | None = None) -> None:
         """Start the data segment at ``step``: RNG states and a fresh loader seeded from (seed, step, rank)."""
@@ -381,7 +414,7 @@ class StageTrainer:
         return make_stage_loader(data.root, split=split, resolution=self.stage.resolution,
                                  low_resolution=self.stage.low_resolution, batch_size=self.cfg.batch_size,
                                  seed=seed, rank=self.rank, world_size=self.world_size,
-                                 num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
+                                 num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, hflip=data.hflip,
                                  pin_memory=self.device.type == "cuda")
 
     def _val_batch(self) -> dict[str, torch.Tensor]:
@@ -423,6 +456,7 @@ class StageTrainer:
                 "ema_num_updates": self.ema.num_updates,
                 "timestep_sampler": self.timestep_sampler.state_dict(),
                 "nan": {"total": int(self.nan_total), "in_row": int(self.nan_in_row)},
+                "channels_last": bool(self.channels_last),  # the layout a resumed run keeps (auto may measure anew)
                 "data": {"segment_start": self.segment_start, "world_size": self.world_size},
                 "rng": [r["rng"] for r in per_rank],
                 "rank_weight_fingerprints": [r["fingerprint"] for r in per_rank],

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from cascade.cas import CASSettings, cas_with_ceiling, classification_accuracy_score
+from cascade.data import dataset_hflip, read_dataset_info
 from cascade.features import FeatureNet, extract_features
 from cascade.generation import EvalData, check_int, process_slice, read_split
 from cascade.imageops import uint8_to_float
@@ -61,6 +62,7 @@ class CASData:
         self.num_classes = num_classes
         self.per_class = check_int("--cas (samples per class)", per_class, 1)
         self.settings = settings
+        self.hflip = dataset_hflip(read_dataset_info(self.root))  # flip only where mirror images keep their class
         self._refs: dict[int, CASReference] = {}
 
     def sample_list(self, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -94,9 +96,10 @@ class CASData:
         if ref.ceiling is None:
             ref.ceiling = classification_accuracy_score(uint8_to_float(ref.train).to(device), ref.train_labels,
                                                         test, ref.test_labels, self.num_classes, self.settings,
-                                                        seed=seed)
+                                                        seed=seed, hflip=self.hflip)
         return cas_with_ceiling(uint8_to_float(images_uint8).to(device), labels, None, ref.train_labels, test,
-                                ref.test_labels, self.num_classes, self.settings, seed=seed, ceiling=ref.ceiling)
+                                ref.test_labels, self.num_classes, self.settings, seed=seed, ceiling=ref.ceiling,
+                                hflip=self.hflip)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 CHANNELS_LAST_CHOICES = ("auto", True, False)
+HFLIP_CHOICES = ("auto", True, False)
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,9 @@ class TrainerConfig:
     ``batch_size`` is per process and per micro-batch: one optimizer step sees
     batch_size × grad_accum × num_processes images. ``mixed_precision="auto"`` picks bf16 where the device
     computes it natively (CUDA with bf16 support, CPUs with AVX512-BF16/AMX), else full precision.
-    ``channels_last="auto"`` uses the channels-last memory format on CUDA only. 0 disables
+    ``channels_last="auto"`` uses the channels-last memory format on CUDA; on CPU it times both layouts at the
+    start of a run of ≥ 200 steps (or with a time budget) and keeps the faster (`cascade.memory_format`; a
+    resumed run keeps its layout). 0 disables
     ``grad_clip``, ``sample_every``; ``ckpt_every=0`` saves only the final checkpoint.
     ``max_seconds`` > 0 also ends the run (with its final checkpoint) after the first step that completes
     that many wall-clock seconds into this invocation's training loop (a time budget; 0 = no limit).
@@ -40,7 +43,7 @@ class TrainerConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     grad_accum: int = 1
     mixed_precision: str = "auto"  # auto (bf16 where native) | no | bf16 | fp16
-    channels_last: str | bool = "auto"  # auto (CUDA only) | true | false
+    channels_last: str | bool = "auto"  # auto (CUDA; CPU: measured per run) | true | false
     compile: bool = False  # torch.compile the model's forward (compile time vs steady-state gain: tools/bench.py --compile)
     ema_decay: float = 0.9999
     ema_warmup: float = 10.0  # decay_n = min(ema_decay, (1 + n) / (ema_warmup + n)); 1 disables
@@ -94,6 +97,9 @@ class DataConfig:
     # it on many-core machines
     num_workers: int = 1
     shuffle_buffer: int = 1000  # samples in the shuffle buffer
+    # random horizontal flips of training images: auto follows the shards' dataset.json "hflip" (false for digits,
+    # whose mirror images are other shapes; true for photographs and for shards that do not say)
+    hflip: str | bool = "auto"
 
     def __post_init__(self) -> None:
         _coerce_fields(self, "data")
@@ -103,6 +109,8 @@ class DataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be >= 1 (1 disables shuffling), got {self.shuffle_buffer}")
+        if self.hflip not in HFLIP_CHOICES:
+            raise ValueError(f"data.hflip must be auto, true or false, got {self.hflip!r}")
 
 
 @dataclass(frozen=True)

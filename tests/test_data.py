@@ -83,6 +83,33 @@ def test_batches_have_stage_sizes_and_consistent_flips(dataset):
     assert set(base) == {"x", "y"} and base["x"].shape == (2, 3, 32, 32)
 
 
+def test_flips_follow_the_datasets_declaration(dataset, tmp_path):
+    import json
+    import shutil
+
+    from cascade.data import dataset_hflip
+
+    assert dataset_hflip({"hflip": False}) is False and dataset_hflip({"hflip": True}) is True
+    assert dataset_hflip({}) is True and dataset_hflip(None) is True  # older shards and bare url lists
+    assert dataset_hflip({"hflip": True}, False) is False and dataset_hflip({"hflip": False}, True) is True
+    with pytest.raises(ValueError, match="hflip must be auto, true or false, got 'yes'"):
+        dataset_hflip({}, "yes")
+    assert json.loads((dataset / "dataset.json").read_text())["hflip"] is True  # synthetic shapes: mirror-safe
+    mirrored = tmp_path / "no-flip"
+    shutil.copytree(dataset, mirrored)
+    info = json.loads((mirrored / "dataset.json").read_text())
+    (mirrored / "dataset.json").write_text(json.dumps({**info, "hflip": False}))
+    originals = {s["key"]: s["images"][32] for s in iterate_split(mirrored, "train", [32])}
+
+    def flips(root, hflip):
+        loader = make_stage_loader(root, resolution=32, batch_size=4, num_workers=0, shuffle_buffer=4, epoch_length=6,
+                                   keep_keys=True, hflip=hflip)
+        return [not torch.equal(x, originals[k]) for b in loader for k, x in zip(b["key"], b["x"])]
+
+    assert not any(flips(mirrored, "auto"))  # declared not mirror-symmetric: never flipped
+    assert any(flips(mirrored, True)) and any(flips(dataset, "auto")) and not any(flips(dataset, False))
+
+
 @pytest.mark.parametrize("num_workers", [1, 2])  # 3 val shards: whole shards per slot (1), samples (2)
 def test_val_two_ranks_read_every_sample_once(dataset, num_workers):
     keys = []

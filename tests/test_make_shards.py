@@ -179,7 +179,9 @@ def test_digits_source_writes_real_digits_as_gray_rgb(tmp_path, make_shards, cap
                              "--max-res", "64", "--val-fraction", "0.25", "--no-progress"])
     assert info["class_names"] == [str(c) for c in range(10)]
     assert info["counts"]["train"]["total"] == 30 and info["counts"]["val"]["total"] == 10
-    assert "bad input: none" in capsys.readouterr().out
+    assert info["hflip"] is False  # a mirrored 3 is no 3: training must not flip digits
+    out = capsys.readouterr().out
+    assert "bad input: none" in out and "training flips images never (mirror images are not of their class)" in out
     digits = sklearn_datasets.load_digits()
     seen = 0
     for sample in iterate_split(tmp_path, "train", [32, 64]):
@@ -192,6 +194,17 @@ def test_digits_source_writes_real_digits_as_gray_rgb(tmp_path, make_shards, cap
         assert errors.min() < 1.0, (sample["key"], errors)  # one of its class's first 4 digits
         seen += 1
     assert seen == 30
+
+
+def test_no_hflip_declares_a_folder_dataset_not_mirror_symmetric(tmp_path, make_shards, capsys):
+    for name in ("a", "b"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (40 * i, 200, 100)).save(tmp_path / "src" / name / f"{i}.png")
+    common = ["--source", str(tmp_path / "src"), "--max-res", "32", "--val-fraction", "0.5", "--no-progress"]
+    assert make_shards.main(common + ["--out", str(tmp_path / "flip")])["hflip"] is True
+    assert "training flips images at random" in capsys.readouterr().out
+    assert make_shards.main(common + ["--out", str(tmp_path / "noflip"), "--no-hflip"])["hflip"] is False
 
 
 def test_digits_source_without_scikit_learn_is_one_line(tmp_path, make_shards, monkeypatch):

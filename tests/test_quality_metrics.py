@@ -203,6 +203,19 @@ def test_cas_real_vs_real_reaches_the_ceiling_and_noise_is_at_chance(one_thread)
     assert chance["top1"] <= 0.5  # chance is 0.25; far below the ceiling
 
 
+def test_cas_flips_only_where_mirror_images_keep_their_class(one_thread):
+    # class 0 bright on the left, class 1 bright on the right: a mirror image is the other class
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(2).repeat_interleave(16)
+    images = torch.full((32, 3, 16, 16), -0.8) + 0.1 * torch.randn(32, 3, 16, 16, generator=g)
+    images[labels == 0, :, :, :8] += 1.6
+    images[labels == 1, :, :, 8:] += 1.6
+    settings = CASSettings(steps=40, batch_size=16, width=8)
+    kept = classification_accuracy_score(images, labels, images, labels, 2, settings, seed=0, hflip=False)
+    flipped = classification_accuracy_score(images, labels, images, labels, 2, settings, seed=0, hflip=True)
+    assert kept["top1"] == 1.0 and flipped["top1"] <= 0.75  # flips teach it that both halves mean both classes
+
+
 def test_cas_is_deterministic_for_a_seed(one_thread):
     train, labels = _colour_classes(3, seed=0)
     settings = CASSettings(steps=5, batch_size=4, width=8)

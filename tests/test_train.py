@@ -189,6 +189,58 @@ def test_logged_lr_is_the_rate_the_step_used(tiny_runs):
     assert [r["lr"] for r in records] == pytest.approx([lr / 2, lr, lr])
 
 
+def test_layout_probe_times_copies_and_restores_the_rng():
+    import stages
+    from cascade.build import build_diffusion, build_model
+    from cascade.losses import make_stage_loss
+    from cascade.memory_format import MIN_GAIN, probe_channels_last
+    from cascade.timestep_sampler import UniformSampler
+
+    torch.manual_seed(0)
+    stage = stages.get_stage("base32", "tiny", num_classes=3)
+    model, diffusion = build_model(stage), build_diffusion(stage)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_fn = make_stage_loss(stage, diffusion, UniformSampler(diffusion.num_timesteps), 0.1)
+    batch = {"x": torch.rand(2, 3, 32, 32) * 2 - 1, "y": torch.tensor([0, 2])}
+    torch.manual_seed(5)
+    want = torch.rand(4)
+    torch.manual_seed(5)
+    probe = probe_channels_last(model, loss_fn, batch, trials=1)
+    assert torch.equal(torch.rand(4), want)  # the global RNG is as before: the run does not depend on the probe
+    assert probe.contiguous_s > 0 and probe.channels_last_s > 0
+    assert probe.channels_last == (probe.channels_last_s < (1 - MIN_GAIN) * probe.contiguous_s)
+    assert "channels_last=auto" in probe.describe() and "using" in probe.describe()
+    for k, v in model.state_dict().items():  # copies were timed: the weights, grads and layout are untouched
+        assert torch.equal(v, before[k]) and v.is_contiguous()
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="trials must be >= 1"):
+        probe_channels_last(model, loss_fn, batch, trials=0)
+
+
+def test_channels_last_auto_measures_long_cpu_runs_and_resume_keeps_the_layout(synthetic_shards, tmp_path):
+    import stages
+    from cascade.train import PROBE_MIN_STEPS, StageTrainer
+
+    stage = stages.get_stage("base32", "tiny", num_classes=SHARD_CLASSES)
+    short = StageTrainer(stage, tiny_run_config(tmp_path / "short", synthetic_shards, channels_last="auto"))
+    assert short.layout_probe is None and short.channels_last is False  # 3 steps: not worth measuring
+    budget = StageTrainer(stage, tiny_run_config(tmp_path / "budget", synthetic_shards, channels_last="auto",
+                                                 max_seconds=60.0))
+    assert budget.layout_probe is not None and budget.channels_last == budget.layout_probe.channels_last
+    long_cfg = tiny_run_config(tmp_path / "long", synthetic_shards, channels_last="auto", max_steps=PROBE_MIN_STEPS,
+                               ckpt_every=0)
+    assert StageTrainer(stage, long_cfg).layout_probe is not None
+    # a checkpoint records the layout; a resumed run keeps it without measuring, whichever way it went
+    ran = StageTrainer(stage, tiny_run_config(tmp_path / "run", synthetic_shards, channels_last=True, max_steps=2))
+    ran.run()
+    assert checkpoint.load_training_state(checkpoint.latest_checkpoint(tmp_path / "run"))["channels_last"] is True
+    resumed = StageTrainer(stage, tiny_run_config(tmp_path / "run", synthetic_shards, channels_last="auto",
+                                                  max_steps=2 + PROBE_MIN_STEPS))
+    assert resumed.layout_probe is None and resumed.channels_last is True
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in resumed.model.parameters())
+
+
 def test_checkpoint_rebuilds_the_stage_alone(synthetic_shards, tmp_path):
     """load_stage on a copied step folder (no run dir, no shards) gives the trained EMA model's outputs."""
     import stages
@@ -288,13 +340,15 @@ def _cli_args(shards, run_dir, **trainer):
 @pytest.mark.slow
 def test_resume_after_sigkill_reproduces_the_losses(synthetic_shards, tmp_path):
     ref = tmp_path / "ref"
-    done = _tool("stage=base32", *_cli_args(synthetic_shards, ref, max_steps=7, ckpt_every=3))
+    done = _tool("stage=base32", *_cli_args(synthetic_shards, ref, max_steps=7, ckpt_every=3, channels_last="true"))
     assert done.returncode == 0, done.stderr
     assert f"final checkpoint: {ref / 'checkpoints' / 'step-00000007'}" in done.stdout
     assert (ref / "hydra").is_dir() and not (ROOT / "outputs").exists()
 
     killed = tmp_path / "killed"
-    args = _cli_args(synthetic_shards, killed, ckpt_every=3)
+    # 1000 steps would make channels_last=auto measure the layouts (the 7-step reference does not): both runs
+    # must compute in one layout to agree to float rounding
+    args = _cli_args(synthetic_shards, killed, ckpt_every=3, channels_last="true")
     proc = subprocess.Popen([sys.executable, str(TOOL), "stage=base32", *args, "trainer.max_steps=1000"],
                             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = killed / "metrics.jsonl"
@@ -351,6 +405,7 @@ def test_cfg_job_prints_the_resolved_configuration(tmp_path):
     (["trainer.max_step=3", "data.root=x"], "max_step"),
     (["stage=sr32", "data.root=x"], "sr32"),
     (["trainer.mixed_precision=fp32", "data.root=x"], "mixed_precision"),
+    (["data.hflip=sometimes", "data.root=x"], "hflip"),
     ([], "data.root"),
     (["data.root=/no/such/folder"], "/no/such/folder"),
 ])

@@ -46,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="largest resolution written; only sizes ≤ it are stored (default 256)")
     parser.add_argument("--min-size", type=int, default=16,
                         help="skip images whose short side is below this many pixels (default 16)")
+    parser.add_argument("--no-hflip", action="store_true",
+                        help="declare that a mirror image is not of its class (digits, text, oriented symbols): "
+                             "training and CAS then never flip these images (dataset.json \"hflip\": false; "
+                             "the built-in digits source declares it itself)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -59,6 +63,8 @@ def main(argv=None) -> dict | int:
     try:
         source = get_source(args.source, seed=args.seed, images_per_class=args.images_per_class,
                             num_classes=args.num_classes)
+        if args.no_hflip:
+            source.hflip = False
         ensure_writable_dir(args.out, "--out")
         info = write_shards(source, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
                             seed=args.seed, workers=args.workers, max_res=args.max_res, min_size=args.min_size,
@@ -68,7 +74,8 @@ def main(argv=None) -> dict | int:
     counts = info["counts"]
     print(f"wrote {counts['train']['total']} train / {counts['val']['total']} val samples of "
           f"{info['num_classes']} classes at {info['resolutions']} to {args.out} "
-          f"({len(info['shards']['train'])} + {len(info['shards']['val'])} shards)")
+          f"({len(info['shards']['train'])} + {len(info['shards']['val'])} shards); training flips images "
+          + ("at random" if info["hflip"] else "never (mirror images are not of their class)"))
     lines = BadInputReport.from_dict(info["bad_input"]).summary_lines()
     print("bad input: none" if not lines else "bad input:\n  " + "\n  ".join(lines))
     if counts["val"]["total"] == 0:
