@@ -75,7 +75,7 @@ def classifier_feature_net(path: str | Path, device: str | torch.device = "cpu")
 def load_for_evaluation(runs_dir: str | Path, stages: Sequence[str], *,
                         checkpoints: Mapping[str, str | Path] | None = None, classifier: str | Path | None = None,
                         inception_weights: str | Path | None = None, device: str | torch.device = "cpu",
-                        precision: str = "fp32", patch_features: bool = False,
+                        precision: str = "auto", patch_features: bool = False,
                         ) -> tuple[CascadePipeline, list[FeatureNet], ClassifierFeatures]:
     """(pipeline, feature networks, classifier) from checkpoints; classifier default `<runs_dir>/classifier32`.
     patch_features adds the classifier's `PatchFeatures` (patch FID). The Inception weights are checked first

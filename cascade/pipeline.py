@@ -73,12 +73,12 @@ class CascadePipeline:
     """Samples classes through a chain of stages: base → sr64 → sr128 → sr256 (or a prefix of it).
 
     ``precision``: "fp32", "bf16" (autocast) or "auto" (bf16 where the device computes it natively,
-    `cascade.device.native_bf16`, else fp32; the command-line tools' default); ``self.precision`` is the
-    resolved one.
+    `cascade.device.native_bf16`, else fp32; the default here as in the command-line tools, so a library run
+    and a tool run sample the same images); ``self.precision`` is the resolved one.
     """
 
     def __init__(self, stages: Sequence[LoadedStage], *, device: str | torch.device = "cpu",
-                 precision: str = "fp32"):
+                 precision: str = "auto"):
         check_chain([s.name for s in stages], [s.config for s in stages])
         self.device, self.precision = _check_device(device, precision)  # the resolved precision: fp32 or bf16
         self.stages = list(stages)
@@ -93,7 +93,7 @@ class CascadePipeline:
 
     @classmethod
     def from_checkpoints(cls, checkpoints: Mapping[str, str | Path], *, device: str | torch.device = "cpu",
-                         precision: str = "fp32", weights: str = "ema") -> CascadePipeline:
+                         precision: str = "auto", weights: str = "ema") -> CascadePipeline:
         """Build from {stage: checkpoint path} in chain order (run dir, its checkpoints dir or a step dir).
 
         The chain is checked from the checkpoints' configs before any weights are loaded.

@@ -374,8 +374,8 @@ class StageTrainer:
         loss_fn = make_stage_loss(self.stage, self.diffusion, sampler, self.cfg.p_uncond)
         probe = probe_channels_last(model, loss_fn, {k: v.to(self.device) for k, v in batch.items()},
                                     autocast=self.accelerator.autocast)
-        if self.accelerator.is_main_process:
-            print(probe.describe(), file=sys.stderr)
+        if self.accelerator.is_main_process and self.cfg.progress:  # with the progress bar: stderr stays quiet
+            print(probe.describe(), file=sys.stderr)               # otherwise (one line per failure)
         self.layout_probe = probe
         return probe.channels_last
 
