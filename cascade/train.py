@@ -374,8 +374,9 @@ class StageTrainer:
         loss_fn = make_stage_loss(self.stage, self.diffusion, sampler, self.cfg.p_uncond)
         probe = probe_channels_last(model, loss_fn, {k: v.to(self.device) for k, v in batch.items()},
                                     autocast=self.accelerator.autocast)
-        if self.accelerator.is_main_process and self.cfg.progress:  # with the progress bar: stderr stays quiet
-            print(probe.describe(), file=sys.stderr)               # otherwise (one line per failure)
+        # said with the progress bar only: without it stderr carries nothing but a failure's one line
+        if self.accelerator.is_main_process and self.cfg.progress:
+            print(probe.describe(), file=sys.stderr)
         self.layout_probe = probe
         return probe.channels_last
 
