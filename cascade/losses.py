@@ -84,6 +84,21 @@ class ClassifierLoss:
                 "correct": (logits.argmax(dim=1) == y).sum()}
 
 
+def example_batch(stage: StageConfig, batch_size: int, *, seed: int = 0,
+                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A random training batch of the stage's shapes, as the loss callables read it: "x" (B×3×R×R, standard normal
+    clamped to [-1, 1]), "y" (B class indices) and, for SR stages, "x_low" (B×3×r×r, likewise). Deterministic for
+    ``seed``; for timing (`tools/bench.py`, `cascade.memory_format`), not for training."""
+    gen = torch.Generator().manual_seed(seed)
+    res = stage.resolution
+    batch = {"x": torch.randn(batch_size, 3, res, res, generator=gen).clamp(-1, 1),
+             "y": torch.randint(0, stage.num_classes, (batch_size,), generator=gen)}
+    if stage.low_resolution:
+        low = stage.low_resolution
+        batch["x_low"] = torch.randn(batch_size, 3, low, low, generator=gen).clamp(-1, 1)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def make_stage_loss(stage: StageConfig, diffusion: GaussianDiffusion, timestep_sampler: TimestepSampler,
                     p_uncond: float) -> DiffusionLoss | ClassifierLoss:
     """The loss callable ``loss(model, batch)`` of the stage's kind, chosen once per run."""

@@ -15,8 +15,8 @@ import contextlib
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -53,7 +53,14 @@ from cascade.device import native_bf16, resolve_mixed_precision
 from cascade.ema import EMA
 from cascade.errors import GracefulInterrupt, Interrupted, ensure_writable_dir
 from cascade.imageops import image_grid, upsample
-from cascade.losses import ClassifierLoss, DiffusionLoss, SRDiffusionLoss, drop_labels, make_stage_loss
+from cascade.losses import (
+    ClassifierLoss,
+    DiffusionLoss,
+    SRDiffusionLoss,
+    drop_labels,
+    example_batch,
+    make_stage_loss,
+)
 from cascade.memory_format import probe_channels_last
 from cascade.runtime import (
     check_compile_available,
@@ -363,16 +370,9 @@ class StageTrainer:
         remaining = self.cfg.max_steps - (int(state["step"]) if state is not None else 0)
         if self.world_size > 1 or (remaining < PROBE_MIN_STEPS and not self.cfg.max_seconds):
             return False
-        gen = torch.Generator().manual_seed(0)
-        res, batch_size = self.stage.resolution, self.cfg.batch_size
-        batch = {"x": torch.rand(batch_size, 3, res, res, generator=gen) * 2 - 1,
-                 "y": torch.randint(0, self.stage.num_classes, (batch_size,), generator=gen)}
-        if self.stage.low_resolution:
-            low = self.stage.low_resolution
-            batch["x_low"] = torch.rand(batch_size, 3, low, low, generator=gen) * 2 - 1
         sampler = make_timestep_sampler(self.stage.diffusion.timestep_sampler, self.diffusion.num_timesteps)
         loss_fn = make_stage_loss(self.stage, self.diffusion, sampler, self.cfg.p_uncond)
-        probe = probe_channels_last(model, loss_fn, {k: v.to(self.device) for k, v in batch.items()},
+        probe = probe_channels_last(model, loss_fn, example_batch(self.stage, self.cfg.batch_size, device=self.device),
                                     autocast=self.accelerator.autocast)
         # said with the progress bar only: without it stderr carries nothing but a failure's one line
         if self.accelerator.is_main_process and self.cfg.progress:

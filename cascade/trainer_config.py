@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
-CHANNELS_LAST_CHOICES = ("auto", True, False)
-HFLIP_CHOICES = ("auto", True, False)
+AUTO_OR_BOOL = ("auto", True, False)  # the values of channels_last and hflip
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ class TrainerConfig:
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ValueError(f"trainer.mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, "
                              f"got {self.mixed_precision!r}")
-        if self.channels_last not in CHANNELS_LAST_CHOICES:
+        if self.channels_last not in AUTO_OR_BOOL:
             raise ValueError(f"trainer.channels_last must be auto, true or false, got {self.channels_last!r}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"trainer.p_uncond must be in [0, 1), got {self.p_uncond}")
@@ -109,7 +108,7 @@ class DataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be >= 1 (1 disables shuffling), got {self.shuffle_buffer}")
-        if self.hflip not in HFLIP_CHOICES:
+        if self.hflip not in AUTO_OR_BOOL:
             raise ValueError(f"data.hflip must be auto, true or false, got {self.hflip!r}")
 
 

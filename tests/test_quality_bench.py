@@ -202,10 +202,10 @@ def test_recipe_changes_apply_trainer_and_stage_keys_and_name_bad_ones():
     for spec, message in [("nope+lr=1", "--recipes: unknown recipe 'nope'"),
                           ("today+lr", "--recipes: bad change 'lr' in 'today+lr'"),
                           ("today+=3", "--recipes: bad change '=3'"),
-                          ("today+diffusion.no_such_key=1", "recipe today+diffusion.no_such_key=1: stage setting "
-                                                            "diffusion.no_such_key is unknown"),
-                          ("today+no_such_setting=1", "recipe today+no_such_setting=1: trainer setting "
-                                                      "no_such_setting is unknown"),
+                          ("today+diffusion.no_such_key=1", ("recipe today+diffusion.no_such_key=1: stage setting "
+                                                             "diffusion.no_such_key is unknown")),
+                          ("today+no_such_setting=1", ("recipe today+no_such_setting=1: trainer setting "
+                                                       "no_such_setting is unknown")),
                           ("today+lr=-1", "recipe today+lr=-1: ")]:
         with pytest.raises(BenchError, match="^" + message.replace("+", r"\+").replace(".", r"\.")):
             apply_recipe(spec, stage, TrainerConfig())

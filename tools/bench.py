@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 
 import stages
 from cascade.ema import EMA
-from cascade.losses import make_stage_loss
+from cascade.losses import example_batch, make_stage_loss
 from cascade.runtime import make_accelerator
 from cascade.samplers import classifier_free_guidance, sample_ddim
 from cascade.timestep_sampler import UniformSampler
@@ -257,13 +257,9 @@ def run_config(model_name: str, stage_name: str, mode: str, batch: int, steps: i
         model.to(memory_format=torch.channels_last)
     diffusion = stages.build_diffusion(cfg)
     sampler = UniformSampler(diffusion.num_timesteps)
-    gen = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if opts["channels_last"] else torch.contiguous_format
-    batch_data = {"x": torch.randn(batch, 3, cfg.resolution, cfg.resolution, generator=gen).clamp(-1, 1),
-                  "y": torch.randint(0, cfg.num_classes, (batch,), generator=gen)}
-    if cfg.low_resolution:
-        batch_data["x_low"] = torch.randn(batch, 3, cfg.low_resolution, cfg.low_resolution, generator=gen).clamp(-1, 1)
-    batch_data = {k: (v.contiguous(memory_format=fmt) if v.ndim == 4 else v).to(device) for k, v in batch_data.items()}
+    batch_data = {k: (v.contiguous(memory_format=fmt) if v.ndim == 4 else v)
+                  for k, v in example_batch(cfg, batch, device=device).items()}
     # The trainer's own step (cascade.train.TrainStep) with the trainer's defaults: accelerate's autocast,
     # fused AdamW, clipping, the non-finite skip, the LR schedule and the EMA update.
     tcfg = TrainerConfig(batch_size=batch, mixed_precision="bf16" if opts["bf16"] else "no")
