@@ -260,22 +260,41 @@ class StageTrainer:
         self.accelerator = make_accelerator(self.mixed_precision, cpu=on_cpu, log_with=log_with,
                                        project_dir=str(self.run_dir), gradient_accumulation_steps=self.cfg.grad_accum,
                                        step_scheduler_with_optimizer=False)
+        self._closed = False
         self.device = self.accelerator.device
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.channels_last = self.device.type == "cuda" if self.cfg.channels_last == "auto" else self.cfg.channels_last
         self.layout_probe = None  # the channels_last=auto measurement on CPU (cascade.memory_format.LayoutProbe)
         self.compile = self.cfg.compile
-        if self.compile:
-            check_compile_available(self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self._make_loader("train", seed=0)  # fails early (clear message) if the shards lack a resolution
-        # Interrupts are agreed on over CPU (gloo) every step, never synchronising an accelerator.
-        self._stop_group = None
-        if self.world_size > 1 and torch.distributed.get_backend() != "gloo":
-            self._stop_group = torch.distributed.new_group(backend="gloo")
-        self._build()
+        try:
+            if self.compile:
+                check_compile_available(self.device)
+            self._make_loader("train", seed=0)  # fails early (clear message) if the shards lack a resolution
+            # Interrupts are agreed on over CPU (gloo) every step, never synchronising an accelerator.
+            self._stop_group = None
+            if self.world_size > 1 and torch.distributed.get_backend() != "gloo":
+                self._stop_group = torch.distributed.new_group(backend="gloo")
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Finish the trackers, destroy the process group and drop the distributed wrappers; idempotent. `run()`
+        calls it on every way out, construction on failure. The process group's worker threads then end while the
+        interpreter is alive: left to interpreter shutdown, gloo can abort the process (SIGABRT) as it exits."""
+        if self._closed:
+            return
+        self._closed = True
+        acc = self.accelerator
+        acc.end_training()  # trackers, then torch.distributed.destroy_process_group() in a multi-process run
+        if getattr(self, "model", None) is not None:
+            self.model = acc.unwrap_model(self.model)
+            self.train_step = None
+        acc.free_memory()  # the accelerator's own references to the wrapped model and optimizer; gc.collect()
 
     # -- building -------------------------------------------------------------------------------------
 
@@ -575,9 +594,15 @@ class StageTrainer:
         return spent
 
     def run(self) -> Path:
-        """Train to max_steps; returns the final checkpoint folder. SIGINT → checkpoint, `TrainingInterrupted`."""
-        with GracefulInterrupt() as interrupt:
-            return self._run(interrupt)
+        """Train to max_steps; returns the final checkpoint folder. SIGINT → checkpoint, `TrainingInterrupted`.
+        Runs once: the trainer is closed (`close`) however the run ends; RuntimeError on a second call."""
+        if self._closed:
+            raise RuntimeError("this StageTrainer has already run (or was closed); build a new one to train again")
+        try:
+            with GracefulInterrupt() as interrupt:
+                return self._run(interrupt)
+        finally:
+            self.close()
 
     def _run(self, interrupt: GracefulInterrupt) -> Path:
         cfg, acc = self.cfg, self.accelerator
@@ -597,39 +622,39 @@ class StageTrainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.stage.name, unit="step",
                    disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
         self.model.train()
-        started = time.perf_counter()
         try:
-            while self.step < cfg.max_steps:
-                if self._stop_requested(interrupt):
-                    if self.step != saved_step:  # a checkpoint at this step, as at any other
-                        if self.win_steps:
-                            self._log(bar)
-                        self._new_segment(self.step)
-                        last_saved = self._save()
-                    raise TrainingInterrupted(self.step, None if last_saved is None else Path(last_saved))
-                self._train_step()
-                bar.update(1)
-                out_of_time = self._out_of_time(started)  # trainer.max_seconds: a wall-clock budget
-                last = self.step == cfg.max_steps or out_of_time
-                at_ckpt = bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0
-                if self.step % cfg.log_every == 0 or at_ckpt or last:
-                    self._log(bar)
-                paused = time.perf_counter()
-                if at_ckpt or last:
+            return self._loop(interrupt, bar, last_saved, saved_step)
+        finally:
+            bar.close()
+
+    def _loop(self, interrupt: GracefulInterrupt, bar, last_saved: Path | None, saved_step: int) -> Path:
+        cfg = self.cfg
+        started = time.perf_counter()
+        while self.step < cfg.max_steps:
+            if self._stop_requested(interrupt):
+                if self.step != saved_step:  # a checkpoint at this step, as at any other
+                    if self.win_steps:
+                        self._log(bar)
                     self._new_segment(self.step)
                     last_saved = self._save()
-                    saved_step = self.step
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self._write_samples()
-                self.win_time += time.perf_counter() - paused  # images/s measures training only
-                if out_of_time:
-                    break
-        except TrainingInterrupted:
-            bar.close()
-            acc.end_training()
-            raise
-        bar.close()
-        acc.end_training()
+                raise TrainingInterrupted(self.step, None if last_saved is None else Path(last_saved))
+            self._train_step()
+            bar.update(1)
+            out_of_time = self._out_of_time(started)  # trainer.max_seconds: a wall-clock budget
+            last = self.step == cfg.max_steps or out_of_time
+            at_ckpt = bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0
+            if self.step % cfg.log_every == 0 or at_ckpt or last:
+                self._log(bar)
+            paused = time.perf_counter()
+            if at_ckpt or last:
+                self._new_segment(self.step)
+                last_saved = self._save()
+                saved_step = self.step
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self._write_samples()
+            self.win_time += time.perf_counter() - paused  # images/s measures training only
+            if out_of_time:
+                break
         return Path(last_saved)
 
 

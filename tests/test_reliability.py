@@ -286,16 +286,27 @@ def test_unwritable_outputs_are_reported_before_any_work(synthetic_shards, tmp_p
 
 
 @pytest.mark.slow
+def _rank_logs(log_dir: Path) -> str:
+    """Each rank's own stderr from torchrun's --log-dir (the launcher's stderr ends with its summary only)."""
+    return "\n".join(f"== {path.relative_to(log_dir)}\n{path.read_text()[-3000:]}"
+                     for path in sorted(log_dir.rglob("stderr.log")))
+
+
 def test_two_process_cpu_run_resumes(synthetic_shards, tmp_path):
     run_dir = tmp_path / "ddp"
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TRAIN_TOOL),
-            "stage=base32", *_cli(synthetic_shards, run_dir, ckpt_every=0)]
-    first = subprocess.run(base + ["trainer.max_steps=2"], check=False, cwd=tmp_path, env=_env(),
-                           capture_output=True, text=True, timeout=240)
-    assert first.returncode == 0, first.stderr[-2000:]
-    second = subprocess.run(base + ["trainer.max_steps=3"], check=False, cwd=tmp_path, env=_env(),
-                            capture_output=True, text=True, timeout=240)
-    assert second.returncode == 0, second.stderr[-2000:]
+
+    def torchrun(max_steps):
+        logs = tmp_path / f"logs-{max_steps}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "--log-dir", str(logs), "--tee", "3", str(TRAIN_TOOL), "stage=base32",
+                   *_cli(synthetic_shards, run_dir, ckpt_every=0), f"trainer.max_steps={max_steps}"]
+        done = subprocess.run(command, check=False, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                              timeout=240)
+        assert done.returncode == 0, done.stderr[-1500:] + "\n" + _rank_logs(logs)
+        return done
+
+    torchrun(2)
+    second = torchrun(3)
     assert "(step 2)" in second.stderr and second.stdout.count("final checkpoint:") == 1
     state = checkpoint.load_training_state(run_dir)
     assert state["step"] == 3 and state["rank_weight_fingerprints"][0] == state["rank_weight_fingerprints"][1]

@@ -264,6 +264,10 @@ def test_checkpoint_rebuilds_the_stage_alone(synthetic_shards, tmp_path):
     t = torch.tensor([1, 5])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, **kwargs), trainer.ema.model(x, t, **kwargs), rtol=0, atol=0)
+    # run() closes the trainer (trackers, process group, distributed wrappers); a second run is one clear error
+    assert trainer.model is trainer.accelerator.unwrap_model(trainer.model) and trainer.train_step is None
+    with pytest.raises(RuntimeError, match="already run"):
+        trainer.run()
 
 
 def test_nonfinite_losses_are_skipped_then_stop(synthetic_shards, tmp_path, monkeypatch):

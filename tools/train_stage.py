@@ -18,6 +18,7 @@ CASCADE_DEBUG=1) shows tracebacks.
 
 from __future__ import annotations
 
+import faulthandler
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -211,6 +212,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) still says where each thread was
     try:
         check_command_line(sys.argv[1:])
         hydra_main()
