@@ -24,11 +24,12 @@ from cascade.trainer_config import DataConfig, RunConfig, TrainerConfig
 
 TRAIN_ORDER = ("classifier32", "base32", "sr64", "sr128", "sr256")
 CHAIN = ("base32", "sr64", "sr128", "sr256")
+DONE_FILE = "demo_done.json"  # in a stage's run folder: the budget it finished training with
 
 
 @dataclass(frozen=True)
 class DemoBudget:
-    """How much of everything the demo does; `DEFAULT` fits ~20 minutes on 2 CPU cores, `QUICK` ~2."""
+    """How much of everything the demo does; `DEFAULT` fits under 20 minutes on 2 CPU cores, `QUICK` ~2."""
 
     images_per_class: int
     train_steps: dict[str, int]
@@ -43,23 +44,28 @@ class DemoBudget:
     val_fraction: float = 0.1
     cas_per_class: int = 1  # generated images per class for the Classification Accuracy Score
     cas_steps: int = 60  # training steps of each CAS classifier
+    # wall-clock training seconds per stage (trainer.max_seconds), so the demo takes the same minutes on every CPU
+    # and a faster one trains more steps; train_steps then only caps them. None: train_steps alone.
+    train_seconds: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# Sampling: each stage's own `SamplingSettings` (the tiny presets: base32 ancestral 40 steps at w = 3, SR stages
-# DDIM at s = 0.03, sr64 at w = 1); the quick budget only takes fewer steps.
+# Sampling: each stage's own `SamplingSettings` (the tiny presets: base32 ancestral 40 steps at w = 3, sr64
+# ancestral 25 steps, sr128 / sr256 DDIM, SR inputs at s = 0.03); the quick budget only takes fewer steps.
+# Training: 11.2 minutes in all, by the clock (README "What the demo gives" has the steps they bought per CPU).
 DEFAULT = DemoBudget(
     images_per_class=60,
-    train_steps={"classifier32": 120, "base32": 350, "sr64": 120, "sr128": 100, "sr256": 60},
+    train_seconds={"classifier32": 40, "base32": 330, "sr64": 165, "sr128": 80, "sr256": 55},
+    train_steps={"classifier32": 1000, "base32": 5000, "sr64": 3000, "sr128": 2000, "sr256": 1000},
     batch_size={"classifier32": 32, "base32": 32, "sr64": 16, "sr128": 8, "sr256": 4},
     lr=2e-3,
     warmup_steps=30,
     sample_steps=None,
     num_per_class=2,
     eval_samples=20,
-    ckpt_every=50,
+    ckpt_every=100,
     cas_per_class=2,
     cas_steps=60,
 )
@@ -113,19 +119,43 @@ def make_demo_shards(data_dir: Path, budget: DemoBudget, seed: int, progress: bo
 
 def train_demo_stage(stage: StageConfig, data_dir: Path, runs_dir: Path, budget: DemoBudget, seed: int,
                      progress: bool) -> Path:
-    """Train (or resume, or return the finished checkpoint of) one stage with the budget's steps and batch size for it."""
+    """Train (or resume, or return the finished checkpoint of) one stage with the budget's steps, seconds and
+    batch size for it. A stage finished with this budget (`DONE_FILE` in its run folder) is returned as it is; an
+    interrupted one resumes from its last checkpoint (with the whole time budget again, when it has one)."""
+    from cascade import checkpoint
     from cascade.train import train_stage
 
     name = stage.name
-
+    run_dir = runs_dir / name
+    seconds = (budget.train_seconds or {}).get(name)
+    done = {"train_steps": budget.train_steps[name], "train_seconds": seconds, "batch_size": budget.batch_size[name]}
+    marker = run_dir / DONE_FILE
+    if marker.is_file() and json.loads(marker.read_text()) == done:
+        final = checkpoint.latest_checkpoint(run_dir)
+        if final is not None:
+            return final
     trainer = TrainerConfig(
-        max_steps=budget.train_steps[name], batch_size=budget.batch_size[name], lr=budget.lr,
+        max_steps=budget.train_steps[name], max_seconds=seconds or 0.0, batch_size=budget.batch_size[name], lr=budget.lr,
         warmup_steps=budget.warmup_steps, ckpt_every=budget.ckpt_every, keep_last=1, log_every=10,
         ema_decay=budget.ema_decay, sample_every=0, progress=progress,
     )
-    run = RunConfig(run_dir=str(runs_dir / name), data=DataConfig(root=str(data_dir), num_workers=1), trainer=trainer,
+    run = RunConfig(run_dir=str(run_dir), data=DataConfig(root=str(data_dir), num_workers=1), trainer=trainer,
                     resume="auto", seed=seed)
-    return train_stage(stage, run, extra_config={"size": "tiny", "stage_overrides": {}, "demo": budget.to_dict()})
+    final = train_stage(stage, run, extra_config={"size": "tiny", "stage_overrides": {}, "demo": budget.to_dict()})
+    marker.write_text(json.dumps(done))
+    return final
+
+
+def _budget_words(budget: DemoBudget, name: str) -> str:
+    seconds = (budget.train_seconds or {}).get(name)
+    steps = f"{budget.train_steps[name]} steps"
+    return f"{seconds:g} s, at most {steps}" if seconds else steps
+
+
+def _trained_steps(final: Path) -> int:
+    from cascade import checkpoint
+
+    return int(checkpoint.load_training_state(final)["step"])
 
 
 def _stage_grids(outputs: dict[str, torch.Tensor], out_dir: Path, num_per_class: int) -> dict[str, Path]:
@@ -237,7 +267,7 @@ def run_demo(out_dir: str | Path, budget: DemoBudget, stage_configs: dict[str, S
     num_classes = len(class_names)
     lap("shards")
     for i, name in enumerate(TRAIN_ORDER, 1):
-        _log(f"[{i}/{len(TRAIN_ORDER)}] training {name} for {budget.train_steps[name]} steps "
+        _log(f"[{i}/{len(TRAIN_ORDER)}] training {name} for {_budget_words(budget, name)} "
              f"(batch {budget.batch_size[name]}); finished stages are not retrained")
         stage = dataclasses.replace(stage_configs[name], num_classes=num_classes)
         result.checkpoints[name] = train_demo_stage(stage, data_dir, runs_dir, budget, seed, progress)
@@ -352,7 +382,8 @@ def _report_blocks(budget, settings, class_names, grids, real_grid, curves, eval
         ("img", curves.relative_to(out).as_posix(),
          ("training loss per stage (hybrid loss; thin lines: loss per quarter of the t range, high t on the "
          "right quarter is the easiest); classifier: cross-entropy and accuracy on noised inputs")),
-        ("list", [f"{name}: {budget.train_steps[name]} steps at batch {budget.batch_size[name]}, checkpoint "
+        ("list", [f"{name}: {_trained_steps(result.checkpoints[name])} steps at batch {budget.batch_size[name]} "
+                  f"(budget: {_budget_words(budget, name)}), checkpoint "
                   f"{result.checkpoints[name].relative_to(out).as_posix()}" for name in TRAIN_ORDER]),
         ("h2", "Timings"),
         ("table", ["step", "seconds"], [[k, v] for k, v in result.seconds.items()]),

@@ -330,9 +330,13 @@ class _ShardSink:
 
 
 def _ordered_results(jobs: list, workers: int, source: Source) -> Iterator:
-    if workers <= 1:
-        _init_worker(source)
-        yield from map(_process, jobs)
+    if workers <= 1:  # in this process: its own torch thread count is restored afterwards
+        threads = torch.get_num_threads()
+        try:
+            _init_worker(source)
+            yield from map(_process, jobs)
+        finally:
+            torch.set_num_threads(threads)
         return
     with multiprocessing.get_context().Pool(workers, initializer=_init_pool_worker, initargs=(source,)) as pool:
         yield from pool.imap(_process, jobs, chunksize=8)  # imap keeps the input order → deterministic

@@ -86,3 +86,24 @@ def test_finished_stage_is_not_retrained(quick_demo):
     again = demo.train_demo_stage(stage, out / "data", out / "runs", demo.QUICK, 0, progress=False)
     assert again == ckpt
     assert (ckpt / "ema.safetensors").stat().st_mtime_ns == before
+
+
+def test_time_budget_trains_by_the_clock_then_keeps_the_stage(quick_demo, tmp_path):
+    """A stage with train_seconds stops by the clock well before its step cap, and is not retrained after."""
+    import dataclasses
+    import json
+
+    import stages
+    from cascade import checkpoint
+
+    budget = dataclasses.replace(demo.QUICK, train_seconds={"base32": 0.5},
+                                 train_steps={**demo.QUICK.train_steps, "base32": 100_000})
+    stage = stages.get_stage("base32", "tiny", num_classes=10)
+    final = demo.train_demo_stage(stage, quick_demo.out_dir / "data", tmp_path / "runs", budget, 0, progress=False)
+    assert 1 <= checkpoint.load_training_state(final)["step"] < 100_000
+    marker = json.loads((tmp_path / "runs" / "base32" / demo.DONE_FILE).read_text())
+    assert marker == {"train_steps": 100_000, "train_seconds": 0.5, "batch_size": budget.batch_size["base32"]}
+    before = (final / "ema.safetensors").stat().st_mtime_ns
+    assert demo.train_demo_stage(stage, quick_demo.out_dir / "data", tmp_path / "runs", budget, 0,
+                                 progress=False) == final
+    assert (final / "ema.safetensors").stat().st_mtime_ns == before

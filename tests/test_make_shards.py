@@ -212,3 +212,21 @@ def test_digits_source_without_scikit_learn_is_one_line(tmp_path, make_shards, m
     with pytest.raises(SystemExit) as exc:
         make_shards.main(["--source", "digits", "--out", str(tmp_path), "--no-progress"])
     assert str(exc.value.code) == "make_shards: error: the 'digits' source needs scikit-learn: pip install -e .[demo]"
+
+
+def test_writing_in_process_keeps_the_callers_thread_count(tmp_path):
+    """workers=1 processes images in this process on one torch thread, then gives the caller its threads back
+    (the demo and `bench.py --trainer` write shards and then train in the same process)."""
+    import torch
+
+    from cascade.datasets import SyntheticSource
+    from cascade.shards import write_shards
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        write_shards(SyntheticSource(num_classes=2, images_per_class=2, seed=0), tmp_path / "s", shard_size=4,
+                     val_fraction=0.25, max_res=32)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -1,6 +1,6 @@
 """The whole system on a laptop CPU: shards → train 5 stages → sample the cascade → evaluate → report.
 
-    python tools/demo.py                 # ~20 minutes on 2 CPU cores; resumable (finished stages are kept)
+    python tools/demo.py                 # ~17 minutes on 2 CPU cores (training by the clock); resumable
     python tools/demo.py --quick         # ~2-minute smoke version
     python tools/demo.py --out DIR       # default demo_out/ (--quick: demo_out_quick/)
 
