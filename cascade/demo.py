@@ -139,7 +139,7 @@ def train_demo_stage(stage: StageConfig, data_dir: Path, runs_dir: Path, budget:
         warmup_steps=budget.warmup_steps, ckpt_every=budget.ckpt_every, keep_last=1, log_every=10,
         ema_decay=budget.ema_decay, sample_every=0, progress=progress,
     )
-    run = RunConfig(run_dir=str(run_dir), data=DataConfig(root=str(data_dir), num_workers=1), trainer=trainer,
+    run = RunConfig(run_dir=str(run_dir), data=DataConfig(root=str(data_dir)), trainer=trainer,
                     resume="auto", seed=seed)
     final = train_stage(stage, run, extra_config={"size": "tiny", "stage_overrides": {}, "demo": budget.to_dict()})
     marker.write_text(json.dumps(done))

@@ -300,7 +300,7 @@ class BenchConfig:
     per_class: int = 20
     size: str = "tiny"
     seed: int = 0
-    num_workers: int = 1
+    num_workers: int | str = "auto"  # data.num_workers of every training run
     sample_batch: int = 100
     judge: JudgeSettings = field(default_factory=JudgeSettings)
     cas: CASSettings | None = None  # also the Classification Accuracy Score per row (base stages)
@@ -332,7 +332,8 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
     if cfg.steps is not None and cfg.steps < 1:
         raise BenchError(f"--steps must be >= 1, got {cfg.steps}")
     for what, value, low in (("--per-class", cfg.per_class, 1), ("--sample-batch", cfg.sample_batch, 1),
-                             ("--workers", cfg.num_workers, 0), ("--seed", cfg.seed, 0)):
+                             ("--workers", 0 if cfg.num_workers == "auto" else cfg.num_workers, 0),
+                             ("--seed", cfg.seed, 0)):
         if value < low:
             raise BenchError(f"{what} must be >= {low}, got {value}")
     if not cfg.recipes:

@@ -48,7 +48,7 @@ from cascade import checkpoint
 from cascade.augment import condition_low_res
 from cascade.build import build_diffusion, build_model
 from cascade.config import StageKind
-from cascade.data import make_stage_loader, read_dataset_info
+from cascade.data import make_stage_loader, read_dataset_info, resolve_num_workers
 from cascade.device import native_bf16, resolve_mixed_precision
 from cascade.ema import EMA
 from cascade.errors import GracefulInterrupt, Interrupted, ensure_writable_dir
@@ -272,6 +272,7 @@ class StageTrainer:
         try:
             if self.compile:
                 check_compile_available(self.device)
+            self.num_workers = resolve_num_workers(self.run_cfg.data.num_workers, self.device)  # auto: by the cores
             self._make_loader("train", seed=0)  # fails early (clear message) if the shards lack a resolution
             # Interrupts are agreed on over CPU (gloo) every step, never synchronising an accelerator.
             self._stop_group = None
@@ -434,7 +435,7 @@ class StageTrainer:
         return make_stage_loader(data.root, split=split, resolution=self.stage.resolution,
                                  low_resolution=self.stage.low_resolution, batch_size=self.cfg.batch_size,
                                  seed=seed, rank=self.rank, world_size=self.world_size,
-                                 num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, hflip=data.hflip,
+                                 num_workers=self.num_workers, shuffle_buffer=data.shuffle_buffer, hflip=data.hflip,
                                  pin_memory=self.device.type == "cuda")
 
     def _val_batch(self) -> dict[str, torch.Tensor]:

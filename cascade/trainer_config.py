@@ -91,10 +91,11 @@ class DataConfig:
     """Where the shards are and how they are read."""
 
     root: str  # required: the shard folder written by tools/make_shards.py
-    # loader worker processes per training process; 1 measured best on a 2-core AMD EPYC (tools/bench.py --trainer,
-    # base32 batch 32: 0 workers 83%, 1 worker 92%, 2 workers 93% of the bare step, 1 the fastest trainer); raise
-    # it on many-core machines
-    num_workers: int = 1
+    # loader worker processes per training process, or auto (`cascade.data.resolve_num_workers`): on CPU the cores
+    # the torch threads leave free, at most 4 (measured on 2 cores, tools/bench.py --trainer, base32 batch 32:
+    # 2 threads → 0 workers 90% of the bare step, 1 worker 69% (Zen 5, bf16); 1 thread → 1 worker 92%, 0 workers
+    # 83% (Zen 3, fp32)); with an accelerator all cores but one, at most 8
+    num_workers: int | str = "auto"
     shuffle_buffer: int = 1000  # samples in the shuffle buffer
     # random horizontal flips of training images: auto follows the shards' dataset.json "hflip" (false for digits,
     # whose mirror images are other shapes; true for photographs and for shards that do not say)
@@ -104,8 +105,9 @@ class DataConfig:
         _coerce_fields(self, "data")
         if not self.root:
             raise ValueError("data.root is required: the shard folder written by tools/make_shards.py")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
+                                           or self.num_workers < 0):
+            raise ValueError(f"data.num_workers must be auto or an integer >= 0, got {self.num_workers!r}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be >= 1 (1 disables shuffling), got {self.shuffle_buffer}")
         if self.hflip not in AUTO_OR_BOOL:

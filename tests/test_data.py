@@ -261,3 +261,32 @@ def test_url_patterns_pass_through(dataset, tmp_path):
     batch = next(iter(make_stage_loader(pipe, resolution=32, batch_size=2, num_workers=0, epoch_length=1,
                                         shuffle_buffer=2)))
     assert batch["x"].shape == (2, 3, 32, 32)
+
+
+def test_num_workers_auto_leaves_the_compute_threads_their_cores(monkeypatch):
+    """data.num_workers=auto: on CPU the cores the torch threads leave free (at most 4); with an accelerator all
+    cores but one (at most 8); integers as given; anything else one clear error (also from DataConfig)."""
+    import os
+
+    from cascade.data import resolve_num_workers
+    from cascade.trainer_config import DataConfig
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert resolve_num_workers("auto", torch.device("cpu")) == 0  # 2 cores, 2 threads: measured best
+        torch.set_num_threads(1)
+        assert resolve_num_workers("auto", torch.device("cpu")) == 1
+        assert resolve_num_workers("auto", torch.device("cuda")) == 1
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+        assert resolve_num_workers("auto", torch.device("cpu")) == 4
+        assert resolve_num_workers("auto", torch.device("cuda")) == 8
+    finally:
+        torch.set_num_threads(threads)
+    assert resolve_num_workers(3, torch.device("cpu")) == 3 and DataConfig(root="x").num_workers == "auto"
+    for bad in (-1, "two", True, 1.5):
+        with pytest.raises(ValueError, match="num_workers must be auto or an integer >= 0"):
+            resolve_num_workers(bad, torch.device("cpu"))
+        with pytest.raises(ValueError, match="num_workers must be auto or an integer >= 0"):
+            DataConfig(root="x", num_workers=bad)

@@ -477,7 +477,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--compare", choices=["diffusers"], default=None)
-    parser.add_argument("--data-workers", type=int, default=None, help="loader workers (default: DataConfig's)")
+    parser.add_argument("--data-workers", type=int, default=None, help="loader workers (default: what data.num_workers=auto picks here)")
     parser.add_argument("--no-data", action="store_true", help="skip the data loader measurement")
     parser.add_argument("--compile", action="store_true",
                         help="also run every mode under torch.compile: prints compile time and steady-state gain")
@@ -488,10 +488,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.data_workers is None:
+    if args.data_workers is None:  # the trainer's default (data.num_workers=auto) for this device and thread count
+        from cascade.data import resolve_num_workers
         from cascade.trainer_config import DataConfig
 
-        args.data_workers = DataConfig.__dataclass_fields__["num_workers"].default
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        args.data_workers = resolve_num_workers(DataConfig.__dataclass_fields__["num_workers"].default,
+                                                torch.device(args.device))
     if args.worker:
         s = json.loads(args.worker)
         if s["model"] == "trainer":

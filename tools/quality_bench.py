@@ -38,6 +38,16 @@ PROG = "quality_bench"
 QUICK = {"steps": 3, "per_class": 2, "samplers": "ddim3", "judge_epochs": 2}
 
 
+def _workers(text: str) -> int | str:
+    """--workers: auto or an integer (its range is checked with the other settings)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, help="the stage to train: base32, sr64, sr128 or sr256")
@@ -60,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per class (SR: val inputs per class) (default 20)")
     p.add_argument("--size", default="tiny", help="stage preset size: tiny or paper (default tiny)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the judge (default 0)")
-    p.add_argument("--workers", type=int, default=1, help="data loader processes while training (default 1)")
+    p.add_argument("--workers", type=_workers, default="auto",
+                   help="data loader processes while training, or auto (default: data.num_workers=auto)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice); 1 avoids OpenMP oversubscription when "
                         "other processes share the cores")
