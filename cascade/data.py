@@ -339,15 +339,16 @@ def _distributed_rank_world() -> tuple[int, int]:
 
 
 def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
-    """``data.num_workers``: an integer as it is; ``"auto"`` → on CPU the cores this process may use that its torch
-    threads leave free, at most 4 (loader processes on the cores that compute slow training down: measured on 2
-    cores, README "Benchmarks"); with an accelerator all usable cores but one, at most 8. Raises ValueError on
-    anything else."""
+    """``data.num_workers``: an integer as it is; ``"auto"`` → on CPU the cores this process may use (its share
+    under torchrun, by LOCAL_WORLD_SIZE) that its torch threads leave free, at most 4 (loader processes on the
+    cores that compute slow training down: measured on 2 cores, README "Benchmarks"); with an accelerator all
+    its usable cores but one, at most 8. Raises ValueError on anything else."""
     if num_workers != "auto":
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"data.num_workers must be auto or an integer >= 0, got {num_workers!r}")
         return num_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: this process's share of the node
     if device.type == "cpu":
         return min(4, max(0, cores - torch.get_num_threads()))
     return min(8, max(0, cores - 1))

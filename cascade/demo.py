@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from cascade.atomic import write_atomic
 from cascade.config import StageConfig
 from cascade.data import read_dataset_info
 from cascade.imageops import image_grid
@@ -130,10 +131,11 @@ def train_demo_stage(stage: StageConfig, data_dir: Path, runs_dir: Path, budget:
     seconds = (budget.train_seconds or {}).get(name)
     done = {"train_steps": budget.train_steps[name], "train_seconds": seconds, "batch_size": budget.batch_size[name]}
     marker = run_dir / DONE_FILE
-    if marker.is_file() and json.loads(marker.read_text()) == done:
+    if _read_marker(marker) == done:
         final = checkpoint.latest_checkpoint(run_dir)
         if final is not None:
             return final
+    marker.unlink(missing_ok=True)  # training again: no older marker may call an interrupted run finished
     trainer = TrainerConfig(
         max_steps=budget.train_steps[name], max_seconds=seconds or 0.0, batch_size=budget.batch_size[name], lr=budget.lr,
         warmup_steps=budget.warmup_steps, ckpt_every=budget.ckpt_every, keep_last=1, log_every=10,
@@ -142,8 +144,16 @@ def train_demo_stage(stage: StageConfig, data_dir: Path, runs_dir: Path, budget:
     run = RunConfig(run_dir=str(run_dir), data=DataConfig(root=str(data_dir)), trainer=trainer,
                     resume="auto", seed=seed)
     final = train_stage(stage, run, extra_config={"size": "tiny", "stage_overrides": {}, "demo": budget.to_dict()})
-    marker.write_text(json.dumps(done))
+    write_atomic(marker, json.dumps(done))
     return final
+
+
+def _read_marker(path: Path) -> dict | None:
+    """The budget a stage finished with (`DONE_FILE`), or None when absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _budget_words(budget: DemoBudget, name: str) -> str:

@@ -330,13 +330,9 @@ class _ShardSink:
 
 
 def _ordered_results(jobs: list, workers: int, source: Source) -> Iterator:
-    if workers <= 1:  # in this process: its own torch thread count is restored afterwards
-        threads = torch.get_num_threads()
-        try:
-            _init_worker(source)
-            yield from map(_process, jobs)
-        finally:
-            torch.set_num_threads(threads)
+    if workers <= 1:  # in this process, on one torch thread (write_shards gives the caller its count back)
+        _init_worker(source)
+        yield from map(_process, jobs)
         return
     with multiprocessing.get_context().Pool(workers, initializer=_init_pool_worker, initargs=(source,)) as pool:
         yield from pool.imap(_process, jobs, chunksize=8)  # imap keeps the input order → deterministic
@@ -374,16 +370,20 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, shard_size: int 
     split_of = {id(item): name for name in SPLITS for item in splits[name]}
     sinks = {name: _ShardSink(out, name, shard_size) for name in SPLITS}
     per_class_counts = {name: [0] * len(source.class_names) for name in SPLITS}
-    results = _ordered_results(jobs, workers, source)
-    if progress:
-        results = (progress if callable(progress) else _tqdm)(results, total=len(jobs))
-    for job, (item, files, events) in zip(jobs, results):
-        split = split_of[id(job[0])]
-        for event in events:
-            report.add(event, item.name)
-        if files is not None:
-            sinks[split].write(files)
-            per_class_counts[split][item.class_index] += 1
+    threads = torch.get_num_threads()  # workers=1 processes here on one thread: the caller gets its count back
+    try:
+        results = _ordered_results(jobs, workers, source)
+        if progress:
+            results = (progress if callable(progress) else _tqdm)(results, total=len(jobs))
+        for job, (item, files, events) in zip(jobs, results):
+            split = split_of[id(job[0])]
+            for event in events:
+                report.add(event, item.name)
+            if files is not None:
+                sinks[split].write(files)
+                per_class_counts[split][item.class_index] += 1
+    finally:
+        torch.set_num_threads(threads)
     for sink in sinks.values():
         sink.close()
     if sinks["train"].count == 0:

@@ -51,7 +51,7 @@ from cascade.config import StageKind
 from cascade.data import make_stage_loader, read_dataset_info, resolve_num_workers
 from cascade.device import native_bf16, resolve_mixed_precision
 from cascade.ema import EMA
-from cascade.errors import GracefulInterrupt, Interrupted, ensure_writable_dir
+from cascade.errors import GracefulInterrupt, Interrupted, describe_failure, ensure_writable_dir
 from cascade.imageops import image_grid, upsample
 from cascade.losses import (
     ClassifierLoss,
@@ -280,7 +280,7 @@ class StageTrainer:
                 self._stop_group = torch.distributed.new_group(backend="gloo")
             self._build()
         except BaseException:
-            self.close()
+            self._close_after_failure()
             raise
 
     def close(self) -> None:
@@ -295,7 +295,15 @@ class StageTrainer:
         if getattr(self, "model", None) is not None:
             self.model = acc.unwrap_model(self.model)
             self.train_step = None
+        self.batches = None  # the loader's worker processes end with it
         acc.free_memory()  # the accelerator's own references to the wrapped model and optimizer; gc.collect()
+
+    def _close_after_failure(self) -> None:
+        """`close` while an error propagates: a failure of its own is a warning, never the error reported."""
+        try:
+            self.close()
+        except Exception as err:  # noqa: BLE001 - the original error matters more
+            _warn(f"closing the trainer after a failure also failed: {describe_failure(err)}")
 
     # -- building -------------------------------------------------------------------------------------
 
@@ -350,6 +358,9 @@ class StageTrainer:
         self.timestep_sampler = make_timestep_sampler(self.stage.diffusion.timestep_sampler, self.diffusion.num_timesteps)
         self.loss_fn = make_stage_loss(self.stage, self.diffusion, self.timestep_sampler, cfg.p_uncond)
         self.resume_from, model_w, ema_w, state = self._read_resume_point()
+        recorded = (state or {}).get("data", {}).get("num_workers")
+        if self.run_cfg.data.num_workers == "auto" and recorded is not None:
+            self.num_workers = int(recorded)  # the same data stream as before the pause: keep its worker count
         if model_w is not None:
             model.load_state_dict(model_w)
         model.to(self.device)
@@ -478,7 +489,8 @@ class StageTrainer:
                 "timestep_sampler": self.timestep_sampler.state_dict(),
                 "nan": {"total": int(self.nan_total), "in_row": int(self.nan_in_row)},
                 "channels_last": bool(self.channels_last),  # the layout a resumed run keeps (auto may measure anew)
-                "data": {"segment_start": self.segment_start, "world_size": self.world_size},
+                "data": {"segment_start": self.segment_start, "world_size": self.world_size,
+                         "num_workers": self.num_workers},
                 "rng": [r["rng"] for r in per_rank],
                 "rank_weight_fingerprints": [r["fingerprint"] for r in per_rank],
             }
@@ -601,9 +613,12 @@ class StageTrainer:
             raise RuntimeError("this StageTrainer has already run (or was closed); build a new one to train again")
         try:
             with GracefulInterrupt() as interrupt:
-                return self._run(interrupt)
-        finally:
-            self.close()
+                final = self._run(interrupt)
+        except BaseException:
+            self._close_after_failure()
+            raise
+        self.close()
+        return final
 
     def _run(self, interrupt: GracefulInterrupt) -> Path:
         cfg, acc = self.cfg, self.accelerator

@@ -100,10 +100,16 @@ def test_time_budget_trains_by_the_clock_then_keeps_the_stage(quick_demo, tmp_pa
                                  train_steps={**demo.QUICK.train_steps, "base32": 100_000})
     stage = stages.get_stage("base32", "tiny", num_classes=10)
     final = demo.train_demo_stage(stage, quick_demo.out_dir / "data", tmp_path / "runs", budget, 0, progress=False)
-    assert 1 <= checkpoint.load_training_state(final)["step"] < 100_000
+    steps = checkpoint.load_training_state(final)["step"]
+    assert 1 <= steps < 100_000
     marker = json.loads((tmp_path / "runs" / "base32" / demo.DONE_FILE).read_text())
     assert marker == {"train_steps": 100_000, "train_seconds": 0.5, "batch_size": budget.batch_size["base32"]}
     before = (final / "ema.safetensors").stat().st_mtime_ns
     assert demo.train_demo_stage(stage, quick_demo.out_dir / "data", tmp_path / "runs", budget, 0,
                                  progress=False) == final
     assert (final / "ema.safetensors").stat().st_mtime_ns == before
+    # an unreadable marker (or another budget's) is no marker: the stage trains again and is marked anew
+    (tmp_path / "runs" / "base32" / demo.DONE_FILE).write_text("{trunc")
+    again = demo.train_demo_stage(stage, quick_demo.out_dir / "data", tmp_path / "runs", budget, 0, progress=False)
+    assert checkpoint.load_training_state(again)["step"] > steps
+    assert json.loads((tmp_path / "runs" / "base32" / demo.DONE_FILE).read_text()) == marker

@@ -228,5 +228,9 @@ def test_writing_in_process_keeps_the_callers_thread_count(tmp_path):
         write_shards(SyntheticSource(num_classes=2, images_per_class=2, seed=0), tmp_path / "s", shard_size=4,
                      val_fraction=0.25, max_res=32)
         assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="no valid images"):  # and on a way out by an error
+            write_shards(SyntheticSource(num_classes=2, images_per_class=2, seed=0), tmp_path / "t", max_res=32,
+                         min_size=100_000)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -285,13 +285,13 @@ def test_unwritable_outputs_are_reported_before_any_work(synthetic_shards, tmp_p
 # ----------------------------------------------------------------------------------------------- multi-process
 
 
-@pytest.mark.slow
 def _rank_logs(log_dir: Path) -> str:
     """Each rank's own stderr from torchrun's --log-dir (the launcher's stderr ends with its summary only)."""
     return "\n".join(f"== {path.relative_to(log_dir)}\n{path.read_text()[-3000:]}"
                      for path in sorted(log_dir.rglob("stderr.log")))
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run_resumes(synthetic_shards, tmp_path):
     run_dir = tmp_path / "ddp"
 

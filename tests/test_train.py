@@ -417,3 +417,47 @@ def test_bad_overrides_are_clear_errors(args, message, tmp_path):
     done = _tool(*args, f"run_dir={tmp_path / 'r'}", cwd=tmp_path)
     assert done.returncode != 0
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_auto_workers_are_recorded_and_kept_on_resume(synthetic_shards, tmp_path, monkeypatch):
+    """data.num_workers=auto resolves by the machine; the checkpoint records the count, and a resumed run reads the
+    same data stream (the same count) even where auto would now pick another."""
+    import dataclasses
+
+    import stages
+    from cascade import data as data_module
+    from cascade import train as train_module
+    from cascade.train import StageTrainer
+    from cascade.trainer_config import DataConfig
+
+    stage = stages.get_stage("base32", "tiny", num_classes=SHARD_CLASSES)
+    run = tiny_run_config(tmp_path / "run", synthetic_shards, max_steps=1)
+    run = dataclasses.replace(run, data=DataConfig(root=str(synthetic_shards), num_workers="auto", shuffle_buffer=8))
+    monkeypatch.setattr(train_module, "resolve_num_workers", lambda value, device: 0)
+    StageTrainer(stage, run).run()
+    assert checkpoint.load_training_state(tmp_path / "run")["data"]["num_workers"] == 0
+    monkeypatch.setattr(train_module, "resolve_num_workers", lambda value, device: 3)
+    resumed = StageTrainer(stage, dataclasses.replace(run, trainer=dataclasses.replace(run.trainer, max_steps=2)))
+    assert resumed.num_workers == 0
+    resumed.close()
+    assert data_module.resolve_num_workers(2, torch.device("cpu")) == 2
+
+
+def test_a_failing_close_never_hides_the_runs_own_error(synthetic_shards, tmp_path, monkeypatch, capsys):
+    import stages
+    from cascade.train import StageTrainer
+
+    stage = stages.get_stage("base32", "tiny", num_classes=SHARD_CLASSES)
+    trainer = StageTrainer(stage, tiny_run_config(tmp_path / "run", synthetic_shards, max_steps=1))
+
+    def boom(interrupt):
+        raise ValueError("the run's own error")
+
+    def full_disk():
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(trainer, "_run", boom)
+    monkeypatch.setattr(trainer.accelerator, "end_training", full_disk)
+    with pytest.raises(ValueError, match="the run's own error"):
+        trainer.run()
+    assert "closing the trainer after a failure also failed" in capsys.readouterr().err
