@@ -54,7 +54,7 @@ class DemoBudget:
 
 
 # Sampling: each stage's own `SamplingSettings` (the tiny presets: base32 ancestral 40 steps at w = 3, sr64
-# ancestral 25 steps, sr128 / sr256 DDIM, SR inputs at s = 0.03); the quick budget only takes fewer steps.
+# / sr128 ancestral 25 steps, sr256 DDIM, SR inputs at s = 0.03); the quick budget only takes fewer steps.
 # Training: 11.2 minutes in all, by the clock (README "What the demo gives" has the steps they bought per CPU).
 DEFAULT = DemoBudget(
     images_per_class=60,

@@ -46,7 +46,8 @@ _TINY_V_MINSNR = DiffusionConfig(prediction="v", loss_weighting="min_snr", min_s
                                  model_var_type="fixed_small")
 
 # Sampling defaults of the tiny stages, the demo's measured settings: base32 guided (w = 3) ancestral at 40
-# steps; SR stages DDIM (the few-minute learned variance inflates few-step ancestral noise) at s = 0.03.
+# steps; sr64 / sr128 ancestral at 25 (their own); sr256 DDIM (its few-minute learned variance inflates
+# few-step ancestral noise); SR inputs at s = 0.03.
 _TINY_SR_SAMPLING = SamplingSettings(sampler="ddim", steps=10, aug_level=0.03)
 # Paper stages: CDM's setting, ancestral sampling over every step, no guidance, s = 0.1 for SR stages.
 _PAPER_SR_SAMPLING = SamplingSettings(aug_level=0.1)
