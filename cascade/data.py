@@ -37,6 +37,7 @@ import webdataset as wds
 from PIL import Image
 
 from cascade.imageops import uint8_to_float
+from cascade.trainer_config import check_num_workers
 
 _MAX_WARNINGS_PER_PROCESS = 20
 _MAX_CONSECUTIVE_FAILURES = 1000
@@ -343,9 +344,8 @@ def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
     under torchrun, by LOCAL_WORLD_SIZE) that its torch threads leave free, at most 4 (loader processes on the
     cores that compute slow training down: measured on 2 cores, README "Benchmarks"); with an accelerator all
     its usable cores but one, at most 8. Raises ValueError on anything else."""
+    check_num_workers(num_workers)
     if num_workers != "auto":
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"data.num_workers must be auto or an integer >= 0, got {num_workers!r}")
         return num_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: this process's share of the node

@@ -86,6 +86,12 @@ class TrainerConfig:
             raise ValueError(f"trainer.ema_warmup must be >= 1 (1 disables the warm-up), got {self.ema_warmup}")
 
 
+def check_num_workers(num_workers: Any) -> None:
+    """``data.num_workers`` is ``"auto"`` or an integer >= 0; ValueError otherwise."""
+    if num_workers != "auto" and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0):
+        raise ValueError(f"data.num_workers must be auto or an integer >= 0, got {num_workers!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the shards are and how they are read."""
@@ -105,9 +111,7 @@ class DataConfig:
         _coerce_fields(self, "data")
         if not self.root:
             raise ValueError("data.root is required: the shard folder written by tools/make_shards.py")
-        if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
-                                           or self.num_workers < 0):
-            raise ValueError(f"data.num_workers must be auto or an integer >= 0, got {self.num_workers!r}")
+        check_num_workers(self.num_workers)
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be >= 1 (1 disables shuffling), got {self.shuffle_buffer}")
         if self.hflip not in AUTO_OR_BOOL:
