@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
-AUTO_OR_BOOL = ("auto", True, False)  # the values of channels_last and hflip
+
+
+def is_auto_or_bool(value: Any) -> bool:
+    """Whether ``value`` is one of channels_last's and hflip's values: "auto", True or False (not 1 or 0, which
+    compare equal to True and False but are not booleans)."""
+    return value == "auto" or isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class TrainerConfig:
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ValueError(f"trainer.mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, "
                              f"got {self.mixed_precision!r}")
-        if self.channels_last not in AUTO_OR_BOOL:
+        if not is_auto_or_bool(self.channels_last):
             raise ValueError(f"trainer.channels_last must be auto, true or false, got {self.channels_last!r}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"trainer.p_uncond must be in [0, 1), got {self.p_uncond}")
@@ -114,7 +119,7 @@ class DataConfig:
         check_num_workers(self.num_workers)
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be >= 1 (1 disables shuffling), got {self.shuffle_buffer}")
-        if self.hflip not in AUTO_OR_BOOL:
+        if not is_auto_or_bool(self.hflip):
             raise ValueError(f"data.hflip must be auto, true or false, got {self.hflip!r}")
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from cascade import checkpoint
 from cascade.ema import EMA
-from cascade.trainer_config import RunConfig, TrainerConfig
+from cascade.trainer_config import DataConfig, RunConfig, TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "train_stage.py"
@@ -106,6 +106,12 @@ def test_trainer_config_rejects_bad_values():
     with pytest.raises(ValueError, match="trainer.max_step"):
         RunConfig.from_dict({"run_dir": "r", "data": {"root": "d"}, "trainer": {"max_step": 3}})
     assert TrainerConfig(lr=1).lr == 1.0
+    for bad in (1, 0, "yes"):  # 1 == True in Python: only "auto" and real booleans are settings
+        with pytest.raises(ValueError, match="trainer.channels_last must be auto, true or false"):
+            TrainerConfig(channels_last=bad)
+        with pytest.raises(ValueError, match="data.hflip must be auto, true or false"):
+            DataConfig(root="d", hflip=bad)
+    assert TrainerConfig(channels_last=True).channels_last is True and DataConfig(root="d", hflip=False).hflip is False
 
 
 def test_mixed_precision_auto_and_label_dropout():
