@@ -9,6 +9,8 @@ presets (`stages.presets`); this module only shows them to hydra:
   full preset at that size, placed at ``stage`` by `configs/train.yaml`'s defaults list
   (``preset: ${stage}_${size}``). Its ``num_classes`` is left missing: the trainer takes it from the shards.
 - group ``size`` (`configs/size/*.yaml`): what a size changes in the trainer settings.
+- group ``stage_trainer`` (`configs/stage_trainer/<stage>_<size>.yaml`, optional): what one stage at one size
+  changes in the trainer settings beyond its size (tiny sr64: lr and EMA, measured by the quality benchmark).
 
 hydra makes frozen dataclasses read-only, and overrides must be able to change every field, so the schema is a
 mutable mirror of each dataclass (`schema_of`) with the same fields, types and defaults. Validation stays in the

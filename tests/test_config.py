@@ -47,6 +47,24 @@ def test_composed_trainer_and_data_defaults_are_the_dataclasses():
     assert changed == set(tiny_yaml)  # the size file holds exactly what differs, nothing repeated
 
 
+def test_stage_trainer_files_change_only_their_stage_and_size():
+    """configs/stage_trainer/<stage>_<size>.yaml: what one stage at one size changes in its size's trainer settings
+    (optional in the defaults list, so a misnamed file would be silently ignored: each name must be a real pair)."""
+    files = sorted((CONFIGS / "stage_trainer").glob("*.yaml"))
+    assert [f.stem for f in files] == ["sr64_tiny"]
+    for f in files:
+        name, size = f.stem.rsplit("_", 1)
+        assert name in stages.STAGE_NAMES and size in stages.SIZES
+        changes = OmegaConf.to_container(OmegaConf.load(f))
+        plain = _compose(f"size={size}")["trainer"]  # base32 at that size: no stage_trainer file
+        composed = _compose(f"stage={name}", f"size={size}")["trainer"]
+        assert {k for k in composed if composed[k] != plain[k]} == set(changes)  # nothing repeated, all applied
+        assert {k: composed[k] for k in changes} == changes
+    assert _compose("stage=sr64")["trainer"]["lr"] == 1e-3 and _compose("stage=sr128")["trainer"]["lr"] == 2e-4
+    assert _compose("stage=sr64", "size=paper")["trainer"]["lr"] == TrainerConfig().lr
+    assert _compose("stage=sr64", "trainer.lr=3e-4")["trainer"]["lr"] == 3e-4  # the command line still wins
+
+
 def test_overrides_are_type_checked_at_composition():
     from hydra.errors import ConfigCompositionException
 
