@@ -128,9 +128,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainerConfig, device: torch.dev
     fused = device.type in FUSED_ADAMW_DEVICES
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay, fused=fused)
+    return optimizer, make_lr_schedule(optimizer, cfg), fused
+
+
+def make_lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, steps_taken: int = 0):
+    """The run's LR schedule (linear warmup to ``cfg.lr`` over ``cfg.warmup_steps``, then constant) positioned after
+    ``steps_taken`` optimizer steps, with ``cfg``'s optimizer settings (lr, betas, eps, weight decay) written into
+    every parameter group. A resumed run calls it after loading the optimizer's state, so settings changed on the
+    command line take effect (the Adam moments and step counts stay those of the checkpoint)."""
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.lr, initial_lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                     weight_decay=cfg.weight_decay)
     warmup = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    return optimizer, scheduler, fused
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0,
+                                             last_epoch=steps_taken - 1)
 
 
 def new_window(device: torch.device) -> dict[str, torch.Tensor]:
@@ -376,7 +387,8 @@ class StageTrainer:
         if state is not None:
             self.ema.load_state_dict(ema_w, int(state["ema_num_updates"]))
             optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            # the schedule at the checkpoint's position, with this invocation's lr, betas, eps and weight decay
+            self.scheduler = make_lr_schedule(optimizer, cfg, int(state["scheduler"]["last_epoch"]))
             self.timestep_sampler.load_state_dict(state["timestep_sampler"])
             self.step = int(state["step"])
             self.nan_total.fill_(int(state["nan"]["total"]))
@@ -691,6 +703,7 @@ __all__ = [
     "TrainingInterrupted",
     "drop_labels",
     "make_accelerator",
+    "make_lr_schedule",
     "make_optimizer",
     "make_stage_loss",
     "native_bf16",

@@ -1,6 +1,7 @@
 """Plain dataclasses for the stage trainer's settings: the one place their defaults are defined.
 
-The defaults are those of a paper-scale GPU run; `configs/size/tiny.yaml` holds only what a CPU run changes.
+The defaults are those of a paper-scale GPU run; `configs/size/tiny.yaml` holds only what a CPU run changes,
+`configs/stage_trainer/<stage>_<size>.yaml` what one stage at one size changes beyond its size.
 `stages.hydra_store` registers these classes with hydra as the structured schema of `tools/train_stage.py`.
 No torch import here: the command line validates its configuration before loading the heavy libraries.
 """

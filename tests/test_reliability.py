@@ -71,6 +71,8 @@ def _cli(shards, run_dir, **trainer):
     ("stage=sr65", "valid options: base32, classifier32"),             # unknown group option
     ("trainer.lr=[1,", "override 'trainer.lr=[1,' is malformed"),      # override syntax
     ("run_dir=${nope}", "Interpolation key 'nope' not found"),         # bad interpolation
+    ("preset=sr64_tiny", "preset=sr64_tiny does not match stage=base32 size=tiny"),  # a group that follows stage
+    ("stage_trainer=nope", "stage_trainer=nope does not match stage=base32 size=tiny"),  # optional: no file needed
 ])
 def test_hydra_composition_errors_are_one_line_and_exit_2(override, message, tmp_path):
     done = _run(TRAIN_TOOL, "data.root=x", f"run_dir={tmp_path / 'r'}", override, cwd=tmp_path)
@@ -78,6 +80,12 @@ def test_hydra_composition_errors_are_one_line_and_exit_2(override, message, tmp
     line = _one_line(done.stderr)
     assert line.startswith("train_stage: error: ") and message in line, line
     assert not (tmp_path / "r").exists()
+
+
+def test_stage_trainer_can_be_left_out(tmp_path):
+    done = _run(TRAIN_TOOL, "data.root=x", "stage=sr64", "~stage_trainer", "--cfg", "job", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "lr: 0.0002" in done.stdout and "ema_decay: 0.999\n" in done.stdout
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):

@@ -449,6 +449,34 @@ def test_auto_workers_are_recorded_and_kept_on_resume(synthetic_shards, tmp_path
     assert data_module.resolve_num_workers(2, torch.device("cpu")) == 2
 
 
+def test_a_resumed_run_takes_the_optimizer_settings_it_is_given(synthetic_shards, tmp_path):
+    """The checkpoint's Adam moments and schedule position stay; lr (through the warm-up), betas, eps and weight decay
+    are the resumed invocation's (a loaded optimizer state alone would keep the old lr, and a new default such as
+    configs/stage_trainer's would apply only in part)."""
+    import dataclasses
+
+    import stages
+    from cascade.train import StageTrainer
+
+    stage = stages.get_stage("base32", "tiny", num_classes=SHARD_CLASSES)
+    run = tiny_run_config(tmp_path / "run", synthetic_shards, max_steps=2)
+    run = dataclasses.replace(run, trainer=dataclasses.replace(run.trainer, lr=2e-4, warmup_steps=4))
+    StageTrainer(stage, run).run()
+    saved = checkpoint.load_training_state(tmp_path / "run")["optimizer"]
+    same = StageTrainer(stage, dataclasses.replace(run, trainer=dataclasses.replace(run.trainer, max_steps=3)))
+    assert same.scheduler.last_epoch == 2 and same.scheduler.get_last_lr() == pytest.approx([2e-4 * 3 / 4])
+    same.close()
+    changed = dataclasses.replace(run.trainer, max_steps=3, lr=1e-3, weight_decay=0.01, adam_betas=(0.8, 0.99))
+    resumed = StageTrainer(stage, dataclasses.replace(run, trainer=changed))
+    group = resumed.optimizer.param_groups[0]
+    assert resumed.scheduler.last_epoch == 2 and resumed.scheduler.get_last_lr() == pytest.approx([1e-3 * 3 / 4])
+    assert group["lr"] == pytest.approx(1e-3 * 3 / 4) and group["weight_decay"] == 0.01
+    assert tuple(group["betas"]) == (0.8, 0.99)
+    first = next(iter(saved["state"].values()))
+    assert torch.equal(resumed.optimizer.state_dict()["state"][0]["exp_avg"], first["exp_avg"])  # moments kept
+    resumed.close()
+
+
 def test_a_failing_close_never_hides_the_runs_own_error(synthetic_shards, tmp_path, monkeypatch, capsys):
     import stages
     from cascade.train import StageTrainer

@@ -120,9 +120,12 @@ def check_command_line(argv: list[str]) -> None:
         job_values = OmegaConf.to_container(job, resolve=True, throw_on_missing=False)
         str(cfg.hydra.run.dir)  # resolves its interpolations (run_dir, the date)
         choices = cfg.hydra.runtime.choices
-        if choices.get("preset") != f"{choices.get('stage')}_{choices.get('size')}":
-            raise ValueError(f"preset={choices.get('preset')} does not match stage={choices.get('stage')} "
-                             f"size={choices.get('size')}; choose the stage with stage= and size= only")
+        for group in ("preset", "stage_trainer"):  # both follow stage and size; chosen directly they could disagree
+            if group == "stage_trainer" and choices.get(group) is None:
+                continue  # ~stage_trainer: left out, the size's trainer values as they are
+            if choices.get(group) != f"{choices.get('stage')}_{choices.get('size')}":
+                raise ValueError(f"{group}={choices.get(group)} does not match stage={choices.get('stage')} "
+                                 f"size={choices.get('size')}; choose the stage with stage= and size= only")
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         if debug_enabled():
             raise
