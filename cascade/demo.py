@@ -53,8 +53,8 @@ class DemoBudget:
         return dataclasses.asdict(self)
 
 
-# Sampling: each stage's own `SamplingSettings` (the tiny presets: base32 ancestral 40 steps at w = 3, sr64
-# / sr128 ancestral 25 steps, sr256 DDIM, SR inputs at s = 0.03); the quick budget only takes fewer steps.
+# Sampling: each stage's own `SamplingSettings` (the tiny presets: base32 ancestral 40 steps at w = 2, sr64
+# / sr128 / sr256 ancestral 25 steps, SR inputs at s = 0.03); the quick budget only takes fewer steps.
 # Training: 11.2 minutes in all, by the clock (README "What the demo gives" has the steps they bought per CPU).
 DEFAULT = DemoBudget(
     images_per_class=60,
@@ -354,9 +354,7 @@ def _report_blocks(budget, settings, class_names, grids, real_grid, curves, eval
                   ("sampling per stage (each stage's own settings, stored in its checkpoint): "
                    + "; ".join(f"{n}: {s.sampler} {s.steps} steps, w = {s.w:g}"
                                + (f", s = {s.aug_level:g}" if s.aug_level is not None else "")
-                               for n, s in settings.items())
-                   + " (SR stages with learned variance use DDIM: a few minutes of training leave it too wide "
-                   "for few-step ancestral sampling)"),
+                               for n, s in settings.items())),
                   *headline]),
         ("h2", "Samples"),
         ("p", ("Rows are classes (in the order listed above), columns are independent samples. Compare with the "

@@ -80,8 +80,8 @@ class Recipe:
 
 # Every recipe but `today` names each objective setting it relies on, so it means the same whatever the preset.
 RECIPES: dict[str, Recipe] = {
-    "today": Recipe("the stage preset as is (the tiny base32, sr64 and sr128 presets: v-prediction, Min-SNR-5, fixed "
-                    "small variance; the others: ε-prediction, learned-range variance, hybrid loss)"),
+    "today": Recipe("the stage preset as is (the tiny presets: v-prediction, Min-SNR-5, fixed small variance; the "
+                    "paper presets: ε-prediction, learned-range variance, hybrid loss)"),
     "cdm": Recipe("ε-prediction, learned-range variance, hybrid loss (Nichol & Dhariwal 2021 'Improved DDPM' "
                   "§3.1; CDM's recipe and the paper presets'; the tiny presets' before the benchmark)",
                   {"diffusion": {"prediction": "eps", "loss_weighting": "uniform", "loss": "hybrid",
