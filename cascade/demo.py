@@ -388,8 +388,9 @@ def _report_blocks(budget, settings, class_names, grids, real_grid, curves, eval
         ("table", ["stage", *columns], rows),
         ("h2", "Training"),
         ("img", curves.relative_to(out).as_posix(),
-         ("training loss per stage (hybrid loss; thin lines: loss per quarter of the t range, high t on the "
-         "right quarter is the easiest); classifier: cross-entropy and accuracy on noised inputs")),
+         ("training loss per stage (each stage's own objective, stored in its checkpoint; thin lines: loss per "
+          "quarter of the t range, high t on the right quarter is the easiest); classifier: cross-entropy and "
+          "accuracy on noised inputs")),
         ("list", [f"{name}: {_trained_steps(result.checkpoints[name])} steps at batch {budget.batch_size[name]} "
                   f"(budget: {_budget_words(budget, name)}), checkpoint "
                   f"{result.checkpoints[name].relative_to(out).as_posix()}" for name in TRAIN_ORDER]),
