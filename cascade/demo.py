@@ -53,7 +53,7 @@ class DemoBudget:
         return dataclasses.asdict(self)
 
 
-# Sampling: each stage's own `SamplingSettings` (the tiny presets: base32 ancestral 40 steps at w = 2, sr64
+# Sampling: each stage's own `SamplingSettings` (the tiny presets: base32 ancestral 40 steps at w = 1, sr64
 # / sr128 / sr256 ancestral 25 steps, SR inputs at s = 0.03); the quick budget only takes fewer steps.
 # Training: 11.2 minutes in all, by the clock (README "What the demo gives" has the steps they bought per CPU).
 DEFAULT = DemoBudget(
