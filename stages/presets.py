@@ -10,7 +10,7 @@ schedule, T = 1000 (CDM used up to 4000; sampling respaces anyway), learned-rang
 the tiny diffusion stages train v-prediction with Min-SNR-5 weighting and fixed small variance instead (measured: `_TINY_V_MINSNR`).
 
 Conditioning augmentation (CDM §3/§4): every SR stage trains with Gaussian augmentation s ~ U[0, 0.3]
-and samples with s = 0.1 by default; sr128 and sr256 also blur half of the training examples with
+and samples with s = 0.1 by default (the paper presets; the tiny ones at 0.03, measured); sr128 and sr256 also blur half of the training examples with
 σ ~ U(0.4, 0.6), 3×3 kernel; sr64 has no blur (at 32² a blur erases most of the content).
 
 Conditioning skip (tiny SR stages, `unet.cond_skip_std`): the network's ε is added to E[ε | x_t] under
@@ -37,8 +37,8 @@ _TINY = {"attention_resolutions": (8,), "head_channels": 32, "norm_groups": 8, "
 # Paper networks: 64-channel heads, 32 norm groups, gradient checkpointing.
 _PAPER = {"head_channels": 64, "norm_groups": 32, "use_checkpoint": True}
 
-# Objective of the tiny base32, sr64, sr128 and sr256 stages, from the quality benchmark (README "Quality benchmark", 10
-# minutes, AMD EPYC): v-prediction (Salimans & Ho 2022) with Min-SNR-5 weighting (Hang et al. 2023), fixed
+# Objective of the tiny base32, sr64, sr128 and sr256 stages, from the quality benchmark (README "Quality benchmark";
+# base32 and sr64 at 10 minutes, sr128 and sr256 at 5, AMD EPYC): v-prediction (Salimans & Ho 2022) with Min-SNR-5 weighting (Hang et al. 2023), fixed
 # small variance. base32 on photos: class accuracy 100% vs 90.5% and judge FD 0.19 vs 0.53 for ε + hybrid
 # loss (ancestral 40 steps, w = 3; on digits 71% vs 74.5%, within one standard error at 200 samples);
 # sr64 over the conditioning skip: detail ratio 0.61 vs 0.45 at the same consistency (31.2 dB), DDIM 15.
