@@ -7,11 +7,13 @@ recalled: base 32² width 256, multipliers (1,2,3,4), 3 residual blocks; 32→64
 resolution); dropout 0.1 for the 32/64 models, 0 above; gradient checkpointing on. The classifier follows
 ADM's noise-aware classifiers (encoder half, width 128, attention pooling). Diffusion everywhere: cosine
 schedule, T = 1000 (CDM used up to 4000; sampling respaces anyway), learned-range variance, hybrid loss;
-the tiny diffusion stages train v-prediction with Min-SNR-5 weighting and fixed small variance instead (measured: `_TINY_V_MINSNR`).
+the tiny diffusion stages train v-prediction with Min-SNR-5 weighting and fixed small variance instead
+(measured: `_TINY_V_MINSNR`).
 
 Conditioning augmentation (CDM §3/§4): every SR stage trains with Gaussian augmentation s ~ U[0, 0.3]
-and samples with s = 0.1 by default (the paper presets; the tiny ones at 0.03, measured); sr128 and sr256 also blur half of the training examples with
-σ ~ U(0.4, 0.6), 3×3 kernel; sr64 has no blur (at 32² a blur erases most of the content).
+and samples with s = 0.1 by default (the paper presets; the tiny ones at 0.03, measured); sr128 and sr256
+also blur half of the training examples with σ ~ U(0.4, 0.6), 3×3 kernel; sr64 has no blur (at 32² a blur
+erases most of the content).
 
 Conditioning skip (tiny SR stages, `unet.cond_skip_std`): the network's ε is added to E[ε | x_t] under
 x_0 ~ N(upsampled input, σ²) with σ the measured std of (image − upsampled low-res image) on the built-in
@@ -37,10 +39,11 @@ _TINY = {"attention_resolutions": (8,), "head_channels": 32, "norm_groups": 8, "
 # Paper networks: 64-channel heads, 32 norm groups, gradient checkpointing.
 _PAPER = {"head_channels": 64, "norm_groups": 32, "use_checkpoint": True}
 
-# Objective of the tiny base32, sr64, sr128 and sr256 stages, from the quality benchmark (README "Quality benchmark";
-# base32 and sr64 at 10 minutes, sr128 and sr256 at 5, AMD EPYC): v-prediction (Salimans & Ho 2022) with Min-SNR-5 weighting (Hang et al. 2023), fixed
-# small variance. base32 on photos: class accuracy 100% vs 90.5% and judge FD 0.19 vs 0.53 for ε + hybrid
-# loss (ancestral 40 steps, w = 3; on digits 71% vs 74.5%, within one standard error at 200 samples);
+# Objective of the tiny base32, sr64, sr128 and sr256 stages, from the quality benchmark (README "Quality
+# benchmark"; base32 and sr64 at 10 minutes, sr128 and sr256 at 5, AMD EPYC): v-prediction (Salimans & Ho
+# 2022) with Min-SNR-5 weighting (Hang et al. 2023), fixed small variance. base32 on photos: class accuracy
+# 100% vs 90.5% and judge FD 0.19 vs 0.53 for ε + hybrid loss (ancestral 40 steps, w = 3; on digits 71% vs
+# 74.5%, within one standard error at 200 samples);
 # sr64 over the conditioning skip: detail ratio 0.61 vs 0.45 at the same consistency (31.2 dB), DDIM 15.
 _TINY_V_MINSNR = DiffusionConfig(prediction="v", loss_weighting="min_snr", min_snr_gamma=5.0, loss="simple",
                                  model_var_type="fixed_small")
