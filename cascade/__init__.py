@@ -2,24 +2,30 @@
 
 The diffusion core (schedules, forward process, losses, bound, respacing) and the samplers are
 exported here; heavier pieces (the pipeline, training, data, metrics) load on first use.
+
+Subpackages, lowest first (each imports only those before it; `tests/test_layering.py` checks it):
+`diffusion` (the math and the samplers), `nets` (networks and their preconditioning), `data` (image
+sources, shards, the stage loader), `training`, `pipeline` (sampling a chain of stages), `evaluation`,
+and `harness` (the quality benchmark, the judge, the demo). `config`, `checkpoint`, `errors`, `atomic`,
+`imageops` and `device` sit at the root and serve them all.
 """
 
-from cascade.diffusion import (
+from cascade.diffusion.gaussian import (
     GaussianDiffusion,
     aug_alpha_bar,
     aug_level_from_alpha_bar,
     make_betas,
     space_timesteps,
 )
-from cascade.samplers import classifier_free_guidance, classifier_guidance, sample_ddim, sample_ddpm
+from cascade.diffusion.samplers import classifier_free_guidance, classifier_guidance, sample_ddim, sample_ddpm
 
 _LAZY = {
-    "CascadePipeline": "cascade.pipeline",
-    "CascadeConfigError": "cascade.pipeline",
-    "UNet": "cascade.unet",
-    "train_stage": "cascade.train",
-    "make_stage_loader": "cascade.data",
-    "write_shards": "cascade.shards",
+    "CascadePipeline": "cascade.pipeline.cascade_pipeline",
+    "CascadeConfigError": "cascade.pipeline.cascade_pipeline",
+    "UNet": "cascade.nets.unet",
+    "train_stage": "cascade.training.trainer",
+    "make_stage_loader": "cascade.data.loader",
+    "write_shards": "cascade.data.shards",
     "load_stage": "cascade.checkpoint",
 }
 

@@ -233,8 +233,8 @@ def verify_checkpoint(path: str | Path) -> Path:
 
 def load_stage(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):
     """Rebuild a stage from its checkpoint alone: (StageConfig, model in eval mode, diffusion)."""
-    from cascade.build import build_diffusion, build_model
     from cascade.config import StageConfig
+    from cascade.nets.build import build_diffusion, build_model
 
     record = load_config(path)
     stage_cfg = StageConfig.from_dict(record["stage"])

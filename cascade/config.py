@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cascade.unet import blocks_per_level
+from cascade.checks import check_choice
+from cascade.nets.unet import blocks_per_level
 
 
 class StageKind(str, enum.Enum):
@@ -35,11 +36,6 @@ LOSSES = ("simple", "hybrid")
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
-
-
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 @dataclass
@@ -90,12 +86,12 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0  # γ of min_snr, > 0
 
     def __post_init__(self) -> None:
-        _check_choice("diffusion.schedule", self.schedule, SCHEDULES)
-        _check_choice("diffusion.model_var_type", self.model_var_type, MODEL_VAR_TYPES)
-        _check_choice("diffusion.loss", self.loss, LOSSES)
-        _check_choice("diffusion.timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
-        _check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
-        _check_choice("diffusion.loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        check_choice("diffusion.schedule", self.schedule, SCHEDULES)
+        check_choice("diffusion.model_var_type", self.model_var_type, MODEL_VAR_TYPES)
+        check_choice("diffusion.loss", self.loss, LOSSES)
+        check_choice("diffusion.timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
+        check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
+        check_choice("diffusion.loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         if isinstance(self.min_snr_gamma, bool) or not isinstance(self.min_snr_gamma, (int, float)) \
                 or not self.min_snr_gamma > 0:
             raise ValueError(f"diffusion.min_snr_gamma must be a number > 0, got {self.min_snr_gamma!r}")
@@ -139,7 +135,7 @@ class SamplingSettings:
     """How one stage samples: a stage's config carries its best defaults, command lines and `evaluate` /
     `sweep` derive per-stage copies (`dataclasses.replace`) and hand them down whole.
 
-    - ``sampler``: a name in `cascade.samplers.SAMPLERS` ("ddpm": ancestral, Ho et al. 2020 "DDPM" Algorithm 2;
+    - ``sampler``: a name in `cascade.diffusion.samplers.SAMPLERS` ("ddpm": ancestral, Ho et al. 2020 "DDPM" Algorithm 2;
       "ddim": Song et al. 2021 "DDIM" eq. 12).
     - ``steps``: respaced steps: a count (int ≥ 1), a spacing string ("50", "ddim25", sections "10,5"), or
       None for every training timestep (Nichol & Dhariwal 2021 "Improved DDPM" §4).
@@ -173,7 +169,7 @@ class SamplingSettings:
     guidance_interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        from cascade.samplers import SAMPLERS
+        from cascade.diffusion.samplers import SAMPLERS
 
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
@@ -267,7 +263,7 @@ class StageConfig:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
     def __post_init__(self) -> None:
-        _check_choice("kind", self.kind, STAGE_KINDS)
+        check_choice("kind", self.kind, STAGE_KINDS)
         self.kind = StageKind(self.kind)
         if self.resolution < 1 or self.num_classes < 1:
             raise ValueError(

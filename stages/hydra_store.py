@@ -1,6 +1,6 @@
 """hydra's view of the configuration: the stage, trainer and data dataclasses as structured configs.
 
-Every default is defined once, in the dataclasses (`cascade.config`, `cascade.trainer_config`) and the
+Every default is defined once, in the dataclasses (`cascade.config`, `cascade.training.trainer_config`) and the
 presets (`stages.presets`); this module only shows them to hydra:
 
 - ``train_schema``: the whole `tools/train_stage.py` job (run_dir, resume, seed, size, stage, trainer, data),
@@ -28,7 +28,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from cascade.config import StageConfig
-from cascade.trainer_config import DataConfig, TrainerConfig
+from cascade.training.trainer_config import DataConfig, TrainerConfig
 from stages.presets import SIZES, STAGE_NAMES, get_stage
 
 

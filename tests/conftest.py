@@ -18,8 +18,8 @@ TINY_BF16_STAGE, TINY_BF16_STAGE_PRECISION = "sr64", "bf16"
 def synthetic_shards(tmp_path_factory) -> Path:
     """A shard folder (train-*.tar, val-*.tar, dataset.json) with all resolutions 32..256:
     3 classes × 6 synthetic images, 12 train (3 shards of 4) and 6 val."""
-    from cascade.datasets import SyntheticSource
-    from cascade.shards import write_shards
+    from cascade.data.shards import write_shards
+    from cascade.data.sources import SyntheticSource
 
     out = tmp_path_factory.mktemp("shards")
     write_shards(SyntheticSource(num_classes=SHARD_CLASSES, images_per_class=6, seed=0), out, shard_size=4,
@@ -29,7 +29,7 @@ def synthetic_shards(tmp_path_factory) -> Path:
 
 def tiny_run_config(run_dir: Path, shards: Path, seed: int = 0, **trainer):
     """A RunConfig for a quick CPU run on the synthetic shards (trainer keys override TINY_TRAINER)."""
-    from cascade.trainer_config import DataConfig, RunConfig, TrainerConfig
+    from cascade.training.trainer_config import DataConfig, RunConfig, TrainerConfig
 
     return RunConfig(run_dir=str(run_dir), seed=seed, resume="auto",
                      data=DataConfig(root=str(shards), num_workers=0, shuffle_buffer=8),
@@ -40,7 +40,7 @@ def tiny_run_config(run_dir: Path, shards: Path, seed: int = 0, **trainer):
 def tiny_runs(tmp_path_factory, synthetic_shards) -> dict[str, Path]:
     """Every stage trained at size=tiny for a few steps; {stage name: run dir} laid out as <runs>/<stage>/."""
     import stages
-    from cascade.train import train_stage
+    from cascade.training.trainer import train_stage
 
     runs = tmp_path_factory.mktemp("runs")
     out = {}
@@ -53,6 +53,12 @@ def tiny_runs(tmp_path_factory, synthetic_shards) -> dict[str, Path]:
                     extra_config={"size": "tiny"})
         out[name] = runs / name
     return out
+
+
+@pytest.fixture(scope="session")
+def runs_root(tiny_runs) -> Path:
+    """The runs folder holding the tiny trained stages as <stage>/ run dirs."""
+    return Path(tiny_runs["base32"]).parent
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 import stages
 from cascade.config import SamplingSettings, StageConfig, StageKind
-from cascade.trainer_config import DataConfig, TrainerConfig
+from cascade.training.trainer_config import DataConfig, TrainerConfig
 from stages.hydra_store import register
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

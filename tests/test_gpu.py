@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_trainer_bf16_channels_last_on_cuda(synthetic_shards, tmp_path):
     import stages
-    from cascade.train import StageTrainer
+    from cascade.training.trainer import StageTrainer
 
     stage = stages.get_stage("base32", "tiny", num_classes=SHARD_CLASSES)
     trainer = StageTrainer(stage, tiny_run_config(tmp_path / "run", synthetic_shards, mixed_precision="bf16",
@@ -32,7 +32,7 @@ def test_trainer_bf16_channels_last_on_cuda(synthetic_shards, tmp_path):
 
 
 def test_sampling_on_cuda_bf16_agrees_with_fp32(tiny_runs):
-    from cascade.pipeline import CascadePipeline
+    from cascade.pipeline.cascade_pipeline import CascadePipeline
 
     runs_root, chain = Path(tiny_runs["base32"]).parent, ("base32", "sr64")
     out = {p: CascadePipeline.from_runs(runs_root, chain, device="cuda", precision=p)(
@@ -48,7 +48,7 @@ def test_sampling_on_cuda_bf16_agrees_with_fp32(tiny_runs):
 
 @pytest.mark.parametrize("tokens", [64, 1024])
 def test_attention_on_cuda_matches_explicit(tokens):
-    from cascade.attention import attention, explicit_attention
+    from cascade.nets.attention import attention, explicit_attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, tokens, 2, 32, generator=gen) for _ in range(3))

@@ -1,12 +1,89 @@
-"""The dependency direction: the core package `cascade` never imports the stage presets package `stages`."""
+"""The dependency direction, one rule per subpackage, read from the source (module-level and function-level
+imports alike), plus an import of every module with `stages` blocked.
+
+Floors, lowest first: diffusion → nets → data → training → pipeline → evaluation → harness. The root
+modules (`config`, `checkpoint`, `errors`, `checks`, `atomic`, `imageops`, `device`) serve every floor; `cli` is
+the tools' edge. The package `cascade` never imports the preset package `stages`.
+"""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "cascade"
+
+# What each folder may not import (besides `stages`, which no module of `cascade` imports).
+FORBIDDEN = {
+    "diffusion": ("nets", "data", "training", "pipeline", "evaluation", "harness", "cli", "checkpoint"),
+    "nets": ("data", "training", "pipeline", "evaluation", "harness", "cli"),
+    "data": ("diffusion", "nets", "training", "pipeline", "evaluation", "harness", "cli"),
+    "training": ("evaluation", "harness", "cli"),
+    "pipeline": ("training", "evaluation", "harness", "cli"),
+    "evaluation": ("training", "harness", "cli"),
+    "harness": ("cli",),
+}
+ROOT_MODULES = ("config", "checkpoint", "errors", "checks", "atomic", "imageops", "device")
+# The root modules serve every floor: they may import the diffusion math and the network builder, no more.
+ROOT_FORBIDDEN = ("data", "training", "pipeline", "evaluation", "harness", "cli")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every `cascade.*` module a source file imports, at any depth of the file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            if node.module == "cascade":  # `from cascade import checkpoint`
+                found |= {f"cascade.{a.name}" for a in node.names}
+    return {m for m in found if m == "cascade" or m.startswith(("cascade.", "stages"))}
+
+
+def _violations(files, forbidden) -> list[str]:
+    bad = []
+    for path in files:
+        for mod in sorted(_imports(path)):
+            parts = mod.split(".")
+            if parts[0] == "stages" or (len(parts) > 1 and parts[1] in forbidden):
+                bad.append(f"{path.name} imports {mod}")
+    return bad
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_each_folder_imports_only_floors_below_it(folder):
+    files = sorted((PACKAGE / folder).glob("*.py"))
+    assert files, f"cascade/{folder} holds no module"
+    assert _violations(files, FORBIDDEN[folder]) == []
+
+
+def test_root_modules_import_no_floor_above_the_networks():
+    files = [PACKAGE / f"{name}.py" for name in ROOT_MODULES]
+    assert _violations(files, ROOT_FORBIDDEN) == []
+
+
+def test_every_module_lives_in_a_known_place():
+    """A new folder or root module needs its rule above."""
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == set(FORBIDDEN)
+    root = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "cli"}
+    assert root == set(ROOT_MODULES)
+
+
+def test_the_probe_sees_an_import_it_should_refuse(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from cascade.training.trainer import train_stage\n    import stages\n"
+                   "from cascade import checkpoint\n")
+    assert _imports(bad) == {"cascade", "cascade.checkpoint", "cascade.training.trainer", "stages"}
+    assert _violations([bad], FORBIDDEN["pipeline"]) == ["bad.py imports cascade.training.trainer",
+                                                          "bad.py imports stages"]
+
 
 # Imports every module of `cascade` with `stages` blocked: any import of it, at module level or inside a
 # function that runs at import time, raises ImportError naming the importer.
@@ -21,7 +98,7 @@ class BlockStages:
 
 sys.meta_path.insert(0, BlockStages())
 import cascade
-names = sorted(m.name for m in pkgutil.iter_modules(cascade.__path__, "cascade."))
+names = sorted(m.name for m in pkgutil.walk_packages(cascade.__path__, "cascade."))
 for name in names:
     importlib.import_module(name)
 print(len(names))
@@ -29,14 +106,7 @@ print(len(names))
 
 
 def test_cascade_imports_without_stages():
-    done = subprocess.run([sys.executable, "-c", _PROBE], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", _PROBE], check=False, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
-    assert int(done.stdout.strip()) >= 20  # every module was imported, not an empty package
-
-
-def test_no_function_level_stages_import_in_cascade():
-    """Imports inside functions run late; the source itself must not name the package."""
-    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "cascade").glob("*.py")
-                 if any(line.strip().startswith(("import stages", "from stages"))
-                        for line in p.read_text().splitlines())]
-    assert offenders == []
+    assert int(done.stdout.strip()) >= 40  # every module was imported, not an empty package

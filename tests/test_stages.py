@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import stages
-from cascade.diffusion import GaussianDiffusion
+from cascade.diffusion.gaussian import GaussianDiffusion
 
 
 def test_registry_names_and_errors():

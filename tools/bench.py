@@ -7,7 +7,7 @@
   python tools/bench.py --stages base32 --compile         # + compile time and steady-state gain of torch.compile
   python tools/bench.py --stages base32 --trainer         # + the trainer's img/s against its bare step
 
-Training is timed through the library's own step (`cascade.train.TrainStep`: autocast, loss, backward, clipping,
+Training is timed through the library's own step (`cascade.training.trainer.TrainStep`: autocast, loss, backward, clipping,
 fused AdamW, LR schedule, EMA update), on one batch held on the device: the "bare step".
 Every (model, mode) runs in its own subprocess so peak memory (ru_maxrss, or CUDA max allocated) is its own.
 The conv and matmul ceilings are measured in the same run with the model's dominant 3×3 conv shape (its
@@ -39,13 +39,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import stages
-from cascade.ema import EMA
-from cascade.losses import example_batch, make_stage_loss
-from cascade.runtime import make_accelerator
-from cascade.samplers import classifier_free_guidance, sample_ddim
-from cascade.timestep_sampler import UniformSampler
-from cascade.train import TrainStep, make_optimizer, new_window
-from cascade.trainer_config import TrainerConfig
+from cascade.diffusion.samplers import classifier_free_guidance, sample_ddim
+from cascade.training.ema import EMA
+from cascade.training.losses import example_batch, make_stage_loss
+from cascade.training.runtime import make_accelerator
+from cascade.training.timestep_sampler import UniformSampler
+from cascade.training.trainer import TrainStep, make_optimizer, new_window
+from cascade.training.trainer_config import TrainerConfig
 
 BENCH_STAGES = ("base32", "sr64", "sr128", "sr256", "classifier32", "big32")
 DEFAULT_BATCH = {"base32": 32, "sr64": 16, "sr128": 8, "sr256": 4, "classifier32": 32, "big32": 16}
@@ -260,7 +260,7 @@ def run_config(model_name: str, stage_name: str, mode: str, batch: int, steps: i
     fmt = torch.channels_last if opts["channels_last"] else torch.contiguous_format
     batch_data = {k: (v.contiguous(memory_format=fmt) if v.ndim == 4 else v)
                   for k, v in example_batch(cfg, batch, device=device).items()}
-    # The trainer's own step (cascade.train.TrainStep) with the trainer's defaults: accelerate's autocast,
+    # The trainer's own step (cascade.training.trainer.TrainStep) with the trainer's defaults: accelerate's autocast,
     # fused AdamW, clipping, the non-finite skip, the LR schedule and the EMA update.
     tcfg = TrainerConfig(batch_size=batch, mixed_precision="bf16" if opts["bf16"] else "no")
     acc = make_accelerator(tcfg.mixed_precision, cpu=device.type == "cpu")
@@ -328,10 +328,10 @@ def run_trainer(stage_name: str, mode: str, batch: int, steps: int, device_name:
     """Train the stage with `StageTrainer` for ``steps`` steps on a temporary synthetic shard set (logging every
     10 steps, only the final checkpoint, no sample grids); returns its img/s (the metrics log's windows after the
     first, which holds loader start-up and compilation) and the wall-clock img/s of the whole run."""
-    from cascade.datasets import SyntheticSource
-    from cascade.shards import write_shards
-    from cascade.train import StageTrainer
-    from cascade.trainer_config import DataConfig, RunConfig
+    from cascade.data.shards import write_shards
+    from cascade.data.sources import SyntheticSource
+    from cascade.training.trainer import StageTrainer
+    from cascade.training.trainer_config import DataConfig, RunConfig
 
     if threads:
         torch.set_num_threads(threads)
@@ -363,8 +363,8 @@ def run_trainer(stage_name: str, mode: str, batch: int, steps: int, device_name:
 
 def measure_data(stage_names, batches: dict, num_batches: int, num_workers: int) -> dict:
     """Loader images/s per stage on a small synthetic shard set written to a temporary folder."""
-    from cascade.datasets import SyntheticSource
-    from cascade.shards import write_shards
+    from cascade.data.shards import write_shards
+    from cascade.data.sources import SyntheticSource
     from tools.bench_data import measure_loader_throughput
 
     out = {}
@@ -489,8 +489,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.data_workers is None:  # the trainer's default (data.num_workers=auto) for this device and thread count
-        from cascade.data import resolve_num_workers
-        from cascade.trainer_config import DataConfig
+        from cascade.data.loader import resolve_num_workers
+        from cascade.training.trainer_config import DataConfig
 
         if args.threads:
             torch.set_num_threads(args.threads)

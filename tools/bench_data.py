@@ -11,9 +11,9 @@ import sys
 import tempfile
 import time
 
-from cascade.data import make_stage_loader, read_dataset_info
-from cascade.datasets import SyntheticSource
-from cascade.shards import write_shards
+from cascade.data.loader import make_stage_loader, read_dataset_info
+from cascade.data.shards import write_shards
+from cascade.data.sources import SyntheticSource
 
 STAGE_SIZES = (("base32", 32, None), ("sr64", 64, 32), ("sr128", 128, 64), ("sr256", 256, 128))
 

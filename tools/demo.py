@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be >= 0, got {args.seed}")
 
     import stages
-    from cascade.demo import DEFAULT, QUICK, TRAIN_ORDER, run_demo
+    from cascade.harness.demo import DEFAULT, QUICK, TRAIN_ORDER, run_demo
 
     out = args.out or ("demo_out_quick" if args.quick else "demo_out")
     configs = {name: stages.get_stage(name, "tiny") for name in TRAIN_ORDER}

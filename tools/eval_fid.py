@@ -26,7 +26,7 @@ import sys
 
 from accelerate import Accelerator
 
-from cascade.cli_args import (
+from cascade.cli import (
     OneLineArgumentParser,
     add_evaluation_arguments,
     add_metric_arguments,
@@ -38,9 +38,9 @@ from cascade.cli_args import (
     sampler_overrides,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
-from cascade.evaluation import evaluate
-from cascade.generation import MODES
-from cascade.pipeline import DEFAULT_CHAIN, CascadeConfigError
+from cascade.evaluation.evaluate import evaluate
+from cascade.evaluation.samples import MODES
+from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN, CascadeConfigError
 
 PROG = "eval_fid"
 

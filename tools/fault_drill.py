@@ -231,7 +231,7 @@ def _visible_files(out: Path) -> dict[str, bytes]:
 
 def shards_drill(work: Path, kills: int, rng: random.Random, *, quiet: bool = False) -> ShardDrillResult:
     """The make_shards half of the drill (see the module docstring)."""
-    from cascade.data import iterate_split
+    from cascade.data.loader import iterate_split
 
     result = ShardDrillResult()
     ref = work / "shards-ref"
@@ -296,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="fault-drill-"))
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    from cascade.datasets import SyntheticSource
-    from cascade.shards import write_shards
+    from cascade.data.shards import write_shards
+    from cascade.data.sources import SyntheticSource
 
     shards = work / "train-shards"
     if not (shards / "dataset.json").is_file():

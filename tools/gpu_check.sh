@@ -133,7 +133,7 @@ except Exception as err:  # noqa: BLE001
     print(f"xformers: unavailable ({type(err).__name__})")
 if missing:
     raise SystemExit("missing: " + "; ".join(missing))
-import cascade.train, stages  # noqa: F401,E401 - the project imports
+import cascade.training.trainer, stages  # noqa: F401,E401 - the project imports
 print("imports ok")
 PYEOF
 }
@@ -150,12 +150,12 @@ from pathlib import Path
 
 import torch
 
-import cascade.attention as attention
+import cascade.nets.attention as attention
 import stages
-from cascade.datasets import SyntheticSource
-from cascade.shards import write_shards
-from cascade.train import StageTrainer
-from cascade.trainer_config import DataConfig, RunConfig, TrainerConfig
+from cascade.data.sources import SyntheticSource
+from cascade.data.shards import write_shards
+from cascade.training.trainer import StageTrainer
+from cascade.training.trainer_config import DataConfig, RunConfig, TrainerConfig
 
 device, steps, work, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 if device == "cuda" and not torch.cuda.is_available():

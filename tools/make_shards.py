@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cascade.datasets import get_source
+from cascade.data.shards import RESOLUTIONS, BadInputReport, write_shards
+from cascade.data.sources import get_source
 from cascade.errors import cli_main, ensure_writable_dir
-from cascade.shards import RESOLUTIONS, BadInputReport, write_shards
 
 PROG = "make_shards"
 

@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 import stages
-from cascade.cas import CASSettings
-from cascade.cli_args import OneLineArgumentParser, report_error
-from cascade.judge import JudgeSettings
-from cascade.quality_bench import (
+from cascade.cli import OneLineArgumentParser, report_error
+from cascade.evaluation.cas import CASSettings
+from cascade.harness.judge import JudgeSettings
+from cascade.harness.quality_bench import (
     RECIPES,
     BenchConfig,
     BenchError,
@@ -32,7 +32,7 @@ from cascade.quality_bench import (
     prepare,
     run_benchmark,
 )
-from cascade.quality_report import write_report
+from cascade.harness.quality_report import write_report
 
 PROG = "quality_bench"
 QUICK = {"steps": 3, "per_class": 2, "samplers": "ddim3", "judge_epochs": 2}

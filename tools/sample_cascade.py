@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import stages
-from cascade.cli_args import (
+from cascade.cli import (
     OneLineArgumentParser,
     add_sampler_arguments,
     default_device,
@@ -30,8 +30,8 @@ from cascade.cli_args import (
     sampler_overrides,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
-from cascade.outputs import write_outputs
-from cascade.pipeline import DEFAULT_CHAIN, PRECISIONS, CascadeConfigError, CascadePipeline
+from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN, PRECISIONS, CascadeConfigError, CascadePipeline
+from cascade.pipeline.outputs import write_outputs
 
 PROG = "sample_cascade"
 

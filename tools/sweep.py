@@ -23,7 +23,7 @@ import sys
 
 from accelerate import Accelerator
 
-from cascade.cli_args import (
+from cascade.cli import (
     OneLineArgumentParser,
     add_evaluation_arguments,
     add_metric_arguments,
@@ -34,10 +34,10 @@ from cascade.cli_args import (
     sampler_overrides,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
-from cascade.generation import MODES, TEACHER_FORCED
-from cascade.metrics import METRIC_GOALS
-from cascade.pipeline import CascadeConfigError
-from cascade.sweep import sweep
+from cascade.evaluation.metrics import METRIC_GOALS
+from cascade.evaluation.samples import MODES, TEACHER_FORCED
+from cascade.evaluation.sweep import sweep
+from cascade.pipeline.cascade_pipeline import CascadeConfigError
 
 PROG = "sweep"
 

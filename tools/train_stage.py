@@ -39,7 +39,7 @@ from cascade.errors import (
     ensure_writable_dir,
     print_error,
 )
-from cascade.trainer_config import RunConfig
+from cascade.training.trainer_config import RunConfig
 from stages.hydra_store import register
 
 register()
@@ -159,7 +159,7 @@ def build_run(cfg: DictConfig, num_classes: Callable[[str], int]) -> tuple[Stage
 
 
 def _shard_classes(root: str) -> int:
-    from cascade.data import read_dataset_info
+    from cascade.data.loader import read_dataset_info
 
     return len(read_dataset_info(root)["class_names"])
 
@@ -169,7 +169,7 @@ def train(cfg: DictConfig) -> int:
     Ctrl-C → checkpoint, one line, 130). Returns the exit code."""
     try:
         stage, size, run = build_run(cfg, _shard_classes)
-        from cascade.train import StageTrainer
+        from cascade.training.trainer import StageTrainer
 
         trainer = StageTrainer(stage, run, extra_config={"size": size})
     except (ValueError, FileNotFoundError, OmegaConfBaseException) as err:
@@ -180,7 +180,7 @@ def train(cfg: DictConfig) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted before training started; run the same command to start", file=sys.stderr)
         return EXIT_INTERRUPTED
-    from cascade.train import NonFiniteLossError
+    from cascade.training.trainer import NonFiniteLossError
 
     try:
         final = trainer.run()

@@ -1,0 +1,1 @@
+"""Data: image sources (`sources`), the webdataset shard writer (`shards`) and the stage loader (`loader`)."""

@@ -1,0 +1,400 @@
+"""The end-to-end demo: shards from built-in photographs → train every stage (tiny) → sample → evaluate → report.
+
+Every step is resumable: shards are reused when their settings match, a finished stage is not
+retrained (its run resumes at max_steps and returns at once), a killed stage resumes from its last
+checkpoint. `tools/demo.py` is the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cascade.atomic import write_atomic
+from cascade.config import StageConfig
+from cascade.data.loader import read_dataset_info
+from cascade.evaluation.report import plot_training_curves, write_report_pages
+from cascade.imageops import image_grid
+from cascade.training.trainer_config import DataConfig, RunConfig, TrainerConfig
+
+TRAIN_ORDER = ("classifier32", "base32", "sr64", "sr128", "sr256")
+CHAIN = ("base32", "sr64", "sr128", "sr256")
+DONE_FILE = "demo_done.json"  # in a stage's run folder: the budget it finished training with
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """How much of everything the demo does; `DEFAULT` fits under 20 minutes on 2 CPU cores, `QUICK` ~2."""
+
+    images_per_class: int
+    train_steps: dict[str, int]
+    batch_size: dict[str, int]
+    lr: float
+    warmup_steps: int
+    sample_steps: dict[str, int] | None  # respaced sampling steps per stage; None: each stage's own settings
+    num_per_class: int  # samples per class through the whole cascade
+    eval_samples: int  # generated images per stage for FID/KID
+    ckpt_every: int
+    ema_decay: float = 0.999
+    val_fraction: float = 0.1
+    cas_per_class: int = 1  # generated images per class for the Classification Accuracy Score
+    cas_steps: int = 60  # training steps of each CAS classifier
+    # wall-clock training seconds per stage (trainer.max_seconds), so the demo takes the same minutes on every CPU
+    # and a faster one trains more steps; train_steps then only caps them. None: train_steps alone.
+    train_seconds: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Sampling: each stage's own `SamplingSettings` (the tiny presets: base32 ancestral 40 steps at w = 1, sr64
+# / sr128 / sr256 ancestral 25 steps, SR inputs at s = 0.03); the quick budget only takes fewer steps.
+# Training: 11.2 minutes in all, by the clock (README "What the demo gives" has the steps they bought per CPU).
+DEFAULT = DemoBudget(
+    images_per_class=60,
+    train_seconds={"classifier32": 40, "base32": 330, "sr64": 165, "sr128": 80, "sr256": 55},
+    train_steps={"classifier32": 1000, "base32": 5000, "sr64": 3000, "sr128": 2000, "sr256": 1000},
+    batch_size={"classifier32": 32, "base32": 32, "sr64": 16, "sr128": 8, "sr256": 4},
+    lr=2e-3,
+    warmup_steps=30,
+    sample_steps=None,
+    num_per_class=2,
+    eval_samples=20,
+    ckpt_every=100,
+    cas_per_class=2,
+    cas_steps=60,
+)
+
+QUICK = DemoBudget(
+    images_per_class=12,
+    train_steps={"classifier32": 10, "base32": 20, "sr64": 8, "sr128": 5, "sr256": 4},
+    batch_size={"classifier32": 16, "base32": 16, "sr64": 8, "sr128": 4, "sr256": 2},
+    lr=2e-3,
+    warmup_steps=5,
+    sample_steps={"base32": 8, "sr64": 4, "sr128": 3, "sr256": 3},
+    num_per_class=1,
+    eval_samples=10,
+    ckpt_every=10,
+    cas_per_class=1,
+    cas_steps=10,
+)
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    report_html: Path
+    report_md: Path
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _log(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def make_demo_shards(data_dir: Path, budget: DemoBudget, seed: int, progress: bool) -> dict[str, Any]:
+    """Shards of the built-in photographs; reused when a previous run made them with the same settings."""
+    from cascade.data.shards import write_shards
+    from cascade.data.sources import get_source
+
+    wanted = {"images_per_class": budget.images_per_class, "val_fraction": budget.val_fraction, "seed": seed}
+    marker = data_dir / "demo_settings.json"
+    if marker.is_file() and json.loads(marker.read_text()) == wanted and (data_dir / "dataset.json").is_file():
+        _log(f"reusing shards in {data_dir}")
+        return read_dataset_info(data_dir)
+    source = get_source("photos", seed=seed, images_per_class=budget.images_per_class)
+    _log(f"writing shards of {len(source.class_names)} photographs × {budget.images_per_class} crops to {data_dir}")
+    info = write_shards(source, data_dir, shard_size=64, val_fraction=budget.val_fraction, seed=seed,
+                        overwrite=True, progress=progress)
+    marker.write_text(json.dumps(wanted))
+    return info
+
+
+def train_demo_stage(stage: StageConfig, data_dir: Path, runs_dir: Path, budget: DemoBudget, seed: int,
+                     progress: bool) -> Path:
+    """Train (or resume, or return the finished checkpoint of) one stage with the budget's steps, seconds and
+    batch size for it. A stage finished with this budget (`DONE_FILE` in its run folder) is returned as it is; an
+    interrupted one resumes from its last checkpoint (with the whole time budget again, when it has one)."""
+    from cascade import checkpoint
+    from cascade.training.trainer import train_stage
+
+    name = stage.name
+    run_dir = runs_dir / name
+    seconds = (budget.train_seconds or {}).get(name)
+    done = {"train_steps": budget.train_steps[name], "train_seconds": seconds, "batch_size": budget.batch_size[name]}
+    marker = run_dir / DONE_FILE
+    if _read_marker(marker) == done:
+        final = checkpoint.latest_checkpoint(run_dir)
+        if final is not None:
+            return final
+    marker.unlink(missing_ok=True)  # training again: no older marker may call an interrupted run finished
+    trainer = TrainerConfig(
+        max_steps=budget.train_steps[name], max_seconds=seconds or 0.0, batch_size=budget.batch_size[name], lr=budget.lr,
+        warmup_steps=budget.warmup_steps, ckpt_every=budget.ckpt_every, keep_last=1, log_every=10,
+        ema_decay=budget.ema_decay, sample_every=0, progress=progress,
+    )
+    run = RunConfig(run_dir=str(run_dir), data=DataConfig(root=str(data_dir)), trainer=trainer,
+                    resume="auto", seed=seed)
+    final = train_stage(stage, run, extra_config={"size": "tiny", "stage_overrides": {}, "demo": budget.to_dict()})
+    write_atomic(marker, json.dumps(done))
+    return final
+
+
+def _read_marker(path: Path) -> dict | None:
+    """The budget a stage finished with (`DONE_FILE`), or None when absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _budget_words(budget: DemoBudget, name: str) -> str:
+    seconds = (budget.train_seconds or {}).get(name)
+    steps = f"{budget.train_steps[name]} steps"
+    return f"{seconds:g} s, at most {steps}" if seconds else steps
+
+
+def _trained_steps(final: Path) -> int:
+    from cascade import checkpoint
+
+    return int(checkpoint.load_training_state(final)["step"])
+
+
+def _stage_grids(outputs: dict[str, torch.Tensor], out_dir: Path, num_per_class: int) -> dict[str, Path]:
+    paths = {}
+    for name in CHAIN:
+        if name in outputs:
+            paths[name] = out_dir / f"grid-{name}.png"
+            image_grid(outputs[name], ncol=num_per_class).save(paths[name])
+    return paths
+
+
+def _real_grid(data_dir: Path, out_dir: Path, num_classes: int, per_class: int) -> Path:
+    """Real val images at 256², one row per class, for comparison with the samples."""
+    from cascade.data.loader import iterate_split
+
+    rows: dict[int, list[torch.Tensor]] = {c: [] for c in range(num_classes)}
+    for sample in iterate_split(data_dir, "val", (256,)):
+        c = int(sample["y"])
+        if len(rows[c]) < per_class:
+            rows[c].append(sample["images"][256])
+    tiles = [img for c in range(num_classes) for img in rows[c]]
+    path = out_dir / "grid-real.png"
+    image_grid(torch.stack(tiles), ncol=per_class).save(path)
+    return path
+
+
+EXPLANATION = [
+    ("Sample counts first: every FID carries its count n. FID is biased upwards at small n (the bias falls "
+    "roughly as 1/n) and this demo evaluates on a few dozen images, far below the 2,048 FID needs, so its FIDs "
+    "are marked *biased*: compare them only between rows with the same n. KID (kernel distance) is unbiased, so "
+    "the compact tables lead with it; at small n it is noisy and can be slightly negative: read KID within its "
+    "± std of 0 as 'indistinguishable at this n'."),
+    ("FID and KID compare the distribution of generated images with the held-out val photographs at each "
+    "stage's resolution, measured in the feature space named in brackets (here the demo's own classifier32, "
+    "trained on the same crops: numbers are comparable only within this report, not with published "
+    "Inception FIDs). Lower is better; the real val set against itself scores 0."),
+    ("Precision / recall (Kynkäänniemi et al. 2019, k = 3 nearest neighbours, same feature space): precision is "
+    "the fraction of samples that fall inside the real images' manifold (quality), recall the fraction of real "
+    "images inside the samples' manifold (diversity / coverage). Both in [0, 1], higher is better; FID mixes "
+    "the two."),
+    ("Teacher-forced: an SR stage receives the real low-resolution val image (the stage judged alone). "
+    "Cascaded: it receives the previous stage's sample (what a user gets). The gap between the two rows "
+    "shows how much an SR stage suffers from its imperfect input; conditioning augmentation is what keeps "
+    "this gap small."),
+    ("CAS (Classification Accuracy Score, Ravuri & Vinyals 2019; the second headline number of the Cascaded "
+    "Diffusion Models paper): a fresh small CNN trained only on generated images (a few per class here) and "
+    "tested on the real val photographs, next to the same CNN trained on as many real training crops (the "
+    "ceiling, 'real'). Near the ceiling: the samples carry what tells the classes apart, in real variety. "
+    "With this few images per class both numbers are rough."),
+    ("Memorised: the fraction of samples closer to a training crop than half the typical distance between two "
+    "training crops of the same class, in the classifier's feature space and in 32² pixels; 'val' is the same "
+    "test on held-out real crops (the chance rate). Well above the val rate: the generator copies training "
+    "images. The closest pairs (sample left, nearest training crop right) are shown so you can look."),
+    ("Patch FID [classifier32-features-patch32]: the same FID on 32×32 patches cut from each image at its own "
+    "resolution (up to 4×4 patches per image). Whole-image features see every stage at 32², so they judge "
+    "content and colour; patch features see the texture and detail an SR stage adds, so they tell a sharp, "
+    "realistic 256² image from a blurred or noisy one."),
+    ("Detail ratio (SR stages): the RMS of each image's detail above the stage's input size (the image minus "
+    "its own down- and re-upsampled version) relative to the same measure on the real val photographs. About "
+    "1: as much fine detail as real photographs; near the bicubic point: the stage only upsamples; well above "
+    "1: noise. It says how much detail is added, not whether it is right: read it with the consistency PSNR "
+    "(the plot puts the two side by side) and the FIDs."),
+    ("Rows \"<stage> (bicubic)\": the real low-resolution inputs upsampled with bicubic interpolation and scored "
+    "like a stage's output: the baseline an SR stage must beat. Its consistency PSNR is the ceiling for a "
+    "stage that only upsamples; the small classifier's patch features hardly react to blur, so at this "
+    "scale the patch FIDs of a stage and of its bicubic row are close."),
+    ("Consistency PSNR: the SR output downsampled back to the input size against the input it was given, in dB. "
+    "High values (≳ 25 dB) mean the stage adds detail without changing the content it was conditioned on."),
+    ("Class accuracy: the fraction of generated images that classifier32 (trained on real crops) assigns to the "
+    "class they were sampled for. Chance is 1 / number of classes; well above chance means the class "
+    "conditioning (with classifier-free guidance) works. Unlike CAS it rewards class-typical images and says "
+    "nothing about diversity."),
+    ("IS (Inception Score with the classifier's logits) is high when samples are confidently classified and "
+    "all classes are covered."),
+]
+
+
+def run_demo(out_dir: str | Path, budget: DemoBudget, stage_configs: dict[str, StageConfig], *, seed: int = 0,
+             progress: bool = True) -> DemoResult:
+    """Run (or resume) the whole demo; returns where the report is and the headline numbers.
+
+    ``stage_configs`` holds the stage definitions to train, one per name in `TRAIN_ORDER` (the tiny presets of
+    `stages`: ``{n: stages.get_stage(n, "tiny") for n in TRAIN_ORDER}``); their class count is replaced by the
+    data's. Raises ValueError when a stage is missing.
+    """
+    missing = [n for n in TRAIN_ORDER if n not in stage_configs]
+    if missing:
+        raise ValueError(f"run_demo: no stage configuration for {', '.join(missing)}; pass one per stage in "
+                         f"{', '.join(TRAIN_ORDER)}")
+    from cascade.evaluation.cas import CASSettings
+    from cascade.evaluation.evaluate import classifier_feature_net, evaluate
+    from cascade.evaluation.features import PatchFeatures
+    from cascade.pipeline.cascade_pipeline import CascadePipeline
+    from cascade.pipeline.outputs import write_outputs
+
+    out = Path(out_dir).resolve()
+    data_dir, runs_dir, samples_dir = out / "data", out / "runs", out / "samples"
+    result = DemoResult(out_dir=out, report_html=out / "report.html", report_md=out / "report.md")
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        result.seconds[name] = round(now - clock, 1)
+        clock = now
+
+    info = make_demo_shards(data_dir, budget, seed, progress)
+    class_names = info["class_names"]
+    num_classes = len(class_names)
+    lap("shards")
+    for i, name in enumerate(TRAIN_ORDER, 1):
+        _log(f"[{i}/{len(TRAIN_ORDER)}] training {name} for {_budget_words(budget, name)} "
+             f"(batch {budget.batch_size[name]}); finished stages are not retrained")
+        stage = dataclasses.replace(stage_configs[name], num_classes=num_classes)
+        result.checkpoints[name] = train_demo_stage(stage, data_dir, runs_dir, budget, seed, progress)
+        lap(f"train {name}")
+
+    _log(f"sampling {budget.num_per_class} image(s) per class through {' → '.join(CHAIN)}")
+    pipeline = CascadePipeline.from_runs(runs_dir, CHAIN)
+    settings = pipeline.settings(steps=budget.sample_steps)  # each stage's own settings
+    sampling_plan = pipeline.validate(list(range(num_classes)), settings, num_per_class=budget.num_per_class,
+                                      seed=seed)
+    outputs = pipeline.run(sampling_plan, progress=progress)
+    write_outputs(outputs, sampling_plan, samples_dir, class_names=class_names,
+                  record=pipeline.run_record(sampling_plan))
+    grids = _stage_grids(outputs, out, budget.num_per_class)
+    real_grid = _real_grid(data_dir, out, num_classes, budget.num_per_class)
+    lap("sampling")
+
+    _log(f"evaluating every stage on {budget.eval_samples} samples (teacher-forced and cascaded), CAS on "
+         f"{budget.cas_per_class} per class, memorisation")
+    clf = classifier_feature_net(runs_dir / "classifier32")
+    nets = [clf, PatchFeatures(clf, clf.resolution)]
+    evaluation = evaluate(pipeline, data_dir, feature_nets=nets, classifier=clf, num_samples=budget.eval_samples,
+                          seed=seed, batch_size=max(budget.batch_size.values()), progress=progress, baselines=True,
+                          settings=settings, cas_per_class=budget.cas_per_class,
+                          cas_settings=CASSettings(steps=budget.cas_steps, batch_size=16), memorisation=True)
+    evaluation.write(out)
+    result.metrics = evaluation.results
+    lap("evaluation")
+
+    curves = plot_training_curves({name: runs_dir / name for name in TRAIN_ORDER}, out / "training-curves.png")
+    blocks = _report_blocks(budget, settings, class_names, grids, real_grid, curves, evaluation, result, out)
+    write_report_pages(out, "cascade demo report", blocks)
+    lap("report")
+    _log(f"report: {result.report_html} (Markdown copy: {result.report_md})")
+    return result
+
+
+def _headline(results: dict, num_classes: int) -> list[str]:
+    """One line per stage from its cascaded metrics: class accuracy, and for SR stages the detail ratio (next
+    to that of the bicubic-upsampled input) and the consistency PSNR."""
+    from cascade.evaluation.evaluate import BASELINE_SUFFIX
+
+    lines = []
+    for stage, modes in results.items():
+        if stage.endswith(BASELINE_SUFFIX):
+            continue
+        metrics = modes.get("cascaded", modes.get("teacher-forced", {}))
+        line = f"{stage}: class accuracy {metrics.get('class_accuracy', float('nan')):.0%} (chance {1 / num_classes:.0%})"
+        baseline = results.get(stage + BASELINE_SUFFIX, {}).get("teacher-forced")
+        if "detail_ratio" in metrics:
+            line += f"; detail ratio {metrics['detail_ratio']:.2f}"
+            if baseline is not None:
+                line += f" (bicubic-upsampled input: {baseline['detail_ratio']:.2f}; real images: 1)"
+        if "consistency_psnr" in metrics:
+            line += f"; consistency {metrics['consistency_psnr']:.1f} dB"
+        if "cas" in metrics:
+            line += f"; CAS {metrics['cas']['top1']:.0%} (real-data ceiling {metrics['cas']['real_top1']:.0%})"
+        lines.append(line)
+    return lines
+
+
+def _report_blocks(budget, settings, class_names, grids, real_grid, curves, evaluation, result, out: Path) -> list:
+    from cascade.evaluation.report import BASELINE_SUFFIX, SMALL_SAMPLE_NOTE, report_table, summary_table
+
+    columns, table = report_table(evaluation.results)
+    rows = [[stage] + [cells.get(c, "–") for c in columns] for stage, cells in table.items()]
+    headline = _headline(evaluation.results, len(class_names))
+    blocks = [
+        ("p", ("Everything on this page was produced by `python tools/demo.py` on this machine: shards of "
+              f"{len(class_names)} built-in photographs (one class per photograph, random multi-scale crops), "
+              "the five stages trained from scratch at the `tiny` preset, every class sampled through "
+              "base32 → sr64 → sr128 → sr256 with classifier-free guidance, and every stage evaluated.")),
+        ("list", [f"classes: {', '.join(f'{i} {n}' for i, n in enumerate(class_names))}",
+                  ("sampling per stage (each stage's own settings, stored in its checkpoint): "
+                   + "; ".join(f"{n}: {s.sampler} {s.steps} steps, w = {s.w:g}"
+                               + (f", s = {s.aug_level:g}" if s.aug_level is not None else "")
+                               for n, s in settings.items())),
+                  *headline]),
+        ("h2", "Samples"),
+        ("p", ("Rows are classes (in the order listed above), columns are independent samples. Compare with the "
+              "real val crops at the end: a sample belongs to its class when its colours and textures match "
+              "that row's photograph; each SR stage should keep the previous stage's layout and add detail.")),
+    ]
+    for name, path in grids.items():
+        blocks.append(("img", path.relative_to(out).as_posix(), f"{name}: samples per class"))
+    blocks += [
+        ("img", real_grid.relative_to(out).as_posix(), "real val crops at 256² (for comparison)"),
+        ("img", "samples/grid.png", "the cascade per sample: columns are stages (each shown at 256²)"),
+        ("h2", "Metrics"),
+        ("p", (f"{evaluation.meta['num_samples']} generated images per stage and mode (n below), CAS from "
+               f"{budget.cas_per_class} per class. " + SMALL_SAMPLE_NOTE)),
+    ]
+    for stage, by_mode in evaluation.results.items():
+        if stage.endswith(BASELINE_SUFFIX):
+            continue
+        blocks += [("h3", stage), ("table", *summary_table(by_mode))]
+    if (out / "results.png").is_file():
+        blocks.append(("img", "results.png", ("detail ratio against consistency PSNR per SR stage: teacher-forced, "
+                                              "cascaded and the bicubic-upsampled input; real images have detail "
+                                              "ratio 1 (dashed)")))
+    for stage in evaluation.pairs:
+        blocks.append(("img", f"memorisation-{stage}.png",
+                       f"{stage}: the samples closest to a training crop (left) next to that crop (right)"))
+    blocks += [
+        ("h3", "What the numbers mean"),
+        ("list", EXPLANATION),
+        ("h3", "Full table"),
+        ("table", ["stage", *columns], rows),
+        ("h2", "Training"),
+        ("img", curves.relative_to(out).as_posix(),
+         ("training loss per stage (each stage's own objective, stored in its checkpoint; thin lines: loss per "
+          "quarter of the t range, high t on the right quarter is the easiest); classifier: cross-entropy and "
+          "accuracy on noised inputs")),
+        ("list", [f"{name}: {_trained_steps(result.checkpoints[name])} steps at batch {budget.batch_size[name]} "
+                  f"(budget: {_budget_words(budget, name)}), checkpoint "
+                  f"{result.checkpoints[name].relative_to(out).as_posix()}" for name in TRAIN_ORDER]),
+        ("h2", "Timings"),
+        ("table", ["step", "seconds"], [[k, v] for k, v in result.seconds.items()]),
+    ]
+    return blocks

@@ -1,0 +1,161 @@
+"""Plain dataclasses for the stage trainer's settings: the one place their defaults are defined.
+
+The defaults are those of a paper-scale GPU run; `configs/size/tiny.yaml` holds only what a CPU run changes,
+`configs/stage_trainer/<stage>_<size>.yaml` what one stage at one size changes beyond its size.
+`stages.hydra_store` registers these classes with hydra as the structured schema of `tools/train_stage.py`.
+No torch import here: the command line validates its configuration before loading the heavy libraries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from cascade.checks import check_num_workers, coerce_fields, is_auto_or_bool
+
+MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Optimisation, checkpointing, logging and sampling settings of one training run.
+
+    ``batch_size`` is per process and per micro-batch: one optimizer step sees
+    batch_size × grad_accum × num_processes images. ``mixed_precision="auto"`` picks bf16 where the device
+    computes it natively (CUDA with bf16 support, CPUs with AVX512-BF16/AMX), else full precision.
+    ``channels_last="auto"`` uses the channels-last memory format on CUDA; on CPU it times both layouts at the
+    start of a run of ≥ 200 steps (or with a time budget) and keeps the faster (`cascade.training.memory_format`; a
+    resumed run keeps its layout). 0 disables
+    ``grad_clip``, ``sample_every``; ``ckpt_every=0`` saves only the final checkpoint.
+    ``max_seconds`` > 0 also ends the run (with its final checkpoint) after the first step that completes
+    that many wall-clock seconds into this invocation's training loop (a time budget; 0 = no limit).
+    """
+
+    max_steps: int = 500000
+    max_seconds: float = 0.0  # > 0: also stop (with a final checkpoint) after this many seconds of training
+    batch_size: int = 32  # per process and micro-batch
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 1000  # linear warmup, then constant
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    grad_accum: int = 1
+    mixed_precision: str = "auto"  # auto (bf16 where native) | no | bf16 | fp16
+    channels_last: str | bool = "auto"  # auto (CUDA; CPU: measured per run) | true | false
+    compile: bool = False  # torch.compile the model's forward (compile time vs steady-state gain: tools/bench.py --compile)
+    ema_decay: float = 0.9999
+    ema_warmup: float = 10.0  # decay_n = min(ema_decay, (1 + n) / (ema_warmup + n)); 1 disables
+    p_uncond: float = 0.1  # null-class dropout for classifier-free guidance
+    ckpt_every: int = 5000  # 0: only the final checkpoint
+    keep_last: int = 3
+    log_every: int = 100
+    sample_every: int = 10000  # EMA sample grid to <run_dir>/samples/; 0 disables
+    sample_steps: int | str = 25  # respaced sampling steps for the grid (N, ddimN or sections)
+    sample_count: int = 8  # samples per class (base) or val inputs (SR)
+    max_nan_in_row: int = 5  # stop after this many NaN/inf steps in a row
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        coerce_fields(self, "trainer")
+        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+        positive = ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every", "sample_count",
+                    "max_nan_in_row")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "ckpt_every", "sample_every", "weight_decay", "grad_clip", "max_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"trainer.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.max_seconds < math.inf:
+            raise ValueError(f"trainer.max_seconds must be a finite number >= 0 (0: no limit), got {self.max_seconds}")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"trainer.adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ValueError(f"trainer.mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, "
+                             f"got {self.mixed_precision!r}")
+        if not is_auto_or_bool(self.channels_last):
+            raise ValueError(f"trainer.channels_last must be auto, true or false, got {self.channels_last!r}")
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError(f"trainer.p_uncond must be in [0, 1), got {self.p_uncond}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"trainer.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_warmup < 1.0:
+            raise ValueError(f"trainer.ema_warmup must be >= 1 (1 disables the warm-up), got {self.ema_warmup}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how they are read."""
+
+    root: str  # required: the shard folder written by tools/make_shards.py
+    # loader worker processes per training process, or auto (`cascade.data.loader.resolve_num_workers`): on CPU the cores
+    # the torch threads leave free, at most 4 (measured on 2 cores, tools/bench.py --trainer, base32 batch 32:
+    # 2 threads → 0 workers 90% of the bare step, 1 worker 69% (Zen 5, bf16); 1 thread → 1 worker 92%, 0 workers
+    # 83% (Zen 3, fp32)); with an accelerator all cores but one, at most 8
+    num_workers: int | str = "auto"
+    shuffle_buffer: int = 1000  # samples in the shuffle buffer
+    # random horizontal flips of training images: auto follows the shards' dataset.json "hflip" (false for digits,
+    # whose mirror images are other shapes; true for photographs and for shards that do not say)
+    hflip: str | bool = "auto"
+
+    def __post_init__(self) -> None:
+        coerce_fields(self, "data")
+        if not self.root:
+            raise ValueError("data.root is required: the shard folder written by tools/make_shards.py")
+        check_num_workers(self.num_workers)
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be >= 1 (1 disables shuffling), got {self.shuffle_buffer}")
+        if not is_auto_or_bool(self.hflip):
+            raise ValueError(f"data.hflip must be auto, true or false, got {self.hflip!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: the trainer and data settings plus where it lives, how it resumes and its seed.
+
+    ``resume`` is "auto" (continue from the newest checkpoint in ``run_dir`` if any), "never" (fail if
+    ``run_dir`` already holds checkpoints) or a checkpoint path.
+    """
+
+    run_dir: str
+    data: DataConfig
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resume: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ValueError("run_dir must name the run's output folder")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ValueError(f"resume must be auto, never or a checkpoint path, got {self.resume!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Build from nested plain dicts; an unknown key is a ValueError naming it."""
+        d = dict(d)
+        _reject_unknown(cls, d, "")
+        if "data" not in d:
+            raise ValueError("data.root is required: the shard folder written by tools/make_shards.py")
+        data = dict(d.pop("data"))
+        trainer = dict(d.pop("trainer", {}))
+        _reject_unknown(DataConfig, data, "data.")
+        _reject_unknown(TrainerConfig, trainer, "trainer.")
+        return cls(data=DataConfig(**data), trainer=TrainerConfig(**trainer), **d)
+
+
+def _reject_unknown(cls: type, d: dict[str, Any], prefix: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+                         f"valid: {', '.join(prefix + k for k in sorted(known))}")
