@@ -1,7 +1,7 @@
 """cascade: cascaded diffusion models for class-conditional image generation.
 
-The diffusion core (schedules, forward process, losses, bound, respacing) and the samplers are
-exported here; heavier pieces (the pipeline, training, data, metrics) load on first use.
+The diffusion core (schedules, forward process, losses, bound, respacing), the samplers and the guidance
+wrappers are exported here; heavier pieces (the pipeline, training, data, metrics) load on first use.
 
 Subpackages, lowest first (each imports only those before it; `tests/test_layering.py` checks it):
 `diffusion` (the math and the samplers), `nets` (networks and their preconditioning), `data` (image
@@ -17,7 +17,8 @@ from cascade.diffusion.gaussian import (
     make_betas,
     space_timesteps,
 )
-from cascade.diffusion.samplers import classifier_free_guidance, classifier_guidance, sample_ddim, sample_ddpm
+from cascade.diffusion.guidance import classifier_free_guidance, classifier_guidance
+from cascade.diffusion.samplers import sample_ddim, sample_ddpm
 
 _LAZY = {
     "CascadePipeline": "cascade.pipeline.cascade_pipeline",

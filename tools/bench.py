@@ -39,7 +39,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import stages
-from cascade.diffusion.samplers import classifier_free_guidance, sample_ddim
+from cascade.diffusion.guidance import classifier_free_guidance
+from cascade.diffusion.samplers import sample_ddim
 from cascade.training.ema import EMA
 from cascade.training.losses import example_batch, make_stage_loss
 from cascade.training.runtime import make_accelerator

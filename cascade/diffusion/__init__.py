@@ -1,13 +1,15 @@
 """The diffusion math every stage shares, knowing nothing of networks, data or training.
 
 `schedules` (β schedules, respacing, the aug level ↔ ᾱ map), `parameterization` (ε / v / x_0),
-`gaussian` (`GaussianDiffusion`: forward process, posterior, losses, the bound), `augment`
-(conditioning augmentation), `noise` (every random draw of sampling), `samplers` (the reverse-process
-loops and the guidance wrappers).
+`gaussian` (`GaussianDiffusion`: forward process, posterior, reverse process, respacing), `objectives`
+(the variational bound and the training losses), `augment` (conditioning augmentation), `noise` (every
+normal draw: one generator or one per sample), `samplers` (the reverse-process loops) and `guidance`
+(classifier-free and classifier guidance as model wrappers).
 """
 
-from cascade.diffusion.gaussian import GaussianDiffusion, make_betas, space_timesteps
-from cascade.diffusion.samplers import SAMPLERS, classifier_free_guidance, classifier_guidance
+from cascade.diffusion.gaussian import GaussianDiffusion, build_diffusion, make_betas, space_timesteps
+from cascade.diffusion.guidance import classifier_free_guidance, classifier_guidance
+from cascade.diffusion.samplers import SAMPLERS, sample_ddim, sample_ddpm, sample_dpmpp2m, sample_heun
 
-__all__ = ["SAMPLERS", "GaussianDiffusion", "classifier_free_guidance", "classifier_guidance", "make_betas",
-           "space_timesteps"]
+__all__ = ["SAMPLERS", "GaussianDiffusion", "build_diffusion", "classifier_free_guidance", "classifier_guidance",
+           "make_betas", "sample_ddim", "sample_ddpm", "sample_dpmpp2m", "sample_heun", "space_timesteps"]

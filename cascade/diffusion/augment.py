@@ -2,7 +2,7 @@
 
 Gaussian augmentation noises x_low with the forward process to a continuous level s ∈ [0, 1]
 (x_s = √ᾱ(s)·x + √(1−ᾱ(s))·ε, slides eq. 2 (Ho et al. 2020 'DDPM' eq. 4), with the continuous cosine ᾱ(s) of
-``cascade.diffusion.gaussian.aug_alpha_bar``); the level is an input of the network. Training draws s uniformly from
+``cascade.diffusion.schedules.aug_alpha_bar``); the level is an input of the network. Training draws s uniformly from
 [0, s_max] per example and, for some stages, blurs a fraction of the examples first (kornia Gaussian
 blur, σ drawn per example). Sampling uses one chosen level and no blur.
 """
@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 from kornia.filters import gaussian_blur2d
 
-from cascade.diffusion.gaussian import aug_alpha_bar
+from cascade.diffusion.noise import draw_noise
+from cascade.diffusion.schedules import aug_alpha_bar
 
 if TYPE_CHECKING:
     from cascade.config import AugConfig
@@ -99,12 +100,7 @@ def augment_low_res(
     _check_images(x_low, "x_low")
     x = random_blur(x_low, aug.blur_prob, tuple(aug.blur_sigma), aug.blur_kernel, generator)
     aug_level = sample_aug_levels(x.shape[0], aug.s_max, generator, x.device)
-    noise = torch.randn(
-        x.shape,
-        generator=generator,
-        device=generator.device if generator is not None else x.device,
-        dtype=x.dtype,
-    ).to(x.device)
+    noise = draw_noise(x.shape, generator, x.device, x.dtype)
     return gaussian_augment(x, aug_level, noise), aug_level
 
 

@@ -1,7 +1,8 @@
-"""Gaussian diffusion math shared by every stage: forward process, posterior, reverse-process
-parametrizations, training losses and the variational bound (`GaussianDiffusion`), on the tables of
-`cascade.diffusion.schedules` and the prediction types of `cascade.diffusion.parameterization` (both re-exported here: this is
-the core's one import for the math).
+"""Gaussian diffusion math shared by every stage (`GaussianDiffusion`): the tables of a β schedule, the forward
+process, the posterior, the reverse-process parametrizations and respacing, on the tables of
+`cascade.diffusion.schedules` and the prediction types of `cascade.diffusion.parameterization` (both
+re-exported here). The variational bound and the training losses live in `cascade.diffusion.objectives`;
+`GaussianDiffusion`'s methods of those names call them.
 
 Pure math: nothing here knows about networks, data or training. A model is any callable
 `model(x_t, t, **model_kwargs)` returning its prediction (C channels) or prediction‖v (2C channels, learned
@@ -9,20 +10,17 @@ variance), where the prediction is ε, v = √ᾱ·ε − √(1−ᾱ)·x_0 or x
 Timesteps are 0-indexed, t ∈ {0..T-1} (index t is the slides' t+1). All tables are float64 torch tensors
 on the CPU; values are gathered per timestep and cast to the dtype/device of the tensor they act on.
 Equation numbers refer to the lecture slides (not in the repository); each also names the paper's equation.
-
-Longer than ~400 lines as one cohesive thing: `GaussianDiffusion`'s tables and the formulas that read them
-(forward, posterior, reverse, losses, bound, respacing) belong together.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from cascade.diffusion import objectives
 from cascade.diffusion.parameterization import (
     LOSS_WEIGHTINGS,
     PREDICTIONS,
@@ -45,48 +43,16 @@ from cascade.diffusion.schedules import (
     space_timesteps,
 )
 
-MODEL_VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
-LOSS_TYPES = ("simple", "hybrid")
+if TYPE_CHECKING:
+    from cascade.config import StageConfig
+
+MODEL_VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")  # Σ_θ: β̃_t, β_t, or learned between them
+LOSS_TYPES = ("simple", "hybrid")  # L_simple (DDPM Algorithm 1) or L_simple + λ·L_vlb (Improved DDPM)
 __all__ = ["LOSS_TYPES", "LOSS_WEIGHTINGS", "MODEL_VAR_TYPES", "PREDICTIONS", "SCHEDULES", "GaussianDiffusion",
-           "apply_dynamic_threshold", "aug_alpha_bar", "aug_level_from_alpha_bar", "check_prediction",
-           "discretized_gaussian_log_likelihood", "eps_from_v", "eps_from_xstart", "eps_shift_in_prediction",
-           "make_betas", "mean_flat", "min_snr_weight", "normal_kl", "prediction_from_xstart_eps",
-           "prediction_to_xstart_eps", "space_timesteps", "v_from_xstart_eps", "xstart_from_eps", "xstart_from_v"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Gaussian helpers (per element; callers take means over dimensions)
-# ----------------------------------------------------------------------------------------------------
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) per element, in nats."""
-    # KL of two Gaussians, the terms L_{t−1} of slides eq. 7 / eq. 10 (Ho et al. 2020 'DDPM' eqs. 5, 8).
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
-                                        log_scales: torch.Tensor) -> torch.Tensor:
-    """Per-element log-likelihood (nats) of 8-bit data rescaled to [-1, 1] under a Gaussian discretized
-    into 256 bins of width 2/255 (the edge bins extend to ±∞)."""
-    if x.shape != means.shape:
-        raise ValueError(f"x {tuple(x.shape)} and means {tuple(means.shape)} must have the same shape")
-    centered = x - means
-    inv_stdv = torch.exp(-log_scales)
-    plus_in = inv_stdv * (centered + 1.0 / 255.0)
-    min_in = inv_stdv * (centered - 1.0 / 255.0)
-    # L_0 = −log p_θ(x_0|x_1) of slides eq. 7 (Ho et al. 2020 'DDPM' eq. 5, §3.3) as the mass of x_0's bin (log_ndtr keeps the tails exact).
-    log_cdf_plus = torch.special.log_ndtr(plus_in)
-    log_one_minus_cdf_min = torch.special.log_ndtr(-min_in)
-    cdf_delta = torch.special.ndtr(plus_in) - torch.special.ndtr(min_in)
-    log_mid = torch.log(cdf_delta.clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_mid))
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dimensions."""
-    return x.mean(dim=tuple(range(1, x.ndim))) if x.ndim > 1 else x
+           "apply_dynamic_threshold", "aug_alpha_bar", "aug_level_from_alpha_bar", "build_diffusion",
+           "check_prediction", "eps_from_v", "eps_from_xstart", "eps_shift_in_prediction", "make_betas",
+           "min_snr_weight", "prediction_from_xstart_eps", "prediction_to_xstart_eps", "space_timesteps",
+           "v_from_xstart_eps", "xstart_from_eps", "xstart_from_v"]
 
 
 def apply_dynamic_threshold(pred_xstart: torch.Tensor, percentile: float) -> torch.Tensor:
@@ -97,10 +63,6 @@ def apply_dynamic_threshold(pred_xstart: torch.Tensor, percentile: float) -> tor
     s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0).to(pred_xstart.dtype)
     s = s.view(-1, *([1] * (pred_xstart.ndim - 1)))
     return torch.maximum(torch.minimum(pred_xstart, s), -s) / s
-
-# ----------------------------------------------------------------------------------------------------
-# The diffusion
-# ----------------------------------------------------------------------------------------------------
 
 
 class GaussianDiffusion:
@@ -193,16 +155,6 @@ class GaussianDiffusion:
                                         else torch.as_tensor(original_alphas_cumprod, dtype=torch.float64))
         self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
-    @classmethod
-    def from_config(cls, schedule: str = "linear", num_timesteps: int = 1000,
-                    model_var_type: str = "fixed_small", loss: str = "simple",
-                    vlb_weight: float = 0.001, prediction: str = "eps", loss_weighting: str = "uniform",
-                    min_snr_gamma: float = 5.0) -> GaussianDiffusion:
-        """Build from the fields of a DiffusionConfig (schedule name instead of betas)."""
-        return cls(make_betas(schedule, num_timesteps), model_var_type=model_var_type, loss_type=loss,
-                   vlb_weight=vlb_weight, prediction=prediction, loss_weighting=loss_weighting,
-                   min_snr_gamma=min_snr_gamma)
-
     def __repr__(self) -> str:
         return (f"GaussianDiffusion(num_timesteps={self.num_timesteps}, model_var_type={self.model_var_type!r}, "
                 f"loss_type={self.loss_type!r}, vlb_weight={self.vlb_weight}, prediction={self.prediction!r}, "
@@ -216,7 +168,9 @@ class GaussianDiffusion:
         """Model output channels per image channel: 2 for learned variance (prediction‖v), else 1."""
         return 2 if self.model_var_type == "learned_range" else 1
 
-    def _check_t(self, t, x: torch.Tensor) -> torch.Tensor:
+    def check_timesteps(self, t, x: torch.Tensor) -> torch.Tensor:
+        """t as a long tensor of shape (B,) for the batch x (a scalar is broadcast). Raises ValueError for
+        non-integer timesteps, a wrong shape, or (on the CPU) a timestep outside [0, T − 1]."""
         batch = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -247,7 +201,9 @@ class GaussianDiffusion:
         """Map indices of this (possibly respaced) diffusion to the original training scale."""
         return self.timestep_map.to(t.device)[t]
 
-    def _split_output(self, model_output: torch.Tensor, x_t: torch.Tensor):
+    def split_output(self, model_output: torch.Tensor, x_t: torch.Tensor):
+        """(mean channels, variance channels v or None) of a raw model output B×C·k×H×W for x_t B×C×H×W,
+        k = `out_channels_factor`, cast to x_t's dtype. Raises ValueError when the shapes do not match."""
         channels = x_t.shape[1]
         expected = channels * self.out_channels_factor
         if model_output.ndim != x_t.ndim or model_output.shape[1] != expected \
@@ -265,7 +221,7 @@ class GaussianDiffusion:
 
     def q_mean_variance(self, x_start: torch.Tensor, t):
         """Mean, variance and log-variance of q(x_t | x_0) (slides eq. 2; Ho et al. 2020 'DDPM' eq. 4)."""
-        t = self._check_t(t, x_start)
+        t = self.check_timesteps(t, x_start)
         mean = self.extract("sqrt_alphas_cumprod", t, x_start) * x_start
         variance = (1.0 - self.extract("alphas_cumprod", t, x_start)).expand_as(x_start)
         log_variance = self.extract("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
@@ -273,7 +229,7 @@ class GaussianDiffusion:
 
     def q_sample(self, x_start: torch.Tensor, t, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0): √ᾱ_t·x_0 + √(1−ᾱ_t)·ε (slides eq. 2; Ho et al. 2020 'DDPM' eq. 4)."""
-        t = self._check_t(t, x_start)
+        t = self.check_timesteps(t, x_start)
         if noise is None:
             noise = torch.randn_like(x_start)
         if noise.shape != x_start.shape:
@@ -286,7 +242,7 @@ class GaussianDiffusion:
         """Mean μ̃_t, variance β̃_t and clipped log-variance of q(x_{t−1} | x_t, x_0) (slides eq. 8–9; Ho et al. 2020 'DDPM' eqs. 6–7)."""
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start {tuple(x_start.shape)} and x_t {tuple(x_t.shape)} differ in shape")
-        t = self._check_t(t, x_t)
+        t = self.check_timesteps(t, x_t)
         # μ̃_t(x_t, x_0) = √ᾱ_{t−1}β_t/(1−ᾱ_t)·x_0 + √α_t(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t (slides eq. 9; Ho et al. 2020 'DDPM' eq. 7).
         mean = (self.extract("posterior_mean_coef1", t, x_t) * x_start
                 + self.extract("posterior_mean_coef2", t, x_t) * x_t)
@@ -296,14 +252,14 @@ class GaussianDiffusion:
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
         """x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t, slides eq. 2 (Ho et al. 2020 'DDPM' eq. 4) solved for x_0."""
-        t = self._check_t(t, x_t)
+        t = self.check_timesteps(t, x_t)
         # x_0 = x_t/√ᾱ_t − √(1/ᾱ_t − 1)·ε (slides eq. 2 inverted; Ho et al. 2020 'DDPM' eq. 4).
         return (self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
                 - self.extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
     def predict_eps_from_xstart(self, x_t: torch.Tensor, t, pred_xstart: torch.Tensor) -> torch.Tensor:
         """ε = (x_t/√ᾱ_t − x̂_0)/√(1/ᾱ_t − 1), slides eq. 2 (Ho et al. 2020 'DDPM' eq. 4) solved for ε."""
-        t = self._check_t(t, x_t)
+        t = self.check_timesteps(t, x_t)
         # ε = (x_t − √ᾱ_t·x_0)/√(1 − ᾱ_t) (slides eq. 2 inverted; Ho et al. 2020 'DDPM' eq. 4).
         return ((self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
                 / self.extract("sqrt_recipm1_alphas_cumprod", t, x_t))
@@ -313,7 +269,7 @@ class GaussianDiffusion:
 
         'eps': x̂_0 from slides eq. 2 inverted (Ho et al. 2020 'DDPM' eq. 4); 'v': x̂_0 = √ᾱ·x_t − √(1−ᾱ)·v̂, ε̂ = √(1−ᾱ)·x_t + √ᾱ·v̂
         (Salimans & Ho 2022, sec. 4); 'x0': ε̂ from eq. 2 inverted. Neither is clipped."""
-        t = self._check_t(t, x_t)
+        t = self.check_timesteps(t, x_t)
         if self.prediction == "eps":
             return self.predict_xstart_from_eps(x_t, t, model_mean), model_mean
         if self.prediction == "x0":
@@ -325,7 +281,7 @@ class GaussianDiffusion:
 
     def training_target(self, x_start: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
         """What the mean channels regress onto for x_t = q_sample(x_start, t, noise): ε, v or x_0."""
-        t = self._check_t(t, x_start)
+        t = self.check_timesteps(t, x_start)
         if self.prediction == "eps":
             return noise
         if self.prediction == "x0":
@@ -345,8 +301,8 @@ class GaussianDiffusion:
         `clip_denoised`, or dynamically thresholded at percentile `dynamic_threshold` ∈ (0, 1], which takes
         precedence) and `eps` (the predicted ε, before any clipping), for any prediction type.
         """
-        t = self._check_t(t, x_t)
-        model_mean, v = self._split_output(model_output, x_t)
+        t = self.check_timesteps(t, x_t)
+        model_mean, v = self.split_output(model_output, x_t)
         if self.model_var_type == "learned_range":
             min_log = self.extract("posterior_log_variance_clipped", t, x_t)
             max_log = self.extract("log_betas", t, x_t)
@@ -374,93 +330,30 @@ class GaussianDiffusion:
         network output: `p_xstart_variance` plus `mean` = μ̃_t(x_t, x̂_0)."""
         out = self.p_xstart_variance(model_output, x_t, t, clip_denoised, dynamic_threshold)
         # μ_θ = μ̃_t(x_t, x̂_0), which equals slides eq. 13 (Ho et al. 2020 eq. 11) for the unclipped x̂_0.
-        out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x_t, self._check_t(t, x_t))
+        out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x_t, self.check_timesteps(t, x_t))
         return out
 
     # -- bound and losses --------------------------------------------------------------------------
 
     def prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
-        """L_T = KL(q(x_T | x_0) ‖ N(0, I)) per sample, in bits per dimension (slides eq. 7; Ho et al. 2020 'DDPM' eq. 5)."""
-        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x_start.device)
-        mean, _, log_variance = self.q_mean_variance(x_start, t)
-        # L_T of slides eq. 7 (Ho et al. 2020 'DDPM' eq. 5).
-        kl = normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(log_variance))
-        return mean_flat(kl) / math.log(2.0)
+        """L_T per sample in bits/dim: `cascade.diffusion.objectives.prior_bpd`."""
+        return objectives.prior_bpd(self, x_start)
 
     def vb_terms_bpd(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t,
                      clip_denoised: bool = False) -> dict[str, torch.Tensor]:
-        """One term of the bound per sample, in bits/dim: L_{t−1} = KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t))
-        for t > 0 and L_0 = −log p_θ(x_0|x_1) (discretized 8-bit likelihood) for t = 0 (slides eq. 7; Ho et al. 2020 'DDPM' eq. 5).
-
-        Returns `output` (B) and `pred_xstart`.
-        """
-        t = self._check_t(t, x_t)
-        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
-        out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
-        # L_{t−1} (slides eq. 7 / eq. 10; Ho et al. 2020 'DDPM' eqs. 5, 8).
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
-        # L_0 (slides eq. 7; Ho et al. 2020 'DDPM' eq. 5): discretized Gaussian decoder.
-        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
-            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])) / math.log(2.0)
-        return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
+        """One term of the bound per sample in bits/dim: `cascade.diffusion.objectives.vb_terms_bpd`."""
+        return objectives.vb_terms_bpd(self, model_output, x_start, x_t, t, clip_denoised)
 
     def training_losses(self, model, x_start: torch.Tensor, t, noise: torch.Tensor | None = None,
                         model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
-        """Per-sample training losses at timesteps t (indices of this diffusion).
+        """Per-sample training losses at timesteps t: `cascade.diffusion.objectives.training_losses`."""
+        return objectives.training_losses(self, model, x_start, t, noise, model_kwargs)
 
-        Returns `loss`, `mse` (mean over dimensions of ‖target − output‖² in the prediction's space: ε as in
-        Algorithm 1, v or x_0; unweighted), `weight` (the loss weighting's per-sample weight, 1 for
-        'uniform') and `vb` (the VLB term in bits/dim with a stop-gradient mean, so it only trains the
-        variance; zeros for the simple loss). loss = weight·mse, plus λ·T·vb for the hybrid loss
-        (λ = 0.001 reproduces improved-diffusion's vb·T/1000). Importance weights from a timestep sampler
-        are applied by the caller.
-        """
-        t = self._check_t(t, x_start)
-        if noise is None:
-            noise = torch.randn_like(x_start)
-        x_t = self.q_sample(x_start, t, noise=noise)
-        model_output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
-        model_mean, v = self._split_output(model_output, x_t)
-        # L_simple = ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² (slides Algorithm 1; Ho et al. 2020 'DDPM' Algorithm 1), or its v / x_0 analogue, per dimension.
-        mse = mean_flat((self.training_target(x_start, t, noise) - model_mean) ** 2)
-        weight = self.extract("loss_weights", t, mse.view(-1, 1)).view(-1)
-        # Weighted MSE: w_t·‖target − output‖², w_t = 1 (uniform) or the Min-SNR-γ weight (Hang et al. 2023).
-        loss = weight * mse
-        if self.loss_type == "hybrid":
-            frozen = torch.cat([model_mean.detach(), v], dim=1)
-            vb = self.vb_terms_bpd(frozen, x_start, x_t, t, clip_denoised=False)["output"]
-            # L_hybrid = L_simple + λ·L_vlb with L_vlb = T·vb_t (Improved DDPM).
-            loss = loss + self.vlb_weight * self.num_timesteps * vb
-        else:
-            vb = torch.zeros_like(mse)
-        return {"loss": loss, "mse": mse, "weight": weight, "vb": vb}
-
-    @torch.no_grad()
     def calc_bpd_loop(self, model, x_start: torch.Tensor, clip_denoised: bool = True,
                       model_kwargs: dict | None = None, generator: torch.Generator | None = None,
                       progress: bool = False) -> dict[str, torch.Tensor]:
-        """The full bound of slides eq. 7 (Ho et al. 2020 'DDPM' eq. 5) per image, in bits/dim, evaluating every term t = T−1..0.
-
-        Returns `total_bpd` (B) = `prior_bpd` (B) + sum over t of `vb` (B×T), plus `xstart_mse` (B×T) and
-        `mse` (B×T, of the ε prediction).
-        """
-        batch = x_start.shape[0]
-        vb, xstart_mse, mse = [], [], []
-        steps = range(self.num_timesteps - 1, -1, -1)
-        for step in tqdm(steps, disable=not progress, desc="bpd"):
-            t = torch.full((batch,), step, dtype=torch.long, device=x_start.device)
-            noise = _randn(x_start.shape, generator, x_start.device, x_start.dtype)
-            x_t = self.q_sample(x_start, t, noise=noise)
-            model_output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
-            terms = self.vb_terms_bpd(model_output, x_start, x_t, t, clip_denoised=clip_denoised)
-            eps = self.predict_eps_from_xstart(x_t, t, terms["pred_xstart"])
-            vb.append(terms["output"])
-            xstart_mse.append(mean_flat((terms["pred_xstart"] - x_start) ** 2))
-            mse.append(mean_flat((eps - noise) ** 2))
-        vb_t = torch.stack(vb[::-1], dim=1)
-        prior = self.prior_bpd(x_start)
-        return {"total_bpd": vb_t.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb_t,
-                "xstart_mse": torch.stack(xstart_mse[::-1], dim=1), "mse": torch.stack(mse[::-1], dim=1)}
+        """The full bound per image in bits/dim: `cascade.diffusion.objectives.calc_bpd_loop`."""
+        return objectives.calc_bpd_loop(self, model, x_start, clip_denoised, model_kwargs, generator, progress)
 
     # -- respacing ---------------------------------------------------------------------------------
 
@@ -487,8 +380,17 @@ class GaussianDiffusion:
                                  original_alphas_cumprod=self.original_alphas_cumprod)
 
 
-def _randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device (reproducible for a seed), moved to device."""
-    if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+def build_diffusion(cfg: StageConfig) -> GaussianDiffusion:
+    """The stage's `GaussianDiffusion` (for a classifier stage: the noising it trains on), from the fields of
+    its already validated ``cfg.diffusion`` (`cascade.config.DiffusionConfig`): schedule, T, variance type,
+    loss, λ, prediction and loss weighting."""
+    d = cfg.diffusion
+    return GaussianDiffusion(
+        make_betas(d.schedule, d.num_timesteps),
+        model_var_type=d.model_var_type,
+        loss_type=d.loss,
+        vlb_weight=d.vlb_weight,
+        prediction=d.prediction,
+        loss_weighting=d.loss_weighting,
+        min_snr_gamma=d.min_snr_gamma,
+    )

@@ -1,31 +1,32 @@
-"""Reverse-process samplers as free functions of (model, diffusion, ...) and guidance as model wrappers.
+"""Reverse-process samplers as free functions of (model, diffusion, x, ...), in the manner of k-diffusion.
 
 A model is any callable `model(x_t, t, **model_kwargs)` → its prediction (ε, v or x_0, as the diffusion's
 `prediction` says; C channels) or prediction‖v (2C channels), with t on the original training scale; the
-samplers map a respaced diffusion's indices through its `timestep_map`. Guidance wrappers return a model
-with that same call signature, so every sampler accepts them.
+samplers map a respaced diffusion's indices through its `timestep_map`. The guidance wrappers of
+`cascade.diffusion.guidance` return a model with that same call signature, so every sampler accepts them.
 
 Samplers: `sample_ddpm` (ancestral, DDPM Algorithm 2), `sample_ddim` (Song et al. 2021), and two
 second-order solvers of the probability-flow ODE, `sample_dpmpp2m` (DPM-Solver++(2M), Lu et al. 2022)
 and `sample_heun` (Karras et al. 2022 'EDM', Algorithm 1). Every one of them can stop early at
-`stop_at_index` (truncated conditioning augmentation). Equation numbers refer to the lecture slides
-(not in the repository); each also names the paper's equation.
+`stop_at_index` (truncated conditioning augmentation). Noise comes from `cascade.diffusion.noise` (one
+generator, or one per sample). Equation numbers refer to the lecture slides (not in the repository); each
+also names the paper's equation.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from cascade.diffusion.gaussian import GaussianDiffusion, _randn, check_prediction, eps_shift_in_prediction
+from cascade.diffusion.gaussian import GaussianDiffusion
+from cascade.diffusion.noise import NoiseGenerator, check_generator, draw_noise
 
-NoiseGenerator = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per sample
+__all__ = ["SAMPLERS", "sample_ddim", "sample_ddpm", "sample_dpmpp2m", "sample_heun"]
 
 
 def _sampling_device(model, generator: NoiseGenerator) -> torch.device:
@@ -40,32 +41,15 @@ def _sampling_device(model, generator: NoiseGenerator) -> torch.device:
     return generator.device if isinstance(generator, torch.Generator) else generator[0].device
 
 
-def _check_generator(generator: NoiseGenerator, batch: int) -> None:
-    if generator is None or isinstance(generator, torch.Generator):
-        return
-    if isinstance(generator, (str, bytes)) or not isinstance(generator, Sequence) or not all(
-            isinstance(g, torch.Generator) for g in generator):
-        raise ValueError(f"generator must be a torch.Generator or a sequence of them, got {type(generator).__name__}")
-    if len(generator) != batch:
-        raise ValueError(f"got {len(generator)} generators for a batch of {batch}: give one per sample")
-
-
-def draw_noise(shape: tuple[int, ...], generator: NoiseGenerator, device, dtype=torch.float32) -> torch.Tensor:
-    """N(0, I) noise of `shape`: from one generator, or row i from generator[i] (independent of batching)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return _randn(shape, generator, device, dtype)
-    return torch.stack([_randn(shape[1:], g, device, dtype) for g in generator])
-
-
 def _initial_noise(model, shape, x_T, generator) -> torch.Tensor:
     if x_T is not None:
         if shape is not None and tuple(shape) != tuple(x_T.shape):
             raise ValueError(f"shape {tuple(shape)} disagrees with x_T {tuple(x_T.shape)}")
-        _check_generator(generator, x_T.shape[0])
+        check_generator(generator, x_T.shape[0])
         return x_T
     if shape is None:
         raise ValueError("give either shape or x_T")
-    _check_generator(generator, shape[0])
+    check_generator(generator, shape[0])
     return draw_noise(tuple(shape), generator, _sampling_device(model, generator))
 
 
@@ -256,128 +240,6 @@ def sample_heun(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tens
         if callback is not None:
             callback({"step": step, "t": index, "x": x, "pred_xstart": xstart})
     return x
-
-
-def _guided_output(model_output: torch.Tensor, channels: int, mean: torch.Tensor) -> torch.Tensor:
-    """Replace the mean part of a raw output (prediction or prediction‖v), keeping any variance channels."""
-    if model_output.shape[1] == channels:
-        return mean
-    return torch.cat([mean, model_output[:, channels:]], dim=1)
-
-
-def check_guidance_interval(interval, num_timesteps: int | None) -> tuple[float, float] | None:
-    """The guidance interval as (t_lo, t_hi) floats, or None (guidance at every t).
-
-    Timesteps are on the training scale: 0 <= t_lo <= t_hi < num_timesteps (T). Raises a one-line
-    ValueError for anything else, or when T is not given."""
-    if interval is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise ValueError(f"guidance_interval must be a pair (t_lo, t_hi) of timesteps, got {interval!r}") from None
-    if num_timesteps is None:
-        raise ValueError("guidance_interval needs num_timesteps (the training T) to check it")
-    if not 0 <= lo <= hi < num_timesteps:
-        raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi < T = {num_timesteps}, "
-                         f"got ({lo:g}, {hi:g})")
-    return lo, hi
-
-
-class ClassifierFreeGuidance(nn.Module):
-    """(1 + w)·ε_θ(x_t, t, y) − w·ε_θ(x_t, t) (slides eq. 17; Ho & Salimans 2022 eq. 6), both halves in one batched forward pass.
-
-    The combination is made in the model's output space (ε, v or x_0): each is affine in ε at fixed x_t
-    with coefficients summing to 1 on the x_t term ((1 + w) − w = 1), so combining outputs equals
-    combining ε̂. With `interval` = (t_lo, t_hi) guidance applies only where t_lo <= t <= t_hi
-    (training-scale timesteps; Kynkäänniemi et al. 2024 'Applying Guidance in a Limited Interval
-    Improves Sample and Distribution Quality in Diffusion Models'); elsewhere the output is the plain
-    conditional prediction and, when no sample of the batch is inside, the unconditional half is not
-    computed.
-    """
-
-    def __init__(self, model, w: float, null_class: int, interval=None, num_timesteps: int | None = None):
-        super().__init__()
-        if not w >= 0:
-            raise ValueError(f"guidance weight w must be >= 0, got {w}")
-        self.model = model
-        self.w = float(w)
-        self.null_class = int(null_class)
-        self.interval = check_guidance_interval(interval, num_timesteps)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs):
-        if y is None:  # all-null: conditional and unconditional coincide
-            return self.model(x, t, y=None, **kwargs)
-        batch = x.shape[0]
-        t = t.expand(batch) if t.ndim == 0 else t
-        inside = None
-        if self.interval is not None:
-            inside = (t >= self.interval[0]) & (t <= self.interval[1])
-            if not bool(inside.any()):  # outside the interval: the conditional prediction alone
-                return self.model(x, t, y=y, **kwargs)
-        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == batch
-                   else v for k, v in kwargs.items()}
-        y_both = torch.cat([y, torch.full_like(y, self.null_class)])
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=y_both, **doubled)
-        cond, uncond = out[:batch], out[batch:]
-        channels = x.shape[1]
-        # (1 + w)·ε_θ(x_t, t, y) − w·ε_θ(x_t, t) (slides eq. 17; Ho & Salimans 2022 eq. 6), in the model's output space.
-        mean = (1 + self.w) * cond[:, :channels] - self.w * uncond[:, :channels]
-        if inside is not None:  # guidance only inside [t_lo, t_hi] (Kynkäänniemi et al. 2024)
-            mean = torch.where(inside.view(-1, *([1] * (x.ndim - 1))), mean, cond[:, :channels])
-        return _guided_output(cond, channels, mean)
-
-
-class ClassifierGuidance(nn.Module):
-    """ε̄ = ε_θ − √(1 − ᾱ_t)·scale·∇_x log f_φ(y | x_t) (slides eq. 16; Dhariwal & Nichol 2021 §4.2) with a classifier `classifier(x_t, t)`.
-
-    For a v- or x_0-predicting model the same ε shift is mapped into its output space at fixed x_t
-    (`cascade.diffusion.gaussian.eps_shift_in_prediction`)."""
-
-    def __init__(self, model, classifier, alphas_cumprod, scale: float, prediction: str = "eps"):
-        super().__init__()
-        if not scale >= 0:
-            raise ValueError(f"classifier guidance scale must be >= 0, got {scale}")
-        self.model = model
-        self.classifier = classifier
-        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
-        self.scale = float(scale)
-        self.prediction = check_prediction(prediction)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs):
-        if y is None:
-            raise ValueError("classifier guidance needs class labels y in model_kwargs")
-        out = self.model(x, t, y=y, **kwargs)
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            log_probs = F.log_softmax(self.classifier(x_in, t), dim=-1)
-            selected = log_probs[torch.arange(x.shape[0], device=x.device), y]
-            grad = torch.autograd.grad(selected.sum(), x_in)[0]
-        t_index = t.long().expand(x.shape[0]) if t.ndim == 0 else t.long()
-        alpha_bar = self.alphas_cumprod[t_index.cpu()].to(device=x.device, dtype=x.dtype)
-        alpha_bar = alpha_bar.view(-1, *([1] * (x.ndim - 1)))
-        channels = x.shape[1]
-        # ε̄ = ε_θ(x_t, t) − √(1 − ᾱ_t)·s·∇_{x_t} log f_φ(y | x_t) (slides eq. 16; Dhariwal & Nichol 2021 §4.2).
-        delta_eps = -(1 - alpha_bar).sqrt() * self.scale * grad.to(out.dtype)
-        mean = out[:, :channels] + eps_shift_in_prediction(delta_eps, alpha_bar, self.prediction)
-        return _guided_output(out, channels, mean)
-
-
-def classifier_free_guidance(model, w: float, null_class: int, interval=None,
-                             num_timesteps: int | None = None) -> ClassifierFreeGuidance:
-    """Wrap `model` with classifier-free guidance of weight w ≥ 0 (w = 0: plain conditional model).
-
-    `interval` = (t_lo, t_hi) limits guidance to t_lo <= t <= t_hi on the training scale (checked against
-    num_timesteps = T: 0 <= t_lo <= t_hi < T); None guides at every t. Raises ValueError otherwise."""
-    return ClassifierFreeGuidance(model, w, null_class, interval, num_timesteps)
-
-
-def classifier_guidance(model, classifier, alphas_cumprod, scale: float,
-                        prediction: str = "eps") -> ClassifierGuidance:
-    """Wrap `model` with classifier guidance; `alphas_cumprod` is the ORIGINAL (training) table, indexed by
-    the original-scale timesteps the model receives (`diffusion.original_alphas_cumprod`); `prediction`
-    is the model's output type (`diffusion.prediction`)."""
-    return ClassifierGuidance(model, classifier, alphas_cumprod, scale, prediction)
 
 
 # Every sampler by the name `SamplingSettings.sampler` and the command lines use; each takes

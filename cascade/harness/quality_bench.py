@@ -47,7 +47,8 @@ from cascade.atomic import write_atomic
 from cascade.config import StageConfig, StageKind
 from cascade.data.loader import read_dataset_info
 from cascade.diffusion.augment import condition_low_res
-from cascade.diffusion.samplers import SAMPLERS, classifier_free_guidance
+from cascade.diffusion.guidance import classifier_free_guidance
+from cascade.diffusion.samplers import SAMPLERS
 from cascade.evaluation.cas import CASSettings
 from cascade.evaluation.metrics import consistency_psnr, detail_ratio
 from cascade.evaluation.reference_stats import shard_fingerprint

@@ -1,4 +1,5 @@
-"""Turn a StageConfig into its network and its diffusion process; example inputs and size measures."""
+"""Turn a StageConfig into its network (and, through `cascade.diffusion.gaussian.build_diffusion`, re-exported
+here, its diffusion process); example inputs and size measures."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cascade.config import StageConfig, StageKind
+from cascade.diffusion.gaussian import build_diffusion
 from cascade.nets.classifier import NoisyClassifier
 from cascade.nets.precond import ConditioningSkip
 from cascade.nets.unet import UNet
+
+__all__ = ["build_diffusion", "build_model", "count_parameters", "example_inputs", "forward_flops"]
 
 
 def build_model(cfg: StageConfig) -> nn.Module:
@@ -45,22 +49,6 @@ def build_model(cfg: StageConfig) -> nn.Module:
         return unet
     return ConditioningSkip(unet, u.cond_skip_std, build_diffusion(cfg).alphas_cumprod,
                             prediction=cfg.diffusion.prediction)
-
-
-def build_diffusion(cfg: StageConfig):
-    """The stage's ``cascade.diffusion.gaussian.GaussianDiffusion`` (for a classifier: the noising it trains on)."""
-    from cascade.diffusion.gaussian import GaussianDiffusion, make_betas
-
-    d = cfg.diffusion
-    return GaussianDiffusion(
-        make_betas(d.schedule, d.num_timesteps),
-        model_var_type=d.model_var_type,
-        loss_type=d.loss,
-        vlb_weight=d.vlb_weight,
-        prediction=d.prediction,
-        loss_weighting=d.loss_weighting,
-        min_snr_gamma=d.min_snr_gamma,
-    )
 
 
 def example_inputs(

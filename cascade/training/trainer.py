@@ -49,7 +49,8 @@ from cascade.config import StageKind
 from cascade.data.loader import make_stage_loader, read_dataset_info, resolve_num_workers
 from cascade.device import native_bf16, resolve_mixed_precision
 from cascade.diffusion.augment import condition_low_res
-from cascade.diffusion.samplers import SAMPLERS, classifier_free_guidance
+from cascade.diffusion.guidance import classifier_free_guidance
+from cascade.diffusion.samplers import SAMPLERS
 from cascade.errors import GracefulInterrupt, Interrupted, describe_failure, ensure_writable_dir
 from cascade.imageops import image_grid, upsample
 from cascade.nets.build import build_diffusion, build_model

@@ -99,7 +99,7 @@ def test_bad_inputs_raise():
     for spec in ("", "abc", "ddim7", "ddimx", "20", "0", "5,5,5,5,5,5,5,5,5,5,5"):
         with pytest.raises(ValueError):
             space_timesteps(10, spec)
-    d = GaussianDiffusion.from_config("cosine", 10)
+    d = GaussianDiffusion(make_betas("cosine", 10))
     for kept in ([-1, 3], [0, 10], []):
         with pytest.raises(ValueError):
             d.respace(kept)
@@ -108,7 +108,7 @@ def test_bad_inputs_raise():
         with pytest.raises(ValueError, match="timesteps"):
             d.q_sample(x, t)
     with pytest.raises(ValueError, match="6 channels"):
-        GaussianDiffusion.from_config("cosine", 10, "learned_range").p_mean_variance(
+        GaussianDiffusion(make_betas("cosine", 10), "learned_range").p_mean_variance(
             torch.zeros(2, 3, 4, 4), x, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="3 channels"):
         d.training_losses(lambda x_t, t: torch.zeros(2, 6, 4, 4), x, torch.tensor([1, 2]))
@@ -116,7 +116,7 @@ def test_bad_inputs_raise():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_closed_form_matches_one_step_chain(schedule):
-    d = GaussianDiffusion.from_config(schedule, 100)
+    d = GaussianDiffusion(make_betas(schedule, 100))
     x0 = torch.tensor([0.7, -0.3, 0.0], dtype=torch.float64).view(3, 1, 1, 1)
     # Exact moments of the one-step process (eq. 1) applied t+1 times vs. the closed form (eq. 2).
     mean, var = x0.clone(), torch.zeros_like(x0)
@@ -144,7 +144,7 @@ def test_closed_form_matches_one_step_chain(schedule):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_posterior_mean_eq9_equals_eq13(schedule):
-    d = GaussianDiffusion.from_config(schedule, 1000)
+    d = GaussianDiffusion(make_betas(schedule, 1000))
     gen = torch.Generator().manual_seed(1)
     x0 = torch.rand(6, 3, 4, 4, generator=gen, dtype=torch.float64) * 2 - 1
     eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
@@ -165,7 +165,7 @@ def test_posterior_mean_eq9_equals_eq13(schedule):
 
 
 def test_learned_variance_endpoints_also_after_respacing():
-    base = GaussianDiffusion.from_config("cosine", 1000, "learned_range")
+    base = GaussianDiffusion(make_betas("cosine", 1000), "learned_range")
     respaced = base.respace("50")
     kept = space_timesteps(1000, "50")
     ab = base.alphas_cumprod[kept]
@@ -183,8 +183,8 @@ def test_learned_variance_endpoints_also_after_respacing():
             out = torch.cat([torch.randn_like(x), torch.full_like(x, 2 * v - 1)], dim=1)
             got = d.p_mean_variance(out, x, t)["variance"]
             torch.testing.assert_close(got, expected.view(-1, 1, 1, 1).expand_as(x))
-    small = GaussianDiffusion.from_config("cosine", 100, "fixed_small")
-    large = GaussianDiffusion.from_config("cosine", 100, "fixed_large")
+    small = GaussianDiffusion(make_betas("cosine", 100), "fixed_small")
+    large = GaussianDiffusion(make_betas("cosine", 100), "fixed_large")
     x, t = torch.randn(2, 3, 2, 2, dtype=torch.float64), torch.tensor([5, 50])
     torch.testing.assert_close(small.p_mean_variance(x, x, t)["variance"][:, 0, 0, 0], small.posterior_variance[t])
     torch.testing.assert_close(large.p_mean_variance(x, x, t)["variance"][:, 0, 0, 0], large.betas[t])
@@ -199,7 +199,7 @@ def test_learned_variance_endpoints_also_after_respacing():
 
 def test_vlb_equals_data_nll_for_gaussian_data():
     mu, sigma, n = 0.2, 0.4, 12000
-    d = GaussianDiffusion.from_config("cosine", 100, "learned_range")
+    d = GaussianDiffusion(make_betas("cosine", 100), "learned_range")
     oracle = GaussianOracle(d, mu, sigma, learned=True)
     gen = torch.Generator().manual_seed(2)
     x0 = mu + sigma * torch.randn(n, 1, 2, 2, generator=gen, dtype=torch.float64)
@@ -222,7 +222,7 @@ def test_vlb_equals_data_nll_for_gaussian_data():
     assert standard_error < 0.025
     assert abs(diff.mean()) < 4 * standard_error
     # The same ε with the fixed small variance gives a strictly looser bound.
-    d_small = GaussianDiffusion.from_config("cosine", 100, "fixed_small")
+    d_small = GaussianDiffusion(make_betas("cosine", 100), "fixed_small")
     t = torch.full((n,), 3)
     x_t = d.q_sample(x0, t)
     out = oracle(x_t, t)
@@ -236,7 +236,7 @@ def test_training_losses_simple_and_hybrid():
     x0 = torch.rand(4, 3, 4, 4, generator=gen) * 2 - 1
     noise = torch.randn(x0.shape, generator=gen)
     t = torch.tensor([0, 3, 7, 9])
-    simple = GaussianDiffusion.from_config("cosine", 10)
+    simple = GaussianDiffusion(make_betas("cosine", 10))
     seen = []
 
     def zero_model(x_t, t_model, y=None):
@@ -253,7 +253,7 @@ def test_training_losses_simple_and_hybrid():
     respaced.training_losses(zero_model, x0[:3], torch.tensor([0, 1, 2]), noise[:3])
     assert seen[-1][0].tolist() == [0, 5, 9]
 
-    hybrid = GaussianDiffusion.from_config("cosine", 10, "learned_range", "hybrid", vlb_weight=0.001)
+    hybrid = GaussianDiffusion(make_betas("cosine", 10), "learned_range", "hybrid", vlb_weight=0.001)
     output = torch.randn(4, 6, 4, 4, generator=gen, requires_grad=True)
     losses = hybrid.training_losses(lambda x_t, t_model: output * 1.0, x0, t, noise)
     torch.testing.assert_close(losses["loss"], losses["mse"] + 0.001 * 10 * losses["vb"])
@@ -267,7 +267,7 @@ def test_training_losses_simple_and_hybrid():
 def test_calc_bpd_loop_on_tiny_model():
     torch.manual_seed(0)
     model_net = nn.Conv2d(3, 6, 3, padding=1)
-    d = GaussianDiffusion.from_config("cosine", 8, "learned_range")
+    d = GaussianDiffusion(make_betas("cosine", 8), "learned_range")
     x0 = (torch.randint(0, 256, (2, 3, 4, 4)).float() / 127.5 - 1)
     out = d.calc_bpd_loop(lambda x, t: model_net(x), x0, generator=torch.Generator().manual_seed(0))
     assert out["vb"].shape == (2, 8) and out["mse"].shape == (2, 8) and out["xstart_mse"].shape == (2, 8)
@@ -279,7 +279,7 @@ def test_calc_bpd_loop_on_tiny_model():
 
 
 def test_discretized_decoder_is_a_distribution():
-    from cascade.diffusion.gaussian import discretized_gaussian_log_likelihood
+    from cascade.diffusion.objectives import discretized_gaussian_log_likelihood
 
     values = torch.arange(256, dtype=torch.float64) / 127.5 - 1
     for mean, log_scale in ((0.1, -3.0), (-0.9, -1.0), (0.999, -6.0)):
@@ -297,7 +297,7 @@ def test_dynamic_threshold():
     assert out[1].abs().max() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="percentile"):
         apply_dynamic_threshold(x, 1.5)
-    d = GaussianDiffusion.from_config("cosine", 10)
+    d = GaussianDiffusion(make_betas("cosine", 10))
     t = torch.tensor([9, 9])
     res = d.p_mean_variance(torch.randn(2, 1, 10, 10) * 5, x, t, dynamic_threshold=0.95)
     assert res["pred_xstart"].abs().max() <= 1.0 + 1e-6
@@ -328,11 +328,11 @@ def test_space_timesteps():
     kept = space_timesteps(300, "10,10,5")
     assert len(kept) == 25 and kept[:10] == sorted(kept[:10]) and kept[9] == 99 and kept[10] == 100
     assert space_timesteps(10, "10") == list(range(10)) and space_timesteps(10, [1]) == [0]
-    d = GaussianDiffusion.from_config("cosine", 1000).respace("ddim25")
+    d = GaussianDiffusion(make_betas("cosine", 1000)).respace("ddim25")
     assert d.num_timesteps == 25 and d.timestep_map.tolist() == list(range(0, 1000, 40))
-    twice = GaussianDiffusion.from_config("cosine", 1000).respace("100").respace("10")
+    twice = GaussianDiffusion(make_betas("cosine", 1000)).respace("100").respace("10")
     torch.testing.assert_close(twice.alphas_cumprod,
-                               GaussianDiffusion.from_config("cosine", 1000).alphas_cumprod[twice.timestep_map])
+                               GaussianDiffusion(make_betas("cosine", 1000)).alphas_cumprod[twice.timestep_map])
 
 
 def test_timestep_samplers():
@@ -408,7 +408,7 @@ def test_eps_v_x0_conversions_round_trip():
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_diffusion_predictions_match_the_closed_forms(prediction):
-    base = GaussianDiffusion.from_config("cosine", 100, prediction=prediction)
+    base = GaussianDiffusion(make_betas("cosine", 100), prediction=prediction)
     d = base.respace("20")
     assert (d.prediction, d.loss_weighting) == (prediction, "uniform") and "prediction" in repr(d)
     gen = torch.Generator().manual_seed(5)
@@ -435,7 +435,7 @@ def test_p_mean_variance_and_vlb_agree_across_prediction_types(var_type):
     t = torch.tensor([0, 1, 10, 30, 60, 99])
     results = {}
     for prediction in PREDICTIONS:
-        d = GaussianDiffusion.from_config("cosine", 100, var_type, prediction=prediction)
+        d = GaussianDiffusion(make_betas("cosine", 100), var_type, prediction=prediction)
         x_t = d.q_sample(x_start, t, torch.randn(x_start.shape, generator=torch.Generator().manual_seed(7),
                                                  dtype=torch.float64))
         ab = d.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -456,7 +456,7 @@ def test_p_mean_variance_and_vlb_agree_across_prediction_types(var_type):
 
 @pytest.mark.parametrize("gamma", [0.5, 5.0])
 def test_min_snr_weights_per_prediction_type(gamma):
-    d = {p: GaussianDiffusion.from_config("cosine", 50, prediction=p, loss_weighting="min_snr",
+    d = {p: GaussianDiffusion(make_betas("cosine", 50), prediction=p, loss_weighting="min_snr",
                                           min_snr_gamma=gamma) for p in PREDICTIONS}
     ab = d["eps"].alphas_cumprod
     snr = ab / (1 - ab)
@@ -484,7 +484,7 @@ def test_min_snr_weights_per_prediction_type(gamma):
         losses = diffusion.training_losses(model, x0, t, noise)
         torch.testing.assert_close(losses["loss"], clipped[t] * x0_mse, rtol=1e-6, atol=1e-12)
         torch.testing.assert_close(losses["loss"], losses["weight"] * losses["mse"])
-        uniform = GaussianDiffusion.from_config("cosine", 50, prediction=prediction)
+        uniform = GaussianDiffusion(make_betas("cosine", 50), prediction=prediction)
         plain = uniform.training_losses(model, x0, t, noise)
         # uniform weighting is the plain MSE in the output space: SNR·, (SNR + 1)· and 1· the x_0-space MSE
         factor = {"eps": snr[t], "v": snr[t] + 1, "x0": torch.ones_like(snr[t])}[prediction]
@@ -498,7 +498,7 @@ def test_hybrid_loss_trains_only_the_variance_for_every_prediction(prediction):
     x0 = torch.rand(4, 3, 4, 4, generator=gen) * 2 - 1
     noise = torch.randn(x0.shape, generator=gen)
     t = torch.tensor([0, 3, 7, 9])
-    hybrid = GaussianDiffusion.from_config("cosine", 10, "learned_range", "hybrid", prediction=prediction,
+    hybrid = GaussianDiffusion(make_betas("cosine", 10), "learned_range", "hybrid", prediction=prediction,
                                            loss_weighting="min_snr", min_snr_gamma=5.0)
     output = torch.randn(4, 6, 4, 4, generator=gen, requires_grad=True)
     losses = hybrid.training_losses(lambda x_t, t_model: output * 1.0, x0, t, noise)

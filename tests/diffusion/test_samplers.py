@@ -9,12 +9,12 @@ from torch import nn
 from cascade.diffusion.gaussian import (
     GaussianDiffusion,
     eps_from_xstart,
+    make_betas,
     prediction_from_xstart_eps,
     prediction_to_xstart_eps,
 )
+from cascade.diffusion.guidance import classifier_free_guidance, classifier_guidance
 from cascade.diffusion.samplers import (
-    classifier_free_guidance,
-    classifier_guidance,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp2m,
@@ -96,7 +96,7 @@ def ddim_chain_std(alpha_bars, eta: float) -> float:
 
 @pytest.mark.parametrize("schedule,var_type", [("linear", "fixed_small"), ("cosine", "learned_range")])
 def test_ancestral_1000_steps_known_answer(schedule, var_type):
-    d = GaussianDiffusion.from_config(schedule, 1000, var_type)
+    d = GaussianDiffusion(make_betas(schedule, 1000), var_type)
     oracle = GaussianOracle(d, learned=var_type == "learned_range")
     x = sample_ddpm(oracle, d, (N, *SHAPE), clip_denoised=False, generator=torch.Generator().manual_seed(0))
     assert len(oracle.calls) == 1000
@@ -105,7 +105,7 @@ def test_ancestral_1000_steps_known_answer(schedule, var_type):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_respaced_50_known_answer(schedule):
-    d = GaussianDiffusion.from_config(schedule, 1000, "learned_range").respace("50")
+    d = GaussianDiffusion(make_betas(schedule, 1000), "learned_range").respace("50")
     oracle = GaussianOracle(d, learned=True)
     gen = torch.Generator().manual_seed(1)
     x = sample_ddpm(oracle, d, x_T=marginal_sample(float(d.alphas_cumprod[-1]), gen), clip_denoised=False,
@@ -119,7 +119,7 @@ def test_respaced_50_known_answer(schedule):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_50_known_answer(schedule, eta):
-    d = GaussianDiffusion.from_config(schedule, 1000).respace("ddim50")
+    d = GaussianDiffusion(make_betas(schedule, 1000)).respace("ddim50")
     oracle = GaussianOracle(d)
     gen = torch.Generator().manual_seed(2)
     x = sample_ddim(oracle, d, x_T=marginal_sample(float(d.alphas_cumprod[-1]), gen), eta=eta,
@@ -131,7 +131,7 @@ def test_ddim_50_known_answer(schedule, eta):
 
 
 def test_stop_at_index_returns_the_right_noise_level():
-    d = GaussianDiffusion.from_config("cosine", 1000, "learned_range").respace("50")
+    d = GaussianDiffusion(make_betas("cosine", 1000), "learned_range").respace("50")
     oracle = GaussianOracle(d, learned=True)
     gen = torch.Generator().manual_seed(3)
     x_T = marginal_sample(float(d.alphas_cumprod[-1]), gen)
@@ -156,7 +156,7 @@ def test_stop_at_index_returns_the_right_noise_level():
 
 def test_seeded_sampling_is_reproducible_and_runs_without_grad():
     net = nn.Conv2d(3, 6, 3, padding=1)
-    d = GaussianDiffusion.from_config("cosine", 20, "learned_range").respace("5")
+    d = GaussianDiffusion(make_betas("cosine", 20), "learned_range").respace("5")
 
     def model(x, t, y=None):
         return net(x) * 0.1
@@ -180,7 +180,7 @@ def test_seeded_sampling_is_reproducible_and_runs_without_grad():
 
 @pytest.mark.parametrize("sampler,kw", [(sample_ddpm, {}), (sample_ddim, {"eta": 1.0})])
 def test_one_generator_per_sample_makes_samples_independent_of_the_batch(sampler, kw):
-    d = GaussianDiffusion.from_config("cosine", 20, "learned_range").respace("5")
+    d = GaussianDiffusion(make_betas("cosine", 20), "learned_range").respace("5")
 
     def model(x, t, y=None):  # per-sample: a sample's output depends on that sample alone
         return torch.cat([0.3 * x, torch.tanh(x)], dim=1)
@@ -235,7 +235,7 @@ def test_classifier_free_guidance():
     with pytest.raises(ValueError, match="w"):
         classifier_free_guidance(model, -1.0, null_class=10)
     # Works inside a sampler and with y=None (all-null).
-    d = GaussianDiffusion.from_config("cosine", 10, "learned_range")
+    d = GaussianDiffusion(make_betas("cosine", 10), "learned_range")
     sample = sample_ddpm(classifier_free_guidance(model, 1.5, 10), d, (3, 3, 4, 4),
                          model_kwargs=kwargs, generator=torch.Generator().manual_seed(0))
     assert sample.shape == (3, 3, 4, 4)
@@ -245,7 +245,7 @@ def test_classifier_free_guidance():
 
 def test_classifier_guidance_moves_mean_along_gradient():
     torch.manual_seed(0)
-    base = GaussianDiffusion.from_config("cosine", 100)
+    base = GaussianDiffusion(make_betas("cosine", 100))
     d = base.respace("10")
     classes, dims = 4, 3 * 4 * 4
     weight = torch.randn(classes, dims)
@@ -356,7 +356,7 @@ def test_second_order_samplers_beat_ddim_on_respaced_steps(schedule, prediction)
     fall monotonically here: errors of both signs from the uneven λ steps partly cancel at 25 steps.)"""
     errors = {}
     for steps in ("25", "50"):
-        d = GaussianDiffusion.from_config(schedule, 1000, prediction=prediction).respace(steps)
+        d = GaussianDiffusion(make_betas(schedule, 1000), prediction=prediction).respace(steps)
         exact = exact_sample(d, X_T)
         for name, (sampler, _) in ODE_SAMPLERS.items():
             x = sampler(GaussianDenoiser(d, prediction), d, x_T=X_T, clip_denoised=False)
@@ -369,7 +369,7 @@ def test_second_order_samplers_beat_ddim_on_respaced_steps(schedule, prediction)
 
 @pytest.mark.parametrize("sampler", [sample_dpmpp2m, sample_heun])
 def test_ode_samplers_truncate_at_the_right_level(sampler):
-    d = GaussianDiffusion.from_config("cosine", 1000, prediction="v").respace("50")
+    d = GaussianDiffusion(make_betas("cosine", 1000), prediction="v").respace("50")
     model = GaussianDenoiser(d, "v")
     seen = []
     k = 20
@@ -390,10 +390,10 @@ def test_ode_samplers_truncate_at_the_right_level(sampler):
 
 
 def test_every_pipeline_sampler_can_truncate():
-    from cascade.pipeline.cascade_pipeline import SAMPLERS
+    from cascade.diffusion.samplers import SAMPLERS
 
     assert {"ddpm", "ddim", "dpmpp2m", "heun"} <= set(SAMPLERS)
-    d = GaussianDiffusion.from_config("cosine", 100, "learned_range").respace("10")
+    d = GaussianDiffusion(make_betas("cosine", 100), "learned_range").respace("10")
     model = GaussianOracle(d, learned=True)
     gen = torch.Generator().manual_seed(4)
     x_T = marginal_sample(float(d.alphas_cumprod[-1]), gen)[:64]
@@ -406,7 +406,7 @@ def test_every_pipeline_sampler_can_truncate():
 
 def test_ode_samplers_with_classifier_free_guidance_and_seeds():
     model = ToyConditionalModel()
-    d = GaussianDiffusion.from_config("cosine", 20, "learned_range").respace("6")
+    d = GaussianDiffusion(make_betas("cosine", 20), "learned_range").respace("6")
     kwargs = {"y": torch.tensor([0, 1]), "x_low": torch.randn(2, 3, 2, 2), "aug_level": torch.rand(2)}
     for sampler in (sample_dpmpp2m, sample_heun):
         guided = classifier_free_guidance(model, 1.5, null_class=10)
@@ -451,7 +451,7 @@ def test_guidance_interval_edges():
     torch.testing.assert_close(outside(x, t, **kwargs), conditional)
     assert len(model.calls) == 1 and model.calls[0]["x"].shape[0] == 4
     # in a sampler, guidance switches on and off with t
-    d = GaussianDiffusion.from_config("cosine", 20, "learned_range").respace("5")
+    d = GaussianDiffusion(make_betas("cosine", 20), "learned_range").respace("5")
     model.calls.clear()
     sample_ddim(classifier_free_guidance(model, 1.0, 10, interval=(5, 14), num_timesteps=20), d, (2, 3, 4, 4),
                 model_kwargs={k: v[:2] for k, v in kwargs.items()}, generator=torch.Generator().manual_seed(0))
@@ -470,7 +470,7 @@ def test_guidance_interval_edges():
 def test_guidance_is_the_same_in_every_output_space(prediction):
     """Classifier-free guidance combines outputs linearly, classifier guidance shifts ε̂: in v or x_0 space
     both must imply exactly the ε̂ the ε-space guidance gives."""
-    base = GaussianDiffusion.from_config("cosine", 100)
+    base = GaussianDiffusion(make_betas("cosine", 100))
     torch.manual_seed(0)
     weight = torch.randn(4, 3 * 4 * 4, dtype=torch.float64)
     x = torch.randn(3, 3, 4, 4, dtype=torch.float64)

@@ -1,0 +1,140 @@
+"""Guidance as model wrappers: each returns a model with the wrapped model's call signature
+`model(x_t, t, **model_kwargs)`, so every sampler of `cascade.diffusion.samplers` accepts it.
+
+`classifier_free_guidance` (Ho & Salimans 2022, optionally limited to an interval of timesteps,
+Kynkäänniemi et al. 2024) and `classifier_guidance` (Dhariwal & Nichol 2021 §4.2), for models predicting
+ε, v or x_0. Equation numbers refer to the lecture slides (not in the repository); each also names the
+paper's equation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cascade.diffusion.parameterization import check_prediction, eps_shift_in_prediction
+
+__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "check_guidance_interval", "classifier_free_guidance",
+           "classifier_guidance"]
+
+def _guided_output(model_output: torch.Tensor, channels: int, mean: torch.Tensor) -> torch.Tensor:
+    """Replace the mean part of a raw output (prediction or prediction‖v), keeping any variance channels."""
+    if model_output.shape[1] == channels:
+        return mean
+    return torch.cat([mean, model_output[:, channels:]], dim=1)
+
+
+def check_guidance_interval(interval, num_timesteps: int | None) -> tuple[float, float] | None:
+    """The guidance interval as (t_lo, t_hi) floats, or None (guidance at every t).
+
+    Timesteps are on the training scale: 0 <= t_lo <= t_hi < num_timesteps (T). Raises a one-line
+    ValueError for anything else, or when T is not given."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be a pair (t_lo, t_hi) of timesteps, got {interval!r}") from None
+    if num_timesteps is None:
+        raise ValueError("guidance_interval needs num_timesteps (the training T) to check it")
+    if not 0 <= lo <= hi < num_timesteps:
+        raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi < T = {num_timesteps}, "
+                         f"got ({lo:g}, {hi:g})")
+    return lo, hi
+
+
+class ClassifierFreeGuidance(nn.Module):
+    """(1 + w)·ε_θ(x_t, t, y) − w·ε_θ(x_t, t) (slides eq. 17; Ho & Salimans 2022 eq. 6), both halves in one batched forward pass.
+
+    The combination is made in the model's output space (ε, v or x_0): each is affine in ε at fixed x_t
+    with coefficients summing to 1 on the x_t term ((1 + w) − w = 1), so combining outputs equals
+    combining ε̂. With `interval` = (t_lo, t_hi) guidance applies only where t_lo <= t <= t_hi
+    (training-scale timesteps; Kynkäänniemi et al. 2024 'Applying Guidance in a Limited Interval
+    Improves Sample and Distribution Quality in Diffusion Models'); elsewhere the output is the plain
+    conditional prediction and, when no sample of the batch is inside, the unconditional half is not
+    computed.
+    """
+
+    def __init__(self, model, w: float, null_class: int, interval=None, num_timesteps: int | None = None):
+        super().__init__()
+        if not w >= 0:
+            raise ValueError(f"guidance weight w must be >= 0, got {w}")
+        self.model = model
+        self.w = float(w)
+        self.null_class = int(null_class)
+        self.interval = check_guidance_interval(interval, num_timesteps)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs):
+        if y is None:  # all-null: conditional and unconditional coincide
+            return self.model(x, t, y=None, **kwargs)
+        batch = x.shape[0]
+        t = t.expand(batch) if t.ndim == 0 else t
+        inside = None
+        if self.interval is not None:
+            inside = (t >= self.interval[0]) & (t <= self.interval[1])
+            if not bool(inside.any()):  # outside the interval: the conditional prediction alone
+                return self.model(x, t, y=y, **kwargs)
+        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == batch
+                   else v for k, v in kwargs.items()}
+        y_both = torch.cat([y, torch.full_like(y, self.null_class)])
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=y_both, **doubled)
+        cond, uncond = out[:batch], out[batch:]
+        channels = x.shape[1]
+        # (1 + w)·ε_θ(x_t, t, y) − w·ε_θ(x_t, t) (slides eq. 17; Ho & Salimans 2022 eq. 6), in the model's output space.
+        mean = (1 + self.w) * cond[:, :channels] - self.w * uncond[:, :channels]
+        if inside is not None:  # guidance only inside [t_lo, t_hi] (Kynkäänniemi et al. 2024)
+            mean = torch.where(inside.view(-1, *([1] * (x.ndim - 1))), mean, cond[:, :channels])
+        return _guided_output(cond, channels, mean)
+
+
+class ClassifierGuidance(nn.Module):
+    """ε̄ = ε_θ − √(1 − ᾱ_t)·scale·∇_x log f_φ(y | x_t) (slides eq. 16; Dhariwal & Nichol 2021 §4.2) with a classifier `classifier(x_t, t)`.
+
+    For a v- or x_0-predicting model the same ε shift is mapped into its output space at fixed x_t
+    (`cascade.diffusion.parameterization.eps_shift_in_prediction`)."""
+
+    def __init__(self, model, classifier, alphas_cumprod, scale: float, prediction: str = "eps"):
+        super().__init__()
+        if not scale >= 0:
+            raise ValueError(f"classifier guidance scale must be >= 0, got {scale}")
+        self.model = model
+        self.classifier = classifier
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+        self.scale = float(scale)
+        self.prediction = check_prediction(prediction)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs):
+        if y is None:
+            raise ValueError("classifier guidance needs class labels y in model_kwargs")
+        out = self.model(x, t, y=y, **kwargs)
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = F.log_softmax(self.classifier(x_in, t), dim=-1)
+            selected = log_probs[torch.arange(x.shape[0], device=x.device), y]
+            grad = torch.autograd.grad(selected.sum(), x_in)[0]
+        t_index = t.long().expand(x.shape[0]) if t.ndim == 0 else t.long()
+        alpha_bar = self.alphas_cumprod[t_index.cpu()].to(device=x.device, dtype=x.dtype)
+        alpha_bar = alpha_bar.view(-1, *([1] * (x.ndim - 1)))
+        channels = x.shape[1]
+        # ε̄ = ε_θ(x_t, t) − √(1 − ᾱ_t)·s·∇_{x_t} log f_φ(y | x_t) (slides eq. 16; Dhariwal & Nichol 2021 §4.2).
+        delta_eps = -(1 - alpha_bar).sqrt() * self.scale * grad.to(out.dtype)
+        mean = out[:, :channels] + eps_shift_in_prediction(delta_eps, alpha_bar, self.prediction)
+        return _guided_output(out, channels, mean)
+
+
+def classifier_free_guidance(model, w: float, null_class: int, interval=None,
+                             num_timesteps: int | None = None) -> ClassifierFreeGuidance:
+    """Wrap `model` with classifier-free guidance of weight w ≥ 0 (w = 0: plain conditional model).
+
+    `interval` = (t_lo, t_hi) limits guidance to t_lo <= t <= t_hi on the training scale (checked against
+    num_timesteps = T: 0 <= t_lo <= t_hi < T); None guides at every t. Raises ValueError otherwise."""
+    return ClassifierFreeGuidance(model, w, null_class, interval, num_timesteps)
+
+
+def classifier_guidance(model, classifier, alphas_cumprod, scale: float,
+                        prediction: str = "eps") -> ClassifierGuidance:
+    """Wrap `model` with classifier guidance; `alphas_cumprod` is the ORIGINAL (training) table, indexed by
+    the original-scale timesteps the model receives (`diffusion.original_alphas_cumprod`); `prediction`
+    is the model's output type (`diffusion.prediction`)."""
+    return ClassifierGuidance(model, classifier, alphas_cumprod, scale, prediction)
