@@ -490,7 +490,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.data_workers is None:  # the trainer's default (data.num_workers=auto) for this device and thread count
-        from cascade.data.loader import resolve_num_workers
+        from cascade.data.workers import resolve_num_workers
         from cascade.training.trainer_config import DataConfig
 
         if args.threads:

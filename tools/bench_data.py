@@ -11,7 +11,8 @@ import sys
 import tempfile
 import time
 
-from cascade.data.loader import make_stage_loader, read_dataset_info
+from cascade.data.loader import make_stage_loader
+from cascade.data.shard_folder import read_dataset_info
 from cascade.data.shards import write_shards
 from cascade.data.sources import SyntheticSource
 

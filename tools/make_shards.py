@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cascade.data.shards import RESOLUTIONS, BadInputReport, write_shards
+from cascade.data.bad_input import BadInputReport
+from cascade.data.shards import RESOLUTIONS, write_shards
 from cascade.data.sources import get_source
 from cascade.errors import cli_main, ensure_writable_dir
 

@@ -159,7 +159,7 @@ def build_run(cfg: DictConfig, num_classes: Callable[[str], int]) -> tuple[Stage
 
 
 def _shard_classes(root: str) -> int:
-    from cascade.data.loader import read_dataset_info
+    from cascade.data.shard_folder import read_dataset_info
 
     return len(read_dataset_info(root)["class_names"])
 

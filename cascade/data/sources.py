@@ -4,9 +4,8 @@ A source is a list of picklable `SourceItem`s (class index + a reference) and a 
 returns a PIL image; the writer (`cascade.data.shards`) applies the bad-input policy, the square crop and
 the resolution pyramid. Generated sources are deterministic functions of (seed, class, index).
 
-- `synthetic`: procedural 256² images; each class has its own shape, background texture, texture
-  frequency and colour palette, drawn with detail at every scale (large object, small objects,
-  2-8 px textures, pixel noise).
+- `synthetic`: procedural 256² images drawn by `cascade.data.synthetic`; each class has its own shape,
+  background texture, texture frequency and colour palette.
 - `photos`: colour photographs shipped inside scikit-image and scikit-learn (offline), one class per
   photograph, random multi-scale square crops resized to 256². Needs the `demo` extra.
 - `digits`: scikit-learn's handwritten digits (`load_digits`: 1,797 real 8×8 grayscale scans of the
@@ -19,13 +18,14 @@ the resolution pyramid. Generated sources are deterministic functions of (seed, 
 
 from __future__ import annotations
 
-import colorsys
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from cascade.data import synthetic
 
 GENERATED_RESOLUTION = 256
 
@@ -70,52 +70,10 @@ class Source:
 
 # ----------------------------------------------------------------------------------------------- synthetic
 
-_SHAPES = ("circle", "square", "triangle", "ring", "cross", "star")
-_TEXTURES = ("stripes", "checker", "dots", "waves")
-_FREQUENCIES = (6.0, 12.0, 24.0)  # background texture cycles per image (periods of ~43, 21, 11 px at 256²)
-
-
-def _hsv(h: float, s: float, v: float) -> np.ndarray:
-    return np.array(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0)), np.float32)
-
-
-def _shape_distance(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Approximate signed distance (in units of the object radius) to the shape centred at the origin."""
-    r = np.hypot(u, v)
-    if shape == "circle":
-        return r - 1.0
-    if shape == "square":
-        return np.maximum(np.abs(u), np.abs(v)) - 0.85
-    if shape == "triangle":
-        return np.maximum(np.abs(u) * 0.866 + v * 0.5, -v) - 0.5
-    if shape == "ring":
-        return np.abs(r - 0.75) - 0.25
-    if shape == "cross":
-        return np.minimum(np.maximum(np.abs(u) - 1.0, np.abs(v) - 0.3), np.maximum(np.abs(u) - 0.3, np.abs(v) - 1.0))
-    if shape == "star":
-        return r - (0.65 + 0.35 * np.cos(5.0 * np.arctan2(v, u)))
-    raise ValueError(f"unknown shape {shape!r}")
-
-
-def _texture(kind: str, x: np.ndarray, y: np.ndarray, freq: float, angle: float, phase: float) -> np.ndarray:
-    """A periodic pattern in [0, 1] with `freq` cycles per unit length."""
-    u = x * np.cos(angle) + y * np.sin(angle)
-    v = -x * np.sin(angle) + y * np.cos(angle)
-    w = 2.0 * np.pi * freq
-    if kind == "stripes":
-        return 0.5 + 0.5 * np.sin(w * u + phase)
-    if kind == "checker":
-        return 0.5 + 0.5 * np.tanh(4.0 * np.sin(w * u + phase) * np.sin(w * v))
-    if kind == "dots":
-        return np.clip(2.0 * np.cos(w * u + phase) * np.cos(w * v) - 0.6, 0.0, 1.0)
-    if kind == "waves":
-        return 0.5 + 0.5 * np.sin(w * np.hypot(u - 0.5, v - 0.5) + phase)
-    raise ValueError(f"unknown texture {kind!r}")
-
-
 @dataclass
 class SyntheticSource(Source):
-    """Procedural class-conditional images: class c fixes shape, texture, frequency and palette."""
+    """Procedural class-conditional images (`cascade.data.synthetic`): class c fixes shape, texture, frequency
+    and palette. Raises ValueError for num_classes or images_per_class < 1."""
 
     num_classes: int = 10
     images_per_class: int = 100
@@ -126,17 +84,7 @@ class SyntheticSource(Source):
             raise ValueError(f"synthetic source needs num_classes ≥ 1 and images_per_class ≥ 1, got "
                              f"{self.num_classes} and {self.images_per_class}")
         self.kind = "synthetic"
-        self.class_names = [f"{self.class_attributes(c)['shape']}-{self.class_attributes(c)['texture']}-{c:03d}"
-                            for c in range(self.num_classes)]
-
-    def class_attributes(self, c: int) -> dict:
-        n_shape, n_tex = len(_SHAPES), len(_TEXTURES)
-        return {
-            "shape": _SHAPES[c % n_shape],
-            "texture": _TEXTURES[(c // n_shape) % n_tex],
-            "frequency": _FREQUENCIES[(c // (n_shape * n_tex)) % len(_FREQUENCIES)],
-            "hue": (c * 0.618034) % 1.0,  # golden-ratio spacing keeps neighbouring classes' hues apart
-        }
+        self.class_names = [synthetic.class_name(c) for c in range(self.num_classes)]
 
     def items_per_class(self) -> list[list[SourceItem]]:
         return [[SourceItem(c, i, f"{self.class_names[c]}/{i:06d}") for i in range(self.images_per_class)]
@@ -147,38 +95,7 @@ class SyntheticSource(Source):
 
     def render(self, c: int, index: int, size: int = GENERATED_RESOLUTION) -> np.ndarray:
         """The image (size×size×3 uint8) for class c, image `index`: a pure function of (seed, c, index)."""
-        attrs = self.class_attributes(c)
-        rng = np.random.default_rng([self.seed, c, index])
-        coords = (np.arange(size, dtype=np.float32) + 0.5) / size
-        y, x = np.meshgrid(coords, coords, indexing="ij")
-        hue = attrs["hue"] + rng.uniform(-0.03, 0.03)
-        # background: class texture between two class colours, plus a smooth gradient
-        bg_a = _hsv(hue, rng.uniform(0.5, 0.8), rng.uniform(0.25, 0.45))
-        bg_b = _hsv(hue + 0.08, rng.uniform(0.3, 0.6), rng.uniform(0.6, 0.85))
-        freq = attrs["frequency"] * rng.uniform(0.85, 1.15)
-        t = _texture(attrs["texture"], x, y, freq, rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi))
-        grad = (x * np.cos(rng.uniform(0, 2 * np.pi)) + y * np.sin(rng.uniform(0, 2 * np.pi)))[..., None]
-        img = bg_a + (bg_b - bg_a) * t[..., None] + 0.15 * (grad - 0.5)
-        # objects: one large, then several small ones, each with a finer texture of its own
-        fg_hue = hue + 0.5
-        objects = [rng.uniform(0.22, 0.38)] + list(rng.uniform(0.03, 0.09, size=int(rng.integers(3, 9))))
-        for k, radius in enumerate(objects):
-            cx, cy = rng.uniform(radius, 1 - radius, size=2)
-            angle = rng.uniform(0, 2 * np.pi)
-            dx, dy = (x - cx) / radius, (y - cy) / radius
-            u = dx * np.cos(angle) + dy * np.sin(angle)
-            v = -dx * np.sin(angle) + dy * np.cos(angle)
-            dist = _shape_distance(attrs["shape"], u, v)
-            alpha = np.clip(0.5 - dist * radius * size, 0.0, 1.0)[..., None]  # ~1 px antialiased edge
-            col_a = _hsv(fg_hue + rng.uniform(-0.06, 0.06), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))
-            col_b = _hsv(fg_hue + 0.15, rng.uniform(0.4, 0.9), rng.uniform(0.3, 0.6))
-            fine = _texture(_TEXTURES[(_TEXTURES.index(attrs["texture"]) + 1 + k) % len(_TEXTURES)],
-                            u * radius, v * radius, freq * rng.uniform(3.0, 5.0), 0.0, rng.uniform(0, 2 * np.pi))
-            shade = 1.0 - 0.25 * np.clip(np.hypot(u, v), 0, 1)[..., None]  # radial shading
-            obj = (col_a + (col_b - col_a) * fine[..., None]) * shade
-            img = img * (1 - alpha) + obj * alpha
-        img = img + rng.normal(0.0, 0.02, size=img.shape).astype(np.float32)  # pixel-scale detail
-        return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return synthetic.render(self.seed, c, index, size)
 
     def describe(self) -> dict:
         return {"kind": "synthetic", "num_classes": self.num_classes, "images_per_class": self.images_per_class,

@@ -143,7 +143,7 @@ def cas_with_ceiling(generated: torch.Tensor, generated_labels: torch.Tensor, re
                      num_classes: int, settings: CASSettings = DEFAULT_CAS, *, seed: int = 0,
                      ceiling: dict[str, float] | None = None, hflip: bool = True) -> dict[str, float]:
     """CAS of generated images next to the same classifier trained on as many real training images (both with
-    random horizontal flips when ``hflip``: pass the dataset's `cascade.data.loader.dataset_hflip`).
+    random horizontal flips when ``hflip``: pass the dataset's `cascade.data.shard_folder.dataset_hflip`).
 
     Returns {"top1", ["top5"], "real_top1", ["real_top5"], "num_train", "num_test"}; pass `ceiling` (a
     previous `classification_accuracy_score` of the real set) to skip retraining it. Raises ValueError when

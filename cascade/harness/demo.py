@@ -18,7 +18,7 @@ import torch
 
 from cascade.atomic import write_atomic
 from cascade.config import StageConfig
-from cascade.data.loader import read_dataset_info
+from cascade.data.shard_folder import read_dataset_info
 from cascade.evaluation.report import plot_training_curves, write_report_pages
 from cascade.imageops import image_grid
 from cascade.training.trainer_config import DataConfig, RunConfig, TrainerConfig

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cascade.data.loader import dataset_hflip, iterate_split, read_dataset_info
+from cascade.data.loader import iterate_split
+from cascade.data.shard_folder import dataset_hflip, read_dataset_info
 from cascade.evaluation.cas import CASSettings, cas_with_ceiling
 from cascade.evaluation.features import ClassifierFeatures
 from cascade.evaluation.metrics import class_accuracy, compute_fid_kid

@@ -45,7 +45,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from cascade import checkpoint
 from cascade.atomic import write_atomic
 from cascade.config import StageConfig, StageKind
-from cascade.data.loader import read_dataset_info
+from cascade.data.shard_folder import read_dataset_info
 from cascade.diffusion.augment import condition_low_res
 from cascade.diffusion.guidance import classifier_free_guidance
 from cascade.diffusion.samplers import SAMPLERS

@@ -46,7 +46,9 @@ from tqdm.auto import tqdm
 
 from cascade import checkpoint
 from cascade.config import StageKind
-from cascade.data.loader import make_stage_loader, read_dataset_info, resolve_num_workers
+from cascade.data.loader import make_stage_loader
+from cascade.data.shard_folder import read_dataset_info
+from cascade.data.workers import resolve_num_workers
 from cascade.device import native_bf16, resolve_mixed_precision
 from cascade.diffusion.augment import condition_low_res
 from cascade.diffusion.guidance import classifier_free_guidance

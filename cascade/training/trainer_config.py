@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from cascade.checks import check_num_workers, coerce_fields, is_auto_or_bool
+from cascade.checks import coerce_fields, is_auto_or_bool
+from cascade.data.settings import DataConfig
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 
@@ -86,32 +87,6 @@ class TrainerConfig:
             raise ValueError(f"trainer.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.ema_warmup < 1.0:
             raise ValueError(f"trainer.ema_warmup must be >= 1 (1 disables the warm-up), got {self.ema_warmup}")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the shards are and how they are read."""
-
-    root: str  # required: the shard folder written by tools/make_shards.py
-    # loader worker processes per training process, or auto (`cascade.data.loader.resolve_num_workers`): on CPU the cores
-    # the torch threads leave free, at most 4 (measured on 2 cores, tools/bench.py --trainer, base32 batch 32:
-    # 2 threads → 0 workers 90% of the bare step, 1 worker 69% (Zen 5, bf16); 1 thread → 1 worker 92%, 0 workers
-    # 83% (Zen 3, fp32)); with an accelerator all cores but one, at most 8
-    num_workers: int | str = "auto"
-    shuffle_buffer: int = 1000  # samples in the shuffle buffer
-    # random horizontal flips of training images: auto follows the shards' dataset.json "hflip" (false for digits,
-    # whose mirror images are other shapes; true for photographs and for shards that do not say)
-    hflip: str | bool = "auto"
-
-    def __post_init__(self) -> None:
-        coerce_fields(self, "data")
-        if not self.root:
-            raise ValueError("data.root is required: the shard folder written by tools/make_shards.py")
-        check_num_workers(self.num_workers)
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"data.shuffle_buffer must be >= 1 (1 disables shuffling), got {self.shuffle_buffer}")
-        if not is_auto_or_bool(self.hflip):
-            raise ValueError(f"data.hflip must be auto, true or false, got {self.hflip!r}")
 
 
 @dataclass(frozen=True)

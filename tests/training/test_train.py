@@ -431,7 +431,7 @@ def test_auto_workers_are_recorded_and_kept_on_resume(synthetic_shards, tmp_path
     import dataclasses
 
     import stages
-    from cascade.data import loader as data_module
+    from cascade.data import workers as data_module
     from cascade.training import trainer as train_module
     from cascade.training.trainer import StageTrainer
     from cascade.training.trainer_config import DataConfig
