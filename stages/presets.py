@@ -19,8 +19,8 @@ Conditioning skip (tiny SR stages, `unet.cond_skip_std`): the network's ε is ad
 x_0 ~ N(upsampled input, σ²) with σ the measured std of (image − upsampled low-res image) on the built-in
 photographs (0.088 at 64², 0.084 at 128², 0.059 at 256²), so a fresh SR model already returns its input
 plus fine noise and training only learns the detail. In the demo's 2–4-minute SR budgets this is the
-difference between noise (7.9 dB PSNR to the real 128² image) and a usable stage (22 dB). Paper presets
-keep CDM's plain ε-prediction; set `unet.cond_skip_std` there to use it.
+difference between noise and a usable stage (measured: docs/results/2026-11-29.md). Paper presets keep
+CDM's plain ε-prediction; set `unet.cond_skip_std` there to use it.
 """
 
 from __future__ import annotations
@@ -39,19 +39,16 @@ _TINY = {"attention_resolutions": (8,), "head_channels": 32, "norm_groups": 8, "
 # Paper networks: 64-channel heads, 32 norm groups, gradient checkpointing.
 _PAPER = {"head_channels": 64, "norm_groups": 32, "use_checkpoint": True}
 
-# Objective of the tiny base32, sr64, sr128 and sr256 stages, from the quality benchmark (README "Quality
-# benchmark"; base32 and sr64 at 10 minutes, sr128 and sr256 at 5, AMD EPYC): v-prediction (Salimans & Ho
-# 2022) with Min-SNR-5 weighting (Hang et al. 2023), fixed small variance. base32 on photos: class accuracy
-# 100% vs 90.5% and judge FD 0.19 vs 0.53 for ε + hybrid loss (ancestral 40 steps, w = 3; on digits 71% vs
-# 74.5%, within one standard error at 200 samples);
-# sr64 over the conditioning skip: detail ratio 0.61 vs 0.45 at the same consistency (31.2 dB), DDIM 15.
+# Objective of the tiny base32, sr64, sr128 and sr256 stages: v-prediction (Salimans & Ho 2022) with
+# Min-SNR-5 weighting (Hang et al. 2023), fixed small variance. The quality benchmark found it better per
+# CPU-minute than ε + hybrid loss on base32 (photos) and on every SR stage
+# (measured: docs/results/2026-12-01.md and 2026-12-02.md).
 _TINY_V_MINSNR = DiffusionConfig(prediction="v", loss_weighting="min_snr", min_snr_gamma=5.0, loss="simple",
                                  model_var_type="fixed_small")
 
-# Sampling defaults of the tiny stages, the demo's measured settings: base32 guided ancestral at 40 steps, w = 1
-# (10 minutes, Zen 5: on digits 99.8% / FD 0.20 vs 99.4% / 0.40 at w = 2 and 99.6% / 0.59 at w = 3; on photos
-# level in both, all below the real-image floor, recall 0.75 vs 0.71 and 0.58: README); the SR stages
-# ancestral at 25 steps with their inputs re-noised at s = 0.03 (each measured at its own budget, README).
+# Sampling defaults of the tiny stages: base32 guided ancestral at 40 steps, w = 1 (better than w = 2 and 3 on
+# digits, level on photos); the SR stages ancestral at 25 steps with their inputs re-noised at s = 0.03, each
+# measured at its own budget (measured: docs/results/2026-12-02.md).
 # Paper stages: CDM's setting, ancestral sampling over every step, no guidance, s = 0.1 for SR stages.
 _PAPER_SR_SAMPLING = SamplingSettings(aug_level=0.1)
 
@@ -76,7 +73,8 @@ _STAGES: dict[str, dict[str, StageConfig]] = {
             unet=UNetConfig(model_channels=12, channel_mult=(1, 2, 4, 8), num_res_blocks=(0, 1, 1, 2),
                             cond_skip_std=0.08, **_TINY),
             diffusion=_TINY_V_MINSNR, aug=_GAUSSIAN,
-            # ancestral 25 steps (fixed small variance): detail 0.67 at 30.9 dB vs DDIM 15's 0.61 at 31.2 dB
+            # ancestral 25 steps adds more detail than DDIM 15 at the same consistency
+            # (measured: docs/results/2026-12-01.md)
             sampling=SamplingSettings(sampler="ddpm", steps=25, w=1.0, aug_level=0.03),
         ),
         "paper": StageConfig(
@@ -92,8 +90,8 @@ _STAGES: dict[str, dict[str, StageConfig]] = {
             unet=UNetConfig(model_channels=8, channel_mult=(1, 2, 4, 4, 8), num_res_blocks=(0, 0, 1, 1, 2),
                             cond_skip_std=0.08, **_TINY),
             diffusion=_TINY_V_MINSNR, aug=_GAUSSIAN_BLUR,
-            # measured on photos, 5 minutes (README): ancestral 25 steps detail 0.73 at 31.1 dB; CDM's recipe with
-            # DDIM 15 gave 0.40 at 31.7 dB, and 0.88 at 29.8 dB with ancestral sampling (its learned variance)
+            # ancestral 25 steps: about twice the detail of CDM's recipe with DDIM at ≥ 30 dB consistency
+            # (measured: docs/results/2026-12-02.md)
             sampling=SamplingSettings(sampler="ddpm", steps=25, aug_level=0.03),
         ),
         "paper": StageConfig(
@@ -109,8 +107,8 @@ _STAGES: dict[str, dict[str, StageConfig]] = {
             unet=UNetConfig(model_channels=8, channel_mult=(1, 1, 2, 4, 4, 8), num_res_blocks=(0, 0, 0, 1, 1, 2),
                             cond_skip_std=0.06, **_TINY),
             diffusion=_TINY_V_MINSNR, aug=_GAUSSIAN_BLUR,
-            # measured on photos, 5 minutes (README): ancestral 25 steps detail 0.77 at 32.1 dB; CDM's recipe with
-            # DDIM 10 gave 0.41 at 31.5 dB, and 1.06 (noise) at 31.0 dB with ancestral sampling (its learned variance)
+            # ancestral 25 steps: about twice the detail of CDM's recipe with DDIM, at higher consistency
+            # (measured: docs/results/2026-12-02.md)
             sampling=SamplingSettings(sampler="ddpm", steps=25, aug_level=0.03),
         ),
         "paper": StageConfig(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check for the day a GPU is lent (issue 16): under 8 minutes on one GPU.
+# One prepared GPU check for the day a GPU is lent: under 8 minutes on one GPU.
 #
 #   bash tools/gpu_check.sh fetch      # HERE (with internet): download the wheels the GPU machine lacks into .whl/
 #   bash tools/gpu_check.sh            # THERE (repository root): every step below; figures in $OUT/gpu_check.json

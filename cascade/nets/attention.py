@@ -6,7 +6,7 @@ memory-efficient kernel when xformers is importable and the tensors are on CUDA.
 Kernel choice on CPU (:func:`attention`): float32 goes to SDPA (its flash kernel). bf16/fp16 with at most
 ``SHORT_SEQUENCE`` query tokens (maps up to 16²) is computed in float32 and cast back: for such short
 sequences the flash kernel's low-precision backward is dominated by per-block overhead (4.5 ms per call at
-64 tokens on a bf16-native Xeon, issue 16; 3–5× the float32 kernel on an AVX2 EPYC), while the upcast costs
+64 tokens on a bf16-native Xeon; 3–5× the float32 kernel on an AVX2 EPYC), while the upcast costs
 O(N·d) against the attention's O(N²·d). Longer low-precision sequences keep the low-precision flash kernel.
 
 Layout: feature maps are B×C×H×W; in channels_last memory that is B×H×W×C, so the pixel tokens

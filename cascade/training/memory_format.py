@@ -2,9 +2,10 @@
 
 Whether channels-last (NHWC) convolutions beat the contiguous (NCHW) ones on a CPU depends on the CPU, the
 precision and the layer shapes: on a 2-core AMD EPYC (AVX2, fp32) channels-last trained base32 22% faster
-(batch 32) but sr128 / sr256 10–40% slower (`tools/bench.py`, README "Benchmarks"). `probe_channels_last`
-times the run's own training computation (loss forward + backward of a copy of the model, at the run's
-batch size and precision) in both layouts and picks the faster, as cuDNN's benchmark mode picks a kernel.
+(batch 32) but sr128 / sr256 10–40% slower (measured: docs/results/2026-12-01.md, 2026-11-29.md).
+`probe_channels_last` times the run's own training computation (loss forward + backward of a copy of the
+model, at the run's batch size and precision) in both layouts and picks the faster, as cuDNN's benchmark
+mode picks a kernel.
 No model is changed and the global RNG state is restored, so a run's numbers do not depend on the probe
 having run.
 """
