@@ -20,8 +20,8 @@ class DataConfig:
 
     root: str  # required: the shard folder written by tools/make_shards.py
     # loader worker processes per training process, or auto (`cascade.data.workers.resolve_num_workers`): on CPU
-    # the cores the torch threads leave free, at most 4 (measured: docs/results/); with an accelerator all cores
-    # but one, at most 8
+    # the cores the torch threads leave free, at most 4 (measured: docs/results/2026-12-02.md); with an
+    # accelerator all cores but one, at most 8
     num_workers: int | str = "auto"
     shuffle_buffer: int = 1000  # samples in the shuffle buffer
     # random horizontal flips of training images: auto follows the shards' dataset.json "hflip" (false for digits,

@@ -14,7 +14,7 @@ def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
     """``data.num_workers`` (validated by `cascade.data.settings.DataConfig`): an integer as it is; ``"auto"`` →
     on CPU the cores this process may use (its share under torchrun, by LOCAL_WORLD_SIZE) that its torch threads
     leave free, at most 4 (loader processes on the cores that compute slow training down; measured:
-    docs/results/); with an accelerator all its usable cores but one, at most 8."""
+    docs/results/2026-12-02.md); with an accelerator all its usable cores but one, at most 8."""
     if num_workers != "auto":
         return num_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
