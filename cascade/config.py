@@ -12,11 +12,15 @@ import dataclasses
 import enum
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cascade.checks import check_choice
-from cascade.nets.unet import blocks_per_level
+from cascade.checks import check_choice, check_known_keys, is_int, is_number
+from cascade.diffusion.gaussian import LOSS_TYPES, MODEL_VAR_TYPES
+from cascade.diffusion.parameterization import LOSS_WEIGHTINGS, PREDICTIONS
+from cascade.diffusion.samplers import SAMPLERS
+from cascade.diffusion.schedules import SCHEDULES
 
 
 class StageKind(str, enum.Enum):
@@ -30,12 +34,21 @@ class StageKind(str, enum.Enum):
 
 
 STAGE_KINDS = tuple(k.value for k in StageKind)
-SCHEDULES = ("linear", "cosine")
-MODEL_VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
-LOSSES = ("simple", "hybrid")
+# Uniform t, or importance sampling by each term's loss second moment (Nichol & Dhariwal 2021 "Improved
+# DDPM" §3.3); `cascade.training.timestep_sampler` implements them.
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
-PREDICTIONS = ("eps", "v", "x0")
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
+
+
+def blocks_per_level(num_res_blocks: int | Sequence[int], num_levels: int) -> tuple[int, ...]:
+    """Residual blocks per level: one int for all levels, or one per level (Imagen's Efficient U-Net idea
+    of fewer blocks at high resolution; 0 is allowed, the decoder always has ``n + 1`` blocks per level)."""
+    counts = (num_res_blocks,) * num_levels if isinstance(num_res_blocks, int) else tuple(num_res_blocks)
+    if len(counts) != num_levels or any(n < 0 for n in counts) or sum(counts) == 0:
+        raise ValueError(
+            f"num_res_blocks must be a non-negative int or one per level ({num_levels}), "
+            f"not all zero; got {num_res_blocks}"
+        )
+    return counts
 
 
 @dataclass
@@ -88,12 +101,11 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         check_choice("diffusion.schedule", self.schedule, SCHEDULES)
         check_choice("diffusion.model_var_type", self.model_var_type, MODEL_VAR_TYPES)
-        check_choice("diffusion.loss", self.loss, LOSSES)
+        check_choice("diffusion.loss", self.loss, LOSS_TYPES)
         check_choice("diffusion.timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
         check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
         check_choice("diffusion.loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
-        if isinstance(self.min_snr_gamma, bool) or not isinstance(self.min_snr_gamma, (int, float)) \
-                or not self.min_snr_gamma > 0:
+        if not is_number(self.min_snr_gamma) or not self.min_snr_gamma > 0:
             raise ValueError(f"diffusion.min_snr_gamma must be a number > 0, got {self.min_snr_gamma!r}")
         if self.num_timesteps < 1:
             raise ValueError(f"diffusion.num_timesteps must be positive, got {self.num_timesteps}")
@@ -169,15 +181,13 @@ class SamplingSettings:
     guidance_interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        from cascade.diffusion.samplers import SAMPLERS
-
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
         steps = self.steps
         if isinstance(steps, str) and steps.strip().lstrip("+").isdigit():
             object.__setattr__(self, "steps", steps := int(steps))
         if steps is not None:
-            if isinstance(steps, bool) or not isinstance(steps, (int, str)):
+            if not (is_int(steps) or isinstance(steps, str)):
                 raise ValueError(f"steps must be a count, a spacing string or None, got {steps!r}")
             if isinstance(steps, int) and steps < 1:
                 raise ValueError(f"steps must be a positive number of steps, got {steps}")
@@ -188,8 +198,8 @@ class SamplingSettings:
             value = getattr(self, name)
             if value is None and name in ("aug_level", "dynamic_threshold"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")  # noqa: TRY004 (a bad setting value)
+            if not is_number(value):
+                raise ValueError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
             if not low <= value <= high:
@@ -200,7 +210,7 @@ class SamplingSettings:
             raise ValueError("dynamic_threshold must be in (0, 1] or None, got 0")
         if self.guidance_interval is not None:
             interval = tuple(self.guidance_interval)
-            if len(interval) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in interval) \
+            if len(interval) != 2 or not all(is_number(v) for v in interval) \
                     or not 0 <= interval[0] <= interval[1]:
                 raise ValueError(f"guidance_interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi, got "
                                  f"{self.guidance_interval!r}")
@@ -294,23 +304,23 @@ class StageConfig:
         settings existed (its level s under ``aug.sample_aug_level``) is read with that level as
         ``sampling.aug_level``."""
         d = _upgrade_record(d)
-        _check_keys(cls, d, "")
+        check_known_keys(cls, d, "")
         kwargs = dict(d)
         for key, sub in _NESTED.items():
             if key in kwargs:
-                _check_keys(sub, kwargs[key], f"{key}.")
+                check_known_keys(sub, kwargs[key], f"{key}.")
                 kwargs[key] = sub(**kwargs[key])
         return cls(**kwargs)
 
     def with_overrides(self, overrides: dict[str, Any]) -> StageConfig:
         """A copy with nested field overrides, e.g. ``{"unet": {"model_channels": 64}, "aug": {"s_max": 0.2}}``."""
         d = self.to_dict()
-        _check_keys(StageConfig, overrides, "")
+        check_known_keys(StageConfig, overrides, "")
         for key, value in overrides.items():
             if key in _NESTED:
                 if not isinstance(value, dict):
                     raise ValueError(f"override {key!r} must be a dict of {_NESTED[key].__name__} fields")
-                _check_keys(_NESTED[key], value, f"{key}.")
+                check_known_keys(_NESTED[key], value, f"{key}.")
                 d[key] = {**d[key], **value}
             else:
                 d[key] = value
@@ -333,13 +343,3 @@ def _upgrade_record(d: Any) -> Any:
     sampling = {"aug_level": level} if d.get("kind") == StageKind.sr.value else {}
     return {**d, "aug": aug, "sampling": sampling}
 
-
-def _check_keys(cls: type, d: Any, prefix: str) -> None:
-    if not isinstance(d, dict):
-        raise TypeError(f"{prefix or 'stage config'} must be a dict, got {type(d).__name__}")
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - valid)
-    if unknown:
-        raise ValueError(
-            f"unknown {cls.__name__} key(s) {[prefix + k for k in unknown]}; valid: {sorted(valid)}"
-        )

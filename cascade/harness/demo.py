@@ -21,10 +21,11 @@ from cascade.config import StageConfig
 from cascade.data.shard_folder import read_dataset_info
 from cascade.evaluation.report import plot_training_curves, write_report_pages
 from cascade.imageops import image_grid
+from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN
 from cascade.training.trainer_config import DataConfig, RunConfig, TrainerConfig
 
 TRAIN_ORDER = ("classifier32", "base32", "sr64", "sr128", "sr256")
-CHAIN = ("base32", "sr64", "sr128", "sr256")
+CHAIN = DEFAULT_CHAIN  # the demo trains and samples every stage of the default chain
 DONE_FILE = "demo_done.json"  # in a stage's run folder: the budget it finished training with
 
 

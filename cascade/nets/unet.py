@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cascade.config import blocks_per_level
 from cascade.imageops import upsample
 from cascade.nets.attention import ClassTokens, CrossAttention2d, SelfAttention2d, group_norm
 
@@ -114,18 +115,6 @@ class EmbedSequential(nn.ModuleList):
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(self._run, x, emb, context, use_reentrant=False)
         return self._run(x, emb, context)
-
-
-def blocks_per_level(num_res_blocks: int | Sequence[int], num_levels: int) -> tuple[int, ...]:
-    """Residual blocks per level: one int for all levels, or one per level (Imagen's Efficient U-Net idea
-    of fewer blocks at high resolution; 0 is allowed, the decoder always has ``n + 1`` blocks per level)."""
-    counts = (num_res_blocks,) * num_levels if isinstance(num_res_blocks, int) else tuple(num_res_blocks)
-    if len(counts) != num_levels or any(n < 0 for n in counts) or sum(counts) == 0:
-        raise ValueError(
-            f"num_res_blocks must be a non-negative int or one per level ({num_levels}), "
-            f"not all zero; got {num_res_blocks}"
-        )
-    return counts
 
 
 def _attention_blocks(

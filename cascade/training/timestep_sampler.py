@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
+from cascade.config import TIMESTEP_SAMPLERS
 
 
 class TimestepSampler:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from cascade.checks import coerce_fields, is_auto_or_bool
+from cascade.checks import check_known_keys, coerce_fields, is_auto_or_bool, is_int_at_least
 from cascade.data.settings import DataConfig
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
@@ -106,7 +106,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.run_dir:
             raise ValueError("run_dir must name the run's output folder")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+        if not is_int_at_least(self.seed, 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError(f"resume must be auto, never or a checkpoint path, got {self.resume!r}")
@@ -118,19 +118,11 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """Build from nested plain dicts; an unknown key is a ValueError naming it."""
         d = dict(d)
-        _reject_unknown(cls, d, "")
+        check_known_keys(cls, d, "")
         if "data" not in d:
             raise ValueError("data.root is required: the shard folder written by tools/make_shards.py")
         data = dict(d.pop("data"))
         trainer = dict(d.pop("trainer", {}))
-        _reject_unknown(DataConfig, data, "data.")
-        _reject_unknown(TrainerConfig, trainer, "trainer.")
+        check_known_keys(DataConfig, data, "data.")
+        check_known_keys(TrainerConfig, trainer, "trainer.")
         return cls(data=DataConfig(**data), trainer=TrainerConfig(**trainer), **d)
-
-
-def _reject_unknown(cls: type, d: dict[str, Any], prefix: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
-                         f"valid: {', '.join(prefix + k for k in sorted(known))}")
