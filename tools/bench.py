@@ -7,7 +7,7 @@
   python tools/bench.py --stages base32 --compile         # + compile time and steady-state gain of torch.compile
   python tools/bench.py --stages base32 --trainer         # + the trainer's img/s against its bare step
 
-Training is timed through the library's own step (`cascade.training.trainer.TrainStep`: autocast, loss, backward, clipping,
+Training is timed through the library's own step (`cascade.training.step.TrainStep`: autocast, loss, backward, clipping,
 fused AdamW, LR schedule, EMA update), on one batch held on the device: the "bare step".
 Every (model, mode) runs in its own subprocess so peak memory (ru_maxrss, or CUDA max allocated) is its own.
 The conv and matmul ceilings are measured in the same run with the model's dominant 3×3 conv shape (its
@@ -43,9 +43,10 @@ from cascade.diffusion.guidance import classifier_free_guidance
 from cascade.diffusion.samplers import sample_ddim
 from cascade.training.ema import EMA
 from cascade.training.losses import example_batch, make_stage_loss
+from cascade.training.optimizer import make_optimizer
 from cascade.training.runtime import make_accelerator
+from cascade.training.step import TrainStep, new_window
 from cascade.training.timestep_sampler import UniformSampler
-from cascade.training.trainer import TrainStep, make_optimizer, new_window
 from cascade.training.trainer_config import TrainerConfig
 
 BENCH_STAGES = ("base32", "sr64", "sr128", "sr256", "classifier32", "big32")
@@ -261,7 +262,7 @@ def run_config(model_name: str, stage_name: str, mode: str, batch: int, steps: i
     fmt = torch.channels_last if opts["channels_last"] else torch.contiguous_format
     batch_data = {k: (v.contiguous(memory_format=fmt) if v.ndim == 4 else v)
                   for k, v in example_batch(cfg, batch, device=device).items()}
-    # The trainer's own step (cascade.training.trainer.TrainStep) with the trainer's defaults: accelerate's autocast,
+    # The trainer's own step (cascade.training.step.TrainStep) with the trainer's defaults: accelerate's autocast,
     # fused AdamW, clipping, the non-finite skip, the LR schedule and the EMA update.
     tcfg = TrainerConfig(batch_size=batch, mixed_precision="bf16" if opts["bf16"] else "no")
     acc = make_accelerator(tcfg.mixed_precision, cpu=device.type == "cpu")
