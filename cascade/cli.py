@@ -165,7 +165,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> 
 
 def load_evaluation_inputs(args: argparse.Namespace, device: Any):
     """(pipeline, feature networks, classifier) from the options `add_evaluation_arguments` defines."""
-    from cascade.evaluation.evaluate import load_for_evaluation
+    from cascade.evaluation.inputs import load_for_evaluation
 
     chain = parse_stage_list(args.stages, DEFAULT_CHAIN)
     return load_for_evaluation(args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt), classifier=args.classifier,
@@ -232,22 +232,21 @@ def add_metric_arguments(p: argparse.ArgumentParser, *, memorisation: bool = Tru
                             "pairs as memorisation-<stage>.png")
 
 
-def metric_options(args: argparse.Namespace) -> dict[str, Any]:
-    """`evaluate` / `sweep` keyword arguments from the options `add_metric_arguments` defines."""
-    from cascade.evaluation.cas import CASSettings
+def metric_settings(args: argparse.Namespace) -> Any:
+    """The `cascade.evaluation.settings.MetricSettings` of the options `add_metric_arguments` defines (and
+    eval_fid.py's --baselines); a bad value is a one-line CascadeConfigError naming the option."""
+    import dataclasses
 
-    if args.pr_k < 0:
-        raise CascadeConfigError(f"--pr-k must be >= 0 (0 leaves precision / recall out), got {args.pr_k}")
-    if args.bootstrap < 0 or args.bootstrap == 1:
-        raise CascadeConfigError(f"--bootstrap must be 0 (off) or >= 2 resamples, got {args.bootstrap}")
-    if args.cas is not None and args.cas < 1:
-        raise CascadeConfigError(f"--cas: needs at least 1 generated image per class, got {args.cas}")
+    from cascade.evaluation.cas import CASSettings
+    from cascade.evaluation.settings import MetricSettings
+
     try:
-        cas_settings = CASSettings(steps=args.cas_steps)
+        settings = MetricSettings(pr_k=args.pr_k, bootstrap=args.bootstrap, cas_per_class=args.cas,
+                                  memorisation=getattr(args, "memorisation", False),
+                                  baselines=getattr(args, "baselines", False))
+    except ValueError as err:
+        raise CascadeConfigError(str(err)) from None
+    try:
+        return dataclasses.replace(settings, cas=CASSettings(steps=args.cas_steps))
     except ValueError as err:
         raise CascadeConfigError(f"--cas-steps: {err}") from None
-    options = {"pr_k": args.pr_k or None, "bootstrap": args.bootstrap, "cas_per_class": args.cas,
-               "cas_settings": cas_settings}
-    if hasattr(args, "memorisation"):
-        options["memorisation"] = args.memorisation
-    return options

@@ -32,14 +32,14 @@ from cascade.cli import (
     add_metric_arguments,
     add_sampler_arguments,
     load_evaluation_inputs,
-    metric_options,
+    metric_settings,
     parse_choices,
     report_error,
     sampler_overrides,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
 from cascade.evaluation.evaluate import evaluate
-from cascade.evaluation.samples import MODES
+from cascade.evaluation.sample_lists import MODES
 from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN, CascadeConfigError
 
 PROG = "eval_fid"
@@ -66,13 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             ensure_writable_dir(args.out, "--out")
         modes = parse_choices(args.modes, MODES, "--modes", what="mode")
         overrides = sampler_overrides(args)
-        options = metric_options(args)
+        metrics = metric_settings(args)
         pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
         evaluation = evaluate(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
-                              settings=pipe.settings(**overrides), num_samples=args.num_samples, modes=modes,
-                              seed=args.seed,
-                              batch_size=args.batch_size, accelerator=accelerator,
-                              progress=accelerator.is_main_process, baselines=args.baselines, **options)
+                              settings=pipe.settings(**overrides), metrics=metrics, num_samples=args.num_samples,
+                              modes=modes, seed=args.seed, batch_size=args.batch_size, accelerator=accelerator,
+                              progress=accelerator.is_main_process)
     except CascadeConfigError as err:
         return report_error(PROG, err) if accelerator.is_main_process else 2
     if evaluation is None:  # not the main process

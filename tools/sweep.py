@@ -29,13 +29,13 @@ from cascade.cli import (
     add_metric_arguments,
     add_sampler_arguments,
     load_evaluation_inputs,
-    metric_options,
+    metric_settings,
     report_error,
     sampler_overrides,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
 from cascade.evaluation.metrics import METRIC_GOALS
-from cascade.evaluation.samples import MODES, TEACHER_FORCED
+from cascade.evaluation.sample_lists import MODES, TEACHER_FORCED
 from cascade.evaluation.sweep import sweep
 from cascade.pipeline.cascade_pipeline import CascadeConfigError
 
@@ -66,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             ensure_writable_dir(args.out, "--out")
         grid = sampler_overrides(args, grid=True)
-        options = metric_options(args)
+        metrics = metric_settings(args)
         w, aug_level = grid.pop("w", None), grid.pop("aug_level", None)
         pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
         result = sweep(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
                        settings=pipe.settings(**grid), w=w, aug_level=aug_level, mode=args.mode,
                        rank_by=args.rank_by, rank_metric=args.rank_metric, num_samples=args.num_samples, seed=args.seed,
                        batch_size=args.batch_size, accelerator=accelerator, progress=accelerator.is_main_process,
-                       **options)
+                       metrics=metrics)
     except CascadeConfigError as err:
         return report_error(PROG, err) if accelerator.is_main_process else 2
     if result is None:  # not the main process

@@ -152,10 +152,6 @@ def compute_fid_kid(
     "pr_k"], ["fid_ci", "fid_bootstrap"], "num_real", "num_fake", "fid_biased"}; "fid_biased" is True below
     `MIN_FID_SAMPLES` samples or below the feature dimension on either side (read KID then).
     """
-    if pr_k is not None and (isinstance(pr_k, bool) or not isinstance(pr_k, int) or pr_k < 1):
-        raise ValueError(f"precision/recall: k must be an integer >= 1, got {pr_k!r}")
-    if bootstrap and (isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 2):
-        raise ValueError(f"bootstrap: needs at least 2 resamples (or 0 for none), got {bootstrap!r}")
     if inception_score is None:
         inception_score = feature_net.has_logits
     if inception_score and not feature_net.has_logits:

@@ -1,8 +1,10 @@
 """Sweeps of the guidance weight w and the augmentation level s per stage, ranked by any metric.
 
-Every setting of a stage is sampled through `cascade.evaluation.samples.generate` and scored by
-`cascade.evaluation.evaluate.stage_metrics` (and CAS with `cas_per_class`); the best per stage is picked by
-`cascade.evaluation.metrics.best_setting` with the rank metric (lowest FID by default; `METRIC_GOALS` for the others).
+Every setting of a stage is validated once into its own `SamplingPlan`, sampled through
+`cascade.evaluation.generation.generate` and scored by `cascade.evaluation.scoring.stage_metrics` (and CAS
+when `MetricSettings.cas_per_class` is set); the best per stage is picked by
+`cascade.evaluation.metrics.best_setting` with the rank metric (lowest FID by default; `METRIC_GOALS` for the
+others).
 """
 
 from __future__ import annotations
@@ -18,25 +20,23 @@ from typing import Any
 import torch
 
 from cascade.config import SamplingSettings, StageKind
-from cascade.evaluation.cas import DEFAULT_CAS, CASSettings
-from cascade.evaluation.evaluate import check_extras, check_nets, stage_metrics
 from cascade.evaluation.features import FeatureNet
-from cascade.evaluation.metrics import METRIC_GOALS, PR_K, best_setting, rank_key
+from cascade.evaluation.generation import broadcast, generate, is_main, rank_world
+from cascade.evaluation.metrics import METRIC_GOALS, best_setting, rank_key
 from cascade.evaluation.report import best_flags, write_sweep
-from cascade.evaluation.samples import (
+from cascade.evaluation.sample_lists import (
     CASCADED,
     MODES,
     TEACHER_FORCED,
     EvalData,
-    broadcast,
     check_int,
-    generate,
-    is_main,
     load_eval_data,
-    rank_world,
 )
-from cascade.evaluation.train_split import CASData
+from cascade.evaluation.scoring import check_metric_settings, check_nets, stage_metrics
+from cascade.evaluation.settings import DEFAULT_METRICS, MetricSettings
+from cascade.evaluation.training_data_metrics import CASData
 from cascade.pipeline.cascade_pipeline import CascadeConfigError, CascadePipeline
+from cascade.pipeline.plan import SamplingPlan
 
 
 def _grid(value: Any, names: Sequence[str], option: str) -> dict[str, list[float | None]]:
@@ -95,12 +95,15 @@ class Sweep:
         return write_sweep(out_dir, self.records, self.best, self.meta)
 
 
-def _stage_sampler(pipeline: CascadePipeline, data: EvalData, stage: str, setting: SamplingSettings,
-                   x_low: torch.Tensor | None, key: tuple[str, str], seed: int, batch_size: int):
+def _stage_sampler(pipeline: CascadePipeline, data: EvalData, plan: SamplingPlan, stage: str,
+                   x_low: torch.Tensor | None, key: tuple[str, str]):
+    """The sample_chunk of one stage alone at its setting in `plan` (its seed and batch size) on `x_low`."""
+    setting = plan.stages[[s.name for s in plan.stages].index(stage)].settings
+
     def sample_chunk(chunk: range, local: slice) -> Iterator:
         low = None if x_low is None else x_low[local]
-        images = pipeline.sample_stage(stage, data.labels[chunk.start : chunk.stop], low, setting, seed=seed,
-                                       batch_size=batch_size, start_index=chunk.start)
+        images = pipeline.sample_stage(stage, data.labels[chunk.start : chunk.stop], low, setting, seed=plan.seed,
+                                       batch_size=plan.batch_size, start_index=chunk.start)
         yield key, images, low
 
     return sample_chunk
@@ -122,13 +125,14 @@ def _record(stage: str, setting: SamplingSettings, mode: str, rank_by: str, metr
 def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Sequence[FeatureNet],
           classifier: FeatureNet, settings: Mapping[str, SamplingSettings] | None = None, w: Any = (0.0, 1.0, 3.0),
           aug_level: Any = None, mode: str = TEACHER_FORCED, rank_by: str | None = None, rank_metric: str = "fid",
-          num_samples: int | None = None, seed: int = 0, batch_size: int = 64, accelerator: Any = None,
-          progress: bool = False, pr_k: int | None = PR_K, bootstrap: int = 0, cas_per_class: int | None = None,
-          cas_settings: CASSettings = DEFAULT_CAS) -> Sweep | None:
-    """FID (and KID, precision / recall, consistency, detail ratio, class accuracy, CAS with cas_per_class) of
-    every stage at every (w, s) of `sweep_settings`.
+          metrics: MetricSettings = DEFAULT_METRICS, num_samples: int | None = None, seed: int = 0,
+          batch_size: int = 64, accelerator: Any = None, progress: bool = False) -> Sweep | None:
+    """FID (and KID, precision / recall, consistency, detail ratio, class accuracy, CAS as `metrics` asks) of
+    every stage at every (w, s) of `sweep_settings`, each setting validated once into its own plan before any
+    sampling.
 
     settings: {stage: SamplingSettings} the grid varies (default: each stage's own; `CascadePipeline.settings`).
+    metrics: `MetricSettings` without memorisation or baselines (rows of an evaluation, not of a sweep).
 
     teacher-forced: each SR stage takes the real low-resolution images (stages judged alone). cascaded: stages
     are swept in chain order and each SR stage takes the previous stage's samples at its best setting (the
@@ -139,6 +143,10 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
     if mode not in MODES:
         raise CascadeConfigError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
     check_nets(feature_nets, classifier)
+    check_metric_settings(metrics)
+    if metrics.memorisation or metrics.baselines:
+        raise CascadeConfigError("sweep: memorisation and baselines are rows of an evaluation (eval_fid.py), not "
+                                 "of a sweep; leave them off")
     check_int("batch_size", batch_size, 1)
     rank_by = feature_nets[0].name if rank_by is None else rank_by
     if rank_by not in [n.name for n in feature_nets]:
@@ -147,9 +155,9 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
     if rank_metric not in METRIC_GOALS:
         raise CascadeConfigError(f"--rank-metric: unknown metric {rank_metric!r}; use one of "
                                  f"{', '.join(METRIC_GOALS)}")
-    if rank_metric.startswith("cas") and cas_per_class is None:
+    if rank_metric.startswith("cas") and metrics.cas_per_class is None:
         raise CascadeConfigError(f"--rank-metric {rank_metric} needs CAS: pass --cas N (samples per class)")
-    if rank_metric in ("precision", "recall") and pr_k is None:
+    if rank_metric in ("precision", "recall") and not metrics.pr_k:
         raise CascadeConfigError(f"--rank-metric {rank_metric} needs precision/recall: pass --pr-k K")
     base_settings = {sp.name: sp.settings for sp in pipeline.validate([0], settings).stages}
     grid = sweep_settings(base_settings, w, aug_level)
@@ -158,15 +166,15 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
                        if mode == TEACHER_FORCED else [])
     data = load_eval_data(data_root, pipeline, num_samples=num_samples, batch_size=batch_size, rank=rank,
                           world_size=world, low_resolutions=low_resolutions)
-    check_extras(pr_k, bootstrap, data.num_samples)
-    cas = None if cas_per_class is None else CASData(data.root, pipeline.stages[0].config.num_classes,
-                                                     cas_per_class, cas_settings)
+    metrics.check_sample_count(data.num_samples)
+    cas = None if metrics.cas_per_class is None else CASData(
+        data.root, pipeline.stages[0].config.num_classes, metrics.cas_per_class, metrics.cas)
     cas_list = None if cas is None else cas.sample_list(batch_size, rank, world, tuple(low_resolutions),
                                                         read_at=pipeline.stages[0].config.resolution)
-    classes = sorted(set(data.labels.tolist()))
-    for name, tried in grid.items():  # every setting is checked against the chain before any sampling
-        for setting in tried:
-            pipeline.validate(classes, {name: setting}, batch_size=batch_size, seed=seed)
+    classes = sorted(set(data.labels.tolist()) | (set() if cas_list is None else set(cas_list.labels.tolist())))
+    plans = {name: [pipeline.validate(classes, {name: setting}, batch_size=batch_size, seed=seed)
+                    for setting in tried]
+             for name, tried in grid.items()}  # every setting is checked against the chain before any sampling
 
     records: list[dict[str, Any]] = []
     previous: dict[str, torch.Tensor | None] = {"main": None, "cas": None}  # cascaded: the previous stage's best
@@ -176,7 +184,7 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
         # the base stage has no input: no consistency or detail ratio, ranked by FID then (as best_setting does)
         metric = "fid" if i == 0 and rank_metric in ("consistency_psnr", "detail_ratio") else rank_metric
         best_score, best_images = math.inf, None
-        for setting in grid[stage.name]:
+        for setting, plan in zip(grid[stage.name], plans[stage.name]):
             outputs = {}
             for which, sample_list in lists.items():
                 if i == 0:
@@ -186,21 +194,20 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
                 else:
                     x_low = previous[which]
                 outputs[which] = generate(
-                    pipeline, sample_list, _stage_sampler(pipeline, sample_list, stage.name, setting, x_low, key,
-                                                          seed, batch_size),
+                    pipeline, sample_list, _stage_sampler(pipeline, sample_list, plan, stage.name, x_low, key),
                     {key: i > 0}, batch_size=batch_size, accelerator=accelerator, progress=progress,
                     desc=f"{stage.name} w={setting.w:g}" + ("" if which == "main" else " (CAS)"),
                     keep=[key] if mode == CASCADED else [])
             record = None
             if is_main(accelerator):
-                metrics = stage_metrics(outputs["main"].images[key], data.labels, data_root=data.root,
-                                        feature_nets=feature_nets, classifier=classifier,
-                                        psnr=outputs["main"].psnr.get(key), low_resolution=stage.config.low_resolution,
-                                        seed=seed, batch_size=batch_size, pr_k=pr_k, bootstrap=bootstrap)
+                scores = stage_metrics(outputs["main"].images[key], data.labels, data_root=data.root,
+                                       feature_nets=feature_nets, classifier=classifier, metrics=metrics,
+                                       psnr=outputs["main"].psnr.get(key), low_resolution=stage.config.low_resolution,
+                                       seed=seed, batch_size=batch_size)
                 if cas is not None:
-                    metrics["cas"] = cas.score(outputs["cas"].images[key], cas_list.labels, seed=seed,
-                                               device=pipeline.device)
-                record = _record(stage.name, setting, mode, rank_by, metrics)
+                    scores["cas"] = cas.score(outputs["cas"].images[key], cas_list.labels, seed=seed,
+                                              device=pipeline.device)
+                record = _record(stage.name, setting, mode, rank_by, scores)
                 records.append(record)
             score = broadcast(accelerator, None if record is None else rank_key(metric)(record))
             if mode == CASCADED and (best_images is None or (math.isfinite(score) and not score >= best_score)):
@@ -220,9 +227,9 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
         "seed": seed,
         "batch_size": batch_size,
         "num_processes": world,
-        "precision_recall_k": pr_k,
-        "fid_bootstrap": bootstrap,
-        **({"cas": {"per_class": cas.per_class, **dataclasses.asdict(cas_settings)}} if cas is not None else {}),
+        "precision_recall_k": metrics.precision_recall_k,
+        "fid_bootstrap": metrics.bootstrap,
+        **({"cas": {"per_class": cas.per_class, **dataclasses.asdict(metrics.cas)}} if cas is not None else {}),
         "checkpoints": {k: v["path"] for k, v in pipeline.checkpoints().items()},
     }
     return Sweep(records, best_setting(records, rank_metric), meta)

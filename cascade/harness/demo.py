@@ -19,7 +19,8 @@ import torch
 from cascade.atomic import write_atomic
 from cascade.config import StageConfig
 from cascade.data.shard_folder import read_dataset_info
-from cascade.evaluation.report import plot_training_curves, write_report_pages
+from cascade.evaluation.pages import write_report_pages
+from cascade.evaluation.plots import plot_training_curves
 from cascade.imageops import image_grid
 from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN
 from cascade.training.trainer_config import DataConfig, RunConfig, TrainerConfig
@@ -257,8 +258,10 @@ def run_demo(out_dir: str | Path, budget: DemoBudget, stage_configs: dict[str, S
         raise ValueError(f"run_demo: no stage configuration for {', '.join(missing)}; pass one per stage in "
                          f"{', '.join(TRAIN_ORDER)}")
     from cascade.evaluation.cas import CASSettings
-    from cascade.evaluation.evaluate import classifier_feature_net, evaluate
+    from cascade.evaluation.evaluate import evaluate
     from cascade.evaluation.features import PatchFeatures
+    from cascade.evaluation.inputs import classifier_feature_net
+    from cascade.evaluation.settings import MetricSettings
     from cascade.pipeline.cascade_pipeline import CascadePipeline
     from cascade.pipeline.outputs import write_outputs
 
@@ -301,9 +304,10 @@ def run_demo(out_dir: str | Path, budget: DemoBudget, stage_configs: dict[str, S
     clf = classifier_feature_net(runs_dir / "classifier32")
     nets = [clf, PatchFeatures(clf, clf.resolution)]
     evaluation = evaluate(pipeline, data_dir, feature_nets=nets, classifier=clf, num_samples=budget.eval_samples,
-                          seed=seed, batch_size=max(budget.batch_size.values()), progress=progress, baselines=True,
-                          settings=settings, cas_per_class=budget.cas_per_class,
-                          cas_settings=CASSettings(steps=budget.cas_steps, batch_size=16), memorisation=True)
+                          seed=seed, batch_size=max(budget.batch_size.values()), progress=progress,
+                          settings=settings, metrics=MetricSettings(
+                              cas_per_class=budget.cas_per_class, cas=CASSettings(steps=budget.cas_steps, batch_size=16),
+                              memorisation=True, baselines=True))
     evaluation.write(out)
     result.metrics = evaluation.results
     lap("evaluation")
@@ -341,7 +345,7 @@ def _headline(results: dict, num_classes: int) -> list[str]:
 
 
 def _report_blocks(budget, settings, class_names, grids, real_grid, curves, evaluation, result, out: Path) -> list:
-    from cascade.evaluation.report import BASELINE_SUFFIX, SMALL_SAMPLE_NOTE, report_table, summary_table
+    from cascade.evaluation.tables import BASELINE_SUFFIX, SMALL_SAMPLE_NOTE, report_table, summary_table
 
     columns, table = report_table(evaluation.results)
     rows = [[stage] + [cells.get(c, "–") for c in columns] for stage, cells in table.items()]

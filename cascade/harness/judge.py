@@ -30,13 +30,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cascade.data.loader import iterate_split
 from cascade.data.shard_folder import dataset_hflip, read_dataset_info
+from cascade.data.splits import read_split, split_batches
 from cascade.evaluation.cas import CASSettings, cas_with_ceiling
 from cascade.evaluation.features import ClassifierFeatures
 from cascade.evaluation.metrics import class_accuracy, compute_fid_kid
 from cascade.evaluation.reference_stats import cached_reference_stats, shard_fingerprint
-from cascade.evaluation.samples import read_split
 from cascade.imageops import float_to_uint8, uint8_to_float
 
 JUDGE_FORMAT_VERSION = 1
@@ -121,7 +120,7 @@ def load_split(root: str | Path, split: str, resolution: int) -> tuple[torch.Ten
     labels, images = read_split(Path(root), split, [resolution], keep=[resolution])
     if resolution not in images:
         raise ValueError(f"the {split} split of {root} has no readable images")
-    return uint8_to_float(images[resolution]), labels  # exact: the shards hold uint8
+    return images[resolution], labels
 
 
 def _shifted(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -221,8 +220,7 @@ def get_judge(data_root: str | Path, resolution: int, settings: JudgeSettings = 
 def judge_reference(features: ClassifierFeatures, root: Path, resolution: int, batch_size: int = 256):
     """The judge's statistics of the real val split (cached in `<data>/fid_stats/` by `cascade.evaluation.metrics`)."""
     return cached_reference_stats(root, REFERENCE_SPLIT, resolution, features,
-                                  lambda: (b["images"][resolution] for b in
-                                           iterate_split(root, REFERENCE_SPLIT, [resolution], batch_size=batch_size)),
+                                  lambda: split_batches(root, REFERENCE_SPLIT, resolution, batch_size),
                                   batch_size=batch_size)
 
 

@@ -14,10 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from cascade.evaluation import generation
 from cascade.evaluation.cas import CASSettings
-from cascade.evaluation.evaluate import evaluate, load_for_evaluation, stage_metrics
+from cascade.evaluation.evaluate import evaluate
+from cascade.evaluation.generation import plan_for
+from cascade.evaluation.inputs import load_for_evaluation
 from cascade.evaluation.reference_stats import reference_stats_path
-from cascade.evaluation.samples import CASCADED, TEACHER_FORCED, process_slice
+from cascade.evaluation.sample_lists import CASCADED, TEACHER_FORCED, process_slice
+from cascade.evaluation.scoring import stage_metrics
+from cascade.evaluation.settings import MetricSettings
+from cascade.imageops import uint8_to_float
 from cascade.pipeline.cascade_pipeline import CascadeConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +93,28 @@ def test_slices_sampled_apart_equal_the_whole_run_and_sample_stage_equals_run(lo
         pipe.sample_stage("sr128", labels)
 
 
+def test_one_plan_per_evaluation_validated_once_and_cut_into_chunks(loaded, shards, monkeypatch):
+    """Every chunk of the sample list and of the CAS list samples from the one plan `evaluate` validated."""
+    pipe, nets, classifier = loaded
+    settings = _settings(pipe, w=1.0)
+    plan = pipe.validate([0, 1, 2], settings, batch_size=2, seed=1)
+    labels = torch.tensor([2, 0, 1, 1, 0])
+    part = plan_for(plan, labels[2:5])  # a chunk's plan: the same as validating the chunk's labels
+    assert part.to_dict() == pipe.validate(labels[2:5].tolist(), settings, batch_size=2, seed=1).to_dict()
+    whole = pipe.run(plan_for(plan, labels), progress=False)
+    assert torch.equal(pipe.run(part, start_index=2, progress=False)["sr64"], whole["sr64"][2:5])
+
+    validated = []
+    validate = pipe.validate
+    monkeypatch.setattr(pipe, "validate", lambda *a, **k: validated.append(a) or validate(*a, **k))
+    monkeypatch.setattr(generation, "CHUNK_BATCHES", 1)  # 4 samples, batches of 2: two chunks per list
+    metrics = MetricSettings(pr_k=0, cas_per_class=2, cas=CASSettings(steps=1, batch_size=4, width=8))
+    result = evaluate(pipe, shards, feature_nets=nets, classifier=classifier, modes=[CASCADED], settings=settings,
+                      metrics=metrics, **FAST)
+    assert len(validated) == 1 and sorted(validated[0][0]) == [0, 1, 2]
+    assert result.meta["sampler"]["stages"]["base32"]["w"] == 1.0 and "cas" in result.results["sr64"][CASCADED]
+
+
 def test_both_modes_report_finite_metrics_and_the_cache_is_reused(loaded, runs_root, shards, tmp_path,
                                                                   capsys):
     pipe, nets, classifier = loaded
@@ -123,7 +151,7 @@ def test_both_modes_report_finite_metrics_and_the_cache_is_reused(loaded, runs_r
 
     shard = next(shards.glob("val-*.tar"))  # the data changes: the statistics are recomputed
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
-    fake = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    fake = uint8_to_float(torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8))
     stage_metrics(fake, torch.tensor([0, 1, 2, 0]), data_root=shards, feature_nets=nets, classifier=classifier)
     assert cache[32].stat().st_mtime_ns != stamps[32]
 
@@ -132,7 +160,7 @@ def test_patch_fid_and_bicubic_baseline_rows(runs_root, shards, tmp_path):
     pipe, nets, classifier = load_for_evaluation(runs_root, CHAIN, patch_features=True)
     assert [n.name for n in nets] == [NET, f"{NET}-patch32"]
     result = evaluate(pipe, shards, feature_nets=nets, classifier=classifier, modes=[TEACHER_FORCED],
-                      baselines=True, settings=_settings(pipe), **FAST)
+                      metrics=MetricSettings(baselines=True), settings=_settings(pipe), **FAST)
     assert list(result.results) == ["base32", "sr64", "sr64 (bicubic)"]
     patch = result.results["sr64"][TEACHER_FORCED]["features"][f"{NET}-patch32"]
     assert patch["num_fake"] == 4 * 4 and _finite(patch["fid"]) and "is_mean" not in patch  # 2×2 patches of 64²
@@ -163,8 +191,10 @@ def test_truncated_chain_leaves_out_the_noisy_handover(loaded, shards):
 
 def test_cas_memorisation_precision_recall_and_bootstrap(loaded, runs_root, shards, tmp_path):
     pipe, nets, classifier = loaded
-    run = dict(feature_nets=nets, classifier=classifier, settings=_settings(pipe), modes=[CASCADED], bootstrap=5,
-               cas_per_class=2, cas_settings=CASSettings(steps=3, batch_size=4, width=8), memorisation=True, **FAST)
+    metrics = MetricSettings(bootstrap=5, cas_per_class=2, cas=CASSettings(steps=3, batch_size=4, width=8),
+                             memorisation=True)
+    run = dict(feature_nets=nets, classifier=classifier, settings=_settings(pipe), modes=[CASCADED], metrics=metrics,
+               **FAST)
     first, again = evaluate(pipe, shards, **run), evaluate(pipe, shards, **run)
     assert first.results == again.results  # deterministic for a seed, CAS training included
     for stage in CHAIN:

@@ -16,13 +16,14 @@ from cascade.evaluation.metrics import (
     detail_ratio,
     fine_detail_rms,
 )
+from cascade.evaluation.plots import plot_sweep
 from cascade.evaluation.reference_stats import (
     cached_reference_stats,
     compute_reference_stats,
     reference_stats_path,
     shard_fingerprint,
 )
-from cascade.evaluation.report import plot_sweep, write_report
+from cascade.evaluation.report import write_report
 from cascade.imageops import downsample, upsample
 
 RES = 16

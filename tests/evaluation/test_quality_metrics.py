@@ -30,7 +30,7 @@ from cascade.evaluation.metrics import (
     precision_recall,
 )
 from cascade.evaluation.reference_stats import ReferenceStats
-from cascade.evaluation.report import fid_cell, summary_table
+from cascade.evaluation.tables import fid_cell, summary_table
 
 
 def gaussian(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:

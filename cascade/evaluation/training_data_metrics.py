@@ -1,14 +1,15 @@
 """The metrics that need the training split: CAS and memorisation, wired to shard folders.
 
-- CAS (`cascade.evaluation.cas`): a sample list of N generated images per class (`CASData.sample_list`; teacher-forced SR
-  stages take the low-resolution versions of N real *training* images per class, never val images, which
-  are the test set), the same N real training images per class for the ceiling, and every real val image
-  as the test set, all at the stage's resolution (`CASReference`).
-- Memorisation (`cascade.evaluation.memorisation`): every training image's features (in a feature network's space) and
-  32² pixels, and the same of the val images for the chance rate (`MemorisationReference`).
+- CAS (`cascade.evaluation.cas`): a sample list of N generated images per class (`CASData.sample_list`;
+  teacher-forced SR stages take the low-resolution versions of N real *training* images per class, never val
+  images, which are the test set), the same N real training images per class for the ceiling, and every real
+  val image as the test set, all at the stage's resolution (`CASReference`).
+- Memorisation (`cascade.evaluation.memorisation`): every training image's features (in a feature network's
+  space) and 32² pixels, and the same of the val images for the chance rate (`MemorisationReference`).
 
-Both read the shards once per resolution and keep the result in memory (not on disk); they suit datasets of
-up to some ten thousand training images (memorisation holds every training image at the stage's resolution).
+Both read the splits once per resolution (`cascade.data.splits.read_split`) and keep the result in memory (not
+on disk); they suit datasets of up to some ten thousand training images (memorisation holds every training
+image at the stage's resolution). Images are float B×3×R×R in [-1, 1] throughout.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from typing import Any
 
 import torch
 
-from cascade.data.loader import dataset_hflip, read_dataset_info
+from cascade.data.shard_folder import dataset_hflip, read_dataset_info
+from cascade.data.splits import read_split
 from cascade.evaluation.cas import CASSettings, cas_with_ceiling, classification_accuracy_score
 from cascade.evaluation.features import FeatureNet, extract_features
 from cascade.evaluation.memorisation import PIXEL_SIZE, RATIO, memorisation, pixel_vectors
-from cascade.evaluation.samples import EvalData, check_int, process_slice, read_split
-from cascade.imageops import uint8_to_float
+from cascade.evaluation.sample_lists import EvalData, process_slice
 from cascade.pipeline.cascade_pipeline import CascadeConfigError
 
 PAIRS_SHOWN = 8  # closest (sample, training image) pairs saved per stage
@@ -45,7 +46,7 @@ def _first_per_class(labels: torch.Tensor, per_class: int, num_classes: int, roo
 @dataclass
 class CASReference:
     """The real sides of CAS at one resolution: the ceiling's training images (N per class, class-major) and
-    the val test set, uint8 N×R×R×3."""
+    the val test set, float N×3×R×R in [-1, 1]."""
 
     train: torch.Tensor
     train_labels: torch.Tensor
@@ -55,12 +56,13 @@ class CASReference:
 
 
 class CASData:
-    """CAS for one evaluation: the generated-sample list and, per resolution, the real sets (read lazily)."""
+    """CAS for one evaluation: the generated-sample list and, per resolution, the real sets (read lazily).
+    per_class and settings come checked (`cascade.evaluation.settings.MetricSettings`)."""
 
     def __init__(self, root: str | Path, num_classes: int, per_class: int, settings: CASSettings):
         self.root = Path(root)
         self.num_classes = num_classes
-        self.per_class = check_int("--cas (samples per class)", per_class, 1)
+        self.per_class = per_class
         self.settings = settings
         self.hflip = dataset_hflip(read_dataset_info(self.root))  # flip only where mirror images keep their class
         self._refs: dict[int, CASReference] = {}
@@ -74,7 +76,7 @@ class CASData:
         train_labels, images = read_split(self.root, "train", list(low_resolutions) or [read_at],
                                           keep=low_resolutions)
         index = _first_per_class(train_labels, self.per_class, self.num_classes, self.root)
-        low_res = {r: uint8_to_float(images[r][index[samples.start : samples.stop]]) for r in low_resolutions}
+        low_res = {r: images[r][index[samples.start : samples.stop]] for r in low_resolutions}
         return EvalData(self.root, labels, 0, samples, low_res)
 
     def reference(self, resolution: int) -> CASReference:
@@ -88,16 +90,16 @@ class CASData:
                                                   test[resolution], test_labels)
         return self._refs[resolution]
 
-    def score(self, images_uint8: torch.Tensor, labels: torch.Tensor, seed: int = 0,
+    def score(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
               device: str | torch.device = "cpu") -> dict[str, Any]:
-        """CAS of generated uint8 N×R×R×3 images (labels: their classes) with the real ceiling at R."""
-        ref = self.reference(images_uint8.shape[1])
-        test = uint8_to_float(ref.test).to(device)
+        """CAS of generated float N×3×R×R images in [-1, 1] (labels: their classes) with the real ceiling at R."""
+        ref = self.reference(images.shape[-1])
+        test = ref.test.to(device)
         if ref.ceiling is None:
-            ref.ceiling = classification_accuracy_score(uint8_to_float(ref.train).to(device), ref.train_labels,
+            ref.ceiling = classification_accuracy_score(ref.train.to(device), ref.train_labels,
                                                         test, ref.test_labels, self.num_classes, self.settings,
                                                         seed=seed, hflip=self.hflip)
-        return cas_with_ceiling(uint8_to_float(images_uint8).to(device), labels, None, ref.train_labels, test,
+        return cas_with_ceiling(images.to(device), labels, None, ref.train_labels, test,
                                 ref.test_labels, self.num_classes, self.settings, seed=seed, ceiling=ref.ceiling,
                                 hflip=self.hflip)
 
@@ -106,7 +108,7 @@ class CASData:
 class MemorisationReference:
     """Training and val images of one resolution in a feature network's space and in 32² pixels."""
 
-    train_images: torch.Tensor  # uint8 M×R×R×3
+    train_images: torch.Tensor  # float M×3×R×R in [-1, 1]
     train_labels: torch.Tensor
     train_features: torch.Tensor
     train_pixels: torch.Tensor
@@ -128,20 +130,20 @@ class MemorisationCheck:
                 labels, images = read_split(self.root, split, [resolution], keep=[resolution])
                 if not len(labels):
                     raise CascadeConfigError(f"memorisation: {self.root} has no readable {split} images")
-                x = uint8_to_float(images[resolution])
-                sets[split] = (labels, images[resolution], extract_features(self.net, x, batch_size=self.batch_size),
+                x = images[resolution]
+                sets[split] = (labels, x, extract_features(self.net, x, batch_size=self.batch_size),
                                pixel_vectors(x, PIXEL_SIZE))
             (labels, images, features, pixels), (_, _, val_features, val_pixels) = sets["train"], sets["val"]
             self._refs[resolution] = MemorisationReference(images, labels, features, pixels, val_features,
                                                            val_pixels)
         return self._refs[resolution]
 
-    def check(self, images_uint8: torch.Tensor) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
-        """(summary for the report, (samples, their nearest training images)): the `PAIRS_SHOWN` samples
-        closest to a training image in pixel space (relative to the threshold), float K×3×R×R each.
-        Errors (no class with two training images) are one line."""
-        ref = self.reference(images_uint8.shape[1])
-        x = uint8_to_float(images_uint8.cpu())
+    def check(self, images: torch.Tensor) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
+        """(summary for the report, (samples, their nearest training images)) of generated float N×3×R×R
+        images in [-1, 1]: the `PAIRS_SHOWN` samples closest to a training image in pixel space (relative to
+        the threshold), float K×3×R×R each. Errors (no class with two training images) are one line."""
+        ref = self.reference(images.shape[-1])
+        x = images.cpu()
         try:
             feature = memorisation(extract_features(self.net, x, batch_size=self.batch_size), ref.train_features,
                                    ref.train_labels, held_out=ref.val_features, ratio=self.ratio)
@@ -150,7 +152,7 @@ class MemorisationCheck:
         except ValueError as err:
             raise CascadeConfigError(str(err)) from None
         closest = (pixel["distance"] / pixel["threshold"]).argsort()[:PAIRS_SHOWN]
-        neighbours = uint8_to_float(ref.train_images[pixel["index"][closest]])
+        neighbours = ref.train_images[pixel["index"][closest]]
         summary = {"feature_net": self.net.name, "ratio": self.ratio, "num_samples": len(x),
                    "num_train": len(ref.train_labels),
                    "fraction_feature": feature["fraction"], "fraction_pixel": pixel["fraction"],
