@@ -11,7 +11,6 @@ up to the rounding of batched convolutions.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
@@ -20,14 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from cascade.checks import is_int, is_int_at_least
 from cascade.config import SamplingSettings, StageKind
 from cascade.device import SAMPLING_PRECISIONS, resolve_sampling_precision
-from cascade.diffusion.augment import condition_low_res
 from cascade.diffusion.gaussian import aug_alpha_bar, aug_level_from_alpha_bar
-from cascade.diffusion.noise import AUG_NOISE, STEP_NOISE, X_T, per_sample_generators, per_sample_noise
-from cascade.diffusion.samplers import SAMPLERS, classifier_free_guidance, classifier_guidance
 from cascade.pipeline.chain import (
     LoadedStage,
     check_chain,
@@ -43,6 +39,7 @@ from cascade.pipeline.plan import (
     respaced_timesteps,
     settings_for,
 )
+from cascade.pipeline.stage_sampling import sample_stage
 
 __all__ = ["DEFAULT_CHAIN", "LABELS_KEY", "PRECISIONS", "CascadeConfigError", "CascadePipeline", "LoadedStage",
            "NonFiniteSamplesError", "SamplingPlan", "StagePlan"]
@@ -54,7 +51,7 @@ LABELS_KEY = "labels"
 
 
 def _check_start_index(start_index: Any) -> None:
-    if isinstance(start_index, bool) or not isinstance(start_index, int) or start_index < 0:
+    if not is_int_at_least(start_index, 0):
         raise CascadeConfigError(f"start_index must be an integer >= 0, got {start_index!r}")
 
 
@@ -184,7 +181,7 @@ class CascadePipeline:
         if isinstance(classes, (int, str)) or not classes:
             raise CascadeConfigError(f"classes must be a non-empty list of class indices, got {classes!r}")
         for c in classes:
-            if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+            if not (is_int(c) or isinstance(c, np.integer)):
                 raise CascadeConfigError(f"classes must be integers, got {c!r}")
             for stage in self.stages:
                 n = stage.config.num_classes
@@ -194,10 +191,9 @@ class CascadePipeline:
                         f"choose classes in 0..{n - 1}"
                     )
         for option, value, low in (("num_per_class", num_per_class, 1), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int_at_least(value, low):
                 raise CascadeConfigError(f"{option} must be an integer >= {low}, got {value!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
+        if batch_size is not None and not is_int_at_least(batch_size, 1):
             raise CascadeConfigError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         settings = dict(settings or {})
         for name, value in settings.items():
@@ -233,60 +229,16 @@ class CascadePipeline:
         prev.stop_at_index = k
         nxt.aug_level = float(aug_level_from_alpha_bar(alphas_cumprod[k : k + 1])[0])
 
-    def _guided(self, stage: LoadedStage, sp: StagePlan) -> Any:
-        """The stage's model wrapped for guidance: classifier-free (slides eq. 17; Ho & Salimans 2022 eq. 6)
-        and/or classifier guidance (slides eq. 16; Dhariwal & Nichol 2021 Algorithm 1)."""
-        model, settings = stage.model, sp.settings
-        if settings.w > 0:  # batched conditional + null-class call, inside the guidance interval only
-            model = classifier_free_guidance(model, settings.w, stage.config.num_classes, settings.guidance_interval,
-                                             stage.diffusion.num_timesteps)
-        if settings.classifier and settings.classifier_scale > 0:
-            classifier = self._classifier(settings.classifier).model
-            model = classifier_guidance(model, classifier, sp.diffusion.original_alphas_cumprod,
-                                        settings.classifier_scale, stage.diffusion.prediction)
-        return model
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _sample_stage(self, stage: LoadedStage, sp: StagePlan, plan: SamplingPlan, labels: torch.Tensor,
                       x_low: torch.Tensor | None, *, start_index: int, progress: bool) -> torch.Tensor:
         """Sample one stage for `labels` (N) from `x_low` (SR stages: the previous stage's output, or z_k when
         the plan is truncated); sample i draws its noise as sample start_index + i of the run."""
-        n = len(labels)
-        batch = plan.batch_size or n
-        model = self._guided(stage, sp)
         settings = sp.settings
-        options = {"clip_denoised": settings.clip_denoised, "dynamic_threshold": settings.dynamic_threshold}
-        if settings.sampler == "ddim":
-            options["eta"] = settings.eta
-        steps_run = len(sp.timesteps) - (0 if sp.stop_at_index is None else sp.stop_at_index + 1)
-        shape = (3, sp.resolution, sp.resolution)
-        chunks = []
-        with tqdm(total=steps_run * -(-n // batch), desc=f"{sp.name} ({sp.resolution}x{sp.resolution})",
-                  disable=not progress, leave=True) as bar:
-            for start in range(0, n, batch):
-                stop = min(start + batch, n)
-                idx = range(start_index + start, start_index + stop)  # the samples' indices in the run
-                kwargs: dict[str, torch.Tensor] = {"y": labels[start:stop].to(self.device)}
-                if stage.config.kind is StageKind.sr:
-                    low = x_low[start:stop].to(self.device)
-                    if settings.truncate:  # z_k is already at the level s of ᾱ_k
-                        level = torch.full((len(idx),), sp.aug_level, device=self.device)
-                    else:  # re-noise the clean input: x_s = √ᾱ(s)·x + √(1−ᾱ(s))·ε (contracts)
-                        noise = per_sample_noise(plan.seed, sp.name, AUG_NOISE, idx, low.shape[1:])
-                        low, level = condition_low_res(low, sp.aug_level, noise=noise.to(self.device))
-                    kwargs.update(x_low=low, aug_level=level)
-                x_T = per_sample_noise(plan.seed, sp.name, X_T, idx, shape).to(self.device)
-                generator = per_sample_generators(plan.seed, sp.name, STEP_NOISE, idx)
-                with self._autocast():
-                    x = SAMPLERS[settings.sampler](model, sp.diffusion, x_T=x_T, model_kwargs=kwargs,
-                                                   stop_at_index=sp.stop_at_index, generator=generator,
-                                                   callback=lambda *a, **k: bar.update(1), **options)
-                chunks.append(x.float().cpu())
-        images = torch.cat(chunks)
+        classifier = self._classifier(settings.classifier).model if settings.classifier else None
+        images = sample_stage(stage.model, stage.diffusion, stage.config, settings, labels, x_low, seed=plan.seed,
+                              start_index=start_index, batch_size=plan.batch_size, device=self.device,
+                              precision=self.precision, classifier=classifier, stop_at_index=sp.stop_at_index,
+                              truncated_level=sp.aug_level if settings.truncate else None, progress=progress)
         if not torch.isfinite(images).all():  # a diverged model or sampler: never hand on or write such images
             raise NonFiniteSamplesError(f"stage {sp.name}: the {settings.sampler} sampler produced NaN or infinite "
                                         "values; check the checkpoint (was its training loss finite?) and the settings")

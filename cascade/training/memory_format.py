@@ -15,16 +15,25 @@ from __future__ import annotations
 import contextlib
 import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from cascade.config import StageConfig
+from cascade.diffusion.gaussian import GaussianDiffusion
+from cascade.training.losses import example_batch, make_stage_loss
 from cascade.training.runtime import get_rng_state, set_rng_state
+from cascade.training.timestep_sampler import make_timestep_sampler
+from cascade.training.trainer_config import TrainerConfig
 
 # channels-last must be at least this much faster to be chosen: below it, timing noise decides.
 MIN_GAIN = 0.05
+# trainer.channels_last=auto measures the layouts on CPU only for runs with at least this many steps to go (or a
+# time budget): the probe costs about 8 training steps' forward + backward.
+PROBE_MIN_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -80,3 +89,25 @@ def probe_channels_last(model: torch.nn.Module, loss_fn: Callable, batch: dict[s
     finally:
         set_rng_state(rng)
     return LayoutProbe(contiguous_s, channels_last_s, channels_last_s < (1.0 - MIN_GAIN) * contiguous_s)
+
+
+def choose_channels_last(model: torch.nn.Module, stage: StageConfig, diffusion: GaussianDiffusion, cfg: TrainerConfig,
+                         state: dict | None, *, world_size: int, device: torch.device,
+                         autocast: Callable[[], contextlib.AbstractContextManager],
+                         say: bool) -> tuple[bool, LayoutProbe | None]:
+    """(channels_last, the probe or None) of ``trainer.channels_last=auto`` on CPU: the layout a resumed run used
+    (``state``, its checkpoint's training state), else the faster one measured on this machine (`probe_channels_last`
+    on the stage's loss at ``cfg.batch_size``). Runs with fewer than `PROBE_MIN_STEPS` steps to go and no time budget,
+    and multi-process runs (every rank must agree), keep the contiguous layout. ``say``: print the probe's result
+    on stderr."""
+    if state is not None and "channels_last" in state:
+        return bool(state["channels_last"]), None
+    remaining = cfg.max_steps - (int(state["step"]) if state is not None else 0)
+    if world_size > 1 or (remaining < PROBE_MIN_STEPS and not cfg.max_seconds):
+        return False, None
+    sampler = make_timestep_sampler(stage.diffusion.timestep_sampler, diffusion.num_timesteps)
+    loss_fn = make_stage_loss(stage, diffusion, sampler, cfg.p_uncond)
+    probe = probe_channels_last(model, loss_fn, example_batch(stage, cfg.batch_size, device=device), autocast=autocast)
+    if say:
+        print(probe.describe(), file=sys.stderr)
+    return probe.channels_last, probe

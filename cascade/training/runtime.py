@@ -1,16 +1,27 @@
-"""Process set-up for a training run: accelerate's process-wide state, torch.compile's toolchain, and seeding /
-RNG states for exact resume (the precision a device computes natively is `cascade.device`'s). No model or data
-code here."""
+"""Process set-up for a training run: accelerate's process-wide state, torch.compile's toolchain, seeding /
+RNG states for exact resume, and the run's one-line warnings (the precision a device computes natively is
+`cascade.device`'s). No model or data code here."""
 
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import is_tensorboard_available
+
+from cascade.device import resolve_mixed_precision
+from cascade.training.trainer_config import TrainerConfig
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (no source line, unlike `warnings.warn`'s default format)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def check_compile_available(device: torch.device) -> None:
@@ -41,6 +52,25 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
     if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, **kwargs)
+
+
+def make_run_accelerator(cfg: TrainerConfig, run_dir: Path) -> tuple[Accelerator, str]:
+    """(accelerator, resolved mixed precision: "no", "fp16" or "bf16") of a training run: the first accelerator
+    device (CUDA, MPS or XPU) or the CPU, ``cfg.mixed_precision`` resolved for it (auto: bf16 where native),
+    ``cfg.grad_accum`` micro-batches per step, tensorboard logs in ``run_dir`` where tensorboard is installed,
+    TF32 matmuls on CUDA."""
+    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available()
+                  or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+    probe = torch.device("cpu") if on_cpu else torch.device("cuda" if torch.cuda.is_available() else "mps")
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision, probe)
+    log_with = "tensorboard" if is_tensorboard_available() else None
+    # cpu=True makes accelerate use gloo across CPU processes (torchrun / accelerate launch).
+    accelerator = make_accelerator(mixed_precision, cpu=on_cpu, log_with=log_with, project_dir=str(run_dir),
+                                   gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator, mixed_precision
 
 
 def segment_seed(seed: int, step: int, rank: int) -> int:

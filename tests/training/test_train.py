@@ -115,7 +115,8 @@ def test_trainer_config_rejects_bad_values():
 
 
 def test_mixed_precision_auto_and_label_dropout():
-    from cascade.training.trainer import drop_labels, resolve_mixed_precision
+    from cascade.device import resolve_mixed_precision
+    from cascade.training.losses import drop_labels
 
     assert resolve_mixed_precision("fp16", torch.device("cpu")) == "fp16"
     assert resolve_mixed_precision("auto", torch.device("cpu")) in ("no", "bf16")
@@ -129,11 +130,11 @@ def test_mixed_precision_auto_and_label_dropout():
 def test_compile_without_a_compiler_is_one_clear_error(monkeypatch):
     import shutil
 
-    from cascade.training import trainer as train
+    from cascade.training.runtime import check_compile_available
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ValueError, match=r"^trainer.compile=true needs a C\+\+ compiler .*trainer.compile=false$"):
-        train.check_compile_available(torch.device("cpu"))
+        check_compile_available(torch.device("cpu"))
 
 
 def test_auto_precision_follows_native_bf16(monkeypatch):
@@ -225,7 +226,8 @@ def test_layout_probe_times_copies_and_restores_the_rng():
 
 def test_channels_last_auto_measures_long_cpu_runs_and_resume_keeps_the_layout(synthetic_shards, tmp_path):
     import stages
-    from cascade.training.trainer import PROBE_MIN_STEPS, StageTrainer
+    from cascade.training.memory_format import PROBE_MIN_STEPS
+    from cascade.training.trainer import StageTrainer
 
     stage = stages.get_stage("base32", "tiny", num_classes=SHARD_CLASSES)
     short = StageTrainer(stage, tiny_run_config(tmp_path / "short", synthetic_shards, channels_last="auto"))

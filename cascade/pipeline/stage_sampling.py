@@ -1,0 +1,102 @@
+"""Sampling one stage with its `SamplingSettings`: the one loop every caller runs (the cascade, the trainer's
+sample grids, the quality benchmark).
+
+Per batch: the labels (and, SR stages, the low-resolution input, re-noised to the level s or handed over
+already noised by a truncated previous stage), x_T, and a call of the settings' sampler on the respaced
+diffusion with the model wrapped for guidance.
+
+Reproducibility: all noise of sample i (its x_T, its augmentation noise and the per-step noise of the
+ancestral sampler or DDIM with eta > 0) comes from generators seeded by (seed, stage, purpose, i)
+(`cascade.diffusion.noise`), so a sample does not depend on the batch size or on the other samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from cascade.config import SamplingSettings, StageConfig, StageKind
+from cascade.diffusion.augment import condition_low_res
+from cascade.diffusion.noise import AUG_NOISE, STEP_NOISE, X_T, per_sample_generators, per_sample_noise
+from cascade.diffusion.guidance import classifier_free_guidance, classifier_guidance
+from cascade.diffusion.samplers import SAMPLERS
+from cascade.pipeline.plan import respaced_timesteps
+
+__all__ = ["guided_model", "sample_stage"]
+
+
+def guided_model(model: torch.nn.Module, diffusion: Any, config: StageConfig, settings: SamplingSettings,
+                 classifier: torch.nn.Module | None = None) -> Any:
+    """``model`` wrapped for the guidance ``settings`` ask: classifier-free (w > 0; slides eq. 17; Ho & Salimans
+    2022 eq. 6; inside ``settings.guidance_interval`` only) and, given a ``classifier`` and a scale > 0,
+    classifier guidance (slides eq. 16; Dhariwal & Nichol 2021 Algorithm 1). ``diffusion``: the stage's, on its
+    training timesteps (T bounds the guidance interval)."""
+    if settings.w > 0:  # batched conditional + null-class call, inside the guidance interval only
+        model = classifier_free_guidance(model, settings.w, config.num_classes, settings.guidance_interval,
+                                         diffusion.num_timesteps)
+    if classifier is not None and settings.classifier_scale > 0:
+        model = classifier_guidance(model, classifier, diffusion.original_alphas_cumprod, settings.classifier_scale,
+                                    diffusion.prediction)
+    return model
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sample_stage(model: torch.nn.Module, diffusion: Any, config: StageConfig, settings: SamplingSettings,
+                 labels: torch.Tensor, x_low: torch.Tensor | None = None, *, seed: int = 0, start_index: int = 0,
+                 batch_size: int | None = None, device: torch.device | str = "cpu", precision: str = "fp32",
+                 classifier: torch.nn.Module | None = None, stop_at_index: int | None = None,
+                 truncated_level: float | None = None, progress: bool = False) -> torch.Tensor:
+    """Sample stage ``config`` for ``labels`` (N class indices) with ``settings``: N×3×R×R float32 CPU images.
+
+    ``diffusion``: the stage's `GaussianDiffusion` on its training timesteps, respaced here to
+    ``settings.steps`` (None: every timestep; Nichol & Dhariwal 2021 §4). ``x_low`` (SR stages, N×3×r×r):
+    clean low-resolution images in [-1, 1], re-noised to ``settings.aug_level`` (CDM §3.2:
+    x_s = √ᾱ(s)·x + √(1−ᾱ(s))·ε), or, with ``truncated_level``, a truncated previous stage's z_k already at
+    that level (passed on as is). ``stop_at_index``: stop the reverse process there and return z_k (not
+    clamped). Sample i draws its noise as sample ``start_index`` + i of a run seeded with ``seed``, for the
+    stage's name; ``batch_size`` (None: all at once) does not change the samples. ``precision``: "fp32" or
+    "bf16" (autocast on ``device``). ``classifier``: the noise-aware classifier ``settings.classifier`` names,
+    loaded by the caller. Settings and inputs are trusted (checked by the caller); a sampler's ValueError
+    passes through.
+    """
+    device = torch.device(device)
+    respaced = diffusion.respace(respaced_timesteps(config.name, diffusion.num_timesteps, settings.steps))
+    guided = guided_model(model, diffusion, config, settings, classifier)
+    options: dict[str, Any] = {"clip_denoised": settings.clip_denoised, "dynamic_threshold": settings.dynamic_threshold}
+    if settings.sampler == "ddim":
+        options["eta"] = settings.eta
+    sampler = SAMPLERS[settings.sampler]
+    n = len(labels)
+    batch = batch_size or n
+    steps_run = respaced.num_timesteps - (0 if stop_at_index is None else stop_at_index + 1)
+    res = config.resolution
+    chunks = []
+    with tqdm(total=steps_run * -(-n // batch), desc=f"{config.name} ({res}x{res})", disable=not progress,
+              leave=True) as bar:
+        for start in range(0, n, batch):
+            stop = min(start + batch, n)
+            idx = range(start_index + start, start_index + stop)  # the samples' indices in the run
+            kwargs: dict[str, torch.Tensor] = {"y": labels[start:stop].to(device)}
+            if config.kind is StageKind.sr:
+                low = x_low[start:stop].to(device)
+                if truncated_level is not None:  # z_k is already at the level s of ᾱ_k
+                    level = torch.full((len(idx),), truncated_level, device=device)
+                else:  # re-noise the clean input: x_s = √ᾱ(s)·x + √(1−ᾱ(s))·ε (CDM §3.2)
+                    noise = per_sample_noise(seed, config.name, AUG_NOISE, idx, low.shape[1:])
+                    low, level = condition_low_res(low, settings.aug_level, noise=noise.to(device))
+                kwargs.update(x_low=low, aug_level=level)
+            x_T = per_sample_noise(seed, config.name, X_T, idx, (3, res, res)).to(device)
+            generator = per_sample_generators(seed, config.name, STEP_NOISE, idx)
+            with _autocast(device, precision):
+                x = sampler(guided, respaced, x_T=x_T, model_kwargs=kwargs, stop_at_index=stop_at_index,
+                            generator=generator, callback=lambda *a, **k: bar.update(1), **options)
+            chunks.append(x.float().cpu())
+    return torch.cat(chunks)

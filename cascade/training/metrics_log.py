@@ -1,0 +1,59 @@
+"""The training run's metrics: one JSON record per logging window (`window_record`) appended to
+``metrics.jsonl`` in the run folder (`MetricsLog`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["METRICS_FILE", "MetricsLog", "window_record"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """JSONL metrics in the run folder (main process); on resume, records after the resumed step go."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.is_file():
+            kept = [ln for ln in path.read_text(errors="replace").splitlines() if self._step_of(ln) is not None
+                    and self._step_of(ln) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.replace(path)
+
+    @staticmethod
+    def _step_of(line: str) -> int | None:
+        """The step of a record line, None for a blank or cut-off one (a run killed mid-write)."""
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def window_record(sums: dict[str, torch.Tensor], *, step: int, steps: int, images: int, seconds: float,
+                  world_size: int, lr: float, nan_skips: int, classifier: bool) -> dict[str, Any]:
+    """The record of one logging window from its sums over every process (`cascade.training.step.new_window`,
+    reduced): mean loss and gradient norm per trained step (skipped steps add 0), the mean loss per quarter of the
+    timestep range (None where no finite loss fell), the rate ``lr`` of the last step, images per second over
+    ``seconds`` of training, the non-finite steps skipped so far and, for a classifier, its accuracy in [0, 1]."""
+    per_step = max(steps, 1)
+    loss_sum, grad_sum = float(sums["loss"]) / world_size, float(sums["grad_norm"]) / world_size
+    q_sum, q_count = sums["q_sum"].tolist(), sums["q_count"].tolist()
+    record = {"step": step, "loss": loss_sum / per_step,
+              **{f"loss_q{i}": (q_sum[i] / q_count[i] if q_count[i] else None) for i in range(4)},
+              "lr": lr, "grad_norm": grad_sum / per_step,
+              "img_per_s": images / seconds if seconds > 0 else None, "nan_skips": nan_skips}
+    if classifier:
+        record["accuracy"] = float(sums["correct"]) / max(float(sums["seen"]), 1.0)
+    return record
