@@ -14,15 +14,30 @@ from kornia.geometry.transform import resize as _kornia_resize
 from PIL import Image
 
 
-def _check_image_batch(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a B×C×H×W tensor, got {shape}")
+def check_image_batch(x: torch.Tensor, name: str, *, channels: int | None = None, size: int | None = None,
+                      batch: int | None = None, square: bool = False, floating: bool = False) -> None:
+    """Raise a one-line ValueError unless ``x`` is a 4-D image batch B×C×H×W with, where given, B = ``batch``,
+    C = ``channels``, H = W = ``size``, H = W (``square``) and a floating dtype (``floating``).
+
+    The message names ``name``, the expected shape and what came, e.g. "x_low must have shape B×3×H×W and a
+    float dtype, got (2, 3, 8) torch.float32"."""
+    ok = isinstance(x, torch.Tensor) and x.ndim == 4
+    if ok:
+        b, c, h, w = x.shape
+        ok = ((batch is None or b == batch) and (channels is None or c == channels)
+              and (size is None or h == w == size) and (not square or h == w)
+              and (not floating or x.is_floating_point()))
+    if not ok:
+        side = size if size is not None else "R" if square else None
+        dims = "×".join(str(d) for d in (batch if batch is not None else "B", channels if channels is not None else "C",
+                                         side if side is not None else "H", side if side is not None else "W"))
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape {dims}{' and a float dtype' if floating else ''}, got {got}")
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """Antialiased bicubic resize of a square batch to size×size (kornia)."""
-    _check_image_batch(x, "x")
+    check_image_batch(x, "x")
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     if size <= 0:
@@ -34,7 +49,7 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
     """Make the low-resolution version of a batch: the one downsampling operator of the project."""
-    _check_image_batch(x, "x")
+    check_image_batch(x, "x")
     if size > x.shape[-1]:
         raise ValueError(f"downsample to {size} from {x.shape[-1]}: target is larger than the input")
     return resize(x, size)
@@ -42,7 +57,7 @@ def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
     """Upsample a low-resolution conditioning image to the SR stage's output size (bicubic)."""
-    _check_image_batch(x, "x")
+    check_image_batch(x, "x")
     if size < x.shape[-1]:
         raise ValueError(f"upsample to {size} from {x.shape[-1]}: target is smaller than the input")
     return resize(x, size)
@@ -67,7 +82,7 @@ def image_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
     """B×3×H×W in [-1, 1] → a PIL grid with ``ncol`` columns (row-major), white padding."""
     if ncol < 1:
         raise ValueError(f"ncol must be >= 1, got {ncol}")
-    _check_image_batch(images, "images")
+    check_image_batch(images, "images")
     b, c, h, w = images.shape
     nrow = math.ceil(b / ncol)
     canvas = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad)

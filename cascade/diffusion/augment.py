@@ -16,15 +16,10 @@ from kornia.filters import gaussian_blur2d
 
 from cascade.diffusion.noise import draw_noise
 from cascade.diffusion.schedules import aug_alpha_bar
+from cascade.imageops import check_image_batch
 
 if TYPE_CHECKING:
     from cascade.config import AugConfig
-
-
-def _check_images(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a float B×C×H×W tensor, got {got}")
 
 
 def _uniform(
@@ -50,7 +45,7 @@ def gaussian_augment(
     x_low: torch.Tensor, aug_level: torch.Tensor, noise: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x_s = √ᾱ(s)·x_low + √(1−ᾱ(s))·ε per example (slides eq. 2 with the continuous cosine ᾱ(s); Ho et al. 2020 'DDPM' eq. 4)."""
-    _check_images(x_low, "x_low")
+    check_image_batch(x_low, "x_low", floating=True)
     if not isinstance(aug_level, torch.Tensor) or aug_level.shape != (x_low.shape[0],):
         got = tuple(aug_level.shape) if isinstance(aug_level, torch.Tensor) else type(aug_level).__name__
         raise ValueError(f"aug_level must be a tensor of shape ({x_low.shape[0]},), got {got}")
@@ -71,7 +66,7 @@ def random_blur(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Blur each example with probability ``prob`` by a kornia Gaussian of σ ~ U(sigma_range) (per example)."""
-    _check_images(x, "x")
+    check_image_batch(x, "x", floating=True)
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"blur prob must be in [0, 1], got {prob}")
     lo, hi = sigma_range
@@ -97,7 +92,7 @@ def augment_low_res(
 
     Returns (augmented x_low, aug_level: B float32 tensor to feed the network).
     """
-    _check_images(x_low, "x_low")
+    check_image_batch(x_low, "x_low", floating=True)
     x = random_blur(x_low, aug.blur_prob, tuple(aug.blur_sigma), aug.blur_kernel, generator)
     aug_level = sample_aug_levels(x.shape[0], aug.s_max, generator, x.device)
     noise = draw_noise(x.shape, generator, x.device, x.dtype)
@@ -111,7 +106,7 @@ def condition_low_res(
 
     Returns (noised x_low, aug_level as a B float32 tensor to feed the network).
     """
-    _check_images(x_low, "x_low")
+    check_image_batch(x_low, "x_low", floating=True)
     if not 0.0 <= float(aug_level) <= 1.0:
         raise ValueError(f"aug_level must be in [0, 1], got {aug_level}")
     levels = torch.full((x_low.shape[0],), float(aug_level), device=x_low.device, dtype=torch.float32)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from cascade.checks import is_int
+
 SCHEDULES = ("linear", "cosine")
 
 _COSINE_S = 0.008  # offset s of the cosine schedule (Improved DDPM)
@@ -114,7 +116,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
             raise ValueError(
                 f"bad respacing {section_counts!r}: expected e.g. '50', '10,10,5' or 'ddim25'"
             ) from None
-    elif isinstance(section_counts, (int, np.integer)) and not isinstance(section_counts, bool):
+    elif is_int(section_counts) or isinstance(section_counts, np.integer):
         counts = [int(section_counts)]
     else:
         counts = [int(c) for c in section_counts]

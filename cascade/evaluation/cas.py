@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from cascade.checks import is_int_at_least
+from cascade.imageops import check_image_batch
+
 
 @dataclass(frozen=True)
 class CASSettings:
@@ -33,7 +36,7 @@ class CASSettings:
     def __post_init__(self):
         for what in ("steps", "batch_size", "width"):
             value = getattr(self, what)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int_at_least(value, 1):
                 raise ValueError(f"CAS {what} must be an integer >= 1, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"CAS lr must be > 0, got {self.lr}")
@@ -66,8 +69,7 @@ class SmallCNN(nn.Module):
 
 
 def _check_set(what: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"CAS: {what} images must be float B×3×R×R, got {getattr(images, 'shape', images)}")
+    check_image_batch(images, f"CAS: {what} images", channels=3)
     labels = torch.as_tensor(labels).long().cpu()
     if labels.shape != (images.shape[0],):
         raise ValueError(f"CAS: {what} labels must be a vector of {images.shape[0]} classes, got {tuple(labels.shape)}")

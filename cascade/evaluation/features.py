@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cascade.imageops import float_to_uint8, resize
+from cascade.checks import is_int_at_least
+from cascade.imageops import check_image_batch, float_to_uint8, resize
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -26,12 +27,6 @@ INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # Images for the metrics: a B×3×H×W tensor, an iterable of such tensors (or of {"x": tensor} batches), or a
 # zero-argument callable returning such an iterable (called lazily, so a cache hit never opens the data).
 ImageSource = torch.Tensor | Iterable | Callable[[], Iterable]
-
-
-def _check_images(x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
-        desc = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"feature networks take float images B×3×H×W in [-1, 1], got {desc}")
 
 
 class FeatureNet(nn.Module):
@@ -116,7 +111,7 @@ class InceptionFeatures(FeatureNet):
         self.eval()
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_images(x)
+        check_image_batch(x, "feature network input", channels=3, floating=True)
         images_uint8 = float_to_uint8(x).permute(0, 3, 1, 2).contiguous()
         features, logits = self.net(images_uint8)
         return features, logits
@@ -163,7 +158,7 @@ class ClassifierFeatures(FeatureNet):
         return {"resolution": self.resolution, "head": self.head, "noise_aware": self.noise_aware}
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_images(x)
+        check_image_batch(x, "feature network input", channels=3, floating=True)
         x = resize(x, self.resolution)
         head_module = dict(self.model.named_modules())[self.head]
         return _run_with_head_input(self.model, head_module, x, self.noise_aware)
@@ -179,7 +174,7 @@ class PatchFeatures(FeatureNet):
         if not isinstance(inner, FeatureNet):
             raise TypeError(f"inner must be a FeatureNet, got {type(inner).__name__}")
         for what, value in (("patch", patch), ("max_per_side", max_per_side)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int_at_least(value, 1):
                 raise ValueError(f"{what} must be a positive int, got {value!r}")
         super().__init__(f"{inner.name}-patch{patch}", num_features=inner.num_features)
         self.inner, self.patch, self.max_per_side = inner, patch, max_per_side
@@ -190,7 +185,7 @@ class PatchFeatures(FeatureNet):
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """B×3×R×R → (B·k²)×3×patch×patch, image-major, rows then columns."""
-        _check_images(x)
+        check_image_batch(x, "feature network input", channels=3, floating=True)
         size = x.shape[-1]
         if x.shape[-2] != size or size < self.patch:
             raise ValueError(f"{self.name}: needs square images of at least {self.patch}², got {tuple(x.shape[-2:])}")
@@ -279,9 +274,7 @@ def image_batches(source: ImageSource, batch_size: int) -> Iterator[torch.Tensor
             if "x" not in batch:
                 raise ValueError(f"batch mappings must hold images under 'x', got keys {sorted(batch)}")
             batch = batch["x"]
-        if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1] != 3:
-            desc = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-            raise ValueError(f"image batches must be B×3×H×W tensors, got {desc}")
+        check_image_batch(batch, "image batches", channels=3)
         yield from batch.split(batch_size)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from cascade.imageops import downsample
+from cascade.imageops import check_image_batch, downsample
 
 RATIO = 0.5  # flag a sample closer than half the typical same-class distance between training images
 PIXEL_SIZE = 32  # pixel-space comparisons at 32² for speed
@@ -22,7 +22,8 @@ PIXEL_SIZE = 32  # pixel-space comparisons at 32² for speed
 def pixel_vectors(images: torch.Tensor, size: int = PIXEL_SIZE) -> torch.Tensor:
     """Images B×3×R×R in [-1, 1] (R >= size) → B×(3·size²) vectors scaled so that their Euclidean distance is
     the RMS pixel difference at size² (antialiased downsampling)."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] < size:
+    check_image_batch(images, "memorisation: images")
+    if images.shape[-1] < size:
         raise ValueError(f"memorisation: images must be B×3×R×R with R >= {size}, got "
                          f"{getattr(images, 'shape', images)}")
     x = images.float() if images.shape[-1] == size else downsample(images.float(), size)

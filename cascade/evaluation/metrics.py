@@ -21,6 +21,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from cascade.checks import is_int_at_least
 from cascade.evaluation.features import FeatureNet, ImageSource, PassThrough, image_batches, iter_features
 from cascade.evaluation.reference_stats import (
     ReferenceStats,
@@ -28,7 +29,7 @@ from cascade.evaluation.reference_stats import (
     fid_metric,
     load_reference_into_fid,
 )
-from cascade.imageops import downsample, upsample
+from cascade.imageops import check_image_batch, downsample, upsample
 
 # FID's bias falls roughly as 1/N (Chong & Forsyth 2020 "Effectively Unbiased FID"); below this many samples
 # (or below the feature dimension, where the sample covariance is singular) an FID is reported as biased.
@@ -66,7 +67,7 @@ def fid_bootstrap(reference: ReferenceStats, fake_features: torch.Tensor, num_re
     `num_resamples` resamplings of the generated features N×D with replacement; the reference statistics stay
     fixed, so the interval covers the sampling variation of the generated set. The percentiles are shifted by
     the bootstrap bias (duplicates in a resample raise its FID) and clipped at 0. Deterministic for a seed."""
-    if isinstance(num_resamples, bool) or not isinstance(num_resamples, int) or num_resamples < 2:
+    if not is_int_at_least(num_resamples, 2):
         raise ValueError(f"bootstrap: needs at least 2 resamples, got {num_resamples!r}")
     if not 0 < confidence < 1:
         raise ValueError(f"bootstrap: confidence must be in (0, 1), got {confidence}")
@@ -111,7 +112,7 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
     inside the generated manifold: coverage (diversity). Identical sets score (1, 1); far apart sets (0, 0).
     Raises ValueError when k >= either set's size (every ball would hold the whole set) or k < 1.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int_at_least(k, 1):
         raise ValueError(f"precision/recall: k must be an integer >= 1, got {k!r}")
     for what, x in (("real", real_features), ("generated", fake_features)):
         if not isinstance(x, torch.Tensor) or x.ndim != 2:
@@ -233,8 +234,7 @@ def consistency_psnr(sr_output: torch.Tensor, low_res_input: torch.Tensor) -> tu
     identical images give +inf.
     """
     for name, x in (("sr_output", sr_output), ("low_res_input", low_res_input)):
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            raise ValueError(f"{name} must be a B×C×H×W tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        check_image_batch(x, name)
     if sr_output.shape[:2] != low_res_input.shape[:2]:
         raise ValueError(f"batch/channels differ: {tuple(sr_output.shape)} vs {tuple(low_res_input.shape)}")
     if low_res_input.shape[-1] != low_res_input.shape[-2]:
@@ -249,8 +249,7 @@ def consistency_psnr(sr_output: torch.Tensor, low_res_input: torch.Tensor) -> tu
 
 def fine_detail_rms(images: torch.Tensor, low_resolution: int) -> torch.Tensor:
     """Per-image RMS of the detail above `low_resolution`: x − upsample(downsample(x)), images B×C×R×R."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"images must be square B×C×R×R, got {getattr(images, 'shape', type(images).__name__)}")
+    check_image_batch(images, "images", square=True)
     size = images.shape[-1]
     if not 0 < low_resolution < size:
         raise ValueError(f"low_resolution must be in (0, {size}), got {low_resolution}")
@@ -290,10 +289,7 @@ def class_accuracy(
     """Top-1 accuracy of `classifier_fn(images) -> logits B×K` against the conditioning labels (CAS-style
     check that class conditioning works; use a classifier trained on real data, e.g.
     ClassifierFeatures.logits)."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError(
-            f"images must be a B×C×H×W tensor, got {getattr(images, 'shape', type(images).__name__)}"
-        )
+    check_image_batch(images, "images")
     labels = torch.as_tensor(labels)
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cascade.checks import is_int_at_least
 from cascade.data.shard_folder import dataset_hflip, read_dataset_info
 from cascade.data.splits import read_split, split_batches
 from cascade.evaluation.cas import CASSettings, cas_with_ceiling
@@ -61,9 +62,9 @@ class JudgeSettings:
     def __post_init__(self) -> None:
         for name in ("width", "features", "epochs", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int_at_least(value, 1):
                 raise ValueError(f"judge {name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
+        if not is_int_at_least(self.shift, 0):
             raise ValueError(f"judge shift must be an integer >= 0, got {self.shift!r}")
         if not self.lr > 0 or not self.weight_decay >= 0:
             raise ValueError(f"judge lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cascade.imageops import check_image_batch
 from cascade.nets.attention import AttentionPool2d, group_norm
-from cascade.nets.unet import EmbeddingMLP, UNetEncoder, check_batch_vector, check_image, timestep_embedding
+from cascade.nets.unet import EmbeddingMLP, UNetEncoder, check_batch_vector, timestep_embedding
 
 
 class NoisyClassifier(nn.Module):
@@ -61,7 +62,7 @@ class NoisyClassifier(nn.Module):
         self.head = nn.Linear(ch, num_classes)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        check_image(x_t, "x_t", self.in_channels, self.resolution)
+        check_image_batch(x_t, "x_t", channels=self.in_channels, size=self.resolution)
         check_batch_vector(t, "t", x_t.shape[0])
         emb = F.silu(self.time_embed(timestep_embedding(t, self.model_channels)))
         h, _ = self.encoder(x_t, emb)

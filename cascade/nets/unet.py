@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cascade.config import blocks_per_level
-from cascade.imageops import upsample
+from cascade.imageops import check_image_batch, upsample
 from cascade.nets.attention import ClassTokens, CrossAttention2d, SelfAttention2d, group_norm
 
 
@@ -205,19 +205,6 @@ class UNetEncoder(nn.Module):
         return self.middle_block(h, emb, context), skips
 
 
-def check_image(x: torch.Tensor, name: str, channels: int, resolution: int, batch: int | None = None) -> None:
-    """Raise ValueError unless x is B×channels×resolution×resolution (with B = batch when given)."""
-    expected = (batch if batch is not None else "B", channels, resolution, resolution)
-    if (
-        not isinstance(x, torch.Tensor)
-        or x.ndim != 4
-        or tuple(x.shape[1:]) != expected[1:]
-        or (batch is not None and x.shape[0] != batch)
-    ):
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must have shape {expected}, got {got}")
-
-
 def check_batch_vector(v: torch.Tensor, name: str, batch: int) -> None:
     if not isinstance(v, torch.Tensor) or v.shape != (batch,):
         got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -344,7 +331,7 @@ class UNet(nn.Module):
         x_low: torch.Tensor | None = None,
         aug_level: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        check_image(x_t, "x_t", self.in_channels, self.resolution)
+        check_image_batch(x_t, "x_t", channels=self.in_channels, size=self.resolution)
         batch = x_t.shape[0]
         check_batch_vector(t, "t", batch)
         emb = self.time_embed(timestep_embedding(t, self.model_channels))
@@ -361,7 +348,7 @@ class UNet(nn.Module):
                     f"super-resolution UNet needs x_low (B×{self.in_channels}×{self.low_resolution}"
                     f"×{self.low_resolution}) and aug_level (B floats in [0, 1])"
                 )
-            check_image(x_low, "x_low", self.in_channels, self.low_resolution, batch)
+            check_image_batch(x_low, "x_low", channels=self.in_channels, size=self.low_resolution, batch=batch)
             check_batch_vector(aug_level, "aug_level", batch)
             emb = emb + self.aug_embed(timestep_embedding(aug_level * 1000.0, self.model_channels))
             x_up = upsample(x_low, self.resolution).to(x_t.dtype)

@@ -538,3 +538,15 @@ def test_checkpoint_trained_with_v_prediction_samples_from_the_checkpoint_alone(
     first = []
     sample_dpmpp2m(model, respaced, x_T=x_T, model_kwargs={"y": y}, callback=first.append)
     torch.testing.assert_close(first[0]["pred_xstart"], x0_v)
+
+
+def test_samplers_and_guidance_are_exported_by_the_package():
+    import cascade
+    import cascade.diffusion
+    from cascade.diffusion import guidance, samplers
+
+    for package in (cascade, cascade.diffusion):
+        assert package.classifier_free_guidance is guidance.classifier_free_guidance
+        assert package.classifier_guidance is guidance.classifier_guidance
+        assert package.sample_ddim is samplers.sample_ddim and package.sample_ddpm is samplers.sample_ddpm
+    assert set(cascade.diffusion.SAMPLERS) == {"ddpm", "ddim", "dpmpp2m", "heun"}
