@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cascade.diffusion.gaussian import aug_alpha_bar, check_prediction
+from cascade.diffusion.parameterization import check_prediction
+from cascade.diffusion.schedules import aug_alpha_bar
 from cascade.imageops import upsample
 
 _BACKBONE = "backbone."
@@ -23,7 +24,7 @@ class ConditioningSkip(nn.Module):
     ``low_resolution`` set): x_t: B×C×R×R; t: B timesteps on the training scale of `alphas_cumprod`
     (T entries, each in (0, 1)); x_low: B×C×r×r in [−1, 1], upsampled to R with
     `cascade.imageops.upsample` into x_up; aug_level: B levels s ∈ [0, 1] (their ᾱ(s) from
-    `cascade.diffusion.gaussian.aug_alpha_bar`). The skip is added in float32 (also under autocast) to the first C
+    `cascade.diffusion.schedules.aug_alpha_bar`). The skip is added in float32 (also under autocast) to the first C
     output channels; any variance channels pass through. Returns the backbone's output shape, in x_t's
     dtype.
 
