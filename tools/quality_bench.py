@@ -24,14 +24,8 @@ import stages
 from cascade.cli import OneLineArgumentParser, report_error
 from cascade.evaluation.cas import CASSettings
 from cascade.harness.judge import JudgeSettings
-from cascade.harness.quality_bench import (
-    RECIPES,
-    BenchConfig,
-    BenchError,
-    main_settings,
-    prepare,
-    run_benchmark,
-)
+from cascade.harness.quality_bench import BenchConfig, main_settings, prepare, run_benchmark
+from cascade.harness.quality_recipes import RECIPES, BenchError
 from cascade.harness.quality_report import write_report
 
 PROG = "quality_bench"

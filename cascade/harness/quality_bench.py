@@ -16,25 +16,20 @@ the guidance weight w and for SR stages the augmentation level s) and scored:
 
 Every row also gives network evaluations per image (forward passes counted, a guided step = 2), sampling
 seconds and the training steps and seconds; every report names the machine (CPU, native bf16 or not),
-the torch version and the load average (other processes share the CPU). `tools/quality_bench.py` is the
-command line and `cascade.harness.quality_report` writes the report.
-
-Longer than ~400 lines as one cohesive thing: the recipes, sampler specs, checks and the run loop share the
-benchmark's settings objects, and a reader follows one benchmark run top to bottom here.
+the torch version and the load average (other processes share the CPU). The recipes are
+`cascade.harness.quality_recipes`'s, the sampler settings and the sampling `cascade.harness.quality_samplers`'s;
+`tools/quality_bench.py` is the command line and `cascade.harness.quality_report` writes the report.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import inspect
 import json
 import os
 import platform
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,241 +41,27 @@ from cascade import checkpoint
 from cascade.atomic import write_atomic
 from cascade.config import StageConfig, StageKind
 from cascade.data.shard_folder import read_dataset_info
-from cascade.diffusion.augment import condition_low_res
-from cascade.diffusion.guidance import classifier_free_guidance
-from cascade.diffusion.samplers import SAMPLERS
+from cascade.device import resolve_mixed_precision
 from cascade.evaluation.cas import CASSettings
 from cascade.evaluation.metrics import consistency_psnr, detail_ratio
 from cascade.evaluation.reference_stats import shard_fingerprint
 from cascade.harness.judge import Judge, JudgeSettings, get_judge, real_floor, score
+from cascade.harness.quality_recipes import (
+    BENCH_TRAINER,
+    DEFAULT_RECIPES,
+    BenchError,
+    apply_recipe,
+    resolve_recipe,
+)
+from cascade.harness.quality_samplers import SamplerSetting, parse_samplers, sample_images
 from cascade.imageops import float_to_uint8, image_grid, uint8_to_float, upsample
 from cascade.training.trainer_config import DataConfig, RunConfig, TrainerConfig
 
+__all__ = ["BenchConfig", "BenchResult", "Prepared", "machine_info", "main_settings", "prepare", "run_benchmark",
+           "sr_metrics"]
+
 RUNS_DIR = "runs"
 TRAIN_RECORD = "bench_train.json"  # what a finished training run recorded, read back by --reuse
-
-# Trainer settings every recipe starts from (the issue-14 probe: batch 8, lr 2e-4, EMA 0.999, bf16 where
-# native); a recipe's trainer overrides replace them. Only the final checkpoint is written.
-BENCH_TRAINER: dict[str, Any] = {"batch_size": 8, "lr": 2e-4, "warmup_steps": 100, "ema_decay": 0.999,
-                                 "ema_warmup": 10.0, "p_uncond": 0.1, "grad_clip": 1.0, "mixed_precision": "auto",
-                                 "ckpt_every": 0, "keep_last": 1, "log_every": 100, "sample_every": 0}
-
-
-class BenchError(ValueError):
-    """A setting or input the benchmark cannot use; the message is one line naming it and the fix."""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A named training recipe: nested stage overrides (`StageConfig.with_overrides`) and trainer overrides."""
-
-    description: str
-    stage: Mapping[str, Any] = field(default_factory=dict)
-    trainer: Mapping[str, Any] = field(default_factory=dict)
-
-
-# Every recipe but `today` names each objective setting it relies on, so it means the same whatever the preset.
-RECIPES: dict[str, Recipe] = {
-    "today": Recipe("the stage preset as is (the tiny presets: v-prediction, Min-SNR-5, fixed small variance; the "
-                    "paper presets: ε-prediction, learned-range variance, hybrid loss)"),
-    "cdm": Recipe("ε-prediction, learned-range variance, hybrid loss (Nichol & Dhariwal 2021 'Improved DDPM' "
-                  "§3.1; CDM's recipe and the paper presets'; the tiny presets' before the benchmark)",
-                  {"diffusion": {"prediction": "eps", "loss_weighting": "uniform", "loss": "hybrid",
-                                 "model_var_type": "learned_range"}}),
-    "eps-simple": Recipe("ε-prediction, uniform L_simple, fixed small variance (Ho et al. 2020 'DDPM' eq. 14)",
-                         {"diffusion": {"prediction": "eps", "loss_weighting": "uniform", "loss": "simple",
-                                        "model_var_type": "fixed_small"}}),
-    "v-minsnr5": Recipe("v-prediction (Salimans & Ho 2022) with Min-SNR-5 weighting (Hang et al. 2023), "
-                        "fixed small variance",
-                        {"diffusion": {"prediction": "v", "loss_weighting": "min_snr", "min_snr_gamma": 5,
-                                       "loss": "simple", "model_var_type": "fixed_small"}}),
-}
-DEFAULT_RECIPES = tuple(RECIPES)
-
-
-def resolve_recipe(spec: str, recipes: Mapping[str, Recipe] = RECIPES) -> Recipe:
-    """The recipe a spec names: a known recipe, optionally followed by `+KEY=VALUE` changes, e.g.
-    ``v-minsnr5+lr=1e-3+batch_size=16+diffusion.min_snr_gamma=1``. A bare KEY is a trainer setting
-    (`TrainerConfig` field), a dotted SECTION.KEY a stage setting; values are read as YAML scalars
-    (``1e-3`` → 0.001, ``true``, ``[8, 16]``). BenchError on an unknown recipe or a malformed change."""
-    import yaml
-
-    base, *changes = spec.split("+")
-    if base not in recipes:
-        raise BenchError(f"--recipes: unknown recipe {base!r}; known recipes: {', '.join(recipes)} "
-                         f"(each may be followed by +KEY=VALUE changes, e.g. v-minsnr5+lr=1e-3)")
-    recipe = recipes[base]
-    if not changes:
-        return recipe
-    stage = {k: dict(v) if isinstance(v, Mapping) else v for k, v in recipe.stage.items()}
-    trainer = dict(recipe.trainer)
-    for change in changes:
-        key, sep, raw = change.partition("=")
-        if not sep or not key or not raw:
-            raise BenchError(f"--recipes: bad change {change!r} in {spec!r}; use +KEY=VALUE (trainer) or "
-                             f"+SECTION.KEY=VALUE (stage), e.g. v-minsnr5+lr=1e-3+diffusion.min_snr_gamma=1")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise BenchError(f"--recipes: value of {key} in {spec!r} is not readable: {raw!r}") from None
-        if isinstance(value, float) or (isinstance(value, str) and re.fullmatch(r"[-+]?[\d.]+e[-+]?\d+", value)):
-            value = float(value)  # YAML 1.1 reads 1e-3 as a string
-        section, dot, name = key.partition(".")
-        if dot:
-            if not isinstance(stage.setdefault(section, {}), dict):
-                raise BenchError(f"--recipes: {section} in {spec!r} is not a section of the stage configuration")
-            stage[section][name] = value
-        else:
-            trainer[key] = value
-    return Recipe(f"{recipe.description}; changed: {', '.join(changes)}", stage, trainer)
-
-
-def apply_recipe(name: str, stage_cfg: Any, trainer: TrainerConfig,
-                 recipes: Mapping[str, Recipe] = RECIPES) -> tuple[Any, TrainerConfig]:
-    """(stage config, trainer config) of a recipe spec (`resolve_recipe`); BenchError naming the recipe and any
-    key this version's configuration does not know."""
-    recipe = resolve_recipe(name, recipes)
-    known = stage_cfg.to_dict()
-    for section, values in recipe.stage.items():
-        if section not in known:
-            raise BenchError(f"recipe {name}: stage setting {section!r} is unknown to this version's configuration")
-        if isinstance(values, Mapping):
-            for key in values:
-                if not isinstance(known[section], dict) or key not in known[section]:
-                    raise BenchError(f"recipe {name}: stage setting {section}.{key} is unknown to this version's "
-                                     f"configuration")
-    unknown = sorted(set(recipe.trainer) - {f.name for f in dataclasses.fields(TrainerConfig)})
-    if unknown:
-        raise BenchError(f"recipe {name}: trainer setting {unknown[0]} is unknown to this version's configuration")
-    try:
-        return (stage_cfg.with_overrides({k: dict(v) if isinstance(v, Mapping) else v for k, v in recipe.stage.items()}),
-                dataclasses.replace(trainer, **recipe.trainer))
-    except (ValueError, TypeError) as err:
-        raise BenchError(f"recipe {name}: {err}") from None
-
-
-# ----------------------------------------------------------------------------------------------- samplers
-
-
-@dataclass(frozen=True)
-class SamplerSetting:
-    """One way of sampling: `sampler` (a key of cascade.diffusion.samplers.SAMPLERS) over `steps` respaced steps, with
-    classifier-free guidance weight w, DDIM η, and (SR stages) the augmentation level s (None: the stage's
-    own `sampling.aug_level`); `sample_images` applies it to the stage's own `SamplingSettings`. `label` is the
-    spec it was parsed from."""
-
-    label: str
-    sampler: str
-    steps: int
-    w: float | None  # None: the stage's own sampling.w
-    eta: float = 0.0
-    aug_level: float | None = None
-    guidance_interval: tuple[float, float] | None = None  # None: the stage's own sampling.guidance_interval
-
-
-_SPEC_KEYS = {"w": "w", "eta": "eta", "s": "aug_level", "gi": "guidance_interval"}
-
-
-def parse_samplers(text: str, default_w: float | None,
-                   samplers: Mapping[str, Callable] = SAMPLERS) -> list[SamplerSetting]:
-    """`ddim25,ddpm50:w=1,ddim25:s=0.03` → settings. Each item is SAMPLER STEPS (a sampler name followed by its
-    step count) and optional `:w=W`, `:eta=E`, `:s=S`; w defaults to `default_w` (None: the stage's own
-    `sampling.w`). BenchError on a bad item."""
-    names = sorted(samplers, key=len, reverse=True)  # longest first: a name may end in a digit
-    example = "e.g. --samplers ddim25,ddpm50:w=1"
-    settings = []
-    for item in [i.strip() for i in text.split(",")]:
-        head, *options = item.split(":")
-        name = next((n for n in names if head.startswith(n) and re.fullmatch(r"\d+", head[len(n):])), None)
-        if name is None:
-            raise BenchError(f"--samplers: bad item {item!r}; expected SAMPLER STEPS with SAMPLER one of "
-                             f"{', '.join(samplers)} ({example})")
-        values: dict[str, float | None] = {"w": default_w}
-        interval = None
-        for option in options:
-            key, sep, raw = option.partition("=")
-            if not sep or key not in _SPEC_KEYS:
-                raise BenchError(f"--samplers: bad option {option!r} in {item!r}; use w=W, eta=E, s=S or gi=LO-HI "
-                                 f"({example})")
-            if key == "gi":
-                bounds = re.fullmatch(r"(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)", raw)
-                if bounds is None or float(bounds[1]) > float(bounds[2]):
-                    raise BenchError(f"--samplers: gi in {item!r} must be LO-HI timesteps with LO <= HI, e.g. "
-                                     f"gi=100-800, got {raw!r}")
-                interval = (float(bounds[1]), float(bounds[2]))
-                continue
-            try:
-                values[key] = float(raw)
-            except ValueError:
-                raise BenchError(f"--samplers: {key} in {item!r} must be a number, got {raw!r}") from None
-        steps = int(head[len(name):])
-        if steps < 1 or (values["w"] or 0.0) < 0 or values.get("eta", 0.0) < 0 or not 0 <= values.get("s", 0.0) <= 1:
-            raise BenchError(f"--samplers: {item!r}: need steps >= 1, w >= 0, eta >= 0 and s in [0, 1]")
-        if values.get("eta", 0.0) and "eta" not in inspect.signature(samplers[name]).parameters:
-            raise BenchError(f"--samplers: {item!r}: sampler {name} takes no eta")
-        settings.append(SamplerSetting(item, name, steps, **{_SPEC_KEYS[k]: v for k, v in values.items()},
-                                       guidance_interval=interval))
-    labels = [s.label for s in settings]
-    if len(set(labels)) != len(labels):
-        raise BenchError(f"--samplers: an item is named twice in {text!r}; name each once")
-    return settings
-
-
-@contextlib.contextmanager
-def _count_forward_rows(model: torch.nn.Module) -> Iterator[list[int]]:
-    """Yields [rows]: the images `model`'s forward passes process while inside (a guided step runs 2 per image)."""
-    rows = [0]
-
-    def hook(_module, args, kwargs):
-        first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-        rows[0] += int(first.shape[0])
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield rows
-    finally:
-        handle.remove()
-
-
-def sample_images(model: torch.nn.Module, diffusion: Any, stage_cfg: Any, setting: SamplerSetting,
-                  labels: torch.Tensor, x_low: torch.Tensor | None = None, *, seed: int = 0, batch_size: int = 100,
-                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
-    """Sample `labels` (N) with one setting: (N×3×R×R float32 CPU images, network evaluations per image).
-
-    SR stages take clean low-resolution inputs x_low (N×3×r×r in [-1, 1]), re-noised to level s as the
-    pipeline does (`condition_low_res`). All noise comes from one generator seeded with `seed`."""
-    changes = {"sampler": setting.sampler, "steps": setting.steps, "eta": setting.eta}
-    if setting.w is not None:
-        changes["w"] = setting.w
-    if setting.aug_level is not None:
-        changes["aug_level"] = setting.aug_level
-    if setting.guidance_interval is not None:
-        changes["guidance_interval"] = setting.guidance_interval
-    settings = dataclasses.replace(stage_cfg.sampling, **changes)  # the stage's own defaults, as changed
-    settings.check_for(stage_cfg)
-    sampler = SAMPLERS[settings.sampler]
-    options = {"clip_denoised": settings.clip_denoised, "dynamic_threshold": settings.dynamic_threshold}
-    if settings.sampler == "ddim":
-        options["eta"] = settings.eta
-    respaced = diffusion.respace(str(settings.steps))
-    guided = (classifier_free_guidance(model, settings.w, stage_cfg.num_classes, settings.guidance_interval,
-                                       diffusion.num_timesteps) if settings.w > 0 else model)
-    level = settings.aug_level
-    generator = torch.Generator(device).manual_seed(seed)
-    res, out = stage_cfg.resolution, []
-    with _count_forward_rows(model) as rows, torch.no_grad():
-        for start in range(0, len(labels), batch_size):
-            y = labels[start : start + batch_size].to(device)
-            kwargs: dict[str, torch.Tensor] = {"y": y}
-            if stage_cfg.kind is StageKind.sr:
-                low = x_low[start : start + batch_size].to(device)
-                noise = torch.randn(low.shape, generator=generator, device=device)
-                low, aug_level = condition_low_res(low, level, noise=noise)
-                kwargs.update(x_low=low, aug_level=aug_level)
-            x_T = torch.randn((len(y), 3, res, res), generator=generator, device=device)
-            out.append(sampler(guided, respaced, x_T=x_T, model_kwargs=kwargs, generator=generator,
-                               **options).float().cpu())
-    return torch.cat(out), rows[0] / len(labels)
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -375,8 +156,6 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, torch version and threads, whether the CPU computes bf16 natively (what the
     trainer's mixed_precision=auto picks), the GPU if any, and the load average now."""
-    from cascade.training.trainer import resolve_mixed_precision
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -559,11 +338,6 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
             "judge": None if judge is None else judge.describe(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     return BenchResult(rows, meta)
-
-
-__all__ = ["BENCH_TRAINER", "RECIPES", "BenchConfig", "BenchError", "BenchResult", "Recipe", "SamplerSetting",
-           "apply_recipe", "machine_info", "main_settings", "parse_samplers", "prepare", "run_benchmark",
-           "sample_images", "sr_metrics"]
 
 
 def main_settings(args_recipes: str | None, samplers: str, default_w: float) -> tuple[list[str], list[SamplerSetting]]:

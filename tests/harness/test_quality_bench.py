@@ -1,4 +1,5 @@
-"""tools/quality_bench.py and its library (cascade.harness.quality_bench, cascade.harness.judge), and the trainer's time budget."""
+"""tools/quality_bench.py and its library (cascade.harness.quality_bench, quality_recipes, quality_samplers,
+judge), and the trainer's time budget."""
 
 from __future__ import annotations
 
@@ -11,14 +12,9 @@ import pytest
 import torch
 
 from cascade.harness.judge import JudgeSettings, get_judge, train_judge
-from cascade.harness.quality_bench import (
-    BenchError,
-    Recipe,
-    apply_recipe,
-    parse_samplers,
-    sample_images,
-)
+from cascade.harness.quality_recipes import BenchError, Recipe, apply_recipe
 from cascade.harness.quality_report import BASE_COLUMNS, SR_COLUMNS
+from cascade.harness.quality_samplers import parse_samplers, sample_images
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -190,7 +186,7 @@ def test_cas_scores_samples_beside_the_real_ceiling(shards, tmp_path, one_thread
 
 def test_recipe_changes_apply_trainer_and_stage_keys_and_name_bad_ones():
     import stages
-    from cascade.harness.quality_bench import resolve_recipe
+    from cascade.harness.quality_recipes import resolve_recipe
     from cascade.training.trainer_config import TrainerConfig
 
     stage = stages.get_stage("base32", "tiny", 3)

@@ -1,0 +1,126 @@
+"""How the quality benchmark samples: `--samplers` items (`SamplerSetting`, `parse_samplers`) and
+`sample_images`, which applies one to a stage's own `SamplingSettings`, samples through the cascade's stage
+sampler and counts the network evaluations per image."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cascade.config import StageConfig
+from cascade.diffusion.samplers import SAMPLERS
+from cascade.harness.quality_recipes import BenchError
+from cascade.pipeline.stage_sampling import sample_stage
+
+__all__ = ["SamplerSetting", "parse_samplers", "sample_images"]
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    """One way of sampling: `sampler` (a key of cascade.diffusion.samplers.SAMPLERS) over `steps` respaced steps, with
+    classifier-free guidance weight w, DDIM η, and (SR stages) the augmentation level s (None: the stage's
+    own `sampling.aug_level`); `sample_images` applies it to the stage's own `SamplingSettings`. `label` is the
+    spec it was parsed from."""
+
+    label: str
+    sampler: str
+    steps: int
+    w: float | None  # None: the stage's own sampling.w
+    eta: float = 0.0
+    aug_level: float | None = None
+    guidance_interval: tuple[float, float] | None = None  # None: the stage's own sampling.guidance_interval
+
+
+_SPEC_KEYS = {"w": "w", "eta": "eta", "s": "aug_level", "gi": "guidance_interval"}
+
+
+def parse_samplers(text: str, default_w: float | None,
+                   samplers: Mapping[str, Callable] = SAMPLERS) -> list[SamplerSetting]:
+    """`ddim25,ddpm50:w=1,ddim25:s=0.03` → settings. Each item is SAMPLER STEPS (a sampler name followed by its
+    step count) and optional `:w=W`, `:eta=E`, `:s=S`; w defaults to `default_w` (None: the stage's own
+    `sampling.w`). BenchError on a bad item."""
+    names = sorted(samplers, key=len, reverse=True)  # longest first: a name may end in a digit
+    example = "e.g. --samplers ddim25,ddpm50:w=1"
+    settings = []
+    for item in [i.strip() for i in text.split(",")]:
+        head, *options = item.split(":")
+        name = next((n for n in names if head.startswith(n) and re.fullmatch(r"\d+", head[len(n):])), None)
+        if name is None:
+            raise BenchError(f"--samplers: bad item {item!r}; expected SAMPLER STEPS with SAMPLER one of "
+                             f"{', '.join(samplers)} ({example})")
+        values: dict[str, float | None] = {"w": default_w}
+        interval = None
+        for option in options:
+            key, sep, raw = option.partition("=")
+            if not sep or key not in _SPEC_KEYS:
+                raise BenchError(f"--samplers: bad option {option!r} in {item!r}; use w=W, eta=E, s=S or gi=LO-HI "
+                                 f"({example})")
+            if key == "gi":
+                bounds = re.fullmatch(r"(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)", raw)
+                if bounds is None or float(bounds[1]) > float(bounds[2]):
+                    raise BenchError(f"--samplers: gi in {item!r} must be LO-HI timesteps with LO <= HI, e.g. "
+                                     f"gi=100-800, got {raw!r}")
+                interval = (float(bounds[1]), float(bounds[2]))
+                continue
+            try:
+                values[key] = float(raw)
+            except ValueError:
+                raise BenchError(f"--samplers: {key} in {item!r} must be a number, got {raw!r}") from None
+        steps = int(head[len(name):])
+        if steps < 1 or (values["w"] or 0.0) < 0 or values.get("eta", 0.0) < 0 or not 0 <= values.get("s", 0.0) <= 1:
+            raise BenchError(f"--samplers: {item!r}: need steps >= 1, w >= 0, eta >= 0 and s in [0, 1]")
+        if values.get("eta", 0.0) and "eta" not in inspect.signature(samplers[name]).parameters:
+            raise BenchError(f"--samplers: {item!r}: sampler {name} takes no eta")
+        settings.append(SamplerSetting(item, name, steps, **{_SPEC_KEYS[k]: v for k, v in values.items()},
+                                       guidance_interval=interval))
+    labels = [s.label for s in settings]
+    if len(set(labels)) != len(labels):
+        raise BenchError(f"--samplers: an item is named twice in {text!r}; name each once")
+    return settings
+
+
+@contextlib.contextmanager
+def _count_forward_rows(model: torch.nn.Module) -> Iterator[list[int]]:
+    """Yields [rows]: the images `model`'s forward passes process while inside (a guided step runs 2 per image)."""
+    rows = [0]
+
+    def hook(_module, args, kwargs):
+        first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        rows[0] += int(first.shape[0])
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+def sample_images(model: torch.nn.Module, diffusion: Any, stage_cfg: StageConfig, setting: SamplerSetting,
+                  labels: torch.Tensor, x_low: torch.Tensor | None = None, *, seed: int = 0, batch_size: int = 100,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    """Sample `labels` (N) with one setting: (N×3×R×R float32 CPU images, network evaluations per image).
+
+    The stage's own `SamplingSettings` as `setting` changes them, sampled by the cascade's stage sampler
+    (`cascade.pipeline.stage_sampling.sample_stage`): SR stages take clean low-resolution inputs x_low
+    (N×3×r×r in [-1, 1]), re-noised to level s as the cascade re-noises them; sample i's noise is seeded by
+    (`seed`, stage, i), so it does not depend on `batch_size`."""
+    changes = {"sampler": setting.sampler, "steps": setting.steps, "eta": setting.eta}
+    if setting.w is not None:
+        changes["w"] = setting.w
+    if setting.aug_level is not None:
+        changes["aug_level"] = setting.aug_level
+    if setting.guidance_interval is not None:
+        changes["guidance_interval"] = setting.guidance_interval
+    settings = dataclasses.replace(stage_cfg.sampling, **changes)  # the stage's own defaults, as changed
+    settings.check_for(stage_cfg)
+    with _count_forward_rows(model) as rows:
+        images = sample_stage(model, diffusion, stage_cfg, settings, labels, x_low, seed=seed, batch_size=batch_size,
+                              device=device)
+    return images, rows[0] / len(labels)
