@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +133,92 @@ def test_old_records_keep_their_sampling_level():
     del record["sampling"]
     record["aug"]["sample_aug_level"] = 0.2
     assert StageConfig.from_dict(record).sampling.aug_level == 0.2
+
+
+# ----------------------------------------------------------------------------------------------- the command line
+
+TRAIN_TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_stage.py"
+# Wording of hydra's and OmegaConf's messages that the tool must never match: it reads their attributes instead.
+HYDRA_WORDING = ("To append to your config use", "is not in struct", "Available options", "Could not override",
+                 "Error merging override", "full_key:", "Config search path", "See https://hydra.cc", "not in '")
+
+
+def _train_tool():
+    spec = importlib.util.spec_from_file_location("train_stage_tool", TRAIN_TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_tool_uses_hydras_public_surface_only():
+    """No module of hydra's `_internal` package (imported by name or by string), and no hydra message text matched:
+    a hydra release may change both."""
+    tree = ast.parse(TRAIN_TOOL.read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {m for m in imported if m.split(".")[0] in ("hydra", "omegaconf")}, "the tool is a hydra app"
+    assert not [m for m in imported if "_internal" in m]
+    strings = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    assert not [s for s in strings if "_internal" in s or s == "'"]  # no import_module("hydra._internal…"), no split("'")
+    assert not [(s, w) for s in strings for w in HYDRA_WORDING if w in s]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["trainer.max_stepz=2"], "unknown key 'trainer.max_stepz'; check its spelling (python tools/train_stage.py"),
+    (["trainer.max_stepz=2"], "--cfg job lists every key), or add a new key with +trainer.max_stepz=2"),
+    (["hydra.job.foo=1"], "unknown key 'hydra.job.foo'"),
+    (["size=huge"], "In 'train': Could not find 'size/huge'; valid options: paper, tiny"),
+    (["hydra/launcher=nope"], "valid options: basic"),
+    (["trainer.lr=abc"], "Error merging override trainer.lr=abc; Value 'abc' of type 'str' could not be"),
+    (["stage.unet.channel_mult.5=1"], "stage.unet.channel_mult[5]: Error merging override stage.unet.channel_"),
+    (["trainer.lr=${size}"], "trainer.lr: While dereferencing interpolation '${size}'"),
+    (["+trainer.lr=1"], "An item is already at 'trainer.lr'; Either remove + prefix: 'trainer.lr=1'"),
+    (["~trainer.foo"], "'trainer.foo' does not exist"),
+    (["trainer.lr=[1,", "-m"], "override 'trainer.lr=[1,' is malformed (no viable alternative at input '[1,'); "),
+    (["trainer.lr=[1,"], "; see https://hydra.cc/docs/advanced/override_grammar/basic/"),
+    (["--bogus"], "unrecognized arguments: --bogus (overrides are KEY=VALUE, e.g. trainer.max_steps=1000)"),
+    (["--cfg"], "argument --cfg/-c: expected one argument"),
+    (["-m", "--cfg", "job"], "give one of --run, --multirun, --cfg, --info and --shell-completion"),
+    (["--config-name=nope"], "Cannot find primary config 'nope'. Check that it's in your config search path"),
+    (["stage=sr64", "preset=sr128_tiny"], "preset=sr128_tiny does not match stage=sr64 size=tiny; choose the stage"),
+])
+def test_train_tool_composition_errors_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.delenv("CASCADE_DEBUG", raising=False)
+    tool = _train_tool()
+    with pytest.raises(SystemExit) as done:
+        tool.check_command_line(["data.root=x", f"run_dir={tmp_path / 'r'}", *argv])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train_stage: error: ") and message in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def _run_train_tool(*args, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "CASCADE_DEBUG")}
+    return subprocess.run([sys.executable, str(TRAIN_TOOL), *map(str, args)], check=False, cwd=cwd,
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+
+
+def test_train_tool_help_and_resolved_config_come_from_hydra(tmp_path):
+    shown = _run_train_tool("--help", cwd=tmp_path)
+    assert shown.returncode == 0 and "stage: base32, classifier32, sr128, sr256, sr64" in shown.stdout
+    assert "size: paper, tiny" in shown.stdout and not shown.stderr
+    resolved = _run_train_tool("stage=sr64", "data.root=x", "--cfg", "job", "--resolve", cwd=tmp_path)
+    assert resolved.returncode == 0, resolved.stderr
+    job = OmegaConf.to_container(OmegaConf.create(resolved.stdout))
+    assert job["run_dir"] == "runs/sr64" and job["trainer"]["lr"] == 1e-3 and job["stage"]["name"] == "sr64"
+    assert job == {**_compose("stage=sr64", "data.root=x"), "run_dir": "runs/sr64"}
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_train_tool_multirun_runs_each_job(tmp_path):
+    """hydra's sweeps still run: each job is composed by hydra, and the first failing job ends the sweep in one
+    line with exit code 2 (here: no shards), its outputs under run_dir/hydra/multirun-<date>."""
+    done = _run_train_tool("-m", "stage=base32,sr64", f"data.root={tmp_path / 'none'}", f"run_dir={tmp_path / 'r'}",
+                           cwd=tmp_path)
+    assert done.returncode == 2 and "Launching 2 jobs locally" in done.stdout
+    assert done.stderr.strip() == f"train_stage: error: dataset folder not found: {tmp_path / 'none'}"
+    (sweep,) = (tmp_path / "r" / "hydra").glob("multirun-*")
+    assert (sweep / "0" / ".hydra" / "overrides.yaml").is_file()

@@ -14,19 +14,34 @@ options, override syntax, interpolations) print one line on stderr and exit with
 run prints one line and exits with 1; Ctrl-C writes a checkpoint at the current step, prints
 "interrupted at step N; run the same command to resume" and exits with 130. HYDRA_FULL_ERROR=1 (or
 CASCADE_DEBUG=1) shows tracebacks.
+
+Before hydra runs, the command line is checked on hydra's public surface: its documented flags
+(https://hydra.cc/docs/advanced/hydra-command-line-flags/), its override parser and its compose API. An
+error is told from the exception's type and attributes (the key, the override, the valid options), never
+from the wording of its message.
 """
 
 from __future__ import annotations
 
+import argparse
 import faulthandler
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import (
+    ConfigCompositionException,
+    HydraException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from cascade.config import StageConfig
 from cascade.errors import (
@@ -47,71 +62,90 @@ register()
 PROG = "train_stage"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_NAME = "train"
-_NOISE = ("full_key:", "object_type", "reference_type", "See https://hydra.cc", "Config search path", "provider=")
+GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 
 
-def hydra_error_line(err: BaseException) -> str:
-    """One line from hydra's / OmegaConf's multi-line messages: what failed, the valid options, the fix."""
-    text = str(err)
-    cause = str(err.__cause__ or "")
-    if ("is not in struct" in cause or " not in '" in cause) and "To append to your config use" in text:
-        key = text.split("'")[1]
-        append = text.split("To append to your config use")[1].split()[0]
-        return (f"unknown key {key!r}; check its spelling (python tools/train_stage.py --cfg job lists every key), "
-                f"or add a new key with {append}")
-    full_key = next((ln.split(":", 1)[1].strip() for ln in (text + "\n" + cause).splitlines()
-                     if ln.strip().startswith("full_key:")), "")
-    lines, options, in_options = [], [], False
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("Config search path"):
-            break
-        if not line or line.startswith(_NOISE):
-            continue
-        if line.startswith("Available options in"):
-            in_options = True
-        elif in_options:
-            options.append(line)
-        else:
-            lines.append(line.rstrip("."))
-    if text.startswith("Error merging override") and cause:  # the reason is in the cause: the value's type
-        lines.append(next(ln.strip() for ln in cause.splitlines() if ln.strip()))
-    message = "; ".join(lines)
-    if options:
-        message += f"; valid options: {', '.join(options)}"
-    if full_key and full_key not in message:
-        message = f"{full_key}: {message}"
-    return " ".join(message.split())
+class UsageError(ValueError):
+    """A command line that hydra's flags do not parse."""
 
 
-def _one_line_parser_error(message: str):
-    print_error(PROG, f"{message} (overrides are KEY=VALUE, e.g. trainer.max_steps=1000)")
-    sys.exit(EXIT_USAGE)
+class _FlagParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise UsageError(f"{message} (overrides are KEY=VALUE, e.g. trainer.max_steps=1000)")
+
+
+def flag_parser() -> argparse.ArgumentParser:
+    """hydra's documented command-line flags (https://hydra.cc/docs/advanced/hydra-command-line-flags/) and the
+    overrides: what hydra.main accepts, read here only to tell the overrides from the flags."""
+    parser = _FlagParser(prog=PROG, add_help=False)
+    parser.add_argument("overrides", nargs="*")
+    for flag in (("--help", "-h"), ("--hydra-help",), ("--version",), ("--resolve",), ("--run", "-r"),
+                 ("--multirun", "-m"), ("--shell-completion", "-sc")):
+        parser.add_argument(*flag, action="store_true")
+    parser.add_argument("--cfg", "-c", choices=("job", "hydra", "all"))
+    for flag in (("--package", "-p"), ("--config-path", "-cp"), ("--config-name", "-cn"), ("--config-dir", "-cd"),
+                 ("--experimental-rerun",)):
+        parser.add_argument(*flag)
+    parser.add_argument("--info", "-i", nargs="?", const="all", choices=INFO_TOPICS)
+    return parser
+
+
+def _first_line(text: object) -> str:
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def _lines(text: object) -> str:
+    return "; ".join(line.strip().rstrip(".") for line in str(text).splitlines() if line.strip())
+
+
+def error_line(err: BaseException, overrides: list[Override]) -> str:
+    """One line for a composition error, from the exception's type and attributes: an unknown key names the key
+    and the override that would add it, a missing group option lists the valid options, an OmegaConf error
+    names its key; the message itself is shown, never read."""
+    if isinstance(err, OverrideParseException):
+        return f"override {err.override!r} is malformed ({_first_line(err.message)}); see {GRAMMAR}"
+    if isinstance(err, MissingConfigException):
+        return _first_line(err).rstrip(".") + (f"; valid options: {', '.join(err.options)}" if err.options else "")
+    cause = err.__cause__
+    if isinstance(err, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        key = cause.full_key
+        line = next((o.input_line for o in overrides if o.key_or_group == key), None) or f"{key}=VALUE"
+        return (f"unknown key {key!r}; check its spelling (python tools/{PROG}.py --cfg job lists every key), "
+                f"or add a new key with +{line}")
+    if isinstance(err, OmegaConfBaseException):
+        return _keyed(err.full_key, _first_line(err))
+    if isinstance(err, HydraException):
+        message = _lines(err)
+        if isinstance(cause, OmegaConfBaseException):
+            return _keyed(cause.full_key, f"{message}; {_first_line(cause)}")
+        return message
+    return str(err)
+
+
+def _keyed(full_key: object, message: str) -> str:
+    return message if not full_key or str(full_key) in message else f"{full_key}: {message}"
 
 
 def check_command_line(argv: list[str]) -> None:
-    """Compose the configuration as hydra will, and check that run_dir is writable, before hydra runs: its
-    composition errors (unknown key or group option, override syntax, interpolation) and an unwritable
-    run_dir become one line and exit code 2 instead of hydra's multi-line report (exit 1)."""
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    parser = get_args_parser()
-    parser.error = _one_line_parser_error
-    args = parser.parse_args(argv)
-    if (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir
-            or args.experimental_rerun):
-        return  # hydra's own informational modes, or a configuration elsewhere: hydra reports as usual
+    """Compose the configuration as hydra will, and check that run_dir is writable, before hydra runs: a bad
+    flag, an override's syntax, a composition error (unknown key or group option, a value of the wrong type,
+    an interpolation) and an unwritable run_dir become one line and exit code 2 instead of hydra's
+    multi-line report (exit 1)."""
     try:
-        overrides_parser = OverridesParser.create()
-        for override in args.overrides:
-            try:
-                overrides_parser.parse_override(override)
-            except HydraException as err:
-                raise ValueError(f"override {override!r} is malformed ({hydra_error_line(err)}); see "
-                                 "https://hydra.cc/docs/advanced/override_grammar/basic/") from err
+        args = flag_parser().parse_args(argv)
+        modes = [name for name in ("run", "multirun", "cfg", "info", "shell_completion") if getattr(args, name)]
+        if len(modes) > 1:
+            raise UsageError("give one of --run, --multirun, --cfg, --info and --shell-completion")
+    except UsageError as err:
+        print_error(PROG, str(err))
+        sys.exit(EXIT_USAGE)
+    if (args.help or args.hydra_help or args.version or args.info or args.shell_completion or args.config_path
+            or args.config_dir or args.experimental_rerun):
+        return  # hydra's own informational modes, or a configuration elsewhere: hydra reports as usual
+    overrides: list[Override] = []
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
         if args.multirun:
             return  # a sweep's jobs are composed (and checked) by hydra one by one
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None, job_name=PROG):
@@ -129,7 +163,7 @@ def check_command_line(argv: list[str]) -> None:
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         if debug_enabled():
             raise
-        print_error(PROG, hydra_error_line(err))
+        print_error(PROG, error_line(err, overrides))
         sys.exit(EXIT_USAGE)
     if args.cfg is None and isinstance(job_values.get("run_dir"), str):
         try:

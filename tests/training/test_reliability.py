@@ -73,6 +73,8 @@ def _cli(shards, run_dir, **trainer):
     ("run_dir=${nope}", "Interpolation key 'nope' not found"),         # bad interpolation
     ("preset=sr64_tiny", "preset=sr64_tiny does not match stage=base32 size=tiny"),  # a group that follows stage
     ("stage_trainer=nope", "stage_trainer=nope does not match stage=base32 size=tiny"),  # optional: no file needed
+    ("trainer.lr=abc", "Error merging override trainer.lr=abc; Value 'abc'"),  # a value of the wrong type
+    ("--bogus", "unrecognized arguments: --bogus (overrides are KEY=VALUE"),  # not one of hydra's flags
 ])
 def test_hydra_composition_errors_are_one_line_and_exit_2(override, message, tmp_path):
     done = _run(TRAIN_TOOL, "data.root=x", f"run_dir={tmp_path / 'r'}", override, cwd=tmp_path)
