@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from cascade.config import SamplingSettings, StageConfig, StageKind
 from cascade.diffusion.augment import condition_low_res
-from cascade.diffusion.noise import AUG_NOISE, STEP_NOISE, X_T, per_sample_generators, per_sample_noise
 from cascade.diffusion.guidance import classifier_free_guidance, classifier_guidance
+from cascade.diffusion.noise import AUG_NOISE, STEP_NOISE, X_T, per_sample_generators, per_sample_noise
 from cascade.diffusion.samplers import SAMPLERS
 from cascade.pipeline.plan import respaced_timesteps
 
