@@ -1,4 +1,5 @@
-"""Smoke test of tools/bench.py: a quick run on one stage ends with a table and valid JSON (no timing checks)."""
+"""Smoke tests of tools/bench.py and tools/bench_data.py (`cascade.harness.bench`): a quick run on one stage ends
+with a table and valid JSON (no timing checks)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,7 @@ def test_bench_quick_writes_json(tmp_path):
 
 
 def test_compile_gains_pairs_compiled_with_eager_runs():
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench import compile_gains
+    from cascade.harness.bench import compile_gains
 
     base = {"model": "cascade", "stage": "base32"}
     results = [{**base, "mode": "bf16", "train_step_s": 0.5, "first_step_s": 0.6},
@@ -49,9 +49,42 @@ def test_compile_gains_pairs_compiled_with_eager_runs():
 
 
 def test_bench_rejects_unknown_mode():
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench import parse_mode
+    from cascade.harness.bench import parse_mode
 
     assert parse_mode("bf16+cl") == {"bf16": True, "channels_last": True, "compile": False}
     with pytest.raises(ValueError, match="fp16"):
         parse_mode("fp16")
+
+
+def test_bench_settings_are_checked_before_any_work(tmp_path):
+    from cascade.harness.bench import BenchSettings
+
+    with pytest.raises(ValueError, match="unknown bench model 'base33'"):
+        BenchSettings(stages=("base32", "base33")).resolved()
+    quick = BenchSettings(modes=("fp32", "bf16+compile"), compile=True, quick=True, data_workers=0).resolved()
+    assert quick.modes == ("fp32", "fp32+compile", "bf16+compile") and (quick.steps, quick.repeats) == (1, 1)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--modes", "fp16", "--json",
+                           str(tmp_path / "b.json")], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("bench: error: unknown mode token(s) ['fp16']")
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "b.json").exists()
+
+
+def test_bench_big32_is_the_widened_base32():
+    import stages
+    from cascade.harness.bench import bench_stage
+
+    big = bench_stage("big32", stages.get_stage)
+    assert big.name == "base32" and big.unet.model_channels == 128 and big.num_classes == 10
+    assert 30e6 < stages.count_parameters(stages.build_model(big)) < 40e6
+    assert bench_stage("sr64", stages.get_stage) == stages.get_stage("sr64", "tiny", 10)
+
+
+def test_bench_data_prints_each_stage_size_the_shards_hold(synthetic_shards):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_data.py"), "--root", str(synthetic_shards),
+                           "--batch-size", "2", "--num-workers", "0", "--num-batches", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = proc.stdout.splitlines()
+    assert [row.split()[0] for row in rows] == ["base32", "sr64", "sr128", "sr256"]
+    assert "sr64     64² + 32²" in rows[1] and rows[1].endswith("images/s (batch 2, 0 workers)")
