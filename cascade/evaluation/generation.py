@@ -149,7 +149,12 @@ def chain_sampler(pipeline: CascadePipeline, data: EvalData, plan: SamplingPlan,
     sampling where possible (the teacher-forced base stage when the cascaded one holds the same samples)."""
     skip = set(skip)
     names = [s.name for s in pipeline.stages]
-    settings = {sp.name: sp.settings for sp in plan.stages}
+    alone = {}  # teacher-forced: each stage alone at its planned settings, validated once here
+    if TEACHER_FORCED in modes:
+        classes = sorted(set(data.labels.tolist()))
+        alone = {sp.name: pipeline.plan_alone(sp.name, classes, sp.settings, batch_size=plan.batch_size,
+                                              seed=plan.seed)
+                 for sp in plan.stages if (TEACHER_FORCED, sp.name) not in skip}
 
     def sample_chunk(chunk: range, local: slice) -> Iterator[tuple[Key, torch.Tensor, torch.Tensor | None]]:
         labels = data.labels[chunk.start : chunk.stop]
@@ -164,8 +169,8 @@ def chain_sampler(pipeline: CascadePipeline, data: EvalData, plan: SamplingPlan,
                 if (TEACHER_FORCED, stage.name) in skip:
                     continue
                 x_low = data.low_res[stage.config.low_resolution][local] if i > 0 else None
-                images = pipeline.sample_stage(stage.name, labels, x_low, settings[stage.name], seed=plan.seed,
-                                               batch_size=plan.batch_size, start_index=chunk.start)
+                images = pipeline.run_stage(plan_for(alone[stage.name], labels), stage.name, x_low,
+                                            start_index=chunk.start)
                 yield (TEACHER_FORCED, stage.name), images, x_low
 
     return sample_chunk

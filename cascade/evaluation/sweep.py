@@ -21,7 +21,7 @@ import torch
 
 from cascade.config import SamplingSettings, StageKind
 from cascade.evaluation.features import FeatureNet
-from cascade.evaluation.generation import broadcast, generate, is_main, rank_world
+from cascade.evaluation.generation import broadcast, generate, is_main, plan_for, rank_world
 from cascade.evaluation.metrics import METRIC_GOALS, best_setting, rank_key
 from cascade.evaluation.report import best_flags, write_sweep
 from cascade.evaluation.sample_lists import (
@@ -97,13 +97,12 @@ class Sweep:
 
 def _stage_sampler(pipeline: CascadePipeline, data: EvalData, plan: SamplingPlan, stage: str,
                    x_low: torch.Tensor | None, key: tuple[str, str]):
-    """The sample_chunk of one stage alone at its setting in `plan` (its seed and batch size) on `x_low`."""
-    setting = plan.stages[[s.name for s in plan.stages].index(stage)].settings
+    """The sample_chunk of one stage alone from its validated `plan` (`CascadePipeline.plan_alone`) on `x_low`."""
 
     def sample_chunk(chunk: range, local: slice) -> Iterator:
         low = None if x_low is None else x_low[local]
-        images = pipeline.sample_stage(stage, data.labels[chunk.start : chunk.stop], low, setting, seed=plan.seed,
-                                       batch_size=plan.batch_size, start_index=chunk.start)
+        images = pipeline.run_stage(plan_for(plan, data.labels[chunk.start : chunk.stop]), stage, low,
+                                    start_index=chunk.start)
         yield key, images, low
 
     return sample_chunk
@@ -172,7 +171,7 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
     cas_list = None if cas is None else cas.sample_list(batch_size, rank, world, tuple(low_resolutions),
                                                         read_at=pipeline.stages[0].config.resolution)
     classes = sorted(set(data.labels.tolist()) | (set() if cas_list is None else set(cas_list.labels.tolist())))
-    plans = {name: [pipeline.validate(classes, {name: setting}, batch_size=batch_size, seed=seed)
+    plans = {name: [pipeline.plan_alone(name, classes, setting, batch_size=batch_size, seed=seed)
                     for setting in tried]
              for name, tried in grid.items()}  # every setting is checked against the chain before any sampling
 

@@ -290,11 +290,25 @@ class CascadePipeline:
         chosen = settings if settings is not None else cfg.sampling
         if not isinstance(chosen, SamplingSettings):
             raise CascadeConfigError(f"stage {name}: settings must be a SamplingSettings, got {type(chosen).__name__}")
-        # A stage alone: no truncation, neither its own nor one a later stage's defaults would ask of it.
+        plan = self.plan_alone(name, labels.tolist(), chosen, batch_size=batch_size, seed=seed)
+        return self.run_stage(plan, name, x_low, start_index=start_index, progress=progress)
+
+    def plan_alone(self, name: str, classes: Sequence[int], settings: SamplingSettings, *,
+                   batch_size: int | None = None, seed: int = 0) -> SamplingPlan:
+        """The validated plan that samples stage `name` alone at `settings` (`sample_stage`'s plan): no
+        truncation, neither its own nor one a later stage's defaults would ask of it. Raises
+        CascadeConfigError as `validate` does."""
         alone = {s.name: dataclasses.replace(s.config.sampling, truncate=False) for s in self.stages}
-        alone[name] = dataclasses.replace(chosen, truncate=False)
-        plan = self.validate(labels.tolist(), alone, batch_size=batch_size, seed=seed)
-        return self._sample_stage(stage, plan.stages[names.index(name)], plan, plan.labels, x_low,
+        alone[name] = dataclasses.replace(settings, truncate=False)
+        return self.validate(classes, alone, batch_size=batch_size, seed=seed)
+
+    def run_stage(self, plan: SamplingPlan, name: str, x_low: torch.Tensor | None = None, *, start_index: int = 0,
+                  progress: bool = False) -> torch.Tensor:
+        """Sample stage `name` of a validated plan (`plan_alone`, or its chunks) for the plan's labels from
+        clean low-resolution images `x_low` N×3×r×r in [-1, 1] (SR stages; None for the base stage), trusted as
+        given. Returns N×3×R×R float32 CPU images."""
+        i = [s.name for s in self.stages].index(name)
+        return self._sample_stage(self.stages[i], plan.stages[i], plan, plan.labels, x_low,
                                   start_index=start_index, progress=progress)
 
     def __call__(self, classes: Sequence[int], *, num_per_class: int = 1, batch_size: int | None = None,

@@ -115,6 +115,26 @@ def test_one_plan_per_evaluation_validated_once_and_cut_into_chunks(loaded, shar
     assert result.meta["sampler"]["stages"]["base32"]["w"] == 1.0 and "cas" in result.results["sr64"][CASCADED]
 
 
+def test_teacher_forced_plans_are_validated_once_per_stage_not_per_chunk(loaded, shards, monkeypatch):
+    """Teacher forcing samples each stage alone from one plan per stage (`plan_alone`), cut into chunks; a
+    chunk's images equal `sample_stage`'s for the same labels and inputs."""
+    pipe, nets, classifier = loaded
+    settings = _settings(pipe, w=1.0)
+    labels, x_low = torch.tensor([2, 0, 1, 1]), torch.rand(4, 3, 32, 32) * 2 - 1
+    plan = pipe.plan_alone("sr64", [0, 1, 2], settings["sr64"], batch_size=2, seed=3)
+    chunk = pipe.run_stage(plan_for(plan, labels[2:]), "sr64", x_low[2:], start_index=2)
+    whole = pipe.sample_stage("sr64", labels, x_low, settings["sr64"], seed=3, batch_size=2)
+    assert torch.equal(chunk, whole[2:])
+
+    validated = []
+    validate = pipe.validate
+    monkeypatch.setattr(pipe, "validate", lambda *a, **k: validated.append(a) or validate(*a, **k))
+    monkeypatch.setattr(generation, "CHUNK_BATCHES", 1)  # 4 samples, batches of 2: two chunks
+    evaluate(pipe, shards, feature_nets=nets, classifier=classifier, modes=[TEACHER_FORCED], settings=settings,
+             metrics=MetricSettings(pr_k=0), **FAST)
+    assert len(validated) == 1 + len(CHAIN)  # the evaluation's plan, then one plan per stage alone
+
+
 def test_both_modes_report_finite_metrics_and_the_cache_is_reused(loaded, runs_root, shards, tmp_path,
                                                                   capsys):
     pipe, nets, classifier = loaded
