@@ -20,6 +20,7 @@ resume can fall back to the newest readable one.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -28,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from cascade.atomic import fsync_path, write_atomic
+from cascade.atomic import fsync_path, write_atomic, write_guard
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -70,6 +72,21 @@ def _contiguous_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
 
 
+def _write_file(path: Path, content: bytes | memoryview) -> None:
+    """Write ``content`` to ``path`` and fsync it."""
+    with open(path, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _torch_bytes(obj: Any) -> memoryview:
+    """``obj`` as torch.save writes it (torch's own file writer reports a full disk without its errno)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -94,7 +111,9 @@ def save_checkpoint(
 ) -> Path:
     """Write one checkpoint atomically; keep the newest ``keep_last``; return its folder.
 
-    ``weights`` maps "model"/"ema" to state dicts; ``config`` holds "stage" and "train" dicts.
+    ``weights`` maps "model"/"ema" to state dicts; ``config`` holds "stage" and "train" dicts. A failed write
+    (a full disk: OSError ENOSPC naming the file) removes the partly written folder and leaves the earlier
+    checkpoints and ``latest`` as they were.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -107,17 +126,18 @@ def save_checkpoint(
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for which, state_dict in weights.items():
-        save_file(_contiguous_cpu(state_dict), str(tmp / WEIGHT_FILES[which]))
-    torch.save(training_state, tmp / TRAINING_STATE_FILE)
+    for leftover in ckpt_root.glob(".step-*.tmp-*"):  # from runs killed mid-write: free their space first
+        shutil.rmtree(leftover, ignore_errors=True)
     record = {"format_version": FORMAT_VERSION, "step": int(step), **config}
-    (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
-    for f in tmp.iterdir():
-        fsync_path(f)
-    fsync_path(tmp)
+    # serialized in memory, written through Python files: a full disk is an OSError with its errno (not a
+    # serializer's own error), and a failed write removes the temporary folder (write_guard)
+    with write_guard(final, tmp):
+        tmp.mkdir()
+        for which, state_dict in weights.items():
+            _write_file(tmp / WEIGHT_FILES[which], safetensors_bytes(_contiguous_cpu(state_dict)))
+        _write_file(tmp / TRAINING_STATE_FILE, _torch_bytes(training_state))
+        _write_file(tmp / CONFIG_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+        fsync_path(tmp)
     if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first
         stale = ckpt_root / f".{final.name}.stale-{os.getpid()}"
         os.replace(final, stale)
@@ -129,9 +149,6 @@ def save_checkpoint(
     write_atomic(ckpt_root / LATEST_FILE, final.name + "\n", tmp_suffix=f".tmp-{os.getpid()}")
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in ckpt_root.glob(".step-*.tmp-*"):  # from runs killed mid-write
-        if leftover != tmp:
-            shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 
