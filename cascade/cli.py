@@ -215,7 +215,8 @@ def add_evaluation_arguments(p: argparse.ArgumentParser, default_stages: str) ->
 
 def add_metric_arguments(p: argparse.ArgumentParser, *, memorisation: bool = True) -> None:
     """Options of the optional metrics (eval_fid.py, sweep.py): precision / recall's k, FID's bootstrap
-    interval, CAS and (memorisation=True) the memorisation check."""
+    interval, CAS, whether a damaged val split may be the reference, and (memorisation=True) the memorisation
+    check."""
     p.add_argument("--pr-k", type=int, default=3, metavar="K",
                    help="k of the k-NN manifolds of precision / recall (default 3; 0 leaves them out)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="B",
@@ -226,6 +227,9 @@ def add_metric_arguments(p: argparse.ArgumentParser, *, memorisation: bool = Tru
                         "real training images per class (the ceiling)")
     p.add_argument("--cas-steps", type=int, default=300, metavar="STEPS",
                    help="training steps of each CAS classifier (default 300)")
+    p.add_argument("--allow-damaged-val", action="store_true",
+                   help="evaluate against the readable val images even when fewer than half of them are readable "
+                        "(the results record how many were read and skipped)")
     if memorisation:
         p.add_argument("--memorisation", action="store_true",
                        help="nearest training image of every sample (features and 32² pixels); saves the closest "
@@ -243,7 +247,8 @@ def metric_settings(args: argparse.Namespace) -> Any:
     try:
         settings = MetricSettings(pr_k=args.pr_k, bootstrap=args.bootstrap, cas_per_class=args.cas,
                                   memorisation=getattr(args, "memorisation", False),
-                                  baselines=getattr(args, "baselines", False))
+                                  baselines=getattr(args, "baselines", False),
+                                  allow_damaged_val=getattr(args, "allow_damaged_val", False))
     except ValueError as err:
         raise CascadeConfigError(str(err)) from None
     try:

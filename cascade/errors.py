@@ -50,6 +50,12 @@ def one_line(text: object, limit: int = 400) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``n`` and the noun in the number it takes: plural(1, "image") → "1 image", plural(3, "class", "classes")
+    → "3 classes" (``nouns`` defaults to ``noun`` + "s")."""
+    return f"{n} {noun if n == 1 else (nouns or noun + 's')}"
+
+
 def describe_failure(err: BaseException) -> str:
     """One line naming the cause of an unexpected failure and, for the common kinds, the fix."""
     message = one_line(err) or type(err).__name__
@@ -170,4 +176,4 @@ def cli_main(prog: str, *, bad_input: tuple[type[BaseException], ...] = (ValueEr
 
 __all__ = ["DEBUG_ENV_VARS", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "GracefulInterrupt", "Interrupted",
            "OutputNotWritable", "cli_main", "debug_enabled", "deferred_interrupts", "describe_failure",
-           "ensure_writable_dir", "one_line", "print_error"]
+           "ensure_writable_dir", "one_line", "plural", "print_error"]

@@ -40,7 +40,13 @@ from cascade.data.decoding import (
     stage_collate,
 )
 from cascade.data.shard_folder import dataset_hflip, resolve_shards
-from cascade.data.workers import assign_shards, distributed_rank_world, worker_seeds
+from cascade.data.workers import (
+    assign_shards,
+    distributed_rank_world,
+    forward_failures,
+    raise_failures,
+    worker_seeds,
+)
 from cascade.imageops import uint8_to_float
 
 
@@ -59,6 +65,9 @@ class _StageDataset(torch.utils.data.IterableDataset):
         self.epoch = 0
 
     def __iter__(self) -> Iterator[dict]:
+        return forward_failures(self._batches)  # a worker's error reaches the main process as it was raised
+
+    def _batches(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         resolutions = [self.resolution] + ([self.low_resolution] if self.low_resolution is not None else [])
@@ -116,7 +125,7 @@ class StageLoader:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None, persistent_workers=False)
-        return iter(loader)
+        return raise_failures(loader)
 
     def __len__(self) -> int:
         if not self.dataset.train:

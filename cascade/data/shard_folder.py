@@ -14,6 +14,7 @@ from pathlib import Path
 import webdataset as wds
 
 from cascade.checks import is_auto_or_bool
+from cascade.errors import plural
 
 SPLITS = ("train", "val")
 REQUIRED_FIELDS = ("resolutions", "class_names", "counts", "shards")
@@ -62,7 +63,7 @@ def resolve_shards(root_or_urls: str | Path | list | tuple, split: str) -> tuple
 
     A shard folder gives its split's shards from dataset.json; a pattern or list is taken as that split's shards.
     Raises ValueError (unknown split, no shards, the folder has none of the split) or FileNotFoundError (a local
-    path or shard that does not exist).
+    path or shard that does not exist; a folder's missing shards are all named, up to five).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -74,9 +75,16 @@ def resolve_shards(root_or_urls: str | Path | list | tuple, split: str) -> tuple
             info = read_dataset_info(text)
             names = info["shards"].get(split, [])
             if not names:
-                raise ValueError(f"dataset {text} has no {split} shards ({info['counts'].get(split, {}).get('total', 0)} {split} "
-                                 f"samples); rewrite it with tools/make_shards.py"
+                total = info["counts"].get(split, {}).get("total", 0)
+                raise ValueError(f"dataset {text} has no {split} shards ({plural(total, f'{split} sample')}); "
+                                 "rewrite it with tools/make_shards.py"
                                  + (" and a larger --val-fraction" if split == "val" else ""))
+            absent = [n for n in names if not (Path(text) / n).is_file()]
+            if absent:
+                shown = ", ".join(absent[:5]) + (", …" if len(absent) > 5 else "")
+                raise FileNotFoundError(f"dataset {text}: dataset.json lists {plural(len(absent), f'{split} shard')} "
+                                        f"that {'is' if len(absent) == 1 else 'are'} missing ({shown}); restore "
+                                        f"{'it' if len(absent) == 1 else 'them'} or rewrite the dataset with tools/make_shards.py --overwrite")
             return [str(Path(text) / n) for n in names], info, text
         if is_local(text) and "{" not in text and "::" not in text and not Path(text).exists():
             raise FileNotFoundError(f"dataset not found: {text}")
@@ -85,7 +93,7 @@ def resolve_shards(root_or_urls: str | Path | list | tuple, split: str) -> tuple
         raise ValueError(f"no shards in {root_or_urls!r}")
     missing = [u for u in urls if is_local(u) and not Path(u).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[0]}")
+        raise FileNotFoundError(f"{plural(len(missing), 'shard')} not found, e.g. {missing[0]}")
     info = None
     if is_local(urls[0]) and (Path(urls[0]).parent / "dataset.json").is_file():
         info = read_dataset_info(Path(urls[0]).parent)

@@ -107,7 +107,8 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
     sr_stages = [s for s in pipeline.stages if s.config.kind is StageKind.sr]
     low_resolutions = [s.config.low_resolution for s in sr_stages] if TEACHER_FORCED in modes else []
     data = load_eval_data(data_root, pipeline, num_samples=num_samples, batch_size=batch_size, rank=rank,
-                          world_size=world, low_resolutions=low_resolutions)
+                          world_size=world, low_resolutions=low_resolutions,
+                          allow_damaged_val=metrics.allow_damaged_val)
     metrics.check_sample_count(data.num_samples)
     cas = None if metrics.cas_per_class is None else CASData(
         data.root, pipeline.stages[0].config.num_classes, metrics.cas_per_class, metrics.cas)
@@ -162,6 +163,7 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
         "split": SPLIT,
         "num_samples": data.num_samples,
         "num_val_images": data.num_val,
+        "val_images": data.val_images,
         "modes": modes,
         "seed": seed,
         "batch_size": batch_size,

@@ -28,6 +28,7 @@ from cascade.evaluation.tables import (
     num,
     report_table,
     summary_table,
+    val_split_note,
 )
 
 REPORT_FORMAT_VERSION = 2
@@ -63,12 +64,15 @@ def write_report(results: Mapping, json_path: str | Path, md_path: str | Path, *
 
     results: {stage: {mode: {"features": {feature_net_name: compute_fid_kid(...) result},
                              "consistency_psnr": float, "class_accuracy": float, "cas": {...}, ...}}}
-    meta: run settings (samples, sampler, seed, ...) recorded in both files.
+    meta: run settings (samples, sampler, seed, ...) recorded in both files; its "val_images" read / skipped
+    counts put a warning above the tables when val images were skipped (`val_split_note`).
     """
     columns, table = report_table(results)
     json_path, md_path = Path(json_path), Path(md_path)
     write_json(json_path, {"format_version": REPORT_FORMAT_VERSION, "meta": dict(meta or {}), "results": results})
     lines = ["# Evaluation", ""]
+    note = val_split_note(meta)
+    lines += [note, ""] if note else []
     for stage, by_mode in results.items():
         lines += [f"## {stage}", "", *markdown_table(*summary_table(by_mode)), ""]
     lines += [SMALL_SAMPLE_NOTE, ""]
@@ -106,6 +110,8 @@ def sweep_markdown(records: Sequence[Mapping], best: Mapping[str, Mapping], meta
     with_cas = any(r.get("cas_top1") is not None for r in records)
     columns += (["CAS top-1 (real)"] if with_cas else []) + ["best"]
     lines = ["# Sweep", "", f"Best per stage by {meta.get('rank_metric', 'fid')} (★).", ""]
+    note = val_split_note(meta)
+    lines += [note, ""] if note else []
     rows = []
     for r in records:
         feature = r.get("features", {}).get(net, r)

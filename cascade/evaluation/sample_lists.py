@@ -18,11 +18,13 @@ import torch
 from cascade.checks import is_int_at_least
 from cascade.data.shard_folder import read_dataset_info
 from cascade.data.splits import read_split
+from cascade.errors import plural
 from cascade.pipeline.cascade_pipeline import CascadeConfigError, CascadePipeline
 
 TEACHER_FORCED, CASCADED = "teacher-forced", "cascaded"
 MODES = (TEACHER_FORCED, CASCADED)
 SPLIT = "val"  # the real images the metrics compare against (never trained on)
+MIN_READABLE_VAL = 0.5  # below this share of readable val images an evaluation refuses (--allow-damaged-val)
 
 
 def check_int(what: str, value: Any, low: int) -> int:
@@ -46,9 +48,15 @@ class EvalData:
 
     root: Path
     labels: torch.Tensor  # num_samples: class of each sample
-    num_val: int  # val images (the real side of the metrics)
+    num_val: int  # val images read (the real side of the metrics)
     samples: range  # this process's samples
     low_res: dict[int, torch.Tensor] = field(default_factory=dict)  # res -> len(samples)×3×res×res in [-1, 1]
+    val_skipped: int = 0  # val images dataset.json lists that could not be read
+
+    @property
+    def val_images(self) -> dict[str, int]:
+        """{"read": N, "skipped": M}: the val images behind the metrics, as results record them."""
+        return {"read": self.num_val, "skipped": self.val_skipped}
 
     @property
     def num_samples(self) -> int:
@@ -64,8 +72,8 @@ def check_data(root: str | Path, pipeline: CascadePipeline, low_resolutions: Seq
     base = pipeline.stages[0]
     if len(info["class_names"]) != base.config.num_classes:
         raise CascadeConfigError(
-            f"data: {root} has {len(info['class_names'])} classes but {base.name} was trained with "
-            f"{base.config.num_classes}; evaluate on the data the cascade was trained on"
+            f"data: {root} has {plural(len(info['class_names']), 'class', 'classes')} but {base.name} was trained "
+            f"with {base.config.num_classes}; evaluate on the data the cascade was trained on"
         )
     needed = sorted({s.config.resolution for s in pipeline.stages} | set(low_resolutions))
     lacking = [r for r in needed if r not in info["resolutions"]]
@@ -76,22 +84,32 @@ def check_data(root: str | Path, pipeline: CascadePipeline, low_resolutions: Seq
 
 
 def load_eval_data(root: str | Path, pipeline: CascadePipeline, *, num_samples: int | None, batch_size: int,
-                   rank: int = 0, world_size: int = 1, low_resolutions: Sequence[int] = ()) -> EvalData:
-    """The main sample list: sample i has the class of val image i mod N (N val images), so generated classes
-    follow the held-out distribution, and teacher-forced SR stages take that image's low-resolution version.
-    num_samples None: one sample per val image. Errors name the data folder and the fix."""
+                   rank: int = 0, world_size: int = 1, low_resolutions: Sequence[int] = (),
+                   allow_damaged_val: bool = False) -> EvalData:
+    """The main sample list: sample i has the class of val image i mod N (N readable val images), so generated
+    classes follow the held-out distribution, and teacher-forced SR stages take that image's low-resolution
+    version. num_samples None: one sample per val image. Raises CascadeConfigError (one line naming the data
+    folder and the fix) for bad data, and when fewer than `MIN_READABLE_VAL` of the val images dataset.json
+    lists are readable unless ``allow_damaged_val`` (--allow-damaged-val)."""
     root = Path(root)
     check_data(root, pipeline, low_resolutions)
     try:
-        val_labels, images = read_split(root, SPLIT, sorted(low_resolutions) or [pipeline.stages[0].config.resolution],
-                                        keep=low_resolutions)
+        split = read_split(root, SPLIT, sorted(low_resolutions) or [pipeline.stages[0].config.resolution],
+                           keep=low_resolutions)
     except (FileNotFoundError, ValueError) as err:
         raise CascadeConfigError(f"data: {err}; pass a shard folder with a val split (--data DIR)") from None
+    val_labels, images = split
     if not len(val_labels):
         raise CascadeConfigError(f"data: {root} has no readable val images")
     num_val = len(val_labels)
+    if split.skipped and num_val < MIN_READABLE_VAL * (num_val + split.skipped) and not allow_damaged_val:
+        raise CascadeConfigError(
+            f"data: only {num_val} of {plural(num_val + split.skipped, 'val image')} in {root} are readable "
+            f"({split.skipped} skipped as corrupt); metrics against so few would mislead: repair or rewrite the "
+            "shards (tools/make_shards.py --overwrite), or pass --allow-damaged-val to evaluate against the "
+            "readable ones")
     num_samples = num_val if num_samples is None else check_int("num_samples", num_samples, 2)
     samples = process_slice(num_samples, batch_size, rank, world_size)
     order = torch.arange(num_samples) % num_val
     low_res = {r: images[r][order[samples.start : samples.stop]] for r in low_resolutions}
-    return EvalData(root, val_labels[order], num_val, samples, low_res)
+    return EvalData(root, val_labels[order], num_val, samples, low_res, split.skipped)

@@ -27,6 +27,8 @@ class MetricSettings:
       images per class, or None for none; ``cas``: how its classifier is trained (--cas-steps).
     - ``memorisation`` (--memorisation): nearest training image of every sample (evaluations only).
     - ``baselines`` (--baselines): a row per SR stage for its real input upsampled (evaluations only).
+    - ``allow_damaged_val`` (--allow-damaged-val): compare against the readable val images even when fewer than
+      half of the split is readable (`cascade.evaluation.sample_lists.load_eval_data`; otherwise refused).
 
     Raises ValueError with one line naming the option, what it must be and what it got.
     """
@@ -37,6 +39,7 @@ class MetricSettings:
     cas: CASSettings = DEFAULT_CAS
     memorisation: bool = False
     baselines: bool = False
+    allow_damaged_val: bool = False
 
     def __post_init__(self) -> None:
         if not is_int_at_least(self.pr_k, 0):
@@ -47,7 +50,7 @@ class MetricSettings:
             raise ValueError(f"--cas: needs at least 1 generated image per class, got {self.cas_per_class!r}")
         if not isinstance(self.cas, CASSettings):
             raise ValueError(f"cas must be a CASSettings, got {type(self.cas).__name__}")  # noqa: TRY004 (a setting)
-        coerce_fields(self, "metrics")  # memorisation, baselines: booleans
+        coerce_fields(self, "metrics")  # memorisation, baselines, allow_damaged_val: booleans
 
     @property
     def precision_recall_k(self) -> int | None:

@@ -164,7 +164,8 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
     low_resolutions = ([s.config.low_resolution for s in pipeline.stages if s.config.kind is StageKind.sr]
                        if mode == TEACHER_FORCED else [])
     data = load_eval_data(data_root, pipeline, num_samples=num_samples, batch_size=batch_size, rank=rank,
-                          world_size=world, low_resolutions=low_resolutions)
+                          world_size=world, low_resolutions=low_resolutions,
+                          allow_damaged_val=metrics.allow_damaged_val)
     metrics.check_sample_count(data.num_samples)
     cas = None if metrics.cas_per_class is None else CASData(
         data.root, pipeline.stages[0].config.num_classes, metrics.cas_per_class, metrics.cas)
@@ -222,6 +223,7 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
         "ranked_by": rank_by,
         "rank_metric": rank_metric,
         "num_samples": data.num_samples,
+        "val_images": data.val_images,
         "settings": {name: setting.to_dict() for name, setting in base_settings.items()},
         "seed": seed,
         "batch_size": batch_size,

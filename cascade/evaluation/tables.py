@@ -159,6 +159,17 @@ def summary_table(by_mode: Mapping) -> tuple[list[str], list[list[str]]]:
     return columns, rows
 
 
+def val_split_note(meta: Mapping | None) -> str | None:
+    """The warning a report shows above its tables when val images were skipped as unreadable (meta
+    "val_images": {"read": N, "skipped": M}, M > 0), else None."""
+    counts = (meta or {}).get("val_images") or {}
+    read, skipped = counts.get("read", 0), counts.get("skipped", 0)
+    if not skipped:
+        return None
+    return (f"**Warning: damaged val split.** {read} of {read + skipped} val images were readable ({skipped} "
+            f"skipped as corrupt); every metric compares against the {read} readable ones.")
+
+
 SMALL_SAMPLE_NOTE = (
     f"FID is biased upwards at small sample counts (its bias falls roughly as 1/N): below {MIN_FID_SAMPLES:,} "
     "samples, or below the feature dimension, it is marked *biased* and only comparable between runs with the "

@@ -1,6 +1,6 @@
 """The training batches of one process: its part of the train split (`cascade.data.loader.make_stage_loader`,
-seeded per data segment) repeated for as long as the run asks, moved to the device; and the check that the
-shards hold the stage's classes."""
+seeded per data segment) repeated for as long as the run asks, moved to the device; and the checks that the
+shards hold the stage's classes and that every train shard is there."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch
 
 from cascade.config import StageConfig
 from cascade.data.loader import make_stage_loader
+from cascade.data.shard_folder import resolve_shards
 from cascade.training.trainer_config import DataConfig
 
-__all__ = ["batches_on_device", "check_classes", "make_train_loader"]
+__all__ = ["batches_on_device", "check_classes", "check_train_shards", "make_train_loader"]
 
 
 def check_classes(info: dict[str, Any], stage: StageConfig, root: str) -> None:
@@ -22,6 +23,12 @@ def check_classes(info: dict[str, Any], stage: StageConfig, root: str) -> None:
     if len(info["class_names"]) != stage.num_classes:
         raise ValueError(f"stage {stage.name} has {stage.num_classes} classes but the shards in {root} have "
                          f"{len(info['class_names'])}")
+
+
+def check_train_shards(root: str) -> None:
+    """FileNotFoundError (one line naming them) when train shards that the dataset.json at ``root`` lists are
+    missing; ValueError when it lists none: found before training starts, not by a loader worker mid-run."""
+    resolve_shards(root, "train")
 
 
 def make_train_loader(data: DataConfig, stage: StageConfig, *, batch_size: int, seed: int, rank: int,

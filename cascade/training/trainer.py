@@ -47,7 +47,12 @@ from cascade.data.shard_folder import read_dataset_info
 from cascade.data.workers import resolve_num_workers
 from cascade.errors import GracefulInterrupt, Interrupted, describe_failure, ensure_writable_dir
 from cascade.nets.build import build_diffusion, build_model
-from cascade.training.data_stream import batches_on_device, check_classes, make_train_loader
+from cascade.training.data_stream import (
+    batches_on_device,
+    check_classes,
+    check_train_shards,
+    make_train_loader,
+)
 from cascade.training.ema import EMA
 from cascade.training.losses import make_stage_loss
 from cascade.training.memory_format import choose_channels_last
@@ -99,6 +104,7 @@ class StageTrainer:
         ensure_writable_dir(self.run_dir, "run_dir")  # before anything is built or trained
         self.dataset_info = read_dataset_info(run.data.root)
         check_classes(self.dataset_info, stage, run.data.root)
+        check_train_shards(run.data.root)
 
         self.accelerator, self.mixed_precision = make_run_accelerator(self.cfg, self.run_dir)
         self._closed = False
