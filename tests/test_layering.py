@@ -28,7 +28,7 @@ FORBIDDEN = {
     "evaluation": ("training", "harness", "cli"),
     "harness": ("cli",),
 }
-ROOT_MODULES = ("config", "checkpoint", "errors", "checks", "atomic", "imageops", "device")
+ROOT_MODULES = ("config", "checkpoint", "errors", "checks", "atomic", "imageops", "device", "locks")
 # The root modules serve every floor: they may import the diffusion math and the network builder, no more.
 ROOT_FORBIDDEN = ("data", "training", "pipeline", "evaluation", "harness", "cli")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,7 @@ from cascade.errors import (
     ensure_writable_dir,
     print_error,
 )
+from cascade.locks import FolderLock
 from cascade.training.trainer_config import RunConfig
 from stages.hydra_store import register
 
@@ -167,7 +169,9 @@ def check_command_line(argv: list[str]) -> None:
         sys.exit(EXIT_USAGE)
     if args.cfg is None and isinstance(job_values.get("run_dir"), str):
         try:
-            ensure_writable_dir(to_absolute_path(job_values["run_dir"]), "run_dir")
+            run_dir = ensure_writable_dir(to_absolute_path(job_values["run_dir"]), "run_dir")
+            # A second run on it: refused before hydra writes its logs there (rank 0 of a torchrun run decides).
+            FolderLock(run_dir, "run_dir", enabled=os.environ.get("RANK", "0") == "0").check_free()
         except ValueError as err:
             print_error(PROG, str(err))
             sys.exit(EXIT_USAGE)

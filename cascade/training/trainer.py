@@ -46,6 +46,7 @@ from cascade.config import StageKind
 from cascade.data.shard_folder import read_dataset_info
 from cascade.data.workers import resolve_num_workers
 from cascade.errors import GracefulInterrupt, Interrupted, describe_failure, ensure_writable_dir
+from cascade.locks import FolderLock
 from cascade.nets.build import build_diffusion, build_model
 from cascade.training.data_stream import (
     batches_on_device,
@@ -110,10 +111,12 @@ class StageTrainer:
         self._closed = False
         self.device = self.accelerator.device
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self.run_lock = FolderLock(self.run_dir, "run_dir", enabled=self.accelerator.is_main_process)  # its writer
         self.channels_last = self.device.type == "cuda" if self.cfg.channels_last == "auto" else self.cfg.channels_last
         self.layout_probe = None  # the channels_last=auto measurement on CPU (cascade.training.memory_format.LayoutProbe)
         self.compile = self.cfg.compile
         try:
+            self.run_lock.acquire()  # a second run on run_dir: FolderLocked (exit code 2) before it writes anything
             if self.compile:
                 check_compile_available(self.device)
             self.num_workers = resolve_num_workers(self.run_cfg.data.num_workers, self.device)  # auto: by the cores
@@ -134,6 +137,7 @@ class StageTrainer:
         if self._closed:
             return
         self._closed = True
+        self.run_lock.release()
         acc = self.accelerator
         acc.end_training()  # trackers, then torch.distributed.destroy_process_group() in a multi-process run
         if getattr(self, "model", None) is not None:
