@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -50,13 +51,19 @@ class CheckpointError(ValueError):
 def _reason(err: BaseException) -> str:
     """The informative line of a loader's (possibly multi-line) error message."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    for line in lines:
-        if "Unsupported global" in line:
-            return line
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+_PICKLED_GLOBAL = re.compile(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", re.IGNORECASE)
+
+
 def _damaged(file: Path, err: BaseException) -> CheckpointError:
+    if isinstance(err, pickle.UnpicklingError):  # torch's weights-only loader refused a pickled object
+        found = _PICKLED_GLOBAL.search(str(err))
+        what = f" (the global {found.group(1)})" if found else ""
+        return CheckpointError(f"checkpoint file {file} holds pickled code{what} and is refused: loading it could "
+                               "run arbitrary code; use a checkpoint this project wrote (another step folder) or "
+                               "retrain")
     return CheckpointError(f"checkpoint file {file} is damaged or unreadable ({_reason(err)}); use an earlier "
                            "checkpoint (another step folder) or retrain")
 

@@ -100,6 +100,17 @@ def test_training_state_refuses_pickled_code(tmp_path):
         ck.load_training_state(path)
 
 
+def test_pickled_code_is_refused_in_one_line_that_never_advises_disabling_the_check(tmp_path):
+    path = _save(tmp_path, 2)
+    torch.save({"x": print}, path / "training_state.pt")  # a function: pickled code
+    with pytest.raises(ck.CheckpointError) as exc:
+        ck.load_training_state(path)
+    message = str(exc.value)
+    assert message.startswith("checkpoint file ") and "training_state.pt holds pickled code (the global " in message
+    assert "print) and is refused: loading it could run arbitrary code" in message and message.endswith("or retrain")
+    assert "weights_only" not in message and "safe_globals" not in message and "\n" not in message
+
+
 def test_load_weights_accepts_any_torch_device_spelling(tmp_path):
     """accelerate's device under torchrun prints as "cpu:0", which safetensors refuses: every spelling loads."""
     path = _save(tmp_path, 4)

@@ -153,20 +153,20 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, shard_size: int 
     overwrite).
     """
     if max_res not in RESOLUTIONS:
-        raise ValueError(f"max_res must be one of {RESOLUTIONS}, got {max_res}")
+        raise ValueError(f"--max-res (max_res) must be one of {RESOLUTIONS}, got {max_res}")
     if shard_size < 1:
-        raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
+        raise ValueError(f"--shard-size (shard_size) must be ≥ 1, got {shard_size}")
     if min_size < 1:
-        raise ValueError(f"min_size must be ≥ 1, got {min_size}")
+        raise ValueError(f"--min-size (min_size) must be ≥ 1, got {min_size}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ValueError(f"--val-fraction (val_fraction) must be in [0, 1), got {val_fraction}")
     resolutions = tuple(r for r in RESOLUTIONS if r <= max_res)
     out = Path(out_dir)
     existing = _dataset_files(out)
     unfinished = (out / INCOMPLETE_MARKER).is_file()  # left by an interrupted write: replaced without asking
     if existing and not overwrite and not unfinished:
-        raise FileExistsError(f"{out} already holds a dataset ({existing[0].name}, …); pass overwrite=True "
-                              "(--overwrite) to replace it")
+        raise FileExistsError(f"{out} already holds a dataset ({existing[0].name}, …); pass --overwrite "
+                              "(overwrite=True) to replace it")
     per_class = source.items_per_class()
     if sum(len(items) for items in per_class) == 0:
         raise ValueError("the source has no images")

@@ -81,8 +81,8 @@ class SyntheticSource(Source):
 
     def __post_init__(self):
         if self.num_classes < 1 or self.images_per_class < 1:
-            raise ValueError(f"synthetic source needs num_classes ≥ 1 and images_per_class ≥ 1, got "
-                             f"{self.num_classes} and {self.images_per_class}")
+            raise ValueError(f"the synthetic source needs --num-classes and --images-per-class (num_classes, "
+                             f"images_per_class) ≥ 1, got {self.num_classes} and {self.images_per_class}")
         self.kind = "synthetic"
         self.class_names = [synthetic.class_name(c) for c in range(self.num_classes)]
 
@@ -146,7 +146,7 @@ class PhotoSource(Source):
 
     def __post_init__(self):
         if self.images_per_class < 1:
-            raise ValueError(f"images_per_class must be ≥ 1, got {self.images_per_class}")
+            raise ValueError(f"--images-per-class (images_per_class) must be ≥ 1, got {self.images_per_class}")
         self.kind = "photos"
         self._photos = None
         photos, self.unavailable = load_demo_photos()
@@ -201,7 +201,7 @@ class DigitsSource(Source):
 
     def __post_init__(self):
         if self.images_per_class is not None and self.images_per_class < 1:
-            raise ValueError(f"images_per_class must be ≥ 1, got {self.images_per_class}")
+            raise ValueError(f"--images-per-class (images_per_class) must be ≥ 1, got {self.images_per_class}")
         self.kind = "digits"
         self.hflip = False  # a mirrored 3, 7 or 9 is no digit: flipping teaches the model mirrored classes
         self._images = None
@@ -291,11 +291,12 @@ def get_source(spec: str, *, seed: int = 0, images_per_class: int | None = None,
         return SyntheticSource(num_classes=10 if num_classes is None else num_classes,
                                images_per_class=100 if images_per_class is None else images_per_class, seed=seed)
     if num_classes is not None:
-        raise ValueError("num_classes applies only to the synthetic source")
+        raise ValueError("--num-classes (num_classes) applies only to the synthetic source")
     if spec == "photos":
         return PhotoSource(images_per_class=100 if images_per_class is None else images_per_class, seed=seed)
     if spec == "digits":
         return DigitsSource(images_per_class=images_per_class)
     if images_per_class is not None:
-        raise ValueError("images_per_class applies only to the built-in sources (synthetic, photos, digits)")
+        raise ValueError("--images-per-class (images_per_class) applies only to the built-in sources (synthetic, "
+                         "photos, digits)")
     return FolderSource(root=spec)
