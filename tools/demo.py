@@ -4,7 +4,8 @@
     python tools/demo.py --quick         # ~2-minute smoke version
     python tools/demo.py --out DIR       # default demo_out/ (--quick: demo_out_quick/)
 
-Prints where the report (HTML + Markdown) is.
+Prints where the report (HTML + Markdown) is. One demo per --out: a second one while the first runs is refused
+with one line (exit code 2).
 """
 
 from __future__ import annotations
@@ -26,10 +27,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import stages
     from cascade.harness.demo import DEFAULT, QUICK, TRAIN_ORDER, run_demo
+    from cascade.locks import FolderLock, FolderLocked
 
     out = args.out or ("demo_out_quick" if args.quick else "demo_out")
     configs = {name: stages.get_stage(name, "tiny") for name in TRAIN_ORDER}
-    result = run_demo(out, QUICK if args.quick else DEFAULT, configs, seed=args.seed, progress=not args.no_progress)
+    try:
+        with FolderLock(out, "--out"):  # one writer per folder: a second demo is refused before it writes
+            result = run_demo(out, QUICK if args.quick else DEFAULT, configs, seed=args.seed,
+                              progress=not args.no_progress)
+    except FolderLocked as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 2
     print(f"report: {result.report_html}")
     print(f"markdown: {result.report_md}")
     return 0

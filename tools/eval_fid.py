@@ -40,6 +40,7 @@ from cascade.cli import (
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
 from cascade.evaluation.evaluate import evaluate
 from cascade.evaluation.sample_lists import MODES
+from cascade.locks import FolderLock
 from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN, CascadeConfigError
 
 PROG = "eval_fid"
@@ -61,9 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     accelerator = Accelerator(cpu=args.device == "cpu")
+    if accelerator.is_main_process:
+        ensure_writable_dir(args.out, "--out")
+    # One run per --out, whose one writer is the main process: a second run is refused before it starts.
+    with FolderLock(args.out, "--out", enabled=accelerator.is_main_process):
+        return run_evaluate(args, accelerator)
+
+
+def run_evaluate(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """The run of ``args`` (the caller holds the --out lock); returns the exit code."""
     try:
-        if accelerator.is_main_process:
-            ensure_writable_dir(args.out, "--out")
         modes = parse_choices(args.modes, MODES, "--modes", what="mode")
         overrides = sampler_overrides(args)
         metrics = metric_settings(args)

@@ -5,18 +5,21 @@
     python tools/sample_cascade.py --classes 3 --truncate --aug-level sr64=0.2 --ckpt sr64=runs/sr64-b
 
 Every sampling setting left out is the stage's own default, stored in its checkpoint (`SamplingSettings`), so
-`--classes 1,7` alone samples each stage as it samples best. Writes to --out: `<class>_<index>.png` (final
-stage), `<stage>/<class>_<index>.png` (every stage), `grid.png` (rows = samples by class, columns = stages) and
+`--classes 1,7` alone samples each stage as it samples best. Writes to --out: `<class>-<name>_<index>.png`
+(final stage; `<class>_<index>.png` where the classes have no names), `<stage>/<class>-<name>_<index>.png`
+(every stage), `grid.png` (rows = samples by class, columns = stages), `.outputs.json` (the files written) and
 `settings.json`, last: a folder without settings.json is incomplete (an interrupted run removes the old one
-first). Bad inputs (an unwritable --out, a damaged checkpoint) give one line on stderr and exit code 2; other
-failures one line and 1; Ctrl-C 130. CASCADE_DEBUG=1 shows tracebacks.
+first). A run owns its --out: it replaces the outputs of an earlier sampling run there (listed in
+.outputs.json), refuses a folder holding other files unless --overwrite, and a second run into the same --out
+while one is running is refused (the lock file .cascade.lock names the owner). Bad inputs (an unwritable or
+busy --out, a damaged checkpoint) give one line on stderr and exit code 2; other failures one line and 1;
+Ctrl-C 130. CASCADE_DEBUG=1 shows tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import stages
 from cascade.cli import (
@@ -30,8 +33,9 @@ from cascade.cli import (
     sampler_overrides,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
+from cascade.locks import FolderLock
 from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN, PRECISIONS, CascadeConfigError, CascadePipeline
-from cascade.pipeline.outputs import write_outputs
+from cascade.pipeline.outputs import claim_out_dir, write_outputs
 
 PROG = "sample_cascade"
 
@@ -54,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto",
                    help=f"one of {', '.join(PRECISIONS)} (default auto: bf16 where the device computes it natively, "
                         "else fp32)")
-    p.add_argument("--out", default="samples", help="output folder (default samples/)")
+    p.add_argument("--out", default="samples", help="output folder (default samples/); an earlier sampling run's "
+                                                    "outputs there are replaced")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds files no sampling run wrote (same-named files are replaced)")
     return p
 
 
@@ -62,8 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "command to write it")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    ensure_writable_dir(args.out, "--out")
+    with FolderLock(args.out, "--out"):  # one run per --out: a second one is refused before it writes anything
+        return sample(args)
+
+
+def sample(args: argparse.Namespace) -> int:
+    """Sample per ``args`` into args.out (whose lock the caller holds); returns the exit code."""
     try:
-        ensure_writable_dir(args.out, "--out")
         chain = parse_stage_list(args.stages, stages.STAGE_NAMES)
         pipe = CascadePipeline.from_runs(args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt),
                                          device=args.device or default_device(), precision=args.precision)
@@ -76,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
                              num_per_class=args.num_per_class, batch_size=args.batch_size, seed=args.seed)
     except CascadeConfigError as err:
         return report_error(PROG, err)
-    (Path(args.out) / "settings.json").unlink(missing_ok=True)  # present again only once all is written
+    claim_out_dir(args.out, overwrite=args.overwrite)  # the earlier run's outputs go: none is left beside new ones
     outputs = pipe.run(plan, progress=True)
     with deferred_interrupts():  # a Ctrl-C while writing waits for the files to be complete
-        out = write_outputs(outputs, plan, args.out, record=pipe.run_record(plan), class_names=pipe.class_names)
+        written = write_outputs(outputs, plan, args.out, record=pipe.run_record(plan), class_names=pipe.class_names)
     final = plan.stages[-1]
-    print(f"wrote {len(plan.labels)} images of {final.resolution}x{final.resolution} and the stages "
-          f"{', '.join(s.name for s in plan.stages)} to {out}/ (grid.png, settings.json)")
+    print(f"wrote {written.final_images} images of {final.resolution}x{final.resolution} and the stages "
+          f"{', '.join(s.name for s in plan.stages)} to {written.folder}/ (grid.png, settings.json)")
     return 0
 
 

@@ -37,6 +37,7 @@ from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
 from cascade.evaluation.metrics import METRIC_GOALS
 from cascade.evaluation.sample_lists import MODES, TEACHER_FORCED
 from cascade.evaluation.sweep import sweep
+from cascade.locks import FolderLock
 from cascade.pipeline.cascade_pipeline import CascadeConfigError
 
 PROG = "sweep"
@@ -62,9 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     accelerator = Accelerator(cpu=args.device == "cpu")
+    if accelerator.is_main_process:
+        ensure_writable_dir(args.out, "--out")
+    # One run per --out, whose one writer is the main process: a second run is refused before it starts.
+    with FolderLock(args.out, "--out", enabled=accelerator.is_main_process):
+        return run_sweep(args, accelerator)
+
+
+def run_sweep(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """The run of ``args`` (the caller holds the --out lock); returns the exit code."""
     try:
-        if accelerator.is_main_process:
-            ensure_writable_dir(args.out, "--out")
         grid = sampler_overrides(args, grid=True)
         metrics = metric_settings(args)
         w, aug_level = grid.pop("w", None), grid.pop("aug_level", None)
