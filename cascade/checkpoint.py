@@ -68,6 +68,11 @@ def _damaged(file: Path, err: BaseException) -> CheckpointError:
                            "checkpoint (another step folder) or retrain")
 
 
+def _missing(file: Path) -> CheckpointError:
+    return CheckpointError(f"checkpoint file {file} is missing; use an earlier checkpoint (another step folder) "
+                           "or retrain")
+
+
 def _safetensors_device(device: str | torch.device) -> str:
     """safetensors names devices "cpu", "cuda", "cuda:1"; a torch device printed as "cpu:0" is refused."""
     dev = torch.device(device)
@@ -176,10 +181,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
-    """A run folder's complete checkpoints, the one ``latest`` names first, then the others newest first
-    (what a resume tries in turn when the newest turns out damaged)."""
-    found = list_checkpoints(Path(run_dir) / CHECKPOINTS_DIR)[::-1]
-    latest = latest_checkpoint(run_dir)
+    """A run folder's step folders, the one ``latest`` names first, then the others newest first (what a resume
+    tries in turn when the newest turns out damaged). A step folder without config.json is listed too: folders
+    are renamed into place whole, so one that lacks it is damaged, and reading it says so."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    steps = [p for p in (root.iterdir() if root.is_dir() else ()) if p.is_dir() and STEP_DIR_RE.match(p.name)]
+    found = sorted(steps, key=lambda p: int(STEP_DIR_RE.match(p.name).group(1)), reverse=True)
+    try:
+        named = root / (root / LATEST_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        named = None
+    latest = named if named is not None and named in found else latest_checkpoint(run_dir)
     return ([latest] + [p for p in found if p != latest]) if latest is not None else found
 
 
@@ -188,6 +200,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if (p / "config.json").is_file():
         return p
+    if p.is_dir() and STEP_DIR_RE.match(p.name):  # a step folder is renamed into place whole: this one is damaged
+        raise _missing(p / CONFIG_FILE)
     if p.name == CHECKPOINTS_DIR:
         p = p.parent
     found = latest_checkpoint(p)
@@ -223,7 +237,7 @@ def load_weights(path: str | Path, which: str = "ema", device: str | torch.devic
     ckpt = resolve_checkpoint(path)
     file = ckpt / WEIGHT_FILES[which]
     if not file.is_file():
-        raise FileNotFoundError(f"{ckpt} has no {WEIGHT_FILES[which]}")
+        raise _missing(file)
     try:
         return load_file(str(file), device=_safetensors_device(device))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own (non-OSError) error type
@@ -235,7 +249,7 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
     ckpt = resolve_checkpoint(path)
     file = ckpt / TRAINING_STATE_FILE
     if not file.is_file():
-        raise CheckpointError(f"{ckpt} has no {TRAINING_STATE_FILE}; resume from another checkpoint")
+        raise _missing(file)
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated zip, refused global, …: all mean "unreadable"
@@ -255,14 +269,49 @@ def verify_checkpoint(path: str | Path) -> Path:
     return ckpt
 
 
-def load_stage(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):
-    """Rebuild a stage from its checkpoint alone: (StageConfig, model in eval mode, diffusion)."""
+def load_stage_config(path: str | Path):
+    """The `cascade.config.StageConfig` a checkpoint's config.json records; CheckpointError (one line naming the
+    file) when the file is missing or unreadable or its settings are invalid (wrong type, out of range)."""
     from cascade.config import StageConfig
-    from cascade.nets.build import build_diffusion, build_model
 
     record = load_config(path)
-    stage_cfg = StageConfig.from_dict(record["stage"])
+    try:
+        return StageConfig.from_dict(record["stage"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{resolve_checkpoint(path) / CONFIG_FILE}: {err}") from None
+
+
+def check_weights_fit(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path,
+                      which: str = "ema") -> None:
+    """Check that a checkpoint's ``which`` weights fit ``model``, the network its config.json describes: the
+    same tensor names with the same shapes. CheckpointError (one line naming both files, with the counts of
+    tensors that differ in shape, are missing and are unexpected) otherwise."""
+    ckpt = resolve_checkpoint(path)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    differ = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    if not (differ or missing or unexpected):
+        return
+    first = (f"{differ[0]} is {list(got[differ[0]])} in the file, {list(expected[differ[0]])} by the config"
+             if differ else f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+    raise CheckpointError(
+        f"{ckpt / WEIGHT_FILES[which]} does not match {ckpt / CONFIG_FILE}: {len(differ)} tensors differ in shape, "
+        f"{len(missing)} missing, {len(unexpected)} unexpected (e.g. {first}); the weights and config.json of a "
+        "step folder must come from the same run")
+
+
+def load_stage(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):
+    """Rebuild a stage from its checkpoint alone: (StageConfig, model in eval mode, diffusion).
+
+    Raises CheckpointError (one line naming the file) for a missing, unreadable or mismatched file (weights
+    whose tensors do not fit the network config.json describes) or settings that are invalid."""
+    from cascade.nets.build import build_diffusion, build_model
+
+    stage_cfg = load_stage_config(path)
     model = build_model(stage_cfg)
-    model.load_state_dict(load_weights(path, weights, device="cpu"))
+    state_dict = load_weights(path, weights, device="cpu")
+    check_weights_fit(model, state_dict, path, weights)
+    model.load_state_dict(state_dict)
     model.to(device).eval().requires_grad_(False)
     return stage_cfg, model, build_diffusion(stage_cfg)

@@ -6,6 +6,8 @@ and what it got; the `is_*` predicates let a caller raise its own one-line messa
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -55,14 +57,98 @@ def check_known_keys(cls: type, d: Any, prefix: str) -> None:
         )
 
 
+def check_int_range(name: str, value: Any, low: int, high: int) -> None:
+    """``value`` is an integer (not a bool) in [low, high]; ValueError naming ``name`` otherwise."""
+    if not is_int(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def check_number_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    """``value`` is a finite real number (not a bool) in [low, high] ((low, high] with ``low_open``)."""
+    if not is_number(value) or not math.isfinite(value) or not (low < value if low_open else low <= value) \
+            or not value <= high:
+        raise ValueError(f"{name} must be a number in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside brackets ("tuple[int, int] | None" at "|": two parts)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == sep and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [*parts, text[start:].strip()]
+
+
+def _describe(kind: str) -> str:
+    """An annotation in words: "int", "a list of int", "a list of 2 float", "float or None"."""
+    alternatives = _split_top(kind, "|")
+    if len(alternatives) > 1:
+        return " or ".join(_describe(a) for a in alternatives)
+    if kind.startswith("tuple["):
+        inner = _split_top(kind[6:-1], ",")
+        if len(inner) == 2 and inner[1] == "...":
+            return f"a list of {_describe(inner[0])}"
+        return f"a list of {len(inner)} {_describe(inner[0])}" if len(set(inner)) == 1 else f"a list ({kind})"
+    return kind
+
+
+def _coerce(value: Any, kind: str) -> Any:
+    """``value`` as annotation ``kind`` asks (ints become floats, sequences tuples); _Mismatch when it is not.
+    Kinds other than int, float, bool, str, None, tuples and unions of them (Any, classes) pass unchecked."""
+    alternatives = _split_top(kind, "|")
+    if len(alternatives) > 1:
+        for alternative in alternatives:
+            try:
+                return _coerce(value, alternative)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if kind.startswith("tuple["):
+        inner = _split_top(kind[6:-1], ",")
+        if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+            raise _Mismatch
+        items = list(value)
+        kinds = [inner[0]] * len(items) if len(inner) == 2 and inner[1] == "..." else inner
+        if len(kinds) != len(items):
+            raise _Mismatch
+        return tuple(_coerce(v, k) for v, k in zip(items, kinds))
+    if kind == "None":
+        ok = value is None
+    elif kind == "float":
+        if is_int(value):
+            return float(value)
+        ok = isinstance(value, float)
+    elif kind == "int":
+        ok = is_int(value)
+    elif kind in ("bool", "str"):
+        ok = isinstance(value, {"bool": bool, "str": str}[kind])
+    else:
+        return value
+    if not ok:
+        raise _Mismatch
+    return value
+
+
 def coerce_fields(obj: Any, section: str) -> None:
-    """Check a frozen dataclass's scalar field types, accepting ints for floats (YAML writes 1 for 1.0)."""
+    """Check a dataclass's field types against their annotations, in place: int, float, bool, str, None, tuples
+    (``tuple[int, ...]``, ``tuple[float, float]``: any list or tuple, stored as a tuple) and unions of them; ints
+    are accepted for floats (YAML writes 1 for 1.0) and stored as floats, bools never count as numbers. Other
+    annotations (Any, nested settings) are left to the caller. Raises ValueError naming the key path
+    (``section.field``, the field alone when ``section`` is empty), what it must be and what it got."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        if kind == "float" and is_int(value):
-            object.__setattr__(obj, f.name, float(value))
-        elif kind in ("int", "float", "bool", "str"):
-            ok = is_int(value) if kind == "int" else isinstance(value, {"float": float, "bool": bool, "str": str}[kind])
-            if not ok:
-                raise ValueError(f"{section}.{f.name} must be {kind}, got {value!r}")
+        try:
+            coerced = _coerce(value, kind.replace("typing.", ""))
+        except _Mismatch:
+            raise ValueError(f"{section + '.' if section else ''}{f.name} must be {_describe(kind)}, "
+                             f"got {value!r}") from None
+        if coerced is not value:
+            object.__setattr__(obj, f.name, coerced)

@@ -4,6 +4,11 @@ One dataclass per concern: `UNetConfig` (network shape), `DiffusionConfig` (forw
 `AugConfig` (conditioning augmentation in training), `SamplingSettings` (how the stage samples by default) and
 `StageConfig` (one stage: all of the above plus what it generates). Each default is defined here once; the
 presets in `stages/` are keyword instances of these classes and hydra sees them as structured configs.
+
+Every constructor checks each field's type (`cascade.checks.coerce_fields`: ints accepted for floats, bools never
+for numbers) and range, so a config.json or an override is refused with one ValueError line naming the key path
+(``unet.model_channels``). The upper bounds (`LIMITS`) are generous for real models yet keep a mistyped value from
+exhausting the machine (T = 10⁹ would need tens of GB for the schedule tables alone).
 """
 
 from __future__ import annotations
@@ -16,7 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cascade.checks import check_choice, check_known_keys, is_int, is_number
+from cascade.checks import (
+    check_choice,
+    check_int_range,
+    check_known_keys,
+    check_number_range,
+    coerce_fields,
+    is_int,
+    is_number,
+)
 from cascade.diffusion.gaussian import LOSS_TYPES, MODEL_VAR_TYPES
 from cascade.diffusion.parameterization import LOSS_WEIGHTINGS, PREDICTIONS
 from cascade.diffusion.samplers import SAMPLERS
@@ -37,23 +50,36 @@ STAGE_KINDS = tuple(k.value for k in StageKind)
 # Uniform t, or importance sampling by each term's loss second moment (Nichol & Dhariwal 2021 "Improved
 # DDPM" §3.3); `cascade.training.timestep_sampler` implements them.
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
+# Upper bounds of the stage settings (lower bounds are in the checks): far above any preset, below what would
+# exhaust a machine before the first step.
+# resolution: pixels per side (also of attention resolutions); channel_mult: each entry, levels: its length;
+# num_res_blocks: per level; weight: vlb_weight, min_snr_gamma, cond_skip_std.
+LIMITS = {"resolution": 4096, "num_classes": 100_000, "num_timesteps": 100_000, "model_channels": 2048,
+          "channel_mult": 64, "levels": 10, "num_res_blocks": 32, "num_class_tokens": 256, "head_channels": 4096,
+          "norm_groups": 1024, "blur_kernel": 99, "blur_sigma": 100.0, "weight": 1e6}
 
 
 def blocks_per_level(num_res_blocks: int | Sequence[int], num_levels: int) -> tuple[int, ...]:
     """Residual blocks per level: one int for all levels, or one per level (Imagen's Efficient U-Net idea
     of fewer blocks at high resolution; 0 is allowed, the decoder always has ``n + 1`` blocks per level)."""
-    counts = (num_res_blocks,) * num_levels if isinstance(num_res_blocks, int) else tuple(num_res_blocks)
-    if len(counts) != num_levels or any(n < 0 for n in counts) or sum(counts) == 0:
+    counts = (num_res_blocks,) * num_levels if is_int(num_res_blocks) else tuple(num_res_blocks)
+    if len(counts) != num_levels or not all(is_int(n) and 0 <= n <= LIMITS["num_res_blocks"] for n in counts) \
+            or sum(counts) == 0:
         raise ValueError(
-            f"num_res_blocks must be a non-negative int or one per level ({num_levels}), "
-            f"not all zero; got {num_res_blocks}"
+            f"num_res_blocks must be an int in [0, {LIMITS['num_res_blocks']}] or one per level ({num_levels}), "
+            f"not all zero; got {num_res_blocks!r}"
         )
     return counts
 
 
 @dataclass
 class UNetConfig:
-    """Network shape. Resolutions are spatial sizes (e.g. 16 means the 16×16 feature maps)."""
+    """Network shape. Resolutions are spatial sizes (e.g. 16 means the 16×16 feature maps).
+
+    Ranges (ValueError naming ``unet.<key>`` otherwise): model_channels in [1, 2048]; channel_mult 1 to 10
+    entries in [1, 64]; num_res_blocks an int or one per level in [0, 32], not all 0; attention and
+    cross-attention resolutions in [1, 4096]; num_class_tokens in [0, 256]; head_channels in [1, 4096];
+    norm_groups in [1, 1024]; dropout in [0, 1); cond_skip_std in [0, 10⁶]."""
 
     model_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 2)
@@ -69,24 +95,40 @@ class UNetConfig:
     cond_skip_std: float = 0.0
 
     def __post_init__(self) -> None:
-        self.channel_mult = tuple(self.channel_mult)
-        self.attention_resolutions = tuple(self.attention_resolutions)
-        self.cross_attention_resolutions = tuple(self.cross_attention_resolutions)
-        if not isinstance(self.num_res_blocks, int):
+        coerce_fields(self, "unet")
+        check_int_range("unet.model_channels", self.model_channels, 1, LIMITS["model_channels"])
+        if not 1 <= len(self.channel_mult) <= LIMITS["levels"] \
+                or not all(1 <= m <= LIMITS["channel_mult"] for m in self.channel_mult):
+            raise ValueError(f"unet.channel_mult must be 1 to {LIMITS['levels']} integers in "
+                             f"[1, {LIMITS['channel_mult']}], got {list(self.channel_mult)}")
+        if not is_int(self.num_res_blocks):
+            if isinstance(self.num_res_blocks, (str, bytes)) or not isinstance(self.num_res_blocks, Sequence):
+                raise ValueError(f"unet.num_res_blocks must be an int or a list of ints, got {self.num_res_blocks!r}")
             self.num_res_blocks = tuple(self.num_res_blocks)
-        if self.model_channels < 1 or not self.channel_mult:
-            raise ValueError(f"model_channels must be positive and channel_mult non-empty: {self}")
-        blocks_per_level(self.num_res_blocks, len(self.channel_mult))
+        try:
+            blocks_per_level(self.num_res_blocks, len(self.channel_mult))
+        except ValueError as err:
+            raise ValueError(f"unet.{err}") from None
+        for name in ("attention_resolutions", "cross_attention_resolutions"):
+            if not all(1 <= r <= LIMITS["resolution"] for r in getattr(self, name)):
+                raise ValueError(f"unet.{name} must be resolutions in [1, {LIMITS['resolution']}], got "
+                                 f"{list(getattr(self, name))}")
+        check_int_range("unet.num_class_tokens", self.num_class_tokens, 0, LIMITS["num_class_tokens"])
+        check_int_range("unet.head_channels", self.head_channels, 1, LIMITS["head_channels"])
+        check_int_range("unet.norm_groups", self.norm_groups, 1, LIMITS["norm_groups"])
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.cond_skip_std < 0:
-            raise ValueError(f"cond_skip_std must be >= 0, got {self.cond_skip_std}")
+            raise ValueError(f"unet.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.cond_skip_std <= LIMITS["weight"]:  # NaN fails too
+            raise ValueError(f"unet.cond_skip_std must be >= 0 and <= {LIMITS['weight']:g}, got {self.cond_skip_std}")
 
 
 @dataclass
 class DiffusionConfig:
     """Forward process and loss: β schedule, T, variance type, loss (hybrid = simple + λ·L_vlb), what the
-    network predicts (ε, v or x_0) and the MSE's weighting over t (uniform or Min-SNR-γ)."""
+    network predicts (ε, v or x_0) and the MSE's weighting over t (uniform or Min-SNR-γ).
+
+    Ranges (ValueError naming ``diffusion.<key>`` otherwise): num_timesteps T in [1, 100000]; vlb_weight in
+    [0, 10⁶]; min_snr_gamma in (0, 10⁶]; the names are those of their choice tuples."""
 
     schedule: str = "cosine"
     num_timesteps: int = 1000
@@ -99,16 +141,18 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0  # γ of min_snr, > 0
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "diffusion")
         check_choice("diffusion.schedule", self.schedule, SCHEDULES)
         check_choice("diffusion.model_var_type", self.model_var_type, MODEL_VAR_TYPES)
         check_choice("diffusion.loss", self.loss, LOSS_TYPES)
         check_choice("diffusion.timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
         check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
         check_choice("diffusion.loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
-        if not is_number(self.min_snr_gamma) or not self.min_snr_gamma > 0:
-            raise ValueError(f"diffusion.min_snr_gamma must be a number > 0, got {self.min_snr_gamma!r}")
-        if self.num_timesteps < 1:
-            raise ValueError(f"diffusion.num_timesteps must be positive, got {self.num_timesteps}")
+        if not is_number(self.min_snr_gamma) or not 0 < self.min_snr_gamma <= LIMITS["weight"]:
+            raise ValueError(f"diffusion.min_snr_gamma must be a number > 0 and <= {LIMITS['weight']:g}, got "
+                             f"{self.min_snr_gamma!r}")
+        check_number_range("diffusion.vlb_weight", self.vlb_weight, 0.0, LIMITS["weight"])
+        check_int_range("diffusion.num_timesteps", self.num_timesteps, 1, LIMITS["num_timesteps"])
         if self.loss == "hybrid" and self.model_var_type != "learned_range":
             raise ValueError("diffusion.loss 'hybrid' needs model_var_type 'learned_range'")
 
@@ -121,7 +165,10 @@ class DiffusionConfig:
 class AugConfig:
     """Conditioning augmentation of the low-res input in training (Ho et al. 2021 "Cascaded Diffusion Models"
     §3.2): s ~ U[0, s_max], blur on a ``blur_prob`` fraction of examples with σ ~ U(blur_sigma), kernel
-    ``blur_kernel``. The level s used at sampling time is `SamplingSettings.aug_level`."""
+    ``blur_kernel``. The level s used at sampling time is `SamplingSettings.aug_level`.
+
+    Ranges (ValueError naming ``aug.<key>`` otherwise): s_max and blur_prob in [0, 1]; blur_sigma (min, max) with
+    0 < min <= max <= 100 pixels; blur_kernel an odd integer in [1, 99]."""
 
     s_max: float = 0.0
     blur_prob: float = 0.0
@@ -129,14 +176,16 @@ class AugConfig:
     blur_kernel: int = 3
 
     def __post_init__(self) -> None:
-        self.blur_sigma = tuple(self.blur_sigma)
+        coerce_fields(self, "aug")
         for name in ("s_max", "blur_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"aug.{name} must be in [0, 1], got {getattr(self, name)}")
-        if len(self.blur_sigma) != 2 or not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ValueError(f"aug.blur_sigma must be (min, max) with 0 < min <= max, got {self.blur_sigma}")
-        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
-            raise ValueError(f"aug.blur_kernel must be a positive odd integer, got {self.blur_kernel}")
+        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1] <= LIMITS["blur_sigma"]:
+            raise ValueError(f"aug.blur_sigma must be (min, max) with 0 < min <= max <= {LIMITS['blur_sigma']:g}, "
+                             f"got {list(self.blur_sigma)}")
+        if not 1 <= self.blur_kernel <= LIMITS["blur_kernel"] or self.blur_kernel % 2 == 0:
+            raise ValueError(f"aug.blur_kernel must be an odd integer in [1, {LIMITS['blur_kernel']}], got "
+                             f"{self.blur_kernel}")
 
 
 _SPACING = re.compile(r"^(ddim)?\d+(,\d+)*$")
@@ -215,6 +264,7 @@ class SamplingSettings:
                 raise ValueError(f"guidance_interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi, got "
                                  f"{self.guidance_interval!r}")
             object.__setattr__(self, "guidance_interval", (float(interval[0]), float(interval[1])))
+        coerce_fields(self, "sampling")  # the rest: truncate, clip_denoised, classifier
         if self.eta and self.sampler != "ddim":
             raise ValueError(f"eta {self.eta:g} applies to the ddim sampler only; the {self.sampler} sampler would "
                              "ignore it (use sampler ddim or eta 0)")
@@ -260,7 +310,10 @@ _NESTED = {"unet": UNetConfig, "diffusion": DiffusionConfig, "aug": AugConfig, "
 
 @dataclass
 class StageConfig:
-    """One stage of the cascade: what it generates (or classifies), its network, noising and augmentation."""
+    """One stage of the cascade: what it generates (or classifies), its network, noising and augmentation.
+
+    Ranges (ValueError naming the key otherwise): resolution in [1, 4096] pixels per side, divisible by
+    2^(len(unet.channel_mult) − 1); low_resolution (sr only) in [1, resolution); num_classes in [1, 100000]."""
 
     name: str
     kind: str
@@ -273,12 +326,14 @@ class StageConfig:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "")
+        for key, sub in _NESTED.items():
+            if not isinstance(getattr(self, key), sub):
+                raise ValueError(f"{key} must be a {sub.__name__}, got {getattr(self, key)!r}")  # noqa: TRY004 - bad input
         check_choice("kind", self.kind, STAGE_KINDS)
         self.kind = StageKind(self.kind)
-        if self.resolution < 1 or self.num_classes < 1:
-            raise ValueError(
-                f"resolution and num_classes must be positive, got {self.resolution}, {self.num_classes}"
-            )
+        check_int_range("resolution", self.resolution, 1, LIMITS["resolution"])
+        check_int_range("num_classes", self.num_classes, 1, LIMITS["num_classes"])
         if self.kind is StageKind.sr:
             if self.low_resolution is None or not 0 < self.low_resolution < self.resolution:
                 raise ValueError(

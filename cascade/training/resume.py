@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from cascade import checkpoint
 from cascade.config import StageConfig
@@ -52,17 +53,26 @@ def resume_candidates(run_dir: Path, resume: str) -> list[Path]:
 
 
 def read_resume_point(run_dir: Path, resume: str, stage: StageConfig, device: torch.device, *,
-                      main_process: bool) -> ResumePoint:
+                      main_process: bool, model: nn.Module | None = None) -> ResumePoint:
     """The newest readable checkpoint to resume (EMA weights on ``device``). ValueError (one line) when its stage
     configuration differs from ``stage`` or every candidate is damaged; `checkpoint.CheckpointError` for a damaged
-    checkpoint unless resume=auto, which warns (main process) and tries the next older one."""
+    checkpoint (a missing or unreadable file, invalid settings in config.json, or, given the run's ``model``,
+    weights that do not fit it) unless resume=auto, which warns (main process) and tries the next older one."""
     damaged = []
     for path in resume_candidates(run_dir, resume):
         try:
-            record = checkpoint.load_config(path)
+            recorded = checkpoint.load_stage_config(path)
+            # through StageConfig: a record written before a field existed compares with its default
+            diff = _stage_differences(recorded.to_dict(), stage.to_dict())
+            if diff:  # a plain ValueError: not damage, resume=auto stops here
+                raise ValueError(f"cannot resume from {path}: its stage configuration differs from "
+                                 f"this run's ({'; '.join(diff)})")
             model_w = checkpoint.load_weights(path, "model")
             ema_w = checkpoint.load_weights(path, "ema", device=device)
             state = checkpoint.load_training_state(path)
+            if model is not None:  # the run's network, the one config.json describes
+                checkpoint.check_weights_fit(model, model_w, path, "model")
+                checkpoint.check_weights_fit(model, ema_w, path, "ema")
         except checkpoint.CheckpointError as err:
             if resume != "auto":
                 raise
@@ -70,11 +80,6 @@ def read_resume_point(run_dir: Path, resume: str, stage: StageConfig, device: to
             if main_process:
                 warn(f"checkpoint {path} is damaged, skipping it: {err}")
             continue
-        # through StageConfig: a record written before a field existed compares with its default
-        diff = _stage_differences(type(stage).from_dict(record["stage"]).to_dict(), stage.to_dict())
-        if diff:
-            raise ValueError(f"cannot resume from {path}: its stage configuration differs from "
-                             f"this run's ({'; '.join(diff)})")
         if damaged and main_process:
             warn(f"resuming from the older checkpoint {path} instead of the damaged {damaged[0]}")
         return ResumePoint(path, model_w, ema_w, state)

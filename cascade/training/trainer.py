@@ -163,7 +163,8 @@ class StageTrainer:
         self.timestep_sampler = make_timestep_sampler(self.stage.diffusion.timestep_sampler, self.diffusion.num_timesteps)
         self.loss_fn = make_stage_loss(self.stage, self.diffusion, self.timestep_sampler, cfg.p_uncond)
         self.resume_from, model_w, ema_w, state = read_resume_point(
-            self.run_dir, self.run_cfg.resume, self.stage, self.device, main_process=self.accelerator.is_main_process)
+            self.run_dir, self.run_cfg.resume, self.stage, self.device, main_process=self.accelerator.is_main_process,
+            model=model)
         recorded = (state or {}).get("data", {}).get("num_workers")
         if self.run_cfg.data.num_workers == "auto" and recorded is not None:
             self.num_workers = int(recorded)  # the same data stream as before the pause: keep its worker count
