@@ -16,6 +16,7 @@ from cascade.data.bad_input import BadInputReport
 from cascade.data.shards import RESOLUTIONS, write_shards
 from cascade.data.sources import get_source
 from cascade.errors import cli_main, ensure_writable_dir
+from cascade.locks import FolderLock
 
 PROG = "make_shards"
 
@@ -67,9 +68,10 @@ def main(argv=None) -> dict | int:
         if args.no_hflip:
             source.hflip = False
         ensure_writable_dir(args.out, "--out")
-        info = write_shards(source, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
-                            seed=args.seed, workers=args.workers, max_res=args.max_res, min_size=args.min_size,
-                            overwrite=args.overwrite, progress=not args.no_progress)
+        with FolderLock(args.out, "--out"):  # one writer per --out: a second run is refused before it writes
+            info = write_shards(source, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
+                                seed=args.seed, workers=args.workers, max_res=args.max_res,
+                                min_size=args.min_size, overwrite=args.overwrite, progress=not args.no_progress)
     except (ValueError, OSError, ImportError) as exc:
         raise SystemExit(f"make_shards: error: {exc}") from None
     counts = info["counts"]

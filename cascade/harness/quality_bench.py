@@ -142,6 +142,9 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
     runs = {name: apply_recipe(name, stage_cfg, trainer) for name in cfg.recipes}
     if len(set(cfg.recipes)) != len(cfg.recipes):
         raise BenchError("--recipes: a recipe is named twice; name each once")
+    grids = [_grid_name(name, setting.label) for name in cfg.recipes for setting in cfg.samplers]
+    if len({g.lower() for g in grids}) != len(grids) or len({_file_label(n).lower() for n in cfg.recipes}) < len(runs):
+        raise BenchError("--recipes / --samplers: two of them share a file name once made safe for one; rename one")
     for name in cfg.recipes:
         run_dir = cfg.out / RUNS_DIR / _file_label(name)
         if cfg.reuse and cfg.overwrite:
@@ -270,7 +273,13 @@ def _grid_sr(images: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, x_l
 
 
 def _file_label(text: str) -> str:
+    """``text`` for a file name: runs of other characters than letters, digits and `_.=-` become `_`."""
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
+
+
+def _grid_name(recipe: str, sampler_label: str) -> str:
+    """The grid's file name of (recipe, sampler setting); `prepare` checks that they are distinct."""
+    return f"grid-{_file_label(recipe)}-{_file_label(sampler_label)}.png"
 
 
 def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> BenchResult:
@@ -306,7 +315,7 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
             images, nfe = sample_images(model, diffusion, stage_cfg, setting, labels, x_low, seed=cfg.seed,
                                         batch_size=cfg.sample_batch, device=device)
             seconds = time.perf_counter() - started
-            grid_path = cfg.out / f"grid-{_file_label(name)}-{_file_label(setting.label)}.png"
+            grid_path = cfg.out / _grid_name(name, setting.label)
             if kind is StageKind.base:
                 metrics = score(judge, images, labels, seed=cfg.seed, cas=cfg.cas)
                 _grid_base(images, labels, min(cfg.per_class, 10)).save(grid_path)
