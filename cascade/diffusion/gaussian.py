@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from cascade.checks import is_number
 from cascade.diffusion import objectives
 from cascade.diffusion.parameterization import (
     LOSS_WEIGHTINGS,
@@ -95,13 +96,13 @@ class GaussianDiffusion:
             raise ValueError(f"unknown loss {loss_type!r}; expected one of {LOSS_TYPES}")
         if loss_type == "hybrid" and model_var_type != "learned_range":
             raise ValueError("the hybrid loss trains the variance: it needs model_var_type='learned_range'")
-        if not vlb_weight >= 0:
-            raise ValueError(f"vlb_weight must be >= 0, got {vlb_weight}")
+        if not is_number(vlb_weight) or not vlb_weight >= 0:
+            raise ValueError(f"vlb_weight must be >= 0, got {vlb_weight!r}")
         check_prediction(prediction)
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"unknown loss_weighting {loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
-        if not min_snr_gamma > 0:
-            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        if not is_number(min_snr_gamma) or not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma!r}")
         self.prediction = prediction
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = float(min_snr_gamma)

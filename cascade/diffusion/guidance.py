@@ -9,14 +9,24 @@ paper's equation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cascade.checks import is_int, is_number
 from cascade.diffusion.parameterization import check_prediction, eps_shift_in_prediction
 
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "check_guidance_interval", "classifier_free_guidance",
            "classifier_guidance"]
+
+def _check_weight(name: str, value) -> float:
+    """A guidance weight or scale: a finite real number >= 0 (not a bool), as a float; ValueError otherwise."""
+    if not is_number(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
 
 def _guided_output(model_output: torch.Tensor, channels: int, mean: torch.Tensor) -> torch.Tensor:
     """Replace the mean part of a raw output (prediction or prediction‖v), keeping any variance channels."""
@@ -28,16 +38,21 @@ def _guided_output(model_output: torch.Tensor, channels: int, mean: torch.Tensor
 def check_guidance_interval(interval, num_timesteps: int | None) -> tuple[float, float] | None:
     """The guidance interval as (t_lo, t_hi) floats, or None (guidance at every t).
 
-    Timesteps are on the training scale: 0 <= t_lo <= t_hi < num_timesteps (T). Raises a one-line
-    ValueError for anything else, or when T is not given."""
+    Timesteps are on the training scale: 0 <= t_lo <= t_hi < num_timesteps (T), real numbers (not bools), T an
+    integer >= 1. Raises a one-line ValueError for anything else, or when T is not given."""
     if interval is None:
         return None
     try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise ValueError(f"guidance_interval must be a pair (t_lo, t_hi) of timesteps, got {interval!r}") from None
+        pair = tuple(interval)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(is_number(v) for v in pair):
+        raise ValueError(f"guidance_interval must be a pair (t_lo, t_hi) of timesteps, got {interval!r}")
+    lo, hi = (float(v) for v in pair)
     if num_timesteps is None:
         raise ValueError("guidance_interval needs num_timesteps (the training T) to check it")
+    if not is_int(num_timesteps) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
     if not 0 <= lo <= hi < num_timesteps:
         raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi < T = {num_timesteps}, "
                          f"got ({lo:g}, {hi:g})")
@@ -58,11 +73,11 @@ class ClassifierFreeGuidance(nn.Module):
 
     def __init__(self, model, w: float, null_class: int, interval=None, num_timesteps: int | None = None):
         super().__init__()
-        if not w >= 0:
-            raise ValueError(f"guidance weight w must be >= 0, got {w}")
+        self.w = _check_weight("guidance weight w", w)
+        if not is_int(null_class) or null_class < 0:
+            raise ValueError(f"null_class must be a class index >= 0, got {null_class!r}")
         self.model = model
-        self.w = float(w)
-        self.null_class = int(null_class)
+        self.null_class = null_class
         self.interval = check_guidance_interval(interval, num_timesteps)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs):
@@ -96,12 +111,10 @@ class ClassifierGuidance(nn.Module):
 
     def __init__(self, model, classifier, alphas_cumprod, scale: float, prediction: str = "eps"):
         super().__init__()
-        if not scale >= 0:
-            raise ValueError(f"classifier guidance scale must be >= 0, got {scale}")
+        self.scale = _check_weight("classifier guidance scale", scale)
         self.model = model
         self.classifier = classifier
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
-        self.scale = float(scale)
         self.prediction = check_prediction(prediction)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs):
@@ -125,7 +138,8 @@ class ClassifierGuidance(nn.Module):
 
 def classifier_free_guidance(model, w: float, null_class: int, interval=None,
                              num_timesteps: int | None = None) -> ClassifierFreeGuidance:
-    """Wrap `model` with classifier-free guidance of weight w ≥ 0 (w = 0: plain conditional model).
+    """Wrap `model` with classifier-free guidance of weight w ≥ 0, finite (w = 0: plain conditional model);
+    `null_class` is the index of the unconditional class (an int >= 0).
 
     `interval` = (t_lo, t_hi) limits guidance to t_lo <= t <= t_hi on the training scale (checked against
     num_timesteps = T: 0 <= t_lo <= t_hi < T); None guides at every t. Raises ValueError otherwise."""
@@ -136,5 +150,5 @@ def classifier_guidance(model, classifier, alphas_cumprod, scale: float,
                         prediction: str = "eps") -> ClassifierGuidance:
     """Wrap `model` with classifier guidance; `alphas_cumprod` is the ORIGINAL (training) table, indexed by
     the original-scale timesteps the model receives (`diffusion.original_alphas_cumprod`); `prediction`
-    is the model's output type (`diffusion.prediction`)."""
+    is the model's output type (`diffusion.prediction`); `scale` a finite number >= 0. Raises ValueError otherwise."""
     return ClassifierGuidance(model, classifier, alphas_cumprod, scale, prediction)

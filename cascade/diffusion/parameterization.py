@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from cascade.checks import is_number
+
 PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
@@ -102,8 +104,8 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Te
     (1/(1−ᾱ) = 1 + SNR). Dividing min(SNR, γ) by those factors gives the weight on each MSE:
     ε: min(SNR, γ)/SNR, v: min(SNR, γ)/(SNR + 1), x_0: min(SNR, γ). Raises ValueError unless γ > 0.
     """
-    if not gamma > 0:
-        raise ValueError(f"min_snr_gamma must be > 0, got {gamma}")
+    if not is_number(gamma) or not gamma > 0:
+        raise ValueError(f"min_snr_gamma must be > 0, got {gamma!r}")
     clipped = torch.clamp(snr, max=gamma)  # min(SNR_t, γ) on the x_0-space MSE (Hang et al. 2023, Min-SNR-γ)
     if check_prediction(prediction) == "eps":
         return clipped / snr

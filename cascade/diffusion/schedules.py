@@ -36,8 +36,8 @@ def make_betas(kind: str, num_timesteps: int) -> np.ndarray:
         num_timesteps = operator.index(num_timesteps)
     except TypeError:
         raise ValueError(f"num_timesteps must be an int, got {num_timesteps!r}") from None
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if num_timesteps < 1 or isinstance(num_timesteps, bool):  # True is an index to Python, not a count
+        raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
     if kind == "linear":
         # DDPM's 1e-4 → 0.02 over 1000 steps, scaled by 1000/T so any T gives the same total noise.
         scale = 1000.0 / num_timesteps
@@ -97,8 +97,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     into equal sections with 10, 10 and 5 evenly spaced steps each), "ddim25" (the constant stride
     range(0, T, stride) with exactly 25 steps, as in DDIM), or an int / list of ints.
     """
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if not (is_int(num_timesteps) or isinstance(num_timesteps, np.integer)) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
     if isinstance(section_counts, str):
         spec = section_counts.strip()
         if spec.startswith("ddim"):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cascade.checks import is_int
 from cascade.imageops import check_image_batch
 from cascade.nets.attention import AttentionPool2d, group_norm
 from cascade.nets.unet import EmbeddingMLP, UNetEncoder, check_batch_vector, timestep_embedding
@@ -35,8 +36,8 @@ class NoisyClassifier(nn.Module):
         use_checkpoint: bool = False,
     ):
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if not (is_int(num_classes) and num_classes >= 1):
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.resolution, self.in_channels = resolution, in_channels
         self.num_classes, self.model_channels = num_classes, model_channels
         emb_dim = 4 * model_channels

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cascade.checks import is_number
 from cascade.diffusion.parameterization import check_prediction
 from cascade.diffusion.schedules import aug_alpha_bar
 from cascade.imageops import upsample
@@ -44,8 +45,8 @@ class ConditioningSkip(nn.Module):
 
     def __init__(self, backbone: nn.Module, cond_skip_std: float, alphas_cumprod, prediction: str = "eps"):
         super().__init__()
-        if not cond_skip_std > 0:
-            raise ValueError(f"cond_skip_std must be > 0 for a conditioning skip, got {cond_skip_std}")
+        if not is_number(cond_skip_std) or not cond_skip_std > 0:
+            raise ValueError(f"cond_skip_std must be > 0 for a conditioning skip, got {cond_skip_std!r}")
         if getattr(backbone, "low_resolution", None) is None:
             raise ValueError("cond_skip_std needs a super-resolution backbone (low_resolution set)")
         self.backbone = backbone

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cascade.checks import is_int
 from cascade.config import blocks_per_level
 from cascade.imageops import check_image_batch, upsample
 from cascade.nets.attention import ClassTokens, CrossAttention2d, SelfAttention2d, group_norm
@@ -247,8 +248,8 @@ class UNet(nn.Module):
         super().__init__()
         if low_resolution is not None and not 0 < low_resolution < resolution:
             raise ValueError(f"low_resolution must be in (0, {resolution}), got {low_resolution}")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be positive or None, got {num_classes}")
+        if num_classes is not None and not (is_int(num_classes) and num_classes >= 1):
+            raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
         self.resolution, self.low_resolution = resolution, low_resolution
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_classes, self.model_channels = num_classes, model_channels

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cascade.checks import is_int
 from cascade.config import TIMESTEP_SAMPLERS
 
 
@@ -17,8 +18,8 @@ class TimestepSampler:
     """Base class: a distribution p_t over {0..T-1} given by `weights()`."""
 
     def __init__(self, num_timesteps: int):
-        if num_timesteps < 1:
-            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        if not is_int(num_timesteps) or num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
         self.num_timesteps = int(num_timesteps)
 
     def weights(self) -> np.ndarray:
