@@ -95,6 +95,32 @@ def parse_choices(text: str, valid: Iterable[str], option: str, what: str) -> li
     return names
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low``; anything else is argparse's one-line error naming the option."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def fraction_below_one(raw: str) -> float:
+    """argparse type: a number in [0, 1); anything else is argparse's one-line error naming the option."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {raw!r}")
+    return value
+
+
 def float_list(raw: str) -> list[float]:
     """`0,1,3` → [0.0, 1.0, 3.0] (a cast for `parse_stage_values`: grids of values to sweep)."""
     values = [float(v) for v in raw.split(",")]

@@ -15,20 +15,20 @@ writes the report as JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from cascade.cli import OneLineArgumentParser
 from cascade.errors import cli_main
 from cascade.harness.bench import BENCH_STAGES, BenchSettings, format_report, run_bench
 
 
 @cli_main("bench", bad_input=(ValueError, ImportError))
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="bench", description=__doc__.split("\n")[0])
     parser.add_argument("--stages", default=",".join(BENCH_STAGES), help=f"comma list of {BENCH_STAGES}")
     parser.add_argument("--modes", default="fp32", help="comma list of modes, tokens fp32|bf16|cl|compile joined by +")
     parser.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")

@@ -6,18 +6,21 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from cascade.cli import OneLineArgumentParser, int_at_least
+from cascade.errors import cli_main
 from cascade.harness.bench import loader_throughputs
 
 
-def main(argv=None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+@cli_main("bench_data")
+def main(argv=None) -> dict[str, float] | int:
+    """{stage: images/s}; bad input prints one line and returns 2, another failure one line and 1."""
+    parser = OneLineArgumentParser(prog="bench_data", description=__doc__.split("\n")[0])
     parser.add_argument("--root", default=None, help="shard folder (default: write a temporary synthetic one)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--num-batches", type=int, default=20)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32)
+    parser.add_argument("--num-workers", type=int_at_least(0), default=2)
+    parser.add_argument("--num-batches", type=int_at_least(1), default=20)
     args = parser.parse_args(argv)
     results = {}
     for name, res, low, images_per_s in loader_throughputs(args.root, args.batch_size, args.num_workers,
@@ -29,4 +32,5 @@ def main(argv=None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    result = main(sys.argv[1:])
+    sys.exit(result if isinstance(result, int) else 0)

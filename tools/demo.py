@@ -13,10 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cascade.cli import OneLineArgumentParser
+from cascade.errors import cli_main
 
+
+@cli_main("demo", interrupted="interrupted; run the same command to resume")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """0 when the report is written; bad input (a flag, a second demo on --out) one line and 2; another failure
+    one line and 1; Ctrl-C one line and 130."""
+    parser = OneLineArgumentParser(prog="demo", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2-minute smoke version (tiny data, few steps)")
     parser.add_argument("--out", default=None, help="output folder (default demo_out/ or demo_out_quick/)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, training and sampling (default 0)")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cascade.cli import OneLineArgumentParser, fraction_below_one, int_at_least
 from cascade.data.bad_input import BadInputReport
 from cascade.data.shards import RESOLUTIONS, write_shards
 from cascade.data.sources import get_source
-from cascade.errors import cli_main, ensure_writable_dir
+from cascade.errors import cli_main, ensure_writable_dir, plural
 from cascade.locks import FolderLock
 
 PROG = "make_shards"
@@ -31,22 +32,25 @@ only with CASCADE_DEBUG=1."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=POLICY,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n")[0], epilog=POLICY,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True,
                         help="'synthetic', 'photos', 'digits' or a folder of class sub-folders (ImageFolder layout)")
     parser.add_argument("--out", required=True, help="output folder for train-*.tar, val-*.tar, dataset.json")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of each class for val")
+    parser.add_argument("--shard-size", type=int_at_least(1), default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--val-fraction", type=fraction_below_one, default=0.05,
+                        help="fraction of each class for val, in [0, 1) (default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, shuffles and generated images")
-    parser.add_argument("--workers", type=int, default=1, help="processes decoding/resizing images")
-    parser.add_argument("--images-per-class", type=int, default=None,
+    parser.add_argument("--workers", type=int_at_least(0), default=1,
+                        help="processes decoding/resizing images (0 or 1: this one; default 1)")
+    parser.add_argument("--images-per-class", type=int_at_least(1), default=None,
                         help="images per class for generated sources (default 100); "
                              "for digits at most this many (default all)")
-    parser.add_argument("--num-classes", type=int, default=None, help="classes of the synthetic source (default 10)")
+    parser.add_argument("--num-classes", type=int_at_least(1), default=None,
+                        help="classes of the synthetic source (default 10)")
     parser.add_argument("--max-res", type=int, default=256, choices=RESOLUTIONS,
                         help="largest resolution written; only sizes ≤ it are stored (default 256)")
-    parser.add_argument("--min-size", type=int, default=16,
+    parser.add_argument("--min-size", type=int_at_least(1), default=16,
                         help="skip images whose short side is below this many pixels (default 16)")
     parser.add_argument("--no-hflip", action="store_true",
                         help="declare that a mirror image is not of its class (digits, text, oriented symbols): "
@@ -57,27 +61,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@cli_main(PROG, bad_input=(), interrupted="interrupted; the output folder holds no complete dataset (no "
-                                            "dataset.json); run the same command to write it")
+@cli_main(PROG, bad_input=(ValueError, FileNotFoundError, FileExistsError, ImportError),
+          interrupted="interrupted; the output folder holds no complete dataset (no dataset.json); run the same "
+                      "command to write it")
 def main(argv=None) -> dict | int:
-    """Returns dataset.json's dict; bad input raises SystemExit with one line; failures return an exit code."""
+    """Returns dataset.json's dict; bad input (a usage error, a missing source, a dataset already in --out) prints
+    one line and returns 2 (argparse's usage errors exit 2), another failure (a full disk) one line and 1."""
     args = parse_args(argv)
-    try:
-        source = get_source(args.source, seed=args.seed, images_per_class=args.images_per_class,
-                            num_classes=args.num_classes)
-        if args.no_hflip:
-            source.hflip = False
-        ensure_writable_dir(args.out, "--out")
-        with FolderLock(args.out, "--out"):  # one writer per --out: a second run is refused before it writes
-            info = write_shards(source, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
-                                seed=args.seed, workers=args.workers, max_res=args.max_res,
-                                min_size=args.min_size, overwrite=args.overwrite, progress=not args.no_progress)
-    except (ValueError, OSError, ImportError) as exc:
-        raise SystemExit(f"make_shards: error: {exc}") from None
+    source = get_source(args.source, seed=args.seed, images_per_class=args.images_per_class,
+                        num_classes=args.num_classes)
+    if args.no_hflip:
+        source.hflip = False
+    ensure_writable_dir(args.out, "--out")
+    with FolderLock(args.out, "--out"):  # one writer per --out: a second run is refused before it writes anything
+        info = write_shards(source, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
+                            seed=args.seed, workers=args.workers, max_res=args.max_res, min_size=args.min_size,
+                            overwrite=args.overwrite, progress=not args.no_progress)
     counts = info["counts"]
-    print(f"wrote {counts['train']['total']} train / {counts['val']['total']} val samples of "
-          f"{info['num_classes']} classes at {info['resolutions']} to {args.out} "
-          f"({len(info['shards']['train'])} + {len(info['shards']['val'])} shards); training flips images "
+    print(f"wrote {counts['train']['total']} train / {plural(counts['val']['total'], 'val sample')} of "
+          f"{plural(info['num_classes'], 'class', 'classes')} at {info['resolutions']} to {args.out} "
+          f"({len(info['shards']['train'])} + {plural(len(info['shards']['val']), 'shard')}); training flips images "
           + ("at random" if info["hflip"] else "never (mirror images are not of their class)"))
     lines = BadInputReport.from_dict(info["bad_input"]).summary_lines()
     print("bad input: none" if not lines else "bad input:\n  " + "\n  ".join(lines))

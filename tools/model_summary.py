@@ -6,16 +6,20 @@ Models are built on the meta device, so the paper presets cost no memory or comp
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 import torch
 
 import stages
+from cascade.cli import OneLineArgumentParser, int_at_least
+from cascade.errors import cli_main
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-classes", type=int, default=10)
+@cli_main("model_summary")
+def main(argv: list[str] | None = None) -> int:
+    """Prints the table; returns 0 (bad input: one line, 2)."""
+    parser = OneLineArgumentParser(prog="model_summary", description=__doc__.splitlines()[0])
+    parser.add_argument("--num-classes", type=int_at_least(1), default=10)
     parser.add_argument("--sizes", nargs="+", default=list(stages.SIZES), choices=stages.SIZES)
     parser.add_argument("--stages", nargs="+", default=list(stages.STAGE_NAMES), choices=stages.STAGE_NAMES)
     args = parser.parse_args(argv)
@@ -30,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{name:<13} {size:<6} {res:<10} {stages.count_parameters(model):>12,} "
                 f"{stages.forward_flops(cfg, model) / 1e9:>10.3f}"
             )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import stages
 from cascade.cli import OneLineArgumentParser, report_error
+from cascade.errors import cli_main
 from cascade.evaluation.cas import CASSettings
 from cascade.harness.judge import JudgeSettings
 from cascade.harness.quality_bench import BenchConfig, main_settings, prepare, run_benchmark
@@ -105,7 +106,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cas=CASSettings() if args.cas else None, overwrite=args.overwrite, reuse=args.reuse, progress=args.progress)
 
 
+@cli_main(PROG, interrupted="interrupted; run the same command to start again")
 def main(argv: list[str] | None = None) -> int:
+    """0 when the report is written; bad input one line and 2; another failure one line and 1; Ctrl-C 130."""
     args = build_parser().parse_args(argv)
     try:
         presets = {name: functools.partial(stages.get_stage, name) for name in stages.STAGE_NAMES}

@@ -94,24 +94,46 @@ def test_synthetic_cli_writes_requested_counts(tmp_path, make_shards, capsys):
     assert "bad input: none" in capsys.readouterr().out
 
 
+def _exit_code(main, argv) -> int:
+    """The exit code of a tool's main: its return value, or the code of the SystemExit argparse raises."""
+    try:
+        result = main(argv)
+    except SystemExit as exc:
+        return exc.code
+    return result if isinstance(result, int) else 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--source", "{missing}"], "source folder not found"),
     (["--source", "{empty}"], "no class sub-folders"),
-    (["--source", "synthetic", "--val-fraction", "1.5"], "val_fraction"),
+    (["--source", "synthetic", "--val-fraction", "1.5"], "argument --val-fraction: must be a number in [0, 1)"),
+    (["--source", "synthetic", "--shard-size", "0"], "argument --shard-size: must be an integer >= 1"),
+    (["--source", "photos", "--num-classes", "3"], "--num-classes (num_classes) applies only to the synthetic"),
+    (["--source", "{empty}", "--images-per-class", "3"], "--images-per-class (images_per_class) applies only"),
 ])
-def test_errors_are_one_line(tmp_path, make_shards, args, message):
+def test_errors_are_one_line(tmp_path, make_shards, args, message, capsys):
     (tmp_path / "empty").mkdir()
     args = [a.format(missing=tmp_path / "missing", empty=tmp_path / "empty") for a in args]
-    with pytest.raises(SystemExit, match=message) as exc:
-        make_shards.main(args + ["--out", str(tmp_path / "out"), "--no-progress"])
-    assert "\n" not in str(exc.value.code)
+    assert _exit_code(make_shards.main, args + ["--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("make_shards: error: ") and message in err[0]
+
+
+def test_a_dataset_already_in_out_names_the_flag_and_counts_are_pluralised(tmp_path, make_shards, capsys):
+    args = ["--source", "synthetic", "--num-classes", "1", "--images-per-class", "2", "--val-fraction", "0.5",
+            "--max-res", "32", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert _exit_code(make_shards.main, args) == 0
+    assert "wrote 1 train / 1 val sample of 1 class at [32]" in capsys.readouterr().out
+    assert _exit_code(make_shards.main, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("pass --overwrite (overwrite=True) to replace it")
 
 
 def test_cli_error_has_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--source",
                              str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"make_shards: error: source folder not found: {tmp_path / 'missing'}"]
 
 
@@ -207,11 +229,11 @@ def test_no_hflip_declares_a_folder_dataset_not_mirror_symmetric(tmp_path, make_
     assert make_shards.main(common + ["--out", str(tmp_path / "noflip"), "--no-hflip"])["hflip"] is False
 
 
-def test_digits_source_without_scikit_learn_is_one_line(tmp_path, make_shards, monkeypatch):
+def test_digits_source_without_scikit_learn_is_one_line(tmp_path, make_shards, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as if not installed
-    with pytest.raises(SystemExit) as exc:
-        make_shards.main(["--source", "digits", "--out", str(tmp_path), "--no-progress"])
-    assert str(exc.value.code) == "make_shards: error: the 'digits' source needs scikit-learn: pip install -e .[demo]"
+    assert _exit_code(make_shards.main, ["--source", "digits", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert capsys.readouterr().err == ("make_shards: error: the 'digits' source needs scikit-learn: pip install -e "
+                                       ".[demo]\n")
 
 
 def test_writing_in_process_keeps_the_callers_thread_count(tmp_path):
