@@ -8,15 +8,22 @@ report of both (nothing crashes a run, nothing valid is lost; all reported at th
 - 16-bit and 32-bit integer images (I;16*, I) → scaled from 0..65535 to 0..255; float (F) images are
   taken as 0..1 when their maximum is ≤ 1, else 0..255; EXIF orientation is applied;
 - short side < max_res → upscaled (bicubic) and counted; short side < min_size → skipped;
+- more than `MAX_SOURCE_PIXELS` pixels (read from the header, before any decoding) → skipped as too large: a few
+  KB of PNG can declare 12000×12000 pixels, 0.4 GB decoded and more in the conversions, in every worker;
 - unreadable, truncated or corrupt images, and files that are not images → skipped.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+# Width × height of the largest source image decoded: 8192² (a 67-megapixel photo, ~200 MB as 8-bit RGB).
+MAX_SOURCE_PIXELS = 8192 * 8192
 
 
 class SkipImage(Exception):
@@ -36,6 +43,7 @@ class BadInputReport:
     skipped_too_small: list[str] = field(default_factory=list)
     skipped_unreadable: list[str] = field(default_factory=list)  # truncated / corrupt image data
     skipped_not_image: list[str] = field(default_factory=list)
+    skipped_too_large: list[str] = field(default_factory=list)  # more than MAX_SOURCE_PIXELS pixels
     notes: dict[str, list[str]] = field(default_factory=dict)  # source findings (files outside classes, …)
 
     def add(self, category: str, name: str) -> None:
@@ -47,7 +55,8 @@ class BadInputReport:
 
     @property
     def num_skipped(self) -> int:
-        return len(self.skipped_too_small) + len(self.skipped_unreadable) + len(self.skipped_not_image)
+        return (len(self.skipped_too_small) + len(self.skipped_unreadable) + len(self.skipped_not_image)
+                + len(self.skipped_too_large))
 
     def to_dict(self) -> dict:
         """dataset.json's "bad_input": `{category: {"count": n, "files": sorted names}}` (converted per mode)."""
@@ -61,15 +70,17 @@ class BadInputReport:
             "skipped_too_small": entry(self.skipped_too_small),
             "skipped_unreadable": entry(self.skipped_unreadable),
             "skipped_not_image": entry(self.skipped_not_image),
+            "skipped_too_large": entry(self.skipped_too_large),
             **{k: entry(v) for k, v in sorted(self.notes.items())},
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> BadInputReport:
-        """Inverse of `to_dict` (file names only)."""
-        fixed = ("converted", "upscaled", "skipped_too_small", "skipped_unreadable", "skipped_not_image")
+        """Inverse of `to_dict` (file names only; a report written before a category existed has it empty)."""
+        fixed = ("converted", "upscaled", "skipped_too_small", "skipped_unreadable", "skipped_not_image",
+                 "skipped_too_large")
         return cls(converted={mode: list(e["files"]) for mode, e in d["converted"].items()},
-                   **{k: list(d[k]["files"]) for k in fixed[1:]},
+                   **{k: list(d[k]["files"]) for k in fixed[1:] if k in d},
                    notes={k: list(v["files"]) for k, v in d.items() if k not in fixed})
 
     def summary_lines(self, max_names: int = 10) -> list[str]:
@@ -84,10 +95,37 @@ class BadInputReport:
                              ("skipped: smaller than min_size", self.skipped_too_small),
                              ("skipped: unreadable or truncated", self.skipped_unreadable),
                              ("skipped: not an image", self.skipped_not_image),
+                             (f"skipped: too large (over {MAX_SOURCE_PIXELS:,} pixels)", self.skipped_too_large),
                              *[(k.replace("_", " "), v) for k, v in sorted(self.notes.items())]]:
             if names:
                 lines.append(line(label, names))
         return lines
+
+
+def check_pixel_count(image: Image.Image) -> None:
+    """SkipImage ("skipped_too_large") when ``image`` declares more than `MAX_SOURCE_PIXELS` pixels; reads only
+    the size its header gives, so call it before decoding."""
+    width, height = image.size
+    if width * height > MAX_SOURCE_PIXELS:
+        raise SkipImage("skipped_too_large", f"{width}×{height} pixels exceeds the {MAX_SOURCE_PIXELS:,}-pixel cap")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file lazily (header only) under the size cap: SkipImage ("skipped_too_large") for more
+    than `MAX_SOURCE_PIXELS` pixels, in place of Pillow's DecompressionBombWarning or DecompressionBombError
+    (Pillow's own limit, checked at open); Pillow's errors for unreadable files pass through."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError as exc:
+            raise SkipImage("skipped_too_large", str(exc)) from None
+    try:
+        check_pixel_count(image)
+    except SkipImage:
+        image.close()
+        raise
+    return image
 
 
 def transparent_colour_mask(image: Image.Image) -> np.ndarray | None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
-from cascade.data.bad_input import SkipImage, apply_exif_orientation, to_rgb8
+from cascade.data.bad_input import SkipImage, apply_exif_orientation, check_pixel_count, to_rgb8
 from cascade.imageops import downsample, float_to_uint8, uint8_to_float
 
 
@@ -33,8 +33,9 @@ def square_resize(image: Image.Image, size: int) -> Image.Image:
 def prepare_image(image: Image.Image, max_res: int, min_size: int) -> tuple[np.ndarray, list[str]]:
     """Decode + policy + square resize: (max_res×max_res×3 uint8, report events such as "converted:L" and
     "upscaled"). Raises SkipImage ("skipped_unreadable": the pixels do not decode; "skipped_too_small": short
-    side < min_size)."""
+    side < min_size; "skipped_too_large": more than `cascade.data.bad_input.MAX_SOURCE_PIXELS`, before decoding)."""
     events = []
+    check_pixel_count(image)
     try:
         if image.format == "JPEG":
             image.draft(None, (max_res, max_res))  # decode huge JPEGs at a reduced (still ≥ max_res) scale

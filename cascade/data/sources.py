@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from cascade.data import synthetic
+from cascade.data.bad_input import open_image
 
 GENERATED_RESOLUTION = 256
 
@@ -271,7 +272,7 @@ class FolderSource(Source):
                 for c, files in enumerate(self._files)]
 
     def load(self, item: SourceItem) -> Image.Image:
-        return Image.open(item.ref)
+        return open_image(item.ref)  # header only; SkipImage beyond the pixel cap
 
     def describe(self) -> dict:
         return {"kind": "folder", "root": str(self.root)}
