@@ -278,7 +278,8 @@ def load_stage_config(path: str | Path):
     try:
         return StageConfig.from_dict(record["stage"])
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{resolve_checkpoint(path) / CONFIG_FILE}: {err}") from None
+        raise CheckpointError(f"checkpoint file {resolve_checkpoint(path) / CONFIG_FILE} holds an invalid stage "
+                              f"setting: {err}; use an earlier checkpoint (another step folder) or retrain") from None
 
 
 def check_weights_fit(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path,

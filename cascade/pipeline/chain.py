@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cascade.checkpoint import load_config, load_stage, resolve_checkpoint
+from cascade.checkpoint import load_config, load_stage, load_stage_config, resolve_checkpoint
 from cascade.config import StageConfig, StageKind
 from cascade.pipeline.plan import CascadeConfigError
 
@@ -67,7 +67,7 @@ def read_checkpoint(name: str, path: str | Path) -> tuple[Path, dict[str, Any], 
     try:
         ckpt = resolve_checkpoint(path)
         record = load_config(ckpt)
-        return ckpt, record, StageConfig.from_dict(record["stage"])
+        return ckpt, record, load_stage_config(ckpt)
     except (FileNotFoundError, ValueError, KeyError) as err:
         message = str(err)
         advice = "" if "checkpoint" in message and ("retrain" in message or "earlier" in message) else \
