@@ -105,7 +105,7 @@ class FolderLock:
             break
         if previous:
             print(f"warning: {self.option} {self.folder}: taking over the lock left by {describe_owner(previous)}, "
-                  f"which no longer runs (killed?); its partial outputs there may be replaced", file=sys.stderr)
+                  "which no longer runs (killed?)", file=sys.stderr)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                   "command": " ".join(sys.argv)[:500]}
         os.ftruncate(fd, 0)
