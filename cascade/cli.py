@@ -229,10 +229,10 @@ def add_evaluation_arguments(p: argparse.ArgumentParser, default_stages: str) ->
     p.add_argument("--patch-fid", action="store_true",
                    help="also FID/KID on full-resolution patches (the classifier's input size) of every stage: "
                         "sees the detail SR stages add")
-    p.add_argument("--num-samples", type=int, default=None,
+    p.add_argument("--num-samples", type=int_at_least(2), default=None,
                    help="images per stage (and mode / setting); default: one per val image")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same samples (default 0)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="samples per batch (default 64)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="same seed, same samples (default 0)")
     p.add_argument("--device", default=None,
                    help="torch device (default: accelerate's device of this process, e.g. cuda:0 or cpu)")
     p.add_argument("--precision", default="auto",

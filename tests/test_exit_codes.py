@@ -16,7 +16,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py"))
-PROG = {name: name for name in TOOLS}
 
 
 def _run(tool: str, argv: list[str], monkeypatch) -> int:
@@ -45,7 +44,7 @@ def test_help_succeeds(tool, monkeypatch, capfd):
 def test_a_bad_flag_is_one_line_and_exit_2(tool, monkeypatch, capfd):
     assert _run(tool, ["--no-such-flag"], monkeypatch) == 2
     err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"{PROG[tool]}: error: "), err
+    assert len(err) == 1 and err[0].startswith(f"{tool}: error: "), err
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -56,4 +55,18 @@ def test_an_interrupt_is_one_line_and_exit_130(tool, monkeypatch, capfd):
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)  # Ctrl-C while the tool starts
     assert _run(tool, [], monkeypatch) == 128 + signal.SIGINT
     err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"{PROG[tool]}: ") and "Traceback" not in err[0], err
+    assert len(err) == 1 and err[0].startswith(f"{tool}: ") and "Traceback" not in err[0], err
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    ("make_shards", ["--source", "synthetic", "--out", "o", "--val-fraction", "1"],
+     "argument --val-fraction: must be a number in [0, 1), got '1'"),
+    ("sample_cascade", ["--classes", "1", "--num-per-class", "0"], "argument --num-per-class: must be an integer >= 1"),
+    ("sample_cascade", ["--classes", "1", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+    ("eval_fid", ["--data", "d", "--num-samples", "1"], "argument --num-samples: must be an integer >= 2"),
+    ("sweep", ["--data", "d", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
+])
+def test_bad_values_name_the_flag_as_typed(tool, argv, message, monkeypatch, capfd):
+    assert _run(tool, argv, monkeypatch) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{tool}: error: {message}"), err

@@ -26,13 +26,14 @@ from cascade.cli import (
     OneLineArgumentParser,
     add_sampler_arguments,
     default_device,
+    int_at_least,
     parse_ckpt_pairs,
     parse_classes,
     parse_stage_list,
     report_error,
     sampler_overrides,
 )
-from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
+from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir, plural
 from cascade.locks import FolderLock
 from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN, PRECISIONS, CascadeConfigError, CascadePipeline
 from cascade.pipeline.outputs import claim_out_dir, write_outputs
@@ -43,7 +44,7 @@ PROG = "sample_cascade"
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", required=True, help="comma-separated class indices, e.g. 1,7")
-    p.add_argument("--num-per-class", type=int, default=1, help="images per class (default 1)")
+    p.add_argument("--num-per-class", type=int_at_least(1), default=1, help="images per class (default 1)")
     p.add_argument("--stages", default=",".join(DEFAULT_CHAIN), help="the chain, e.g. base32,sr64 (default: all)")
     p.add_argument("--runs", default="runs", help="runs folder holding <stage>/ run dirs (default runs)")
     p.add_argument("--ckpt", action="append", default=[], metavar="STAGE=PATH",
@@ -52,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default=None, metavar="PATH", help="classifier checkpoint for the base stage")
     p.add_argument("--classifier-scale", type=float, default=0.0,
                    help="classifier guidance scale (default 0; needs --classifier)")
-    p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: all at once)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help="samples per batch (default: all at once)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="same seed, same images (default 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--precision", default="auto",
                    help=f"one of {', '.join(PRECISIONS)} (default auto: bf16 where the device computes it natively, "
@@ -94,7 +95,7 @@ def sample(args: argparse.Namespace) -> int:
     with deferred_interrupts():  # a Ctrl-C while writing waits for the files to be complete
         written = write_outputs(outputs, plan, args.out, record=pipe.run_record(plan), class_names=pipe.class_names)
     final = plan.stages[-1]
-    print(f"wrote {written.final_images} images of {final.resolution}x{final.resolution} and the stages "
+    print(f"wrote {plural(written.final_images, 'image')} of {final.resolution}x{final.resolution} and the stages "
           f"{', '.join(s.name for s in plan.stages)} to {written.folder}/ (grid.png, settings.json)")
     return 0
 
