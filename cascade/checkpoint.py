@@ -257,15 +257,13 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
 
 
 def verify_checkpoint(path: str | Path) -> Path:
-    """Read every file of a checkpoint (config, weights, training state); CheckpointError naming the first
-    unreadable one. Returns the step folder."""
+    """Read every file of a checkpoint (config, both weight sets, training state); CheckpointError naming the
+    first missing or unreadable one. Returns the step folder."""
     ckpt = resolve_checkpoint(path)
     load_config(ckpt)
-    for which, name in WEIGHT_FILES.items():
-        if (ckpt / name).exists():
-            load_weights(ckpt, which)
-    if (ckpt / TRAINING_STATE_FILE).exists():
-        load_training_state(ckpt)
+    for which in WEIGHT_FILES:
+        load_weights(ckpt, which)
+    load_training_state(ckpt)
     return ckpt
 
 
