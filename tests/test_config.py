@@ -222,3 +222,70 @@ def test_train_tool_multirun_runs_each_job(tmp_path):
     assert done.stderr.strip() == f"train_stage: error: dataset folder not found: {tmp_path / 'none'}"
     (sweep,) = (tmp_path / "r" / "hydra").glob("multirun-*")
     assert (sweep / "0" / ".hydra" / "overrides.yaml").is_file()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"unet": {"model_channels": "32"}}, "unet.model_channels must be int, got '32'"),
+    ({"unet": {"model_channels": 32.5}}, "unet.model_channels must be int, got 32.5"),
+    ({"unet": {"model_channels": True}}, "unet.model_channels must be int, got True"),
+    ({"unet": {"channel_mult": "124"}}, "unet.channel_mult must be a list of int, got '124'"),
+    ({"unet": {"num_res_blocks": True}}, "unet.num_res_blocks must be an int or a list of ints, got True"),
+    ({"unet": {"dropout": True}}, "unet.dropout must be float, got True"),
+    ({"unet": {"attention_resolutions": [8.0]}}, "unet.attention_resolutions must be a list of int"),
+    ({"aug": {"blur_sigma": [0.4, "x"]}}, "aug.blur_sigma must be a list of 2 float"),
+    ({"sampling": {"truncate": "yes"}}, "sampling.truncate must be bool, got 'yes'"),
+    ({"num_classes": 5.0}, "num_classes must be int, got 5.0"),
+    ({"name": 3}, "name must be str, got 3"),
+    # bounds: generous, but nothing that exhausts the machine before the first step
+    ({"diffusion": {"num_timesteps": 10**9}}, "diffusion.num_timesteps must be an integer in [1, 100000]"),
+    ({"resolution": 8192}, "resolution must be an integer in [1, 4096]"),
+    ({"num_classes": 10**7}, "num_classes must be an integer in [1, 100000]"),
+    ({"unet": {"model_channels": 10**6}}, "unet.model_channels must be an integer in [1, 2048]"),
+    ({"unet": {"channel_mult": [1] * 11}}, "unet.channel_mult must be 1 to 10 integers in [1, 64]"),
+    ({"unet": {"num_res_blocks": 1000}}, "unet.num_res_blocks must be an int in [0, 32]"),
+    ({"unet": {"head_channels": 0}}, "unet.head_channels must be an integer in [1, 4096]"),
+    ({"aug": {"blur_kernel": 10**5 + 1}}, "aug.blur_kernel must be an odd integer in [1, 99]"),
+    ({"diffusion": {"vlb_weight": float("inf")}}, "diffusion.vlb_weight must be a number in [0, 1e+06]"),
+])
+def test_stage_settings_are_type_checked_and_bounded_in_one_line(override, message):
+    with pytest.raises(ValueError) as err:
+        stages.get_stage("base32", "tiny").with_overrides(override)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_ints_are_floats_and_lists_are_tuples():
+    cfg = stages.get_stage("sr64", "tiny").with_overrides({"unet": {"dropout": 0, "channel_mult": [1, 2, 2, 2]},
+                                                           "aug": {"blur_sigma": [1, 2]}})
+    assert cfg.unet.dropout == 0.0 and isinstance(cfg.unet.dropout, float)
+    assert cfg.unet.channel_mult == (1, 2, 2, 2) and cfg.aug.blur_sigma == (1.0, 2.0)
+    assert StageConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_library_validators_refuse_bools_as_numbers():
+    import torch
+
+    from cascade.diffusion.gaussian import GaussianDiffusion
+    from cascade.diffusion.guidance import (
+        check_guidance_interval,
+        classifier_free_guidance,
+        classifier_guidance,
+    )
+    from cascade.diffusion.schedules import make_betas, space_timesteps
+
+    model = torch.nn.Identity()
+    checks = [
+        (lambda: check_guidance_interval((True, 5), 1000), "guidance_interval must be a pair"),
+        (lambda: check_guidance_interval((0, 5), True), "num_timesteps must be an integer"),
+        (lambda: classifier_free_guidance(model, w=True, null_class=3), "guidance weight w must be a finite number"),
+        (lambda: classifier_free_guidance(model, w=float("nan"), null_class=3), "w must be a finite number"),
+        (lambda: classifier_free_guidance(model, w=1.0, null_class=True), "null_class must be a class index"),
+        (lambda: classifier_guidance(model, model, [0.5], scale=True), "scale must be a finite number"),
+        (lambda: make_betas("cosine", True), "num_timesteps must be an integer >= 1"),
+        (lambda: space_timesteps(True, "1"), "num_timesteps must be an integer >= 1"),
+        (lambda: GaussianDiffusion(make_betas("cosine", 4), vlb_weight=True), "vlb_weight must be >= 0"),
+    ]
+    for call, message in checks:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert check_guidance_interval((0, 5), 1000) == (0.0, 5.0)
+    assert classifier_free_guidance(model, w=2, null_class=3).w == 2.0

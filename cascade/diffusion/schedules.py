@@ -32,12 +32,13 @@ def make_betas(kind: str, num_timesteps: int) -> np.ndarray:
     """β_1..β_T (float64, length `num_timesteps`) of the 'linear' or 'cosine' schedule."""
     if kind not in SCHEDULES:
         raise ValueError(f"unknown beta schedule {kind!r}; expected one of {SCHEDULES}")
+    given = num_timesteps
     try:
         num_timesteps = operator.index(num_timesteps)
     except TypeError:
         raise ValueError(f"num_timesteps must be an int, got {num_timesteps!r}") from None
-    if num_timesteps < 1 or isinstance(num_timesteps, bool):  # True is an index to Python, not a count
-        raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
+    if num_timesteps < 1 or isinstance(given, bool):  # True is an index to Python, not a count
+        raise ValueError(f"num_timesteps must be an integer >= 1, got {given!r}")
     if kind == "linear":
         # DDPM's 1e-4 → 0.02 over 1000 steps, scaled by 1000/T so any T gives the same total noise.
         scale = 1000.0 / num_timesteps
