@@ -47,6 +47,7 @@ from cascade.data.workers import (
     raise_failures,
     worker_seeds,
 )
+from cascade.errors import plural
 from cascade.imageops import uint8_to_float
 
 
@@ -177,8 +178,9 @@ def make_stage_loader(root_or_urls, *, split: str = "train", resolution: int, lo
             raise ValueError(f"epoch_length must be ≥ 1, got {epoch_length}")
         slots = world_size * max(num_workers, 1)
         if len(urls) < slots:
-            warnings.warn(f"cascade.data.loader: {len(urls)} train shards < {slots} rank×worker slots; every worker "
-                          "resamples from all shards (write smaller shards for disjoint slices)", stacklevel=2)
+            warnings.warn(f"cascade.data.loader: {plural(len(urls), 'train shard')} < {slots} rank×worker slots; "
+                          "every worker resamples from all shards (write smaller shards for disjoint slices)",
+                          stacklevel=2)
     dataset = _StageDataset(
         urls, train=train, resolution=resolution, low_resolution=low_resolution, batch_size=batch_size, seed=seed,
         shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size, batches_per_epoch=epoch_length,

@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from cascade.checks import is_int_at_least
+from cascade.errors import plural
 from cascade.imageops import check_image_batch
 
 
@@ -85,8 +86,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     Raises ValueError when there are fewer images than classes or a class has no image."""
     labels = _check_set("training", images, labels, num_classes)
     if len(labels) < num_classes:
-        raise ValueError(f"CAS: needs at least one training image per class: got {len(labels)} images for "
-                         f"{num_classes} classes; sample more per class")
+        raise ValueError(f"CAS: needs at least one training image per class: got {plural(len(labels), 'image')} "
+                         f"for {plural(num_classes, 'class', 'classes')}; sample more per class")
     missing = sorted(set(range(num_classes)) - set(labels.tolist()))
     if missing:
         raise ValueError(f"CAS: class {missing[0]} has no training image; give every class at least one")

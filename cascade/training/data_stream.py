@@ -12,6 +12,7 @@ import torch
 from cascade.config import StageConfig
 from cascade.data.loader import make_stage_loader
 from cascade.data.shard_folder import resolve_shards
+from cascade.errors import plural
 from cascade.training.trainer_config import DataConfig
 
 __all__ = ["batches_on_device", "check_classes", "check_train_shards", "make_train_loader"]
@@ -21,8 +22,8 @@ def check_classes(info: dict[str, Any], stage: StageConfig, root: str) -> None:
     """ValueError (one line) unless the dataset record ``info`` of the shards at ``root`` has the stage's class
     count."""
     if len(info["class_names"]) != stage.num_classes:
-        raise ValueError(f"stage {stage.name} has {stage.num_classes} classes but the shards in {root} have "
-                         f"{len(info['class_names'])}")
+        raise ValueError(f"stage {stage.name} has {plural(stage.num_classes, 'class', 'classes')} but the shards in "
+                         f"{root} have {len(info['class_names'])}")
 
 
 def check_train_shards(root: str) -> None:
