@@ -2,11 +2,13 @@
 
 - A bad input prints one line `<prog>: error: <message>` on stderr and exits with 2.
 - A failure during a run prints one line naming the cause and, where known, the fix; exit code 1.
-- An interrupt (Ctrl-C, `timeout --signal=INT`) prints one line and exits with 130 (128 + SIGINT).
+- A stop signal prints one line and exits with 128 + the signal: Ctrl-C / SIGINT 130, SIGTERM 143 (what Slurm,
+  Kubernetes, `docker stop` and `timeout` send on preemption), SIGUSR1 138 (Slurm's `--signal` warning).
 - Tracebacks are shown only with the debug flag: `CASCADE_DEBUG=1` (or hydra's `HYDRA_FULL_ERROR=1`).
 
-Helpers: `cli_main` (the decorator applying these rules to a tool's `main`), `GracefulInterrupt` (SIGINT →
-a flag a loop checks at a safe point), `deferred_interrupts` (a block that a Ctrl-C cannot cut in two),
+Helpers: `cli_main` (the decorator applying these rules to a tool's `main`), `stop_signals_raise` (SIGTERM and
+SIGUSR1 raise `StopSignal`, a KeyboardInterrupt, as SIGINT does), `GracefulInterrupt` (any stop signal → a flag
+a loop checks at a safe point), `deferred_interrupts` (a block that a stop signal cannot cut in two),
 `ensure_writable_dir` (an output folder checked before any work starts).
 """
 
@@ -29,10 +31,42 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for a process stopped by SIGINT
 DEBUG_HINT = "rerun with CASCADE_DEBUG=1 for the traceback"
+# The signals that stop a run at a safe point: Ctrl-C, preemption (Slurm, Kubernetes, docker stop, timeout) and
+# Slurm's advance warning (`sbatch --signal=USR1@60`).
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def exit_code(signum: int) -> int:
+    """The shell's exit code of a process stopped by ``signum``: 128 + the signal number (SIGTERM → 143)."""
+    return 128 + int(signum)
+
+
+def interrupted_by(signum: int) -> str:
+    """"interrupted" for SIGINT (Ctrl-C), "interrupted by SIGTERM" (or the signal's name) for any other."""
+    return "interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}"
+
+
+class StopSignal(KeyboardInterrupt):
+    """A stop signal (`STOP_SIGNALS`) raised in the main thread as a KeyboardInterrupt; ``signum`` names it."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(signal.Signals(self.signum).name)
+
+
+def signal_of(err: BaseException) -> int:
+    """The signal behind an interrupt: ``err.signum`` where set, else SIGINT (Python's own KeyboardInterrupt)."""
+    return int(getattr(err, "signum", signal.SIGINT))
 
 
 class Interrupted(Exception):
-    """A run stopped by an interrupt at a safe point; the message says what was kept and how to go on."""
+    """A run stopped by a stop signal (``signum``, default SIGINT) at a safe point; the message says what was
+    kept and how to go on."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        self.signum = int(signum)
+        super().__init__(message)
 
 
 class OutputNotWritable(ValueError):
@@ -89,49 +123,81 @@ def ensure_writable_dir(path: str | os.PathLike, option: str) -> Path:
     return folder
 
 
-class GracefulInterrupt:
-    """Turns SIGINT into a flag (``requested``) that a loop checks at a safe point.
+class _SignalHandlers:
+    """Installs ``handler`` for ``signals`` in the main thread, restoring the previous handlers on exit; elsewhere
+    (signal handlers can be set only in the main thread) it does nothing."""
 
-    Installed only in the main thread (signal handlers can be set nowhere else); the previous handler is
-    restored on exit. The ``force_after``-th SIGINT raises KeyboardInterrupt at once (a stuck run stays
-    stoppable; torchrun forwards the terminal's Ctrl-C, so each process may see two per key press).
+    def __init__(self, handler: Callable, signals: tuple[int, ...] = STOP_SIGNALS):
+        self._handler, self._signals = handler, signals
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handler) for s in self._signals}
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+
+def _raise_stop(signum, frame) -> None:
+    raise StopSignal(signum)
+
+
+def stop_signals_raise() -> contextlib.AbstractContextManager:
+    """A block in which SIGTERM and SIGUSR1 raise `StopSignal` (a KeyboardInterrupt naming the signal) as SIGINT
+    raises KeyboardInterrupt: the code that cleans up after a Ctrl-C then runs for a preemption too, instead of
+    the process dying at once with nothing said. SIGINT keeps its handler. `cli_main` wraps a tool in it."""
+    return _SignalHandlers(_raise_stop, tuple(s for s in STOP_SIGNALS if s != signal.SIGINT))
+
+
+class GracefulInterrupt:
+    """Turns the stop signals (SIGINT, SIGTERM, SIGUSR1) into a flag (``requested``) that a loop checks at a safe
+    point; ``signum`` is the first signal received (None before any), ``exit_code`` its 128 + signal.
+
+    Installed only in the main thread (signal handlers can be set nowhere else); the previous handlers are
+    restored on exit. The ``force_after``-th signal raises `StopSignal` (a KeyboardInterrupt) at once (a stuck
+    run stays stoppable; torchrun forwards the terminal's Ctrl-C and a SIGTERM it receives, so each process
+    may see two per key press or preemption).
     """
 
     def __init__(self, force_after: int = 3):
         self.count = 0
+        self.signum: int | None = None
         self.force_after = force_after
-        self._previous: Any = None
-        self._installed = False
+        self._handlers = _SignalHandlers(self._handle)
 
     @property
     def requested(self) -> bool:
         return self.count > 0
 
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.signum if self.signum is not None else signal.SIGINT)
+
     def _handle(self, signum, frame) -> None:
         self.count += 1
+        self.signum = self.signum or int(signum)
         if self.count >= self.force_after:
-            raise KeyboardInterrupt
+            raise StopSignal(self.signum)
 
     def __enter__(self) -> GracefulInterrupt:  # noqa: PYI034 - Python 3.10 has no typing.Self
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+        self._handlers.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
+        self._handlers.__exit__(*exc)
 
 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold SIGINT for the duration of the block (e.g. renaming finished outputs into place), then raise
-    KeyboardInterrupt if one arrived; outside the main thread the block runs unprotected."""
+    """Hold the stop signals for the duration of the block (e.g. renaming finished outputs into place), then
+    raise `StopSignal` for the first one that arrived; outside the main thread the block runs unprotected."""
     with GracefulInterrupt(force_after=1 << 30) as guard:
         yield
     if guard.requested:
-        raise KeyboardInterrupt
+        raise StopSignal(guard.signum)
 
 
 def print_error(prog: str, message: str) -> None:
@@ -141,23 +207,30 @@ def print_error(prog: str, message: str) -> None:
 def cli_main(prog: str, *, bad_input: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError),
              interrupted: str = "interrupted; run the same command to start again") -> Callable:
     """Decorator for a tool's ``main``: bad input (``bad_input`` types) → one line, exit code 2; any other
-    error → one line naming cause (and fix), exit code 1; `Interrupted` → its message, 130; Ctrl-C
-    (KeyboardInterrupt) → ``interrupted``, 130. With the debug flag errors propagate with their traceback.
-    The wrapped function returns the exit code instead of raising (SystemExit passes through)."""
+    error → one line naming cause (and fix), exit code 1; `Interrupted` → its message, 128 + its signal;
+    Ctrl-C, SIGTERM or SIGUSR1 (KeyboardInterrupt, `StopSignal`: `stop_signals_raise` is in force while
+    ``main`` runs) → ``interrupted`` (its leading "interrupted" naming the signal when it is not SIGINT),
+    128 + the signal. With the debug flag errors propagate with their traceback. The wrapped function
+    returns the exit code instead of raising (SystemExit passes through)."""
 
     def decorate(main: Callable) -> Callable:
         @functools.wraps(main)
         def wrapper(*args, **kwargs):
             try:
-                return main(*args, **kwargs)
+                with stop_signals_raise():
+                    return main(*args, **kwargs)
             except Interrupted as err:
                 print(f"{prog}: {err}", file=sys.stderr)
-                return EXIT_INTERRUPTED
-            except KeyboardInterrupt:
+                return exit_code(err.signum)
+            except KeyboardInterrupt as err:
                 if debug_enabled():
                     traceback.print_exc()
-                print(f"{prog}: {interrupted}", file=sys.stderr)
-                return EXIT_INTERRUPTED
+                signum = signal_of(err)
+                line = interrupted
+                if signum != signal.SIGINT and line.startswith("interrupted"):
+                    line = interrupted_by(signum) + line.removeprefix("interrupted")
+                print(f"{prog}: {line}", file=sys.stderr)
+                return exit_code(signum)
             except bad_input as err:
                 if debug_enabled():
                     raise
@@ -174,6 +247,7 @@ def cli_main(prog: str, *, bad_input: tuple[type[BaseException], ...] = (ValueEr
     return decorate
 
 
-__all__ = ["DEBUG_ENV_VARS", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "GracefulInterrupt", "Interrupted",
-           "OutputNotWritable", "cli_main", "debug_enabled", "deferred_interrupts", "describe_failure",
-           "ensure_writable_dir", "one_line", "plural", "print_error"]
+__all__ = ["DEBUG_ENV_VARS", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "STOP_SIGNALS", "GracefulInterrupt",
+           "Interrupted", "OutputNotWritable", "StopSignal", "cli_main", "debug_enabled", "deferred_interrupts",
+           "describe_failure", "ensure_writable_dir", "exit_code", "interrupted_by", "one_line", "plural",
+           "print_error", "signal_of", "stop_signals_raise"]

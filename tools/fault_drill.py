@@ -1,7 +1,9 @@
-"""Kill -9 drill: SIGKILL a tiny training run and make_shards at random moments; check that nothing breaks.
+"""Kill -9 and preemption drill: signal a tiny training run and make_shards at random moments; check that nothing
+breaks.
 
     python tools/fault_drill.py                       # 20 training kills, 20 make_shards kills
     python tools/fault_drill.py --kills 5 --shard-kills 5 --work /tmp/drill
+    python tools/fault_drill.py --signal TERM         # preemption: 20 SIGTERMs to each (USR1 works the same)
 
 Training: a reference run of a tiny base32 stage goes uninterrupted; another run of the same command is
 killed with SIGKILL again and again (at a random moment after launch, or the instant a checkpoint's
@@ -12,6 +14,13 @@ reference's. make_shards: each kill must leave no shard that differs from the re
 and no dataset.json until the dataset is complete; rerunning the same command (no --overwrite) must give
 byte-identical files. Prints a tally such as "training: 20/20 resumed, losses equal" and exits 1 if any
 check failed. Every process it kills is one it started.
+
+With --signal TERM (or USR1) each signal falls at a random moment of training (after the launch's first
+step) or the instant a checkpoint is being written, and each interrupted run must also exit with 128 + the
+signal printing one line, `train_stage: interrupted by SIGTERM at step N; ...`, with the newest checkpoint at
+that step N, from which the relaunch resumes. make_shards must exit the same way (or, signalled before its
+handler is installed, die by the signal with nothing written). The tally then reads e.g. "training: 20/20
+resumed after SIGTERM, 20/20 checkpoints at the signal's step, losses equal".
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import math
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +49,7 @@ TRAIN_TOOL = ROOT / "tools" / "train_stage.py"
 SHARDS_TOOL = ROOT / "tools" / "make_shards.py"
 COMPARED = ("loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr", "nan_skips")
 RESUMED_RE = re.compile(r"resuming \S+ from (\S+) \(step (\d+)\)")
+STOPPED_RE = re.compile(r"^train_stage: interrupted by (\w+)(?: at step (\d+))?[;,]")
 
 
 def _env() -> dict[str, str]:
@@ -64,18 +75,26 @@ class TrainDrillResult:
     weights_equal: bool = False
     damaged_seen: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    signal: int = signal.SIGKILL
+    at_signal_step: int = 0  # graceful signals: runs whose newest checkpoint is the step the line names
 
     def tally(self) -> str:
         equal = "losses equal" if self.losses_equal and self.weights_equal else "LOSSES DIFFER"
         half = ("no half-written checkpoint seen" if not self.damaged_seen
                 else f"{len(self.damaged_seen)} HALF-WRITTEN CHECKPOINTS SEEN")
-        return (f"training: {self.resumed}/{self.kills} resumed, {equal} ({self.during_checkpoint_write} kills "
-                f"while a checkpoint was being written; {half})")
+        if self.signal == signal.SIGKILL:
+            return (f"training: {self.resumed}/{self.kills} resumed, {equal} ({self.during_checkpoint_write} kills "
+                    f"while a checkpoint was being written; {half})")
+        name = signal.Signals(self.signal).name
+        return (f"training: {self.resumed}/{self.kills} resumed after {name}, {self.at_signal_step}/{self.kills} "
+                f"checkpoints at the signal's step, {equal} ({self.during_checkpoint_write} signals while a "
+                f"checkpoint was being written; {half})")
 
     @property
     def ok(self) -> bool:
+        graceful = self.signal == signal.SIGKILL or self.at_signal_step == self.kills
         return (self.resumed == self.kills and self.losses_equal and self.weights_equal and not self.damaged_seen
-                and not self.problems)
+                and not self.problems and graceful)
 
 
 def _train_command(shards: Path, run_dir: Path, max_steps: int, ckpt_every: int) -> list[str]:
@@ -121,19 +140,47 @@ def _visible_checkpoints_readable(run_dir: Path, result: TrainDrillResult) -> in
     return None if latest is None else checkpoint.load_config(latest)["step"]
 
 
+def _metrics_lines(run_dir: Path) -> int:
+    try:
+        return len((run_dir / "metrics.jsonl").read_bytes().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _check_graceful_stop(run_dir: Path, returncode: int, stderr: str, sig: int, result: TrainDrillResult,
+                         newest: int | None, max_steps: int) -> None:
+    """A graceful signal's run: exit 128 + signal, one line naming it (besides a resume notice), the newest
+    checkpoint at the step that line names; or, signalled while the last step was checkpointed, finished."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not RESUMED_RE.search(line)]
+    if returncode == 0 and not lines and newest == max_steps:
+        result.at_signal_step += 1  # the signal fell on the final checkpoint's write: the run finished
+        return
+    match = STOPPED_RE.match(lines[-1]) if len(lines) == 1 else None
+    if returncode != 128 + sig or match is None or match.group(1) != signal.Signals(sig).name:
+        result.problems.append(f"{run_dir}: exit {returncode}, stderr {lines!r}")
+    elif match.group(2) is None or int(match.group(2)) == newest:
+        result.at_signal_step += 1  # stopped outside the loop (after its final checkpoint): nothing to save
+    else:
+        result.problems.append(f"{run_dir}: stopped at step {match.group(2)}, newest checkpoint {newest}")
+
+
 def train_drill(work: Path, shards: Path, kills: int, rng: random.Random, *, max_steps: int = 16,
-                ckpt_every: int = 2, quiet: bool = False) -> TrainDrillResult:
-    """The training half of the drill (see the module docstring)."""
+                ckpt_every: int = 2, quiet: bool = False, sig: int = signal.SIGKILL) -> TrainDrillResult:
+    """The training half of the drill (see the module docstring); ``sig`` is the signal sent."""
     import torch
 
-    result = TrainDrillResult()
+    result = TrainDrillResult(signal=sig)
     ref = work / "train-ref"
     start = time.monotonic()
-    done = subprocess.run(_train_command(shards, ref, max_steps, ckpt_every), env=_env(), capture_output=True,
-                          text=True, check=False)
-    duration = time.monotonic() - start
+    done = subprocess.Popen(_train_command(shards, ref, max_steps, ckpt_every), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while done.poll() is None and not _metrics_lines(ref):
+        time.sleep(0.005)
+    first_step = time.monotonic()
+    _, ref_err = done.communicate()
+    duration, training = time.monotonic() - start, time.monotonic() - first_step  # launch to end; first step on
     if done.returncode != 0:
-        result.problems.append(f"reference run failed: {done.stderr.strip().splitlines()[-1:]}")
+        result.problems.append(f"reference run failed: {ref_err.strip().splitlines()[-1:]}")
         return result
     _log(f"reference run: {max_steps} steps in {duration:.1f} s", quiet)
     want = _records(ref)
@@ -153,7 +200,12 @@ def train_drill(work: Path, shards: Path, kills: int, rng: random.Random, *, max
                 # half the kills wait for a checkpoint's temporary folder (killing mid-write); the others,
                 # and those that see no write in time, fall at a random moment before the run would end
                 during_write = rng.random() < 0.5
-                deadline = time.monotonic() + rng.uniform(0.3, 0.9) * duration
+                if sig != signal.SIGKILL:  # graceful: a moment of training, once this launch took a step
+                    logged = _metrics_lines(run_dir)
+                    while proc.poll() is None and _metrics_lines(run_dir) <= logged:
+                        time.sleep(0.005)
+                deadline = time.monotonic() + (rng.uniform(0.3, 0.9) * duration if sig == signal.SIGKILL
+                                               else rng.uniform(0.0, 0.9) * training)
                 while proc.poll() is None and time.monotonic() < deadline:
                     if during_write and _checkpoint_writing(run_dir):
                         time.sleep(rng.uniform(0.0, 0.002))
@@ -161,7 +213,7 @@ def train_drill(work: Path, shards: Path, kills: int, rng: random.Random, *, max
                     time.sleep(0.0002 if during_write else 0.005)
                 if proc.poll() is None:
                     writing = _checkpoint_writing(run_dir)
-                    proc.kill()  # SIGKILL, to the process this drill started
+                    proc.send_signal(sig)  # to the process this drill started
                     proc.wait()
                     killed = True
                     result.kills += 1
@@ -175,6 +227,8 @@ def train_drill(work: Path, shards: Path, kills: int, rng: random.Random, *, max
                                        f"checkpoint was step {expected_resume}")
             if killed:
                 expected_resume = _visible_checkpoints_readable(run_dir, result)
+                if sig != signal.SIGKILL:
+                    _check_graceful_stop(run_dir, proc.returncode, stderr, sig, result, expected_resume, max_steps)
                 _log(f"kill {result.kills}: {'during a checkpoint write' if writing else 'at a random moment'}; "
                      f"newest checkpoint: step {expected_resume}", quiet)
                 continue
@@ -230,8 +284,9 @@ def _visible_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in names}
 
 
-def shards_drill(work: Path, kills: int, rng: random.Random, *, quiet: bool = False) -> ShardDrillResult:
-    """The make_shards half of the drill (see the module docstring)."""
+def shards_drill(work: Path, kills: int, rng: random.Random, *, quiet: bool = False,
+                 sig: int = signal.SIGKILL) -> ShardDrillResult:
+    """The make_shards half of the drill (see the module docstring); ``sig`` is the signal sent."""
     from cascade.data.loader import iterate_split
 
     result = ShardDrillResult()
@@ -256,10 +311,13 @@ def shards_drill(work: Path, kills: int, rng: random.Random, *, quiet: bool = Fa
                 while proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.002)
                 if proc.poll() is None:
-                    proc.kill()  # SIGKILL, to the process this drill started
+                    proc.send_signal(sig)  # to the process this drill started
                     killed = True
                     result.kills += 1
             _, stderr = proc.communicate()
+            if killed and sig != signal.SIGKILL and proc.returncode != -sig and not (
+                    proc.returncode in (0, 128 + sig) and len(stderr.strip().splitlines()) <= 1):
+                result.problems.append(f"signal {result.kills}: exit {proc.returncode}, stderr {stderr!r}")
             seen = _visible_files(out) if out.is_dir() else {}
             if killed:
                 for name, data in seen.items():
@@ -290,12 +348,15 @@ def shards_drill(work: Path, kills: int, rng: random.Random, *, quiet: bool = Fa
 def main(argv: list[str] | None = None) -> int:
     """0 when every kill left a consistent state, 1 otherwise; bad input one line and 2; Ctrl-C one line and 130."""
     p = OneLineArgumentParser(prog="fault_drill", description=__doc__.split("\n")[0])
-    p.add_argument("--kills", type=int, default=20, help="SIGKILLs of the training run (default 20)")
-    p.add_argument("--shard-kills", type=int, default=20, help="SIGKILLs of make_shards (default 20)")
+    p.add_argument("--kills", type=int, default=20, help="signals to the training run (default 20)")
+    p.add_argument("--shard-kills", type=int, default=20, help="signals to make_shards (default 20)")
     p.add_argument("--work", default=None, help="work folder (default: a new temporary folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
     p.add_argument("--quiet", action="store_true", help="print only the tally")
+    p.add_argument("--signal", default="KILL", choices=("KILL", "TERM", "USR1"),
+                   help="the signal sent (default KILL; TERM and USR1 also check the graceful stop)")
     args = p.parse_args(argv)
+    sig = signal.Signals[f"SIG{args.signal}"]
     work = Path(args.work or tempfile.mkdtemp(prefix="fault-drill-"))
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
@@ -307,11 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         write_shards(SyntheticSource(num_classes=3, images_per_class=6, seed=0), shards, shard_size=4,
                      val_fraction=0.25, max_res=32, overwrite=True)
     started = time.monotonic()
-    train = train_drill(work, shards, args.kills, rng, quiet=args.quiet)
+    train = train_drill(work, shards, args.kills, rng, quiet=args.quiet, sig=sig)
     print(train.tally())
     for problem in train.problems + train.damaged_seen:
         print(f"  problem: {problem}")
-    shard = shards_drill(work, args.shard_kills, rng, quiet=args.quiet)
+    shard = shards_drill(work, args.shard_kills, rng, quiet=args.quiet, sig=sig)
     print(shard.tally())
     for problem in shard.problems + shard.partial_seen:
         print(f"  problem: {problem}")

@@ -12,7 +12,9 @@ Resumes from the newest readable checkpoint in run_dir (default runs/<stage>) un
 path; prints the final checkpoint's folder. Configuration errors (hydra's own included: unknown keys or
 options, override syntax, interpolations) print one line on stderr and exit with 2; a failure during the
 run prints one line and exits with 1; Ctrl-C writes a checkpoint at the current step, prints
-"interrupted at step N; run the same command to resume" and exits with 130. HYDRA_FULL_ERROR=1 (or
+"interrupted at step N; run the same command to resume" and exits with 130; so do SIGTERM (preemption by Slurm,
+Kubernetes, `docker stop`, `timeout`: "interrupted by SIGTERM at step N; ...", exit 143) and SIGUSR1 (Slurm's
+`--signal` warning, 138), on every rank of a torchrun / accelerate launch run. HYDRA_FULL_ERROR=1 (or
 CASCADE_DEBUG=1) shows tracebacks.
 
 Before hydra runs, the command line is checked on hydra's public surface: its documented flags
@@ -47,13 +49,16 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from cascade.config import StageConfig
 from cascade.errors import (
     EXIT_FAILURE,
-    EXIT_INTERRUPTED,
     EXIT_USAGE,
     Interrupted,
     debug_enabled,
     describe_failure,
     ensure_writable_dir,
+    exit_code,
+    interrupted_by,
     print_error,
+    signal_of,
+    stop_signals_raise,
 )
 from cascade.locks import FolderLock
 from cascade.training.trainer_config import RunConfig
@@ -204,7 +209,7 @@ def _shard_classes(root: str) -> int:
 
 def train(cfg: DictConfig) -> int:
     """Build the trainer (bad configuration → one line, exit code 2) and run it (failure → one line, 1;
-    Ctrl-C → checkpoint, one line, 130). Returns the exit code."""
+    Ctrl-C, SIGTERM, SIGUSR1 → checkpoint, one line, 128 + the signal). Returns the exit code."""
     try:
         stage, size, run = build_run(cfg, _shard_classes)
         from cascade.training.trainer import StageTrainer
@@ -215,9 +220,10 @@ def train(cfg: DictConfig) -> int:
             raise
         print_error(PROG, str(err))
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted before training started; run the same command to start", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        print(f"{PROG}: {interrupted_by(signal_of(err))} before training started; run the same command to start",
+              file=sys.stderr)
+        return exit_code(signal_of(err))
     from cascade.training.trainer import NonFiniteLossError
 
     try:
@@ -225,11 +231,11 @@ def train(cfg: DictConfig) -> int:
     except Interrupted as err:
         if trainer.accelerator.is_main_process:
             print(f"{PROG}: {err}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:  # a third Ctrl-C: stopped at once, without a checkpoint of this step
-        print(f"{PROG}: interrupted without a checkpoint of the current step; run the same command to resume "
-              "from the last one", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return exit_code(err.signum)
+    except KeyboardInterrupt as err:  # a third signal: stopped at once, without a checkpoint of this step
+        print(f"{PROG}: {interrupted_by(signal_of(err))} without a checkpoint of the current step; run the same "
+              "command to resume from the last one", file=sys.stderr)
+        return exit_code(signal_of(err))
     except NonFiniteLossError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return EXIT_FAILURE
@@ -255,13 +261,14 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) still says where each thread was
     try:
-        check_command_line(sys.argv[1:])
-        hydra_main()
-    except KeyboardInterrupt:
+        with stop_signals_raise():  # SIGTERM / SIGUSR1 outside the training loop: one line, 128 + signal
+            check_command_line(sys.argv[1:])
+            hydra_main()
+    except KeyboardInterrupt as err:
         if debug_enabled():
             raise
-        print(f"{PROG}: interrupted; run the same command to start again", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        print(f"{PROG}: {interrupted_by(signal_of(err))}; run the same command to start again", file=sys.stderr)
+        sys.exit(exit_code(signal_of(err)))
 
 
 if __name__ == "__main__":

@@ -53,8 +53,11 @@ def _init_worker(source: Source) -> None:
 
 def _init_pool_worker(source: Source) -> None:
     # Ctrl-C reaches every process of the terminal's group: only the parent handles it (and stops the
-    # pool); a worker would otherwise die printing a KeyboardInterrupt traceback.
+    # pool); a worker would otherwise die printing a KeyboardInterrupt traceback. SIGTERM and SIGUSR1 end a
+    # worker quietly (the pool's own way to stop one) instead of the parent's handler it inherits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, getattr(signal, "SIGUSR1", signal.SIGTERM)):
+        signal.signal(signum, signal.SIG_DFL)
     _init_worker(source)
 
 

@@ -13,14 +13,17 @@ replaying the data stream. The checkpoint also stores each rank's RNG states at 
 final checkpoint starts a segment too, so extending a finished run continues from there, not from where
 an uninterrupted longer run would be.)
 
-Non-finite losses skip the optimizer step on the device (`cascade.training.step`); the loop synchronises
-only at log, checkpoint and sample steps, where too many non-finite steps in a row stop the run with
-`NonFiniteLossError`.
+Non-finite losses skip the optimizer step on the device (`cascade.training.step`); before every step the
+loop stops with `NonFiniteLossError` once trainer.max_nan_in_row steps in a row were non-finite, writing no
+checkpoint of that state (`cascade.training.stopping`: never stalling a GPU).
 
-Interrupts and damage: a SIGINT (Ctrl-C) during `run()` lets the current step finish, writes a checkpoint
-at that step (the same atomic kind as any other, so a resumed run continues as after any checkpoint) and
-raises `TrainingInterrupted`; with several processes they agree on the step (one tiny CPU all-reduce per
-step). `resume="auto"` skips a damaged newest checkpoint (warning naming it) for the newest readable one.
+Interrupts and damage: a stop signal during `run()` (SIGINT from Ctrl-C; SIGTERM, which Slurm, Kubernetes,
+`docker stop` and `timeout` send on preemption; SIGUSR1, Slurm's `--signal` warning) lets the current step
+finish, writes a checkpoint at that step (the same atomic kind as any other, so a resumed run continues as
+after any checkpoint; a signal during a checkpoint's write lets the write finish) and raises
+`TrainingInterrupted` naming the signal; with several processes they agree on the step (one tiny CPU
+all-reduce per step, which also carries the non-finite count: `cascade.training.stopping`).
+`resume="auto"` skips a damaged newest checkpoint (warning naming it) for the newest readable one.
 Training needs no val split: an SR stage's sample grid then takes its inputs from the train split.
 
 Here: `StageTrainer`, its set-up, checkpoints and the loop. Its parts live beside it: the losses
@@ -45,7 +48,7 @@ from cascade import checkpoint
 from cascade.config import StageKind
 from cascade.data.shard_folder import read_dataset_info
 from cascade.data.workers import resolve_num_workers
-from cascade.errors import GracefulInterrupt, Interrupted, describe_failure, ensure_writable_dir
+from cascade.errors import GracefulInterrupt, describe_failure, ensure_writable_dir
 from cascade.locks import FolderLock
 from cascade.nets.build import build_diffusion, build_model
 from cascade.training.data_stream import (
@@ -71,24 +74,13 @@ from cascade.training.runtime import (
 )
 from cascade.training.sample_grid import read_grid_inputs, write_sample_grid
 from cascade.training.step import TrainStep, new_window
+from cascade.training.stopping import NonFiniteLossError, StopCheck, TrainingInterrupted
 from cascade.training.timestep_sampler import make_timestep_sampler
 from cascade.training.trainer_config import RunConfig
 
 __all__ = ["SAMPLES_DIR", "NonFiniteLossError", "StageTrainer", "TrainingInterrupted", "train_stage"]
 
 SAMPLES_DIR = "samples"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a NaN or infinite loss."""
-
-
-class TrainingInterrupted(Interrupted):
-    """SIGINT stopped the run at ``step``; ``checkpoint`` holds that step (None if nothing was trained)."""
-
-    def __init__(self, step: int, checkpoint_path: Path | None):
-        self.step, self.checkpoint = step, checkpoint_path
-        super().__init__(f"interrupted at step {step}; run the same command to resume")
 
 
 class StageTrainer:
@@ -262,14 +254,9 @@ class StageTrainer:
         self.win_time = time.perf_counter()
 
     def _check_nonfinite(self) -> None:
-        """Host check (a sync point): stop after max_nan_in_row non-finite steps in a row."""
+        """Host check of the logging window (a sync point): stop after max_nan_in_row non-finite steps in a row."""
         worst = int(self.accelerator.reduce(self.win["max_in_row"].clone(), "max"))
-        if worst >= self.cfg.max_nan_in_row:
-            last = checkpoint.latest_checkpoint(self.run_dir)
-            raise NonFiniteLossError(
-                f"stopping at step {self.step}: the loss was NaN or infinite for {worst} steps in a row "
-                f"(trainer.max_nan_in_row={self.cfg.max_nan_in_row}); "
-                + (f"the last good checkpoint is {last}" if last else "no checkpoint was written"))
+        self.stop_check.check_count(worst, self.step)
 
     def _log(self, bar) -> None:
         acc = self.accelerator
@@ -305,14 +292,7 @@ class StageTrainer:
         self.step_lr = self.train_step.last_lr
         self.win_steps += 1
         self.step += 1
-
-    def _stop_requested(self, interrupt: GracefulInterrupt) -> bool:
-        """Whether any process got SIGINT (all processes get the same answer at the same step)."""
-        if self.world_size == 1:
-            return interrupt.requested
-        flag = torch.tensor([int(interrupt.requested)], dtype=torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._stop_group)
-        return bool(flag.item())
+        self.stop_check.record(self.step)
 
     def _out_of_time(self, started: float) -> bool:
         """trainer.max_seconds spent since `started` (on any rank: every rank stops at the same step)."""
@@ -324,8 +304,9 @@ class StageTrainer:
         return spent
 
     def run(self) -> Path:
-        """Train to max_steps; returns the final checkpoint folder. SIGINT → checkpoint, `TrainingInterrupted`.
-        Runs once: the trainer is closed (`close`) however the run ends; RuntimeError on a second call."""
+        """Train to max_steps; returns the final checkpoint folder. A stop signal (SIGINT, SIGTERM, SIGUSR1) →
+        checkpoint at the current step, `TrainingInterrupted`; max_nan_in_row non-finite steps in a row →
+        `NonFiniteLossError`. Runs once: the trainer is closed (`close`) however the run ends; RuntimeError on a second call."""
         if self._closed:
             raise RuntimeError("this StageTrainer has already run (or was closed); build a new one to train again")
         try:
@@ -351,6 +332,8 @@ class StageTrainer:
         if self.resume_from is not None and acc.is_main_process:
             print(f"resuming {self.stage.name} from {self.resume_from} (step {self.step})", file=sys.stderr)
         self._reset_window()
+        self.stop_check = StopCheck(self.nan_in_row, limit=cfg.max_nan_in_row, run_dir=self.run_dir,
+                                    world_size=self.world_size, group=self._stop_group)
         last_saved = self.resume_from  # what a run resumed at or past max_steps returns
         saved_step = self.step if self.resume_from is not None else 0
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.stage.name, unit="step",
@@ -365,14 +348,16 @@ class StageTrainer:
         cfg = self.cfg
         started = time.perf_counter()
         while self.step < cfg.max_steps:
-            # Stop on SIGINT: every process at the same step, with a checkpoint at that step.
-            if self._stop_requested(interrupt):
+            # Stop on a stop signal: every process at the same step, with a checkpoint at that step (the
+            # non-finite limit is checked first: its state is never checkpointed).
+            signum = self.stop_check.check(interrupt)
+            if signum:
                 if self.step != saved_step:  # a checkpoint at this step, as at any other
                     if self.win_steps:
                         self._log(bar)
                     self._new_segment(self.step)
                     last_saved = self._save()
-                raise TrainingInterrupted(self.step, None if last_saved is None else Path(last_saved))
+                raise TrainingInterrupted(self.step, None if last_saved is None else Path(last_saved), signum)
 
             # One optimizer step over grad_accum micro-batches.
             self._train_step()
