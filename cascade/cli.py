@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from cascade.diffusion.samplers import SAMPLERS
@@ -217,6 +218,9 @@ def sampler_overrides(args: argparse.Namespace, *, grid: bool = False) -> dict[s
 def add_evaluation_arguments(p: argparse.ArgumentParser, default_stages: str) -> None:
     """Options of eval_fid.py and sweep.py: checkpoints, data, feature networks, samples, seed, device."""
     p.add_argument("--data", required=True, metavar="DIR", help="shard folder with a val split (make_shards.py)")
+    p.add_argument("--stats-dir", default=None, metavar="DIR",
+                   help="folder caching the real-image statistics (default <data>/fid_stats, or <out>/fid_stats "
+                        "when the data folder is read-only)")
     p.add_argument("--stages", default=default_stages, help=f"the chain to evaluate (default {default_stages})")
     p.add_argument("--runs", default="runs", help="runs folder holding <stage>/ run dirs (default runs)")
     p.add_argument("--ckpt", action="append", default=[], metavar="STAGE=PATH",
@@ -260,6 +264,20 @@ def add_metric_arguments(p: argparse.ArgumentParser, *, memorisation: bool = Tru
         p.add_argument("--memorisation", action="store_true",
                        help="nearest training image of every sample (features and 32² pixels); saves the closest "
                             "pairs as memorisation-<stage>.png")
+
+
+def statistics_folder(args: argparse.Namespace, prog: str, main_process: bool = True) -> Path:
+    """The folder caching the real-image statistics of eval_fid.py and sweep.py, chosen before any sampling
+    (`cascade.evaluation.reference_stats.stats_folder`: --stats-dir, else <--data>/fid_stats, else
+    <--out>/fid_stats with a note on stderr when the data folder is read-only); OutputNotWritable (one line)
+    when --stats-dir cannot be written."""
+    from cascade.evaluation.reference_stats import stats_folder
+
+    folder, fallback = stats_folder(args.data, args.stats_dir, args.out)
+    if fallback and main_process:
+        print(f"{prog}: note: {args.data} is read-only; the real-image statistics are cached in "
+              f"{folder} (--stats-dir DIR to choose)", file=sys.stderr)
+    return folder
 
 
 def metric_settings(args: argparse.Namespace) -> Any:

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import functools
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -90,12 +91,44 @@ def plural(n: int, noun: str, nouns: str | None = None) -> str:
     return f"{n} {noun if n == 1 else (nouns or noun + 's')}"
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left / disk quota exceeded
+MIN_FREE_BYTES = 256 * 1024  # an output folder's disk needs at least this much free to start a run
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def disk_space(path: str | os.PathLike) -> str:
+    """"<folder>: <free> free of <total>" for the disk holding ``path`` (its nearest existing folder), or ""
+    when that cannot be read."""
+    folder = Path(path).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return ""
+    return f"{folder}: {_size(usage.free)} free of {_size(usage.total)}"
+
+
 def describe_failure(err: BaseException) -> str:
-    """One line naming the cause of an unexpected failure and, for the common kinds, the fix."""
+    """One line naming the cause of an unexpected failure and, for the common kinds, the fix. A full disk
+    (ENOSPC, EDQUOT) whose error names a file also names that disk's folder and free space."""
     message = one_line(err) or type(err).__name__
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return f"{message}: the disk is full; free space, then run the same command again"
-    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+        where = disk_space(err.filename) if err.filename else ""
+        if not where:
+            return f"{message}: the disk is full; free space, then run the same command again"
+        return (f"{message}: the disk ran out of space ({where} now, partial files removed); free space there "
+                "or choose another folder, then run the same command again")
+    if isinstance(err, OSError) and err.errno == errno.EROFS:
+        return f"{message}: the file system is read-only; choose a writable folder"
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM):
         return f"{message}: not allowed to write there; choose a writable folder"
     if isinstance(err, MemoryError) or "out of memory" in message.lower():
         return f"{type(err).__name__}: {message}: out of memory; lower the batch size"
@@ -104,8 +137,9 @@ def describe_failure(err: BaseException) -> str:
 
 def ensure_writable_dir(path: str | os.PathLike, option: str) -> Path:
     """Check, before any work starts, that the folder ``path`` exists and takes new files, or can be created;
-    OutputNotWritable (one line naming ``option``, e.g. "run_dir" or "--out") otherwise. Creates nothing:
-    the check writes and removes one empty file in the folder or its nearest existing parent."""
+    OutputNotWritable (one line naming ``option``, e.g. "run_dir" or "--out") otherwise, also when its disk
+    has less than ``MIN_FREE_BYTES`` free (a full disk, told before any work). Creates nothing: the check
+    writes and removes one empty file in the folder or its nearest existing parent."""
     folder = Path(path).absolute()
     existing = folder
     while not existing.exists() and existing != existing.parent:
@@ -120,6 +154,9 @@ def ensure_writable_dir(path: str | os.PathLike, option: str) -> Path:
         reason = err.strerror or type(err).__name__
         raise OutputNotWritable(f"{option} {folder} is not writable ({reason} in {existing}); choose a writable "
                                 f"{option}") from None
+    if shutil.disk_usage(existing).free < MIN_FREE_BYTES:
+        raise OutputNotWritable(f"{option} {folder}: the disk is full ({disk_space(existing)}); free space there "
+                                f"or choose another {option}")
     return folder
 
 
@@ -247,7 +284,8 @@ def cli_main(prog: str, *, bad_input: tuple[type[BaseException], ...] = (ValueEr
     return decorate
 
 
-__all__ = ["DEBUG_ENV_VARS", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "STOP_SIGNALS", "GracefulInterrupt",
-           "Interrupted", "OutputNotWritable", "StopSignal", "cli_main", "debug_enabled", "deferred_interrupts",
-           "describe_failure", "ensure_writable_dir", "exit_code", "interrupted_by", "one_line", "plural",
+__all__ = ["DEBUG_ENV_VARS", "DISK_FULL_ERRNOS", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE",
+           "MIN_FREE_BYTES", "STOP_SIGNALS", "GracefulInterrupt", "Interrupted", "OutputNotWritable",
+           "StopSignal", "cli_main", "debug_enabled", "deferred_interrupts", "describe_failure",
+           "disk_space", "ensure_writable_dir", "exit_code", "interrupted_by", "one_line", "plural",
            "print_error", "signal_of", "stop_signals_raise"]

@@ -22,6 +22,7 @@ earlier results untouched. CASCADE_DEBUG=1 shows tracebacks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from accelerate import Accelerator
@@ -36,6 +37,7 @@ from cascade.cli import (
     parse_choices,
     report_error,
     sampler_overrides,
+    statistics_folder,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
 from cascade.evaluation.evaluate import evaluate
@@ -74,7 +76,8 @@ def run_evaluate(args: argparse.Namespace, accelerator: Accelerator) -> int:
     try:
         modes = parse_choices(args.modes, MODES, "--modes", what="mode")
         overrides = sampler_overrides(args)
-        metrics = metric_settings(args)
+        stats_dir = statistics_folder(args, PROG, accelerator.is_main_process)  # checked before any sampling
+        metrics = dataclasses.replace(metric_settings(args), stats_dir=str(stats_dir))
         pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
         evaluation = evaluate(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
                               settings=pipe.settings(**overrides), metrics=metrics, num_samples=args.num_samples,

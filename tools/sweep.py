@@ -19,6 +19,7 @@ CASCADE_DEBUG=1 shows tracebacks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from accelerate import Accelerator
@@ -32,6 +33,7 @@ from cascade.cli import (
     metric_settings,
     report_error,
     sampler_overrides,
+    statistics_folder,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
 from cascade.evaluation.metrics import METRIC_GOALS
@@ -74,7 +76,8 @@ def run_sweep(args: argparse.Namespace, accelerator: Accelerator) -> int:
     """The run of ``args`` (the caller holds the --out lock); returns the exit code."""
     try:
         grid = sampler_overrides(args, grid=True)
-        metrics = metric_settings(args)
+        stats_dir = statistics_folder(args, PROG, accelerator.is_main_process)  # checked before any sampling
+        metrics = dataclasses.replace(metric_settings(args), stats_dir=str(stats_dir))
         w, aug_level = grid.pop("w", None), grid.pop("aug_level", None)
         pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
         result = sweep(pipe, args.data, feature_nets=feature_nets, classifier=classifier,

@@ -19,6 +19,7 @@ then shuffled (seeded) so every shard mixes classes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -31,7 +32,7 @@ import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
-from cascade.atomic import fsync_path, write_atomic
+from cascade.atomic import fsync_path, remove_path, write_atomic, write_guard
 from cascade.data.bad_input import BadInputReport, SkipImage
 from cascade.data.pyramid import prepare_image, pyramid_pngs
 from cascade.data.shard_folder import SPLITS
@@ -104,13 +105,15 @@ def _dataset_files(out: Path) -> list[Path]:
 
 
 class _ShardSink:
-    """Writes `{split}-%06d.tar` shards of `shard_size` samples, each atomically (temp file + rename)."""
+    """Writes `{split}-%06d.tar` shards of `shard_size` samples, each atomically (temp file + rename); `abort`
+    drops the shard being written and its temporary file (after a failed write, e.g. a full disk)."""
 
     def __init__(self, out_dir: Path, split: str, shard_size: int):
         self.out_dir, self.split, self.shard_size = out_dir, split, shard_size
         self.names: list[str] = []
         self.count = 0
         self._writer = None
+        self._file = None
         self._tmp = None
 
     def write(self, cls_files: dict) -> None:
@@ -118,18 +121,32 @@ class _ShardSink:
             name = f"{self.split}-{len(self.names):06d}.tar"
             self.names.append(name)
             self._tmp = self.out_dir / f".{name}.tmp"
-            self._writer = wds.TarWriter(str(self._tmp), mtime=_TAR_MTIME, encoder=False)
-        self._writer.write({"__key__": f"{self.split}{self.count:08d}", **cls_files})
+            self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by _finish or abort
+            self._writer = wds.TarWriter(self._file, mtime=_TAR_MTIME, encoder=False)
+        with write_guard(self.out_dir / self.names[-1]):
+            self._writer.write({"__key__": f"{self.split}{self.count:08d}", **cls_files})
         self.count += 1
         if self.count % self.shard_size == 0:
             self._finish()
 
     def _finish(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            fsync_path(self._tmp)
-            os.replace(self._tmp, self.out_dir / self.names[-1])
-            self._writer = None
+            with write_guard(self.out_dir / self.names[-1]):
+                self._writer.close()
+                self._file.close()
+                fsync_path(self._tmp)
+                os.replace(self._tmp, self.out_dir / self.names[-1])
+            self._writer = self._file = None
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            # closing once marks the tar stream closed, so that its finaliser does not write (and fail) again
+            with contextlib.suppress(OSError, ValueError):
+                self._writer.close()
+            with contextlib.suppress(OSError, ValueError):
+                self._file.close()
+            remove_path(self._tmp)
+            self._writer = self._file = None
 
     def close(self) -> None:
         self._finish()
@@ -197,10 +214,14 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, shard_size: int 
             if files is not None:
                 sinks[split].write(files)
                 per_class_counts[split][item.class_index] += 1
+        for sink in sinks.values():
+            sink.close()
+    except BaseException:  # a failed write (full disk) or an interrupt: no temporary shard stays behind
+        for sink in sinks.values():
+            sink.abort()
+        raise
     finally:
         torch.set_num_threads(threads)
-    for sink in sinks.values():
-        sink.close()
     if sinks["train"].count == 0:
         for sink in sinks.values():
             for name in sink.names:

@@ -10,6 +10,8 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
+from cascade.atomic import write_atomic
+
 Block = tuple
 
 _CSS = """
@@ -83,6 +85,6 @@ def write_report_pages(out_dir: str | Path, title: str, blocks: Sequence[Block],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     html_path, md_path = out / f"{stem}.html", out / f"{stem}.md"
-    html_path.write_text(render_html(title, blocks))
-    md_path.write_text(render_markdown(title, blocks))
+    write_atomic(html_path, render_html(title, blocks))  # a failed write leaves no partial file
+    write_atomic(md_path, render_markdown(title, blocks))
     return html_path, md_path

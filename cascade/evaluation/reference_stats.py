@@ -2,8 +2,9 @@
 
 `ReferenceStats` holds what FID and KID need of the real side (FID's Gaussian: mean and covariance; KID: a
 uniform random subsample of the real features), computed once per (data, resolution, feature network) by
-`compute_reference_stats` and cached by `cached_reference_stats` in `<root>/fid_stats/` under a key of the
-data's fingerprint, the feature network's weights and the settings (recomputed when any of them changes).
+`compute_reference_stats` and cached by `cached_reference_stats` in `<root>/fid_stats/` (or another folder,
+`stats_folder`: a read-only data folder's statistics go to the output folder) under a key of the data's
+fingerprint, the feature network's weights and the settings (recomputed when any of them changes).
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from cascade.atomic import write_atomic
+from cascade.errors import ensure_writable_dir
 from cascade.evaluation.features import FeatureNet, ImageSource, PassThrough, iter_features
 
 STATS_FORMAT_VERSION = 1
+STATS_DIR_NAME = "fid_stats"
 
 
 class _Reservoir:
@@ -149,9 +153,26 @@ def shard_fingerprint(root: str | Path, split: str, pattern: str | None = None) 
     return digest.hexdigest()
 
 
-def reference_stats_path(root: str | Path, split: str, resolution: int, feature_net_name: str) -> Path:
-    """`<root>/fid_stats/<split>-<resolution>-<feature net>.safetensors` (JSON sidecar: same stem, .json)."""
-    return Path(root) / "fid_stats" / f"{split}-{resolution}-{feature_net_name}.safetensors"
+def reference_stats_path(root: str | Path, split: str, resolution: int, feature_net_name: str,
+                         stats_dir: str | Path | None = None) -> Path:
+    """`<stats_dir>/<split>-<resolution>-<feature net>.safetensors` (JSON sidecar: same stem, .json);
+    ``stats_dir`` defaults to `<root>/fid_stats`."""
+    folder = Path(root) / STATS_DIR_NAME if stats_dir is None else Path(stats_dir)
+    return folder / f"{split}-{resolution}-{feature_net_name}.safetensors"
+
+
+def stats_folder(data_root: str | Path, stats_dir: str | Path | None, out_dir: str | Path) -> tuple[Path, bool]:
+    """Where an evaluation caches its real-image statistics, checked before any sampling: (folder, whether it
+    is the fallback). ``stats_dir`` (--stats-dir) when given (OutputNotWritable naming --stats-dir when it
+    cannot be written); else `<data_root>/fid_stats` when that folder (or, before its first use, the data
+    folder) takes writes; else `<out_dir>/fid_stats` (the fallback, for a read-only data folder)."""
+    if stats_dir is not None:
+        return ensure_writable_dir(stats_dir, "--stats-dir"), False
+    beside_data = Path(data_root).absolute() / STATS_DIR_NAME
+    existing = beside_data if beside_data.is_dir() else beside_data.parent
+    if not existing.is_dir() or os.access(existing, os.W_OK):  # False on a read-only mount (EROFS), also for root
+        return beside_data, False  # (a missing data folder is reported by whatever reads it)
+    return Path(out_dir).absolute() / STATS_DIR_NAME, True
 
 
 def cached_reference_stats(
@@ -166,8 +187,10 @@ def cached_reference_stats(
     max_samples: int | None = None,
     kid_max_features: int | None = 5000,
     seed: int = 0,
+    stats_dir: str | Path | None = None,
 ) -> ReferenceStats:
-    """Reference statistics for (data, resolution, feature network), cached next to the shards.
+    """Reference statistics for (data, resolution, feature network), cached next to the shards (in
+    ``stats_dir`` when given, see `stats_folder`).
 
     The cache key is the data fingerprint (default: `shard_fingerprint(root, split)`), the feature network's
     name and weight fingerprint, the resolution and the sampling settings; when the stored key matches,
@@ -187,7 +210,7 @@ def cached_reference_stats(
         "kid_max_features": kid_max_features,
         "seed": seed,
     }
-    path = reference_stats_path(root, split, resolution, feature_net.name)
+    path = reference_stats_path(root, split, resolution, feature_net.name, stats_dir)
     stats = _load_stats(path, key)
     if stats is not None:
         return stats
@@ -237,9 +260,11 @@ def _save_stats(path: Path, key: dict, stats: ReferenceStats) -> None:
         "cov": stats.cov.double().contiguous(),
         "kid_features": stats.kid_features.float().contiguous(),
     }
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"key": json.dumps(key), "num_samples": str(stats.num_samples)})
-    os.replace(tmp, path)
+    # serialized in memory and written by write_atomic: a full disk is an OSError naming the file, and
+    # leaves no temporary file
+    write_atomic(path, safetensors_bytes(tensors, metadata={"key": json.dumps(key),
+                                                            "num_samples": str(stats.num_samples)}),
+                 tmp_suffix=f".tmp{os.getpid()}")
     info = {
         "key": key,
         "num_samples": stats.num_samples,
@@ -247,7 +272,4 @@ def _save_stats(path: Path, key: dict, stats: ReferenceStats) -> None:
         "num_features": int(stats.mean.shape[0]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    sidecar = path.with_suffix(".json")
-    tmp = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, sidecar)
+    write_atomic(path.with_suffix(".json"), json.dumps(info, indent=2) + "\n", tmp_suffix=f".tmp{os.getpid()}")

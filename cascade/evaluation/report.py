@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from cascade.atomic import write_atomic
 from cascade.evaluation.plots import plot_detail_vs_consistency, plot_sweep
 from cascade.evaluation.tables import (
     SMALL_SAMPLE_NOTE,
@@ -52,7 +53,7 @@ def write_json(path: str | Path, document: Any) -> Path:
     """`document` (`json_safe`) as indented JSON at `path`, creating its folder; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
+    write_atomic(path, json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")  # no partial file
     return path
 
 
@@ -92,7 +93,7 @@ def write_report(results: Mapping, json_path: str | Path, md_path: str | Path, *
     if meta:
         lines += ["## Settings", ""] + [f"- {key}: {value}" for key, value in meta.items()] + [""]
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text("\n".join(lines))
+    write_atomic(md_path, "\n".join(lines))
 
 
 def best_flags(best: Mapping[str, Mapping[str, Any]]) -> str:
@@ -136,7 +137,7 @@ def write_sweep(out_dir: str | Path, records: Sequence[Mapping], best: Mapping[s
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "sweep.json", out / "sweep.md", out / "sweep.png"
     write_json(paths[0], {"meta": meta, "records": records, "best": best, "flags": best_flags(best)})
-    paths[1].write_text(sweep_markdown(records, best, meta))
+    write_atomic(paths[1], sweep_markdown(records, best, meta))
     metric = meta.get("rank_metric", "fid")
     plot_sweep(records, paths[2], metric, best=best)
     return paths

@@ -77,7 +77,8 @@ def stage_metrics(images: torch.Tensor, labels: torch.Tensor, *, data_root: Path
     features = {}
     for net in feature_nets:
         reference = cached_reference_stats(data_root, SPLIT, resolution, net,
-                                           lambda: split_batches(data_root, SPLIT, resolution), batch_size=batch_size)
+                                           lambda: split_batches(data_root, SPLIT, resolution), batch_size=batch_size,
+                                           stats_dir=metrics.stats_dir)
         try:
             features[net.name] = compute_fid_kid(reference, images, net, batch_size=batch_size, seed=seed,
                                                  is_splits=min(10, n), pr_k=metrics.precision_recall_k,

@@ -29,6 +29,8 @@ class MetricSettings:
     - ``baselines`` (--baselines): a row per SR stage for its real input upsampled (evaluations only).
     - ``allow_damaged_val`` (--allow-damaged-val): compare against the readable val images even when fewer than
       half of the split is readable (`cascade.evaluation.sample_lists.load_eval_data`; otherwise refused).
+    - ``stats_dir`` (--stats-dir): the folder caching the real-image statistics, or None for `<data>/fid_stats`
+      (`cascade.evaluation.reference_stats.stats_folder` chooses it before any sampling).
 
     Raises ValueError with one line naming the option, what it must be and what it got.
     """
@@ -40,6 +42,7 @@ class MetricSettings:
     memorisation: bool = False
     baselines: bool = False
     allow_damaged_val: bool = False
+    stats_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not is_int_at_least(self.pr_k, 0):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from cascade.atomic import write_atomic
+from cascade.atomic import write_atomic, write_guard
 from cascade.imageops import float_to_uint8
 from cascade.locks import LOCK_NAME
 from cascade.pipeline.cascade_pipeline import SamplingPlan
@@ -132,11 +132,17 @@ def write_outputs(outputs: Mapping[str, torch.Tensor], plan: SamplingPlan, out_d
     for sp in plan.stages:
         (out / sp.name).mkdir(exist_ok=True)
         for stem, image in zip(stems, float_to_uint8(outputs[sp.name]).numpy()):
-            Image.fromarray(image).save(out / sp.name / f"{stem}.png")
+            _save_png(Image.fromarray(image), out / sp.name / f"{stem}.png")
             if sp.name == final:
-                Image.fromarray(image).save(out / f"{stem}.png")
-    labelled_grid(outputs, plan, class_names).save(out / "grid.png")
-    tmp = out / ".settings.json.tmp"  # written last and atomically: its presence marks a complete folder
-    tmp.write_text(json.dumps(dict(record), indent=2, sort_keys=True))
-    tmp.replace(out / "settings.json")
+                _save_png(Image.fromarray(image), out / f"{stem}.png")
+    _save_png(labelled_grid(outputs, plan, class_names), out / "grid.png")
+    # written last and atomically: its presence marks a complete folder
+    write_atomic(out / "settings.json", json.dumps(dict(record), indent=2, sort_keys=True))
     return WrittenOutputs(out, sum((out / f"{stem}.png").is_file() for stem in set(stems)), tuple(files))
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    """``image`` as a PNG at ``path``; a failed write (a full disk: OSError naming ``path``) removes the partial
+    file."""
+    with write_guard(path, path):
+        image.save(path)

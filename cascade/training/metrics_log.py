@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cascade.atomic import write_atomic, write_guard
 
 __all__ = ["METRICS_FILE", "MetricsLog", "window_record"]
 
@@ -15,18 +18,17 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    """JSONL metrics in the run folder (main process); on resume, records after the resumed step go."""
+    """JSONL metrics in the run folder (main process); on resume, records after the resumed step go. A write
+    that fails (a full disk: OSError ENOSPC naming the file) leaves the file as it was before it."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         if resume_step is None:
-            path.write_text("")
+            write_atomic(path, "")
         elif path.is_file():
             kept = [ln for ln in path.read_text(errors="replace").splitlines() if self._step_of(ln) is not None
                     and self._step_of(ln) <= resume_step]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            tmp.replace(path)
+            write_atomic(path, "".join(ln + "\n" for ln in kept))
 
     @staticmethod
     def _step_of(line: str) -> int | None:
@@ -37,8 +39,19 @@ class MetricsLog:
             return None
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        data = memoryview((json.dumps(record) + "\n").encode())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            with write_guard(self.path):
+                try:
+                    while data:
+                        data = data[os.write(fd, data):]
+                except OSError:
+                    os.ftruncate(fd, start)  # no cut-off record left behind
+                    raise
+        finally:
+            os.close(fd)
 
 
 def window_record(sums: dict[str, torch.Tensor], *, step: int, steps: int, images: int, seconds: float,

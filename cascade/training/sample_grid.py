@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cascade.atomic import write_atomic_with
 from cascade.config import StageConfig, StageKind
 from cascade.data.loader import make_stage_loader
 from cascade.imageops import image_grid, upsample
@@ -64,5 +65,5 @@ def write_sample_grid(path: Path, model: torch.nn.Module, diffusion: Any, stage:
         rows = torch.cat([upsample(inputs["x_low"], stage.resolution), images, inputs["x"]])
         grid = image_grid(rows, ncol=len(inputs["y"]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    write_atomic_with(path, lambda f: grid.save(f, format="PNG"))  # a failed write leaves no partial file
     return path
