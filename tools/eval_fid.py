@@ -11,7 +11,8 @@ Writes <out>/results.json and <out>/results.md (a compact table per stage, then 
 stages, columns = metric × mode, feature-based metrics labelled with their feature network), <out>/results.png
 (detail ratio vs consistency per SR stage) and with --memorisation <out>/memorisation-<stage>.png (closest
 pairs). Every FID carries its sample count; below 2,048 samples it is marked biased (read KID first).
-Real-image statistics are cached in <data>/fid_stats/.
+Real-image statistics are cached in --stats-dir (default <data>/fid_stats/, or <out>/fid_stats/ when the
+data folder is read-only; chosen before any sampling).
 With `accelerate launch` every process samples its share and the main process computes and writes the
 metrics (the same numbers as one process; on CPU too, with `--device cpu`: keep `--multi_gpu`, accelerate's
 `--cpu` flag starts a single process). Bad inputs (an unwritable --out, a damaged checkpoint, shards without
