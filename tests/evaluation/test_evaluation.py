@@ -299,12 +299,12 @@ def test_missing_inception_weights_is_one_line_in_a_subprocess(runs_root, shards
     ("args", "expected"),
     [
         (["--stages", "base32,sr32"], "--stages: unknown stage 'sr32'"),
-        (["--num-samples", "-3"], "num_samples must be an integer >= 2, got -3"),
+        (["--num-samples", "-3"], "argument --num-samples: must be an integer >= 2, got '-3'"),
         (["--data", "/nonexistent/shards"], "data: dataset folder not found: /nonexistent/shards"),
         (["--modes", "teacher-forced,dreamed"], "--modes: unknown mode 'dreamed'"),
         (["--classifier", "/nonexistent/clf"], "classifier: checkpoint path /nonexistent/clf does not exist"),
         (["--w", "base32=-1"], "stage base32: w must be >= 0"),
-        (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+        (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
         (["--pr-k", "4"], "--pr-k: precision/recall with k=4 needs more than 4 samples per stage, got 4"),
         (["--cas", "0"], "--cas: needs at least 1 generated image per class, got 0"),
         (["--cas", "50"], "fewer than the 50 per class the real ceiling needs; pass --cas"),
@@ -318,7 +318,11 @@ def test_bad_input_gives_one_line_and_exit_2(runs_root, shards, tmp_path, capsys
             argv[argv.index(flag) + 1] = value
         else:
             argv += [flag, value]
-    assert eval_fid.main(argv) == 2
+    try:
+        code = eval_fid.main(argv)
+    except SystemExit as exc:  # argparse refuses a malformed value itself (exit 2)
+        code = exc.code
+    assert code == 2
     assert expected in _error_line(capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
 
