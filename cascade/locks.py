@@ -1,12 +1,15 @@
 """One writer per folder: an advisory lock that every tool writing a folder (a run folder, an --out folder)
 takes before it writes anything there, and gives back when it is done.
 
-The lock is the file `.cascade.lock` in the folder, held with `fcntl.flock` (released by the kernel when its
-owner ends, however it ends) and holding the owner's pid, host, start time and command line, which the
-message refusing a second writer names. A lock file left by an owner that was killed (kill -9, a lost node)
-is taken over with one warning line. Where the file system has no `flock` (some network file systems), the
-recorded owner decides instead: a live pid on this host, or any owner on another host, keeps the folder;
-a pid gone from this host is taken over.
+The lock is the file `.cascade.lock` in the folder, held with a POSIX record lock (`fcntl.lockf`: released by
+the kernel when its owner ends, however it ends; not inherited by forked children such as data-loader
+workers, which may outlive a killed owner for a moment; also honoured across hosts on NFS) and holding the
+owner's pid, host, start time and command line, which the message refusing a second writer names. A lock
+file left by an owner that was killed (kill -9, a lost node) is taken over with one warning line. Where the
+file system has no record locks, the recorded owner decides instead: a live pid on this host, or any owner
+on another host, keeps the folder; a pid gone from this host is taken over. Within one process a folder's
+lock is held once (record locks are per process: a second `FolderLock` on it is refused without touching
+the file, whose closing would let go of the first).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 LOCK_NAME = ".cascade.lock"
-_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_TAKEN = (errno.EACCES, errno.EAGAIN)
+_HELD: dict[Path, dict[str, Any]] = {}  # lock files this process holds → their owner record
 
 
 class FolderLocked(ValueError):
@@ -86,16 +91,18 @@ class FolderLock:
     def acquire(self) -> FolderLock:
         if self._fd is not None or not self.enabled:
             return self
+        if self.path in _HELD:
+            self._refuse(_HELD[self.path])
         self._created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                flocked = self._flock(fd)
+                locked = self._lock(fd)
                 previous = _read_owner(fd)
-                if not flocked and previous and self._owner_alive(previous):
+                if not locked and previous and self._owner_alive(previous):
                     self._refuse(previous)
-                if flocked and not self._same_file(fd):
+                if locked and not self._same_file(fd):
                     os.close(fd)  # a releasing owner removed this file in between: lock the new one
                     continue
             except BaseException:
@@ -112,6 +119,7 @@ class FolderLock:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         os.fsync(fd)
         self._fd = fd
+        _HELD[self.path] = record
         return self
 
     def check_free(self) -> None:
@@ -119,26 +127,28 @@ class FolderLock:
         before work that writes beside the folder, e.g. hydra's logs; `acquire` still decides)."""
         if self._fd is not None or not self.enabled:
             return
+        if self.path in _HELD:
+            self._refuse(_HELD[self.path])
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError):
             return
         try:
-            if not self._flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB):
+            if not self._lock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB):
                 owner = _read_owner(fd)
                 if owner and self._owner_alive(owner):
                     self._refuse(owner)
         finally:
             os.close(fd)  # gives back the shared lock
 
-    def _flock(self, fd: int, mode: int = fcntl.LOCK_EX | fcntl.LOCK_NB) -> bool:
+    def _lock(self, fd: int, mode: int = fcntl.LOCK_EX | fcntl.LOCK_NB) -> bool:
         """True when the kernel lock is held; False where the file system has none; FolderLocked when taken."""
         try:
-            fcntl.flock(fd, mode)
-        except BlockingIOError:
-            self._refuse(_read_owner(fd))
+            fcntl.lockf(fd, mode)
         except OSError as err:
-            if err.errno not in _NO_FLOCK:
+            if err.errno in _TAKEN:
+                self._refuse(_read_owner(fd))
+            if err.errno not in _NO_LOCKS:
                 raise
             return False
         return True
@@ -166,6 +176,7 @@ class FolderLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        _HELD.pop(self.path, None)
         try:
             if self._same_file(fd):
                 self.path.unlink(missing_ok=True)

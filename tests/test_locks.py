@@ -62,6 +62,23 @@ def test_a_lock_left_by_a_killed_owner_is_taken_over_with_a_warning(tmp_path, ca
     assert "\n" not in warning and not (tmp_path / LOCK_NAME).exists()
 
 
+def test_a_forked_child_outliving_a_killed_owner_does_not_keep_the_lock(tmp_path, capsys):
+    # A data-loader worker forked by the trainer can outlive its killed parent for a moment.
+    code = ("import os, signal, sys, time; from cascade.locks import FolderLock; "
+            "FolderLock(sys.argv[1], '--out').acquire(); child = os.fork(); "
+            "time.sleep(60) if child == 0 else (print(child, flush=True), os.kill(os.getpid(), signal.SIGKILL))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    proc.stdout.close()  # the child keeps its end open: read no further
+    assert proc.wait(timeout=60) == -9
+    try:
+        with FolderLock(tmp_path, "--out"):
+            pass
+        assert "taking over the lock left by pid" in capsys.readouterr().err
+    finally:
+        os.kill(child, 9)
+
+
 def test_two_trainers_on_one_run_dir_the_second_is_refused_before_writing(tmp_path, synthetic_shards):
     import stages
     from cascade.training.trainer import StageTrainer
