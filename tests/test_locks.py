@@ -3,6 +3,7 @@ killed owner is taken over with a warning, and the trainer and train_stage hold 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -104,3 +105,23 @@ def test_two_trainers_on_one_run_dir_the_second_is_refused_before_writing(tmp_pa
     finally:
         first.close()
     assert not run_dir.exists() or LOCK_NAME not in {p.name for p in run_dir.iterdir()}
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("eval_fid", ["--data", "shards", "--device", "cpu"]),
+    ("sweep", ["--data", "shards", "--device", "cpu"]),
+    ("make_shards", ["--source", "synthetic", "--images-per-class", "1", "--num-classes", "1", "--max-res", "32"]),
+    ("demo", ["--quick"]),
+    ("sample_cascade", ["--classes", "0"]),
+])
+def test_every_tool_writing_a_folder_refuses_a_second_writer(tool, args, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(f"{tool}_tool", ROOT / "tools" / f"{tool}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out"
+    with FolderLock(out, "--out"):
+        assert module.main([*args, "--out", str(out)]) == 2
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{tool}: error: --out {out} is in use by another run (pid {os.getpid()} on host "), err
+    assert "\n" not in err and err.endswith("; wait for it to finish or choose another --out"), err
