@@ -69,7 +69,9 @@ def test_a_folder_of_other_files_is_refused_unless_overwrite(tmp_path):
     (tmp_path / "photo.png").write_bytes(b"")
     with pytest.raises(ValueError, match=r"^--out .* holds files that no sampling run wrote \(photo.png\); .*--overwrite"):
         claim_out_dir(tmp_path)
+    (tmp_path / "settings.json").write_text("{}")  # an older run's: the folder is incomplete until rewritten
     assert claim_out_dir(tmp_path, overwrite=True) == [] and (tmp_path / "photo.png").exists()
+    assert not (tmp_path / "settings.json").exists()
 
 
 def test_sampling_command_owns_its_out(runs_root, tmp_path, capsys):
@@ -78,7 +80,7 @@ def test_sampling_command_owns_its_out(runs_root, tmp_path, capsys):
     assert sample_cascade.main(["--classes", "1,2", "--num-per-class", "2", "--stages", "base32,sr64", *args]) == 0
     assert sample_cascade.main(["--classes", "2", "--stages", "base32", *args]) == 0
     printed = capsys.readouterr().out
-    assert "wrote 4 images of 64x64" in printed and "wrote 1 images of 32x32" in printed
+    assert "wrote 4 images of 64x64" in printed and "wrote 1 image of 32x32" in printed
     names = json.loads((out / "settings.json").read_text())["class_names"]
     stem = sample_stem(2, 0, names)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
