@@ -227,6 +227,14 @@ class GracefulInterrupt:
         self._handlers.__exit__(*exc)
 
 
+def ignore_stop_signals(*_: object) -> None:
+    """In a worker process (e.g. a DataLoader's ``worker_init_fn``; any arguments are ignored): ignore the stop
+    signals. They reach every process of a terminal's or a job's group (Ctrl-C; Slurm's SIGTERM); the main
+    process alone then stops the run at a safe point and ends its workers the usual way."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
     """Hold the stop signals for the duration of the block (e.g. renaming finished outputs into place), then
@@ -287,5 +295,5 @@ def cli_main(prog: str, *, bad_input: tuple[type[BaseException], ...] = (ValueEr
 __all__ = ["DEBUG_ENV_VARS", "DISK_FULL_ERRNOS", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE",
            "MIN_FREE_BYTES", "STOP_SIGNALS", "GracefulInterrupt", "Interrupted", "OutputNotWritable",
            "StopSignal", "cli_main", "debug_enabled", "deferred_interrupts", "describe_failure",
-           "disk_space", "ensure_writable_dir", "exit_code", "interrupted_by", "one_line", "plural",
-           "print_error", "signal_of", "stop_signals_raise"]
+           "disk_space", "ensure_writable_dir", "exit_code", "ignore_stop_signals", "interrupted_by",
+           "one_line", "plural", "print_error", "signal_of", "stop_signals_raise"]

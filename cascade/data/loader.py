@@ -47,7 +47,7 @@ from cascade.data.workers import (
     raise_failures,
     worker_seeds,
 )
-from cascade.errors import plural
+from cascade.errors import ignore_stop_signals, plural
 from cascade.imageops import uint8_to_float
 
 
@@ -123,9 +123,11 @@ class StageLoader:
     def __iter__(self) -> Iterator[dict]:
         self.dataset.epoch = self.epoch  # workers are re-created each epoch and receive this value
         self.epoch += 1
+        # The workers leave Ctrl-C and preemption signals, which reach the whole process group, to this process.
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None, persistent_workers=False)
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None, persistent_workers=False,
+            worker_init_fn=ignore_stop_signals)
         return raise_failures(loader)
 
     def __len__(self) -> int:

@@ -3,9 +3,11 @@ line, exit 128 + signal) in training and in every tool; trainer.max_nan_in_row h
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import random
+import runpy
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from cascade.errors import GracefulInterrupt, StopSignal, cli_main, deferred_int
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_TOOL = ROOT / "tools" / "train_stage.py"
+TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py"))
 
 
 def _load_tool(name):
@@ -221,26 +224,56 @@ def test_sigterm_in_sampling_and_evaluation_leaves_nothing_complete(tiny_runs, s
         assert not out.exists() or not any(out.iterdir())
 
 
-def _signal_when(proc: subprocess.Popen, ready, signum: int, timeout: float = 120) -> None:
+class Escaped(Exception):
+    """A SIGTERM that no handler of the tool took (the test's own handler raises it)."""
+
+
+def _escaped(signum, frame):
+    raise Escaped
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_stops_on_sigterm_with_one_line_and_143(tool, monkeypatch, capfd):
+    """`python tools/<tool>.py` receiving SIGTERM as it starts: one line naming the signal, exit 143."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "tools" / f"{tool}.py")])
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda *a, **k: signal.raise_signal(signal.SIGTERM))
+    previous = signal.signal(signal.SIGTERM, _escaped)
+    try:
+        runpy.run_path(str(ROOT / "tools" / f"{tool}.py"), run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 143 and len(err) == 1 and err[0].startswith(f"{tool}: interrupted by SIGTERM"), (code, err)
+
+
+def _signal_when(proc: subprocess.Popen, ready, signum: int, timeout: float = 120, group: bool = False) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None and not ready():
         time.sleep(0.01)
-    proc.send_signal(signum)
+    if group:  # as Slurm does: every process of the job, the loader's workers included
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
 
 
 @pytest.mark.slow
 def test_sigterm_on_the_command_lines(synthetic_shards, tmp_path):
-    """train_stage: exit 143, one line, checkpoint at the step it names, the rerun resumes there. make_shards:
-    exit 143, one line, no dataset.json; the rerun completes the folder."""
+    """train_stage (SIGTERM to its whole process group, loader workers included): exit 143, one line, checkpoint
+    at the step it names, the rerun resumes there. make_shards: exit 143, one line, no dataset.json; the rerun
+    completes the folder."""
     run_dir = tmp_path / "run"
     args = [sys.executable, str(TRAIN_TOOL), "stage=base32", "size=tiny", f"data.root={synthetic_shards}",
-            f"run_dir={run_dir}", "data.num_workers=0", "data.shuffle_buffer=8", "trainer.batch_size=2",
+            f"run_dir={run_dir}", "data.num_workers=1", "data.shuffle_buffer=8", "trainer.batch_size=2",
             "trainer.log_every=1", "trainer.sample_every=0", "trainer.progress=false", "trainer.ckpt_every=4",
             "trainer.mixed_precision=no"]
     proc = subprocess.Popen([*args, "trainer.max_steps=100000"], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = run_dir / "metrics.jsonl"
-    _signal_when(proc, lambda: log.is_file() and len(log.read_text().splitlines()) >= 6, signal.SIGTERM)
+    _signal_when(proc, lambda: log.is_file() and len(log.read_text().splitlines()) >= 6, signal.SIGTERM,
+                 group=True)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     step = checkpoint.load_config(run_dir)["step"]
