@@ -96,8 +96,9 @@ def load_eval_data(root: str | Path, pipeline: CascadePipeline, *, num_samples: 
     try:
         split = read_split(root, SPLIT, sorted(low_resolutions) or [pipeline.stages[0].config.resolution],
                            keep=low_resolutions)
-    except (FileNotFoundError, ValueError) as err:
-        raise CascadeConfigError(f"data: {err}; pass a shard folder with a val split (--data DIR)") from None
+    except (FileNotFoundError, ValueError) as err:  # a message that names its fix keeps it alone
+        fix = "" if "make_shards" in str(err) else "; pass a shard folder with a val split (--data DIR)"
+        raise CascadeConfigError(f"data: {err}{fix}") from None
     val_labels, images = split
     if not len(val_labels):
         raise CascadeConfigError(f"data: {root} has no readable val images")

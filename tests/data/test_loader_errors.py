@@ -113,3 +113,14 @@ def test_an_intact_split_reports_nothing_skipped(shards, tmp_path):
     assert (split.read, split.skipped) == (10, 0) and images == {} and labels.dtype == torch.long
     write_report({}, tmp_path / "r.json", tmp_path / "r.md", meta={"val_images": {"read": 10, "skipped": 0}})
     assert "damaged" not in (tmp_path / "r.md").read_text()
+
+
+def test_the_allow_damaged_val_flag_reaches_the_metric_settings():
+    import argparse
+
+    from cascade.cli import add_metric_arguments, metric_settings
+
+    parser = argparse.ArgumentParser()
+    add_metric_arguments(parser)
+    assert metric_settings(parser.parse_args(["--allow-damaged-val"])).allow_damaged_val is True
+    assert metric_settings(parser.parse_args([])).allow_damaged_val is False

@@ -327,6 +327,17 @@ def test_bad_input_gives_one_line_and_exit_2(runs_root, shards, tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 
+def test_a_mostly_unreadable_val_split_is_refused_naming_the_flag(runs_root, synthetic_shards, tmp_path, capsys):
+    damaged = Path(shutil.copytree(synthetic_shards, tmp_path / "damaged"))
+    vals = sorted(damaged.glob("val-*.tar"))
+    for path in vals[:-1]:  # 6 val images in 2 shards of 4 and 2: only the last 2 stay readable
+        path.write_bytes(b"not a tar file" * 8)
+    with pytest.warns(RuntimeWarning):
+        assert eval_fid.main(_cli_args(runs_root, damaged, tmp_path / "o")) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "only 2 of 6 val images" in line and "--allow-damaged-val" in line and not (tmp_path / "o").exists()
+
+
 def test_sweep_rejects_a_bad_grid(runs_root, shards, tmp_path, capsys):
     args = _cli_args(runs_root, shards, tmp_path / "o", "--aug-level", "sr64=0,1.5")
     assert sweep_tool.main(args) == 2
