@@ -59,7 +59,8 @@ def claim_out_dir(out_dir: str | Path, *, overwrite: bool = False, option: str =
     """Make ``out_dir`` ready for a new run's outputs (call it holding the folder's lock): the files an earlier
     run wrote there (its manifest) are removed, with their emptied stage folders; the names removed are
     returned. A folder holding other files is refused (OutputFolderNotEmpty naming ``option``) unless
-    ``overwrite``, which writes beside them (same-named files are replaced)."""
+    ``overwrite``, which writes beside them (same-named files are replaced). settings.json, which marks a
+    complete folder, is removed either way."""
     out = Path(out_dir)
     if not out.is_dir():
         return []
@@ -71,6 +72,7 @@ def claim_out_dir(out_dir: str | Path, *, overwrite: bool = False, option: str =
                 f"{option} {out} holds files that no sampling run wrote ({', '.join(others[:3])}"
                 f"{', ...' if len(others) > 3 else ''}); choose an empty or new {option}, or pass --overwrite to "
                 f"write beside them")
+        (out / "settings.json").unlink(missing_ok=True)  # written again last: until then the folder is incomplete
         return []
     try:
         listed = json.loads(manifest.read_text()).get("files", [])
