@@ -101,9 +101,12 @@ def _describe(kind: str) -> str:
 
 def _coerce(value: Any, kind: str) -> Any:
     """``value`` as annotation ``kind`` asks (ints become floats, sequences tuples); _Mismatch when it is not.
-    Kinds other than int, float, bool, str, None, tuples and unions of them (Any, classes) pass unchecked."""
+    Kinds other than int, float, bool, str, tuples of them and ``X | None`` pass unchecked (Any, classes, and
+    unions such as ``int | str`` whose owner's own check names what they accept, e.g. "auto")."""
     alternatives = _split_top(kind, "|")
     if len(alternatives) > 1:
+        if len(alternatives) != 2 or "None" not in alternatives:
+            return value
         for alternative in alternatives:
             try:
                 return _coerce(value, alternative)
@@ -138,7 +141,7 @@ def _coerce(value: Any, kind: str) -> Any:
 
 def coerce_fields(obj: Any, section: str) -> None:
     """Check a dataclass's field types against their annotations, in place: int, float, bool, str, None, tuples
-    (``tuple[int, ...]``, ``tuple[float, float]``: any list or tuple, stored as a tuple) and unions of them; ints
+    (``tuple[int, ...]``, ``tuple[float, float]``: any list or tuple, stored as a tuple) and ``X | None``; ints
     are accepted for floats (YAML writes 1 for 1.0) and stored as floats, bools never count as numbers. Other
     annotations (Any, nested settings) are left to the caller. Raises ValueError naming the key path
     (``section.field``, the field alone when ``section`` is empty), what it must be and what it got."""
