@@ -150,10 +150,12 @@ def _metrics_lines(run_dir: Path) -> int:
 def _check_graceful_stop(run_dir: Path, returncode: int, stderr: str, sig: int, result: TrainDrillResult,
                          newest: int | None, max_steps: int) -> None:
     """A graceful signal's run: exit 128 + signal, one line naming it (besides a resume notice), the newest
-    checkpoint at the step that line names; or, signalled while the last step was checkpointed, finished."""
+    checkpoint at the step that line names; or, signalled from the last step's checkpoint on, finished."""
     lines = [line for line in stderr.splitlines() if line.strip() and not RESUMED_RE.search(line)]
-    if returncode == 0 and not lines and newest == max_steps:
-        result.at_signal_step += 1  # the signal fell on the final checkpoint's write: the run finished
+    if returncode in (0, -sig) and not lines and newest == max_steps:
+        # the signal fell on the final checkpoint's write (the run finished: 0) or after it, while the finished
+        # process was exiting (the signal's default action: -sig); either way the run was complete
+        result.at_signal_step += 1
         return
     match = STOPPED_RE.match(lines[-1]) if len(lines) == 1 else None
     if returncode != 128 + sig or match is None or match.group(1) != signal.Signals(sig).name:
