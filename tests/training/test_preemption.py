@@ -149,7 +149,8 @@ def _agree(rank: int, world_size: int, store_path: str, results: str) -> None:
 
 
 def test_ranks_agree_on_the_signal_and_the_non_finite_limit(tmp_path):
-    torch.multiprocessing.spawn(_agree, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.start_processes(_agree, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                                          start_method="fork")
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}").read_text() == repr([0, 15, "stopping at step 2"])
 
