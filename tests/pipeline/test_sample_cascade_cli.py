@@ -112,7 +112,7 @@ def test_bad_input_in_a_subprocess_gives_one_line_and_exit_2(runs_root, tmp_path
         (["--eta", "0.5", "--sampler", "ddpm"], "eta 0.5 applies to the ddim sampler only"),
         (["--eta", "2", "--sampler", "ddim"], "eta must be in [0.0, 1.0]"),
         (["--w", "inf"], "w must be finite"),
-        (["--num-per-class", "two"], "--num-per-class: invalid int value"),
+        (["--num-per-class", "two"], "--num-per-class: must be an integer >= 1, got 'two'"),
         (["--precision", "fp8"], "precision 'fp8' is unknown"),
         (["--sampler", "euler"], "sampler 'euler' is unknown"),
         (["--sampler", "sr64=euler"], "stage sr64: sampler 'euler' is unknown"),
