@@ -306,16 +306,17 @@ class StageTrainer:
     def run(self) -> Path:
         """Train to max_steps; returns the final checkpoint folder. A stop signal (SIGINT, SIGTERM, SIGUSR1) →
         checkpoint at the current step, `TrainingInterrupted`; max_nan_in_row non-finite steps in a row →
-        `NonFiniteLossError`. Runs once: the trainer is closed (`close`) however the run ends; RuntimeError on a second call."""
+        `NonFiniteLossError`. Runs once: the trainer is closed (`close`) however the run ends; RuntimeError on a
+        second call. A stop signal while it closes after the final checkpoint finds the run complete."""
         if self._closed:
             raise RuntimeError("this StageTrainer has already run (or was closed); build a new one to train again")
-        try:
-            with GracefulInterrupt() as interrupt:
+        with GracefulInterrupt() as interrupt:  # also over closing: a late signal cannot replace the outcome
+            try:
                 final = self._run(interrupt)
-        except BaseException:
-            self._close_after_failure()
-            raise
-        self.close()
+            except BaseException:
+                self._close_after_failure()
+                raise
+            self.close()
         return final
 
     def _run(self, interrupt: GracefulInterrupt) -> Path:
