@@ -1,5 +1,6 @@
 """Where a training run resumes: the checkpoint ``resume`` names (never / auto / a path), read whole, with
-``resume=auto`` stepping back past damaged checkpoints to the newest readable one."""
+``resume=auto`` stepping back past damaged checkpoints to the newest readable one, and where in its data
+segment the run picks up (`resume_segment`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from cascade import checkpoint
 from cascade.config import StageConfig
 from cascade.training.runtime import warn
 
-__all__ = ["ResumePoint", "read_resume_point", "resume_candidates"]
+__all__ = ["SEGMENT_STEPS", "ResumePoint", "read_resume_point", "resume_candidates", "resume_segment"]
 
 
 class ResumePoint(NamedTuple):
@@ -87,3 +88,21 @@ def read_resume_point(run_dir: Path, resume: str, stage: StageConfig, device: to
         raise ValueError(f"every checkpoint in {run_dir / checkpoint.CHECKPOINTS_DIR} is damaged (newest: "
                          f"{damaged[0]}); move them away to start afresh, or resume=PATH from a copy")
     return ResumePoint(None, None, None, None)
+
+
+SEGMENT_STEPS = 1000  # a new data segment every this many steps (and at the final checkpoint)
+
+
+def resume_segment(state: dict | None, step: int, world_size: int, rank: int) -> tuple[int, list | None, dict | None]:
+    """Where a run resuming from the training ``state`` of a checkpoint at ``step`` picks up its data stream:
+    (the segment's first step, every rank's RNG states at that start, this rank's RNG state at ``step``, or None
+    where the checkpoint starts a segment itself: a fresh run, a checkpoint on a segment boundary or written by
+    another number of processes). Resuming within a segment skips its batches up to ``step``: at most
+    ``SEGMENT_STEPS`` - 1 steps' worth, loaded but not trained on."""
+    if state is None:
+        return step, None, None
+    start = int(state.get("data", {}).get("segment_start", step))
+    at_step = state.get("rng_at_step")
+    if start == step or at_step is None or len(at_step) != world_size:
+        return step, state["rng"], None
+    return start, state["rng"], at_step[rank]

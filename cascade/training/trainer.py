@@ -6,12 +6,13 @@ classifier-free guidance, conditioning augmentation of the low-resolution input 
 stage's diffusion loss (or cross-entropy on noised images for the classifier), AdamW with warmup and
 clipping, then an EMA update.
 
-Exact resume: every checkpoint step S starts a new data *segment*. All randomness of the segment (the
-loader's shuffle, noise, timesteps, dropout, augmentation) is seeded from (seed, S, rank), so a run
-resumed from the checkpoint at S replays exactly what the uninterrupted run did after S, without
-replaying the data stream. The checkpoint also stores each rank's RNG states at that point. (The
-final checkpoint starts a segment too, so extending a finished run continues from there, not from where
-an uninterrupted longer run would be.)
+Exact resume: every `SEGMENT_STEPS` steps a new data *segment* starts at step S: all its randomness (the
+loader's shuffle, noise, timesteps, dropout, augmentation) is seeded from (seed, S, rank). A checkpoint
+stores each rank's RNG states at its segment's start and at its own step; a run resumed from it rebuilds
+the segment's loader, skips the batches already trained on and restores the RNG states, so it replays
+exactly what the uninterrupted run did, whichever steps were checkpointed or interrupted. (The final
+checkpoint starts a segment, so extending a finished run continues from there, not from where an
+uninterrupted longer run would be.)
 
 Non-finite losses skip the optimizer step on the device (`cascade.training.step`); before every step the
 loop stops with `NonFiniteLossError` once trainer.max_nan_in_row steps in a row were non-finite, writing no
@@ -62,7 +63,7 @@ from cascade.training.losses import make_stage_loss
 from cascade.training.memory_format import choose_channels_last
 from cascade.training.metrics_log import METRICS_FILE, MetricsLog, window_record
 from cascade.training.optimizer import make_lr_schedule, make_optimizer
-from cascade.training.resume import read_resume_point
+from cascade.training.resume import SEGMENT_STEPS, read_resume_point, resume_segment
 from cascade.training.runtime import (
     check_compile_available,
     get_rng_state,
@@ -194,8 +195,10 @@ class StageTrainer:
                                     mixed_precision=self.mixed_precision, nan_total=self.nan_total,
                                     nan_in_row=self.nan_in_row, compile=self.compile)
 
-    def _new_segment(self, step: int, rng: list[dict] | None = None) -> None:
-        """Start the data segment at ``step``: RNG states and a fresh loader seeded from (seed, step, rank)."""
+    def _new_segment(self, step: int, rng: list[dict] | None = None, *, resume_at: int | None = None,
+                     rng_at: dict | None = None) -> None:
+        """Start the data segment at ``step``: RNG states and a fresh loader seeded from (seed, step, rank); resuming
+        within it at step ``resume_at``, skip the batches of the steps before and restore ``rng_at``."""
         seed = segment_seed(self.run_cfg.seed, step, self.rank)
         if rng is not None and len(rng) == self.world_size:
             set_rng_state(rng[self.rank])
@@ -205,6 +208,10 @@ class StageTrainer:
         self.segment_start = step
         self.batches = batches_on_device(self._make_loader(seed), self.device, channels_last=self.channels_last,
                                          root=self.run_cfg.data.root)
+        if resume_at is not None:
+            for _ in range((resume_at - step) * self.cfg.grad_accum):
+                next(self.batches)
+            set_rng_state(rng_at)
 
     def _make_loader(self, seed: int):
         return make_train_loader(self.run_cfg.data, self.stage, batch_size=self.cfg.batch_size, seed=seed,
@@ -219,7 +226,7 @@ class StageTrainer:
         while the replicas agree), the configuration and the dataset record."""
         model = self.accelerator.unwrap_model(self.model)
         fingerprint = float(sum(p.detach().double().sum() for p in model.parameters()))
-        per_rank = [{"rng": self.segment_rng, "fingerprint": fingerprint}]
+        per_rank = [{"rng": self.segment_rng, "rng_at_step": get_rng_state(), "fingerprint": fingerprint}]
         per_rank = gather_object(per_rank) if self.world_size > 1 else per_rank
         path = None
         if self.accelerator.is_main_process:
@@ -234,6 +241,7 @@ class StageTrainer:
                 "data": {"segment_start": self.segment_start, "world_size": self.world_size,
                          "num_workers": self.num_workers},
                 "rng": [r["rng"] for r in per_rank],
+                "rng_at_step": [r["rng_at_step"] for r in per_rank],
                 "rank_weight_fingerprints": [r["fingerprint"] for r in per_rank],
             }
             if self.accelerator.scaler is not None:
@@ -307,10 +315,10 @@ class StageTrainer:
         """Train to max_steps; returns the final checkpoint folder. A stop signal (SIGINT, SIGTERM, SIGUSR1) →
         checkpoint at the current step, `TrainingInterrupted`; max_nan_in_row non-finite steps in a row →
         `NonFiniteLossError`. Runs once: the trainer is closed (`close`) however the run ends; RuntimeError on a
-        second call. A stop signal while it closes after the final checkpoint finds the run complete."""
+        second call."""
         if self._closed:
             raise RuntimeError("this StageTrainer has already run (or was closed); build a new one to train again")
-        with GracefulInterrupt() as interrupt:  # also over closing: a late signal cannot replace the outcome
+        with GracefulInterrupt() as interrupt:  # also over closing: a signal then finds the run complete
             try:
                 final = self._run(interrupt)
             except BaseException:
@@ -325,7 +333,8 @@ class StageTrainer:
         self.val_batch = (read_grid_inputs(self.run_cfg.data.root, self.dataset_info, self.stage, cfg.sample_count)
                           if wants_val else None)
         state = self.resume_state
-        self._new_segment(self.step, rng=state["rng"] if state is not None else None)
+        start, rng, rng_at = resume_segment(state, self.step, self.world_size, self.rank)
+        self._new_segment(start, rng, resume_at=None if rng_at is None else self.step, rng_at=rng_at)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.metrics = MetricsLog(self.run_dir / METRICS_FILE, self.step if state is not None else None)
@@ -349,14 +358,12 @@ class StageTrainer:
         cfg = self.cfg
         started = time.perf_counter()
         while self.step < cfg.max_steps:
-            # Stop on a stop signal: every process at the same step, with a checkpoint at that step (the
-            # non-finite limit is checked first: its state is never checkpointed).
+            # Stop on a signal, all processes at one step with a checkpoint there (non-finite limit first).
             signum = self.stop_check.check(interrupt)
             if signum:
                 if self.step != saved_step:  # a checkpoint at this step, as at any other
                     if self.win_steps:
                         self._log(bar)
-                    self._new_segment(self.step)
                     last_saved = self._save()
                 raise TrainingInterrupted(self.step, None if last_saved is None else Path(last_saved), signum)
 
@@ -372,9 +379,10 @@ class StageTrainer:
                 self._log(bar)
             paused = time.perf_counter()
 
-            # Checkpoint, starting a new data segment there (exact resume).
-            if at_ckpt or last:
+            # A new data segment every SEGMENT_STEPS and at the end; a checkpoint (exact resume either way).
+            if last or self.step % SEGMENT_STEPS == 0:
                 self._new_segment(self.step)
+            if at_ckpt or last:
                 last_saved = self._save()
                 saved_step = self.step
 
