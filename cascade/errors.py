@@ -9,7 +9,7 @@
 Helpers: `cli_main` (the decorator applying these rules to a tool's `main`), `stop_signals_raise` (SIGTERM and
 SIGUSR1 raise `StopSignal`, a KeyboardInterrupt, as SIGINT does), `GracefulInterrupt` (any stop signal → a flag
 a loop checks at a safe point), `deferred_interrupts` (a block that a stop signal cannot cut in two),
-`ensure_writable_dir` (an output folder checked before any work starts).
+`ensure_writable_dir` (an output folder checked before any work starts), `plural` (a count and its noun).
 """
 
 from __future__ import annotations
