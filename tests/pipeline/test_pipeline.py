@@ -107,7 +107,11 @@ def test_sampler_is_chosen_per_stage(pipe_64):
     assert torch.equal(mixed["sr64"], alone)
 
 
-def test_w_zero_is_the_conditional_sample(pipe_base):
+def test_w_zero_is_the_conditional_sample(runs_root):
+    # fp32: under bf16 autocast (auto on CPUs with native bf16) the guided path's batch of 2N rounds differently
+    # from the conditional batch of N, which hides the identity this test checks
+    pipe_base = CascadePipeline.from_runs(runs_root, ("base32",), precision="fp32")
+    _perturb(pipe_base.stages[0].model, seed=0)
     settings = {"num_per_class": 2, "steps": 3, "seed": 1, "progress": False}
     plain = pipe_base([2], w=0.0, **settings)["base32"]
     # The batched guided path with a vanishing weight must reduce to the conditional model (eq. 17).
