@@ -5,9 +5,9 @@ wrappers are exported here; heavier pieces (the pipeline, training, data, metric
 
 Subpackages, lowest first (each imports only those before it; `tests/test_layering.py` checks it):
 `diffusion` (the math and the samplers), `nets` (networks and their preconditioning), `data` (image
-sources, shards, the stage loader), `training`, `pipeline` (sampling a chain of stages), `evaluation`,
-and `harness` (the quality benchmark, the judge, the demo). `config`, `checkpoint`, `errors`, `atomic`,
-`imageops` and `device` sit at the root and serve them all.
+sources, shards, the stage loader), `pipeline` (sampling one stage or a chain of stages), `training`,
+`evaluation`, and `harness` (the quality benchmark, the judge, the demo). `config`, `checkpoint`, `errors`,
+`checks`, `atomic`, `imageops`, `device` and `locks` sit at the root and serve them all.
 """
 
 from cascade.diffusion.gaussian import (
