@@ -36,7 +36,7 @@ from cascade.cli import (
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir, plural
 from cascade.locks import FolderLock
 from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN, PRECISIONS, CascadeConfigError, CascadePipeline
-from cascade.pipeline.outputs import claim_out_dir, write_outputs
+from cascade.pipeline.outputs import check_out_dir, write_outputs
 
 PROG = "sample_cascade"
 
@@ -90,7 +90,7 @@ def sample(args: argparse.Namespace) -> int:
                              num_per_class=args.num_per_class, batch_size=args.batch_size, seed=args.seed)
     except CascadeConfigError as err:
         return report_error(PROG, err)
-    claim_out_dir(args.out, overwrite=args.overwrite)  # the earlier run's outputs go: none is left beside new ones
+    check_out_dir(args.out, overwrite=args.overwrite)  # refused before sampling; earlier outputs go when new ones are written
     outputs = pipe.run(plan, progress=True)
     with deferred_interrupts():  # a Ctrl-C while writing waits for the files to be complete
         written = write_outputs(outputs, plan, args.out, record=pipe.run_record(plan), class_names=pipe.class_names)

@@ -55,23 +55,33 @@ def sample_stem(label: int, index: int, class_names: Sequence[str] | None = None
     return f"{label}-{name}_{index}" if name else f"{label}_{index}"
 
 
+def check_out_dir(out_dir: str | Path, *, overwrite: bool = False, option: str = "--out") -> None:
+    """Refuse ``out_dir`` before any sampling when it holds files that no sampling run wrote (no manifest):
+    OutputFolderNotEmpty naming ``option``, unless ``overwrite``. Removes nothing: an earlier run's outputs stay
+    until `claim_out_dir` replaces them with complete new ones."""
+    out = Path(out_dir)
+    if not out.is_dir() or (out / MANIFEST).exists() or overwrite:
+        return
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+    if others:
+        raise OutputFolderNotEmpty(
+            f"{option} {out} holds files that no sampling run wrote ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); choose an empty or new {option}, or pass --overwrite to "
+            f"write beside them")
+
+
 def claim_out_dir(out_dir: str | Path, *, overwrite: bool = False, option: str = "--out") -> list[str]:
     """Make ``out_dir`` ready for a new run's outputs (call it holding the folder's lock): the files an earlier
     run wrote there (its manifest) are removed, with their emptied stage folders; the names removed are
-    returned. A folder holding other files is refused (OutputFolderNotEmpty naming ``option``) unless
-    ``overwrite``, which writes beside them (same-named files are replaced). settings.json, which marks a
-    complete folder, is removed either way."""
+    returned. A folder holding other files is refused (`check_out_dir`) unless ``overwrite``, which writes
+    beside them (same-named files are replaced). settings.json, which marks a complete folder, is removed
+    either way."""
+    check_out_dir(out_dir, overwrite=overwrite, option=option)
     out = Path(out_dir)
     if not out.is_dir():
         return []
     manifest = out / MANIFEST
     if not manifest.exists():
-        others = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
-        if others and not overwrite:
-            raise OutputFolderNotEmpty(
-                f"{option} {out} holds files that no sampling run wrote ({', '.join(others[:3])}"
-                f"{', ...' if len(others) > 3 else ''}); choose an empty or new {option}, or pass --overwrite to "
-                f"write beside them")
         (out / "settings.json").unlink(missing_ok=True)  # written again last: until then the folder is incomplete
         return []
     try:

@@ -92,3 +92,18 @@ def test_sampling_command_owns_its_out(runs_root, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"sample_cascade: error: --out {out} is in use by another run (pid ") and "\n" not in err
         assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted([*files, LOCK_NAME])
+
+
+def test_a_failed_sampling_run_leaves_the_earlier_outputs(runs_root, tmp_path, monkeypatch):
+    """The folder is checked before sampling, and earlier outputs are replaced only by complete new ones."""
+    out = tmp_path / "O"
+    args = ["--runs", str(runs_root), "--steps", "1", "--out", str(out), "--stages", "base32"]
+    assert sample_cascade.main(["--classes", "1", *args]) == 0
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+    def diverged(self, plan, **kwargs):
+        raise RuntimeError("sampling failed")
+
+    monkeypatch.setattr(sample_cascade.CascadePipeline, "run", diverged)
+    assert sample_cascade.main(["--classes", "2", *args]) == 1  # a failure: one line, exit 1
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME) == before
