@@ -113,6 +113,7 @@ def test_two_trainers_on_one_run_dir_the_second_is_refused_before_writing(tmp_pa
     ("make_shards", ["--source", "synthetic", "--images-per-class", "1", "--num-classes", "1", "--max-res", "32"]),
     ("demo", ["--quick"]),
     ("sample_cascade", ["--classes", "0"]),
+    ("quality_bench", ["--stage", "base32", "--data", "shards", "--quick"]),
 ])
 def test_every_tool_writing_a_folder_refuses_a_second_writer(tool, args, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location(f"{tool}_tool", ROOT / "tools" / f"{tool}.py")

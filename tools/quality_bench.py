@@ -28,6 +28,7 @@ from cascade.harness.judge import JudgeSettings
 from cascade.harness.quality_bench import BenchConfig, main_settings, prepare, run_benchmark
 from cascade.harness.quality_recipes import RECIPES, BenchError
 from cascade.harness.quality_report import write_report
+from cascade.locks import FolderLock
 
 PROG = "quality_bench"
 QUICK = {"steps": 3, "per_class": 2, "samplers": "ddim3", "judge_epochs": 2}
@@ -111,18 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     """0 when the report is written; bad input one line and 2; another failure one line and 1; Ctrl-C 130."""
     args = build_parser().parse_args(argv)
     try:
-        presets = {name: functools.partial(stages.get_stage, name) for name in stages.STAGE_NAMES}
-        prepared = prepare(config_from_args(args), presets)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise BenchError(f"--threads must be >= 1, got {args.threads}")
-            import torch
-
-            torch.set_num_threads(args.threads)
-        result = run_benchmark(prepared, log=lambda m: print(f"[{PROG}] {m}", file=sys.stderr, flush=True))
+        config = config_from_args(args)
     except BenchError as err:
         return report_error(PROG, err)
-    md, js = write_report(result, prepared.config.out)
+    with FolderLock(config.out, "--out"):  # one benchmark per --out: a second is refused before it writes
+        try:
+            presets = {name: functools.partial(stages.get_stage, name) for name in stages.STAGE_NAMES}
+            prepared = prepare(config, presets)
+            if args.threads is not None:
+                if args.threads < 1:
+                    raise BenchError(f"--threads must be >= 1, got {args.threads}")
+                import torch
+
+                torch.set_num_threads(args.threads)
+            result = run_benchmark(prepared, log=lambda m: print(f"[{PROG}] {m}", file=sys.stderr, flush=True))
+        except BenchError as err:
+            return report_error(PROG, err)
+        md, js = write_report(result, prepared.config.out)
     print(md.read_text())
     print(f"wrote {md} and {js}")
     return 0

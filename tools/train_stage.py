@@ -17,8 +17,9 @@ Kubernetes, `docker stop`, `timeout`: "interrupted by SIGTERM at step N; ...", e
 `--signal` warning, 138), on every rank of a torchrun / accelerate launch run. HYDRA_FULL_ERROR=1 (or
 CASCADE_DEBUG=1) shows tracebacks.
 
-Before hydra runs, the command line is checked on hydra's public surface: its documented flags
-(https://hydra.cc/docs/advanced/hydra-command-line-flags/), its override parser and its compose API. An
+Before hydra runs, the command line is checked with hydra's own pieces and never `hydra._internal`: its
+documented flags (https://hydra.cc/docs/advanced/hydra-command-line-flags/), the override parser of
+`hydra.core` (the one plugins use) and the compose API. An
 error is told from the exception's type and attributes (the key, the override, the valid options), never
 from the wording of its message.
 """
@@ -224,6 +225,11 @@ def train(cfg: DictConfig) -> int:
         print(f"{PROG}: {interrupted_by(signal_of(err))} before training started; run the same command to start",
               file=sys.stderr)
         return exit_code(signal_of(err))
+    except Exception as err:  # set-up failed for another reason (disk, device, process group): one line, 1
+        if debug_enabled():
+            raise
+        print_error(PROG, describe_failure(err))
+        return EXIT_FAILURE
     from cascade.training.trainer import NonFiniteLossError
 
     try:

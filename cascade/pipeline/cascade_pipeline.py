@@ -234,7 +234,8 @@ class CascadePipeline:
         """Sample one stage for `labels` (N) from `x_low` (SR stages: the previous stage's output, or z_k when
         the plan is truncated); sample i draws its noise as sample start_index + i of the run."""
         settings = sp.settings
-        classifier = self._classifier(settings.classifier).model if settings.classifier else None
+        classifier = (self._classifier(settings.classifier).model
+                      if settings.classifier and settings.classifier_scale > 0 else None)
         images = sample_stage(stage.model, stage.diffusion, stage.config, settings, labels, x_low, seed=plan.seed,
                               start_index=start_index, batch_size=plan.batch_size, device=self.device,
                               precision=self.precision, classifier=classifier, stop_at_index=sp.stop_at_index,

@@ -124,20 +124,21 @@ class StageTrainer:
             raise
 
     def close(self) -> None:
-        """Finish the trackers, destroy the process group and drop the distributed wrappers; idempotent. `run()`
-        calls it on every way out, construction on failure. The process group's worker threads then end while the
-        interpreter is alive: left to interpreter shutdown, gloo can abort the process (SIGABRT) as it exits."""
+        """Finish the trackers, destroy the process group, drop the distributed wrappers, release run_dir; idempotent.
+        `run()` calls it on every way out, construction on failure (gloo left to interpreter shutdown can abort)."""
         if self._closed:
             return
         self._closed = True
-        self.run_lock.release()
         acc = self.accelerator
-        acc.end_training()  # trackers, then torch.distributed.destroy_process_group() in a multi-process run
-        if getattr(self, "model", None) is not None:
-            self.model = acc.unwrap_model(self.model)
-            self.train_step = None
-        self.batches = None  # the loader's worker processes end with it
-        acc.free_memory()  # the accelerator's own references to the wrapped model and optimizer; gc.collect()
+        try:
+            acc.end_training()  # trackers, then torch.distributed.destroy_process_group() in a multi-process run
+            if getattr(self, "model", None) is not None:
+                self.model = acc.unwrap_model(self.model)
+                self.train_step = None
+            self.batches = None  # the loader's worker processes end with it
+            acc.free_memory()  # the accelerator's own references to the wrapped model and optimizer; gc.collect()
+        finally:
+            self.run_lock.release()  # last: trackers may write into run_dir until end_training returns
 
     def _close_after_failure(self) -> None:
         """`close` while an error propagates: a failure of its own is a warning, never the error reported."""
@@ -335,8 +336,7 @@ class StageTrainer:
         state = self.resume_state
         start, rng, rng_at = resume_segment(state, self.step, self.world_size, self.rank)
         self._new_segment(start, rng, resume_at=None if rng_at is None else self.step, rng_at=rng_at)
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:  # run_dir exists: its lock is held there
             self.metrics = MetricsLog(self.run_dir / METRICS_FILE, self.step if state is not None else None)
             acc.init_trackers("train")
         if self.resume_from is not None and acc.is_main_process:
