@@ -1,5 +1,6 @@
 """One writer per folder: an advisory lock that every tool writing a folder (a run folder, an --out folder)
-takes before it writes anything there, and gives back when it is done.
+takes before it writes its outputs there (only `ensure_writable_dir`'s probe file comes and goes before), and
+gives back when it is done.
 
 The lock is the file `.cascade.lock` in the folder, held with a POSIX record lock (`fcntl.lockf`: released by
 the kernel when its owner ends, however it ends; not inherited by forked children such as data-loader

@@ -89,7 +89,8 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
     """Evaluate every stage of the pipeline in the given modes (see the module docstring).
 
     settings: {stage: SamplingSettings} (`CascadePipeline.settings`); stages left out sample with their own
-    defaults. They are validated once into one `SamplingPlan` that every chunk and sample list samples from.
+    defaults. They are validated once into one `SamplingPlan` that every chunk and sample list samples from
+    (teacher forcing: one plan per stage alone, `CascadePipeline.plan_alone`, built once per sample list).
     metrics: the optional metrics (`MetricSettings`: precision / recall, FID's bootstrap interval, CAS,
     memorisation: nearest training images of every stage's samples (cascaded; the base stage in either mode),
     closest pairs saved by `Evaluation.write`; baselines: a row per SR stage for its real input upsampled).

@@ -44,7 +44,7 @@ _SPEC_KEYS = {"w": "w", "eta": "eta", "s": "aug_level", "gi": "guidance_interval
 def parse_samplers(text: str, default_w: float | None,
                    samplers: Mapping[str, Callable] = SAMPLERS) -> list[SamplerSetting]:
     """`ddim25,ddpm50:w=1,ddim25:s=0.03` → settings. Each item is SAMPLER STEPS (a sampler name followed by its
-    step count) and optional `:w=W`, `:eta=E`, `:s=S`; w defaults to `default_w` (None: the stage's own
+    step count) and optional `:w=W`, `:eta=E`, `:s=S`, `:gi=LO-HI` (guidance only for timesteps LO..HI); w defaults to `default_w` (None: the stage's own
     `sampling.w`). BenchError on a bad item."""
     names = sorted(samplers, key=len, reverse=True)  # longest first: a name may end in a digit
     example = "e.g. --samplers ddim25,ddpm50:w=1"

@@ -151,7 +151,7 @@ def test_no_sampling_flags_use_each_checkpoints_own_settings(runs_root, tmp_path
     for name in ("base32", "sr64"):
         stage = StageConfig.from_dict(load_config(runs_root / name)["stage"])
         stored[name] = stage.sampling.to_dict()
-    assert stored["base32"]["w"] > 0 and stored["sr64"]["steps"] == 25  # not the old global defaults
+    assert stored["base32"]["w"] > 0 and stored["sr64"]["steps"] == 25  # each stage's own defaults
     assert sample_cascade.main(["--classes", "1", "--stages", "base32,sr64", "--runs", str(runs_root),
                                 "--out", str(out)]) == 0
     settings = json.loads((out / "settings.json").read_text())

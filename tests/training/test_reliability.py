@@ -1,4 +1,4 @@
-"""Reliability (issue 15): one line per failure, interrupts that keep the work, damaged checkpoints, kill -9."""
+"""Reliability: one line per failure, interrupts that keep the work, damaged checkpoints, kill -9."""
 
 from __future__ import annotations
 
