@@ -17,7 +17,7 @@ Kubernetes, `docker stop`, `timeout`: "interrupted by SIGTERM at step N; ...", e
 `--signal` warning, 138), on every rank of a torchrun / accelerate launch run. HYDRA_FULL_ERROR=1 (or
 CASCADE_DEBUG=1) shows tracebacks.
 
-Before hydra runs, the command line is checked with hydra's own pieces and never `hydra._internal`: its
+Before hydra runs, the command line is checked with hydra's own pieces, none of them private: its
 documented flags (https://hydra.cc/docs/advanced/hydra-command-line-flags/), the override parser of
 `hydra.core` (the one plugins use) and the compose API. An
 error is told from the exception's type and attributes (the key, the override, the valid options), never

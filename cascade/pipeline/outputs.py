@@ -56,18 +56,20 @@ def sample_stem(label: int, index: int, class_names: Sequence[str] | None = None
 
 
 def check_out_dir(out_dir: str | Path, *, overwrite: bool = False, option: str = "--out") -> None:
-    """Refuse ``out_dir`` before any sampling when it holds files that no sampling run wrote (no manifest):
-    OutputFolderNotEmpty naming ``option``, unless ``overwrite``. Removes nothing: an earlier run's outputs stay
-    until `claim_out_dir` replaces them with complete new ones."""
+    """Ready ``out_dir`` before any sampling: refused when it holds files that no sampling run wrote (no
+    manifest; OutputFolderNotEmpty naming ``option``) unless ``overwrite``; its settings.json, which marks a
+    complete folder, is removed (this run writes it last). An earlier run's images stay until `claim_out_dir`
+    replaces them with complete new ones, so a run that fails or is interrupted loses none of them."""
     out = Path(out_dir)
-    if not out.is_dir() or (out / MANIFEST).exists() or overwrite:
+    if not out.is_dir():
         return
     others = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
-    if others:
+    if others and not overwrite and not (out / MANIFEST).exists():
         raise OutputFolderNotEmpty(
             f"{option} {out} holds files that no sampling run wrote ({', '.join(others[:3])}"
             f"{', ...' if len(others) > 3 else ''}); choose an empty or new {option}, or pass --overwrite to "
             f"write beside them")
+    (out / "settings.json").unlink(missing_ok=True)
 
 
 def claim_out_dir(out_dir: str | Path, *, overwrite: bool = False, option: str = "--out") -> list[str]:
@@ -82,7 +84,6 @@ def claim_out_dir(out_dir: str | Path, *, overwrite: bool = False, option: str =
         return []
     manifest = out / MANIFEST
     if not manifest.exists():
-        (out / "settings.json").unlink(missing_ok=True)  # written again last: until then the folder is incomplete
         return []
     try:
         listed = json.loads(manifest.read_text()).get("files", [])
