@@ -7,11 +7,14 @@ metrics): antialiased bicubic resizing from kornia. Images are float tensors B×
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from kornia.geometry.transform import resize as _kornia_resize
 from PIL import Image
+
+from cascade.atomic import write_atomic_with
 
 
 def check_image_batch(x: torch.Tensor, name: str, *, channels: int | None = None, size: int | None = None,
@@ -90,3 +93,11 @@ def image_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> Image.Image:
         r, col = divmod(i, ncol)
         canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
     return Image.fromarray(float_to_uint8(canvas).numpy())
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write ``image`` as the PNG ``path`` atomically (`cascade.atomic.write_atomic_with`: a failed write, e.g.
+    on a full disk, leaves no partial file and raises an OSError naming ``path``); returns the path."""
+    path = Path(path)
+    write_atomic_with(path, lambda f: image.save(f, format="PNG"))
+    return path

@@ -21,6 +21,7 @@ from PIL import Image
 from cascade.atomic import write_atomic, write_atomic_with
 from cascade.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from cascade.errors import OutputNotWritable, cli_main, describe_failure, ensure_writable_dir
+from cascade.imageops import save_png
 from cascade.training.metrics_log import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +144,15 @@ def test_metrics_log_atomic_files_and_pngs_leave_no_partial_file(tmp_path, full_
     grid = Image.new("RGB", (8, 8))
     with pytest.raises(OSError):  # the trainer's sample grids are written this way
         write_atomic_with(tmp_path / "grid.png", lambda f: grid.save(f, format="PNG"))
+    from cascade.evaluation.plots import plot_training_curves, write_pairs_image
+
+    with pytest.raises(OSError):  # the evaluation's plots and image grids
+        plot_training_curves({"base32": tmp_path}, tmp_path / "curves.png")  # its metrics.jsonl above
+    with pytest.raises(OSError):
+        write_pairs_image(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), tmp_path / "pairs.png")
+    with pytest.raises(OSError) as caught:  # the demo's and the quality benchmark's grids
+        save_png(grid, tmp_path / "demo-grid.png")
+    assert caught.value.filename == str(tmp_path / "demo-grid.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
     full_disk(None)
     log.write({"step": 2, "loss": 0.25})

@@ -1,6 +1,7 @@
 """Plots and image grids of evaluation output: training curves, detail ratio against consistency, sweep
 curves, (sample, nearest training image) pairs. Matplotlib's object API only (no pyplot: no global backend
-state); every writer creates the parent folder and returns the path.
+state); every writer creates the parent folder, writes atomically (a failed write leaves no partial file) and
+returns the path.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+from cascade.atomic import write_atomic_with
 from cascade.evaluation.metrics import best_setting
 from cascade.evaluation.tables import BASELINE_SUFFIX, FEATURE_METRIC_TITLES, SCALAR_METRIC_TITLES
-from cascade.imageops import image_grid
+from cascade.imageops import image_grid, save_png
 
 
 def read_metrics_log(run_dir: str | Path) -> list[dict]:
@@ -53,7 +55,7 @@ def plot_training_curves(run_dirs: Mapping[str, str | Path], path: str | Path) -
         ax.legend(fontsize=7)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_atomic_with(path, lambda f: fig.savefig(f, format="png", dpi=110))
     return path
 
 
@@ -86,7 +88,7 @@ def plot_detail_vs_consistency(results: Mapping, path: str | Path) -> Path | Non
         ax.grid(alpha=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    write_atomic_with(path, lambda f: fig.savefig(f, format="png", dpi=100))
     return path
 
 
@@ -97,8 +99,8 @@ def write_pairs_image(samples: torch.Tensor, neighbours: torch.Tensor, path: str
     pairs = torch.stack([samples, neighbours], dim=1).flatten(0, 1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(pairs, ncol=2).save(path)
-    return path
+    return save_png(image_grid(pairs, ncol=2), path)
+
 def plot_sweep(records: Iterable[Mapping], path: str | Path, metric: str = "fid",
                best: Mapping[str, Mapping] | None = None) -> None:
     """PNG: per stage, `metric` against w (one line per s) and against s (one line per w); the best record
@@ -153,4 +155,4 @@ def plot_sweep(records: Iterable[Mapping], path: str | Path, metric: str = "fid"
         )
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    write_atomic_with(Path(path), lambda f: fig.savefig(f, format="png", dpi=100))

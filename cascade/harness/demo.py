@@ -22,7 +22,7 @@ from cascade.data.shard_folder import read_dataset_info
 from cascade.evaluation.pages import write_report_pages
 from cascade.evaluation.plots import plot_training_curves
 from cascade.harness.demo_report import budget_words, report_blocks
-from cascade.imageops import image_grid
+from cascade.imageops import image_grid, save_png
 from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN
 from cascade.training.trainer_config import DataConfig, RunConfig, TrainerConfig
 
@@ -164,7 +164,7 @@ def _stage_grids(outputs: dict[str, torch.Tensor], out_dir: Path, num_per_class:
     for name in CHAIN:
         if name in outputs:
             paths[name] = out_dir / f"grid-{name}.png"
-            image_grid(outputs[name], ncol=num_per_class).save(paths[name])
+            save_png(image_grid(outputs[name], ncol=num_per_class), paths[name])
     return paths
 
 
@@ -179,7 +179,7 @@ def _real_grid(data_dir: Path, out_dir: Path, num_classes: int, per_class: int) 
             rows[c].append(sample["images"][256])
     tiles = [img for c in range(num_classes) for img in rows[c]]
     path = out_dir / "grid-real.png"
-    image_grid(torch.stack(tiles), ncol=per_class).save(path)
+    save_png(image_grid(torch.stack(tiles), ncol=per_class), path)
     return path
 
 

@@ -54,7 +54,7 @@ from cascade.harness.quality_recipes import (
     resolve_recipe,
 )
 from cascade.harness.quality_samplers import SamplerSetting, parse_samplers, sample_images
-from cascade.imageops import float_to_uint8, image_grid, uint8_to_float, upsample
+from cascade.imageops import float_to_uint8, image_grid, save_png, uint8_to_float, upsample
 from cascade.training.trainer_config import DataConfig, RunConfig, TrainerConfig
 
 __all__ = ["BenchConfig", "BenchResult", "Prepared", "machine_info", "main_settings", "prepare", "run_benchmark",
@@ -318,10 +318,10 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
             grid_path = cfg.out / _grid_name(name, setting.label)
             if kind is StageKind.base:
                 metrics = score(judge, images, labels, seed=cfg.seed, cas=cfg.cas)
-                _grid_base(images, labels, min(cfg.per_class, 10)).save(grid_path)
+                save_png(_grid_base(images, labels, min(cfg.per_class, 10)), grid_path)
             else:
                 metrics = sr_metrics(images, real, x_low)
-                _grid_sr(images, labels, real, x_low, min(cfg.per_class, 3)).save(grid_path)
+                save_png(_grid_sr(images, labels, real, x_low, min(cfg.per_class, 3)), grid_path)
             rows.append({"recipe": name, "sampler": setting.label, "sampler_name": setting.sampler,
                          "steps": setting.steps, "w": stage_cfg.sampling.w if setting.w is None else setting.w,
                          "eta": setting.eta, "guidance_interval": (stage_cfg.sampling.guidance_interval
