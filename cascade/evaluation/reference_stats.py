@@ -190,7 +190,8 @@ def cached_reference_stats(
     stats_dir: str | Path | None = None,
 ) -> ReferenceStats:
     """Reference statistics for (data, resolution, feature network), cached next to the shards (in
-    ``stats_dir`` when given, see `stats_folder`).
+    ``stats_dir`` when given, see `stats_folder`; statistics already cached beside the shards are read from
+    there even then, e.g. from a data folder that became read-only).
 
     The cache key is the data fingerprint (default: `shard_fingerprint(root, split)`), the feature network's
     name and weight fingerprint, the resolution and the sampling settings; when the stored key matches,
@@ -211,9 +212,11 @@ def cached_reference_stats(
         "seed": seed,
     }
     path = reference_stats_path(root, split, resolution, feature_net.name, stats_dir)
-    stats = _load_stats(path, key)
-    if stats is not None:
-        return stats
+    # statistics cached beside a (now read-only) data folder are used too; new ones go to `path`
+    for cached in dict.fromkeys((path, reference_stats_path(root, split, resolution, feature_net.name))):
+        stats = _load_stats(cached, key)
+        if stats is not None:
+            return stats
     stats = compute_reference_stats(
         images,
         feature_net,

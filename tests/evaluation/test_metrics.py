@@ -150,6 +150,11 @@ def test_reference_stats_cache_reuse_and_invalidation(tmp_path, net):
     assert len(calls) == 1  # reused: the image source was not touched
     assert torch.equal(first.cov, second.cov) and torch.equal(first.kid_features, second.kid_features)
 
+    elsewhere = tmp_path / "out" / "fid_stats"  # --stats-dir (e.g. the data folder became read-only)
+    third = cached_reference_stats(tmp_path, "val", RES, net, batches, kid_max_features=30, stats_dir=elsewhere)
+    assert len(calls) == 1 and torch.equal(first.cov, third.cov)  # read from beside the data, not recomputed
+    assert not elsewhere.exists()
+
     shard.write_bytes(b"x" * 11)  # data changed → recomputed
     cached_reference_stats(tmp_path, "val", RES, net, batches, kid_max_features=30)
     assert len(calls) == 2
