@@ -27,9 +27,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from cascade.atomic import write_atomic
 from cascade.checks import is_int_at_least
 from cascade.data.shard_folder import dataset_hflip, read_dataset_info
 from cascade.data.splits import read_split, split_batches
@@ -206,15 +208,12 @@ def get_judge(data_root: str | Path, resolution: int, settings: JudgeSettings = 
     val_images, val_labels = load_split(root, REFERENCE_SPLIT, resolution)
     val_accuracy = class_accuracy(features.logits, val_images, val_labels, batch_size=batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    weights = save_safetensors({k: v.contiguous() for k, v in net.state_dict().items()})
+    write_atomic(path, weights, tmp_suffix=f".tmp{os.getpid()}")  # a full disk: no leftovers, the file named
     record = {"key": key, "val_accuracy": val_accuracy, "train_seconds": train_seconds,
               "num_train": len(train_images), "num_val": len(val_images),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tmp = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, sidecar)
+    write_atomic(sidecar, json.dumps(record, indent=2) + "\n", tmp_suffix=f".tmp{os.getpid()}")
     return Judge(features, settings, resolution, root, val_accuracy, path, False, train_seconds)
 
 
