@@ -26,7 +26,7 @@ from cascade.evaluation.features import FeatureNet
 from cascade.evaluation.generation import chain_sampler, generate, is_main, rank_world
 from cascade.evaluation.plots import write_pairs_image
 from cascade.evaluation.report import write_report
-from cascade.evaluation.sample_lists import CASCADED, MODES, SPLIT, TEACHER_FORCED, check_int, load_eval_data
+from cascade.evaluation.sample_lists import CASCADED, MODES, SPLIT, TEACHER_FORCED, check_int
 from cascade.evaluation.scoring import (
     check_metric_settings,
     check_nets,
@@ -36,7 +36,7 @@ from cascade.evaluation.scoring import (
 )
 from cascade.evaluation.settings import DEFAULT_METRICS, MetricSettings
 from cascade.evaluation.tables import BASELINE_SUFFIX
-from cascade.evaluation.training_data_metrics import CASData, MemorisationCheck
+from cascade.evaluation.training_data_metrics import MemorisationCheck, load_sample_lists
 from cascade.pipeline.cascade_pipeline import CascadeConfigError, CascadePipeline
 
 __all__ = ["BASELINE_SUFFIX", "CASCADED", "MODES", "TEACHER_FORCED", "Evaluation", "evaluate"]
@@ -107,15 +107,9 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
     rank, world = rank_world(accelerator)
     sr_stages = [s for s in pipeline.stages if s.config.kind is StageKind.sr]
     low_resolutions = [s.config.low_resolution for s in sr_stages] if TEACHER_FORCED in modes else []
-    data = load_eval_data(data_root, pipeline, num_samples=num_samples, batch_size=batch_size, rank=rank,
-                          world_size=world, low_resolutions=low_resolutions,
-                          allow_damaged_val=metrics.allow_damaged_val)
-    metrics.check_sample_count(data.num_samples)
-    cas = None if metrics.cas_per_class is None else CASData(
-        data.root, pipeline.stages[0].config.num_classes, metrics.cas_per_class, metrics.cas)
-    cas_list = None if cas is None else cas.sample_list(batch_size, rank, world, tuple(low_resolutions),
-                                                        read_at=pipeline.stages[0].config.resolution)
-    classes = sorted(set(data.labels.tolist()) | (set() if cas_list is None else set(cas_list.labels.tolist())))
+    lists = load_sample_lists(pipeline, data_root, metrics, low_resolutions=low_resolutions,
+                              num_samples=num_samples, batch_size=batch_size, rank=rank, world=world)
+    data, cas, cas_list, classes = lists.data, lists.cas, lists.cas_list, lists.classes
     plan = pipeline.validate(classes, settings, batch_size=batch_size, seed=seed)  # the one plan, checked once
     handed_z = {sp.name for sp in plan.stages if sp.stop_at_index is not None}  # truncated: outputs are z_k
 

@@ -30,11 +30,10 @@ from cascade.evaluation.sample_lists import (
     TEACHER_FORCED,
     EvalData,
     check_int,
-    load_eval_data,
 )
 from cascade.evaluation.scoring import check_metric_settings, check_nets, stage_metrics
 from cascade.evaluation.settings import DEFAULT_METRICS, MetricSettings
-from cascade.evaluation.training_data_metrics import CASData
+from cascade.evaluation.training_data_metrics import load_sample_lists
 from cascade.pipeline.cascade_pipeline import CascadeConfigError, CascadePipeline
 from cascade.pipeline.plan import SamplingPlan
 
@@ -163,15 +162,9 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
     rank, world = rank_world(accelerator)
     low_resolutions = ([s.config.low_resolution for s in pipeline.stages if s.config.kind is StageKind.sr]
                        if mode == TEACHER_FORCED else [])
-    data = load_eval_data(data_root, pipeline, num_samples=num_samples, batch_size=batch_size, rank=rank,
-                          world_size=world, low_resolutions=low_resolutions,
-                          allow_damaged_val=metrics.allow_damaged_val)
-    metrics.check_sample_count(data.num_samples)
-    cas = None if metrics.cas_per_class is None else CASData(
-        data.root, pipeline.stages[0].config.num_classes, metrics.cas_per_class, metrics.cas)
-    cas_list = None if cas is None else cas.sample_list(batch_size, rank, world, tuple(low_resolutions),
-                                                        read_at=pipeline.stages[0].config.resolution)
-    classes = sorted(set(data.labels.tolist()) | (set() if cas_list is None else set(cas_list.labels.tolist())))
+    lists = load_sample_lists(pipeline, data_root, metrics, low_resolutions=low_resolutions,
+                              num_samples=num_samples, batch_size=batch_size, rank=rank, world=world)
+    data, cas, cas_list, classes = lists.data, lists.cas, lists.cas_list, lists.classes
     plans = {name: [pipeline.plan_alone(name, classes, setting, batch_size=batch_size, seed=seed)
                     for setting in tried]
              for name, tried in grid.items()}  # every setting is checked against the chain before any sampling

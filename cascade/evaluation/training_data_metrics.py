@@ -14,6 +14,7 @@ image at the stage's resolution). Images are float B×3×R×R in [-1, 1] through
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ from cascade.data.splits import read_split
 from cascade.evaluation.cas import CASSettings, cas_with_ceiling, classification_accuracy_score
 from cascade.evaluation.features import FeatureNet, extract_features
 from cascade.evaluation.memorisation import PIXEL_SIZE, RATIO, memorisation, pixel_vectors
-from cascade.evaluation.sample_lists import EvalData, process_slice
-from cascade.pipeline.cascade_pipeline import CascadeConfigError
+from cascade.evaluation.sample_lists import EvalData, load_eval_data, process_slice
+from cascade.evaluation.settings import MetricSettings
+from cascade.pipeline.cascade_pipeline import CascadeConfigError, CascadePipeline
 
 PAIRS_SHOWN = 8  # closest (sample, training image) pairs saved per stage
 
@@ -162,3 +164,32 @@ class MemorisationCheck:
                    "median_distance_feature": float(feature["distance"].median()),
                    "median_distance_pixel": float(pixel["distance"].median())}
         return summary, (x[closest], neighbours)
+
+
+@dataclass
+class SampleLists:
+    """What an evaluation samples: the val sample list, the CAS scorer and its own list (None without CAS),
+    and every class either list holds (the classes its plans are validated for)."""
+
+    data: EvalData
+    cas: CASData | None
+    cas_list: EvalData | None
+    classes: list[int]
+
+
+def load_sample_lists(pipeline: CascadePipeline, data_root: str | Path, metrics: MetricSettings, *,
+                      low_resolutions: Sequence[int], num_samples: int | None, batch_size: int, rank: int,
+                      world: int) -> SampleLists:
+    """The sample lists of an evaluation or sweep of ``pipeline`` on the val split of ``data_root`` (inputs
+    at ``low_resolutions`` for teacher forcing), checked against ``metrics`` (enough samples for its k)."""
+    data = load_eval_data(data_root, pipeline, num_samples=num_samples, batch_size=batch_size, rank=rank,
+                          world_size=world, low_resolutions=low_resolutions,
+                          allow_damaged_val=metrics.allow_damaged_val)
+    metrics.check_sample_count(data.num_samples)
+    base = pipeline.stages[0].config
+    cas = None if metrics.cas_per_class is None else CASData(data.root, base.num_classes, metrics.cas_per_class,
+                                                             metrics.cas)
+    cas_list = None if cas is None else cas.sample_list(batch_size, rank, world, tuple(low_resolutions),
+                                                        read_at=base.resolution)
+    classes = sorted(set(data.labels.tolist()) | (set() if cas_list is None else set(cas_list.labels.tolist())))
+    return SampleLists(data, cas, cas_list, classes)
