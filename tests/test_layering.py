@@ -1,9 +1,9 @@
 """The dependency direction, one rule per subpackage, read from the source (module-level and function-level
 imports alike), plus an import of every module with `stages` blocked.
 
-Floors, lowest first: diffusion → nets → data → pipeline → training → evaluation → harness; a floor never
+Floors, lowest first: diffusion → nets → data → pipeline → evaluation → training → harness; a floor never
 imports one above it, and some floors are kept apart from floors below them too (`LATERAL`). The root modules
-(`config`, `checkpoint`, `errors`, `checks`, `atomic`, `imageops`, `device`, `locks`) serve every floor; `cli`
+(`config`, `checkpoint`, `errors`, `checks`, `atomic`, `imageops`, `device`, `locks`, `summary`) serve every floor; `cli`
 is the tools' edge. The package `cascade` never imports the preset package `stages`.
 """
 
@@ -19,14 +19,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cascade"
 
-FLOORS = ("diffusion", "nets", "data", "pipeline", "training", "evaluation", "harness")
+FLOORS = ("diffusion", "nets", "data", "pipeline", "evaluation", "training", "harness")
 # Beyond "nothing from above": the math knows no checkpoint, data knows no model, sampling reads no shards,
-# evaluation scores checkpoints without the trainer.
-LATERAL = {"diffusion": ("checkpoint",), "data": ("diffusion", "nets"), "pipeline": ("data",),
-           "evaluation": ("training",)}
+# evaluation (below the trainer, whose in-training quality it scores) never imports the trainer either.
+LATERAL = {"diffusion": ("checkpoint",), "data": ("diffusion", "nets"), "pipeline": ("data",)}
 # What each folder may not import (besides `stages`, which no module of `cascade` imports).
 FORBIDDEN = {floor: (*FLOORS[i + 1 :], "cli", *LATERAL.get(floor, ())) for i, floor in enumerate(FLOORS)}
-ROOT_MODULES = ("config", "checkpoint", "errors", "checks", "atomic", "imageops", "device", "locks")
+ROOT_MODULES = ("config", "checkpoint", "errors", "checks", "atomic", "imageops", "device", "locks", "summary")
 # The root modules serve every floor: they may import the diffusion math and the network builder, no more.
 ROOT_FORBIDDEN = ("data", "training", "pipeline", "evaluation", "harness", "cli")
 

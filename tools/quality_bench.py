@@ -24,7 +24,7 @@ import stages
 from cascade.cli import OneLineArgumentParser, report_error
 from cascade.errors import cli_main
 from cascade.evaluation.cas import CASSettings
-from cascade.harness.judge import JudgeSettings
+from cascade.evaluation.judge import JudgeSettings
 from cascade.harness.quality_bench import BenchConfig, main_settings, prepare, run_benchmark
 from cascade.harness.quality_recipes import RECIPES, BenchError
 from cascade.harness.quality_report import write_report

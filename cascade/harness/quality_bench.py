@@ -6,7 +6,7 @@ trained with the project's own trainer (`cascade.training.trainer.StageTrainer`)
 with every sampler setting (`SamplerSetting`: a sampler of `cascade.diffusion.samplers.SAMPLERS`, its step count,
 the guidance weight w and for SR stages the augmentation level s) and scored:
 
-- base stages: N samples per class, judged by `cascade.harness.judge` (a classifier trained on the real train
+- base stages: N samples per class, judged by `cascade.evaluation.judge` (a classifier trained on the real train
   split only): class accuracy (label = the class a sample was generated for), Fréchet distance and KID
   against the real val split in the judge's features; beside the judge's accuracy on real val images (the
   ceiling) and real train images scored like samples (the floor of FD / KID at the same count);
@@ -45,7 +45,7 @@ from cascade.device import resolve_mixed_precision
 from cascade.evaluation.cas import CASSettings
 from cascade.evaluation.metrics import consistency_psnr, detail_ratio
 from cascade.evaluation.reference_stats import shard_fingerprint
-from cascade.harness.judge import Judge, JudgeSettings, get_judge, real_floor, score
+from cascade.evaluation.judge import Judge, JudgeSettings, get_judge, real_floor, score
 from cascade.harness.quality_recipes import (
     BENCH_TRAINER,
     DEFAULT_RECIPES,

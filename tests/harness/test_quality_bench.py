@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cascade.harness.judge import JudgeSettings, get_judge, train_judge
+from cascade.evaluation.judge import JudgeSettings, get_judge, train_judge
 from cascade.harness.quality_recipes import BenchError, Recipe, apply_recipe
 from cascade.harness.quality_report import BASE_COLUMNS, SR_COLUMNS
 from cascade.harness.quality_samplers import parse_samplers, sample_images
@@ -91,7 +91,7 @@ def test_judge_is_deterministic_and_cached(shards, monkeypatch, one_thread):
     def no_training(*args, **kwargs):
         raise AssertionError("the cached judge should have been reused")
 
-    monkeypatch.setattr("cascade.harness.judge.train_judge", no_training)
+    monkeypatch.setattr("cascade.evaluation.judge.train_judge", no_training)
     again = get_judge(shards, 32, settings)
     assert again.from_cache and again.path == first.path and again.val_accuracy == first.val_accuracy
     assert again.features.fingerprint() == first.features.fingerprint()
@@ -172,7 +172,7 @@ def test_trainer_time_budget_stops_with_a_final_checkpoint(synthetic_shards, tmp
 def test_cas_scores_samples_beside_the_real_ceiling(shards, tmp_path, one_thread):
     """score(..., cas=...): real train images as "samples" score near their own ceiling; noise near chance."""
     from cascade.evaluation.cas import CASSettings
-    from cascade.harness.judge import JudgeSettings, get_judge, load_split, score
+    from cascade.evaluation.judge import JudgeSettings, get_judge, load_split, score
 
     judge = get_judge(shards, 32, JudgeSettings(epochs=1, seed=0), log=lambda m: None)
     images, labels = load_split(shards, "train", 32)
