@@ -16,33 +16,11 @@ import torch
 
 from cascade.atomic import write_atomic_with
 from cascade.config import StageConfig, StageKind
-from cascade.data.loader import make_stage_loader
+from cascade.evaluation.val_inputs import read_val_inputs as read_grid_inputs
 from cascade.imageops import image_grid, upsample
 from cascade.pipeline.stage_sampling import sample_stage
-from cascade.training.runtime import warn
 
 __all__ = ["read_grid_inputs", "write_sample_grid"]
-
-
-def read_grid_inputs(root: str, dataset_info: dict[str, Any], stage: StageConfig, count: int) -> dict[str, torch.Tensor]:
-    """The first ``count`` val examples of the shards at ``root`` (the conditioning of an SR stage's grids): {"x":
-    N×3×R×R, "x_low": N×3×r×r in [-1, 1], "y": N} on the CPU; without a val split, the first train examples in
-    shard order (with a warning on stderr). ValueError (one line) when no example is readable."""
-    sources = [("val", root)] if dataset_info["shards"].get("val") else []
-    sources.append(("train", [str(Path(root) / n) for n in dataset_info["shards"]["train"]]))
-    for split, source in sources:
-        # read in val mode (each sample once, in shard order, no flips), whichever split it is
-        loader = make_stage_loader(source, split="val", resolution=stage.resolution,
-                                   low_resolution=stage.low_resolution, batch_size=count, rank=0, world_size=1,
-                                   num_workers=0)
-        batch = next(iter(loader), None)
-        if batch is not None:
-            if split == "train":
-                warn(f"{root} has no val samples; the sample grids take their low-resolution inputs from the "
-                     "train split")
-            return {k: batch[k] for k in ("x", "x_low", "y")}
-    raise ValueError(f"no readable sample in {root} for the sample grids; rewrite the shards "
-                     "(tools/make_shards.py) or set trainer.sample_every=0")
 
 
 @torch.no_grad()
