@@ -4,7 +4,9 @@ Common interface (`FeatureNet`): an nn.Module that takes float images in [-1, 1]
 resolution, and returns features B×`num_features`; `name` labels every metric computed with it, so the
 standard Inception and the project's own features are never confused; `logits(x)` exists when the
 network has class logits (`num_classes` is not None); `fingerprint()` identifies name + weights for the
-reference-statistics cache. Feature networks never leave eval mode and never need gradients.
+reference-statistics cache; `source` says in one line where the network comes from (a checkpoint and its
+step, the judge and its val accuracy), for the results that name it. Feature networks never leave eval mode and
+never need gradients.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class FeatureNet(nn.Module):
         self.name = name
         self.num_features = int(num_features)
         self.num_classes = None if num_classes is None else int(num_classes)
+        self.source = name  # set by whoever loads the network: where it comes from, one line
 
     @property
     def has_logits(self) -> bool:

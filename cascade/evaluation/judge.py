@@ -111,6 +111,10 @@ class Judge:
     from_cache: bool
     train_seconds: float
 
+    def source(self) -> str:
+        """One line naming the judge for results: "judge (trained on <data> train split, 93.0% on val)"."""
+        return f"judge (trained on {self.data_root} train split, {100 * self.val_accuracy:.1f}% on val)"
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.features.name, "resolution": self.resolution, "settings": dataclasses.asdict(self.settings),
                 "val_accuracy": self.val_accuracy, "path": str(self.path),
@@ -196,8 +200,8 @@ def get_judge(data_root: str | Path, resolution: int, settings: JudgeSettings = 
         net.load_state_dict(load_file(str(path)))
         net.eval().requires_grad_(False)
         features = ClassifierFeatures(net, name, resolution, head="head", noise_aware=False)
-        return Judge(features, settings, resolution, root, stored["val_accuracy"], path, True,
-                     stored["train_seconds"])
+        return _named(Judge(features, settings, resolution, root, stored["val_accuracy"], path, True,
+                            stored["train_seconds"]))
     if log is not None:
         log(f"training the judge ({settings.epochs} epochs) on the train split of {root} at {resolution}²")
     started = time.perf_counter()
@@ -214,7 +218,12 @@ def get_judge(data_root: str | Path, resolution: int, settings: JudgeSettings = 
               "num_train": len(train_images), "num_val": len(val_images),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_atomic(sidecar, json.dumps(record, indent=2) + "\n", tmp_suffix=f".tmp{os.getpid()}")
-    return Judge(features, settings, resolution, root, val_accuracy, path, False, train_seconds)
+    return _named(Judge(features, settings, resolution, root, val_accuracy, path, False, train_seconds))
+
+
+def _named(judge: Judge) -> Judge:
+    judge.features.source = judge.source()
+    return judge
 
 
 def judge_reference(features: ClassifierFeatures, root: Path, resolution: int, batch_size: int = 256):
@@ -237,14 +246,16 @@ def _fd_kid(reference, images: torch.Tensor, features: ClassifierFeatures, batch
 
 
 def score(judge: Judge, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256, seed: int = 0,
-          cas: CASSettings | None = None) -> dict[str, float]:
+          cas: CASSettings | None = None, reference=None) -> dict[str, float]:
     """Generated images (N×3×R×R in [-1, 1], quantised to uint8 first as saved PNGs would be) against the
     real val split: {"class_accuracy", "fd", "kid_mean", "kid_std", "precision", "recall" (k = 3, in the
     judge's features), "num_real", "num_fake"}; with ``cas`` also the Classification Accuracy Score
     (Ravuri & Vinyals 2019): "cas_top1" of a fresh small CNN trained on these images, tested on the real val
-    split, next to "cas_real_top1", the same CNN trained on as many real train images (`cascade.evaluation.cas`)."""
+    split, next to "cas_real_top1", the same CNN trained on as many real train images (`cascade.evaluation.cas`).
+    ``reference``: the val split's statistics (`judge_reference`), when the caller holds them; else read here."""
     images = _real_uint8(images)
-    reference = judge_reference(judge.features, judge.data_root, judge.resolution, batch_size=batch_size)
+    if reference is None:
+        reference = judge_reference(judge.features, judge.data_root, judge.resolution, batch_size=batch_size)
     result = _fd_kid(reference, images, judge.features, batch_size, seed)
     result["class_accuracy"] = class_accuracy(judge.features.logits, images, labels, batch_size=batch_size)
     if cas is not None:
