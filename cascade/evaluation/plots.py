@@ -21,16 +21,34 @@ from cascade.imageops import image_grid, save_png
 
 
 def read_metrics_log(run_dir: str | Path) -> list[dict]:
-    """The JSONL training log of a run folder (empty when the run has none)."""
+    """The JSONL training log of a run folder (empty when the run has none): its records with a "step", in file
+    order; a line that is not such a record (a run killed mid-write leaves a cut-off last line) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as the PNG ``path`` atomically (its folder is made; a failed write leaves no
+    partial file); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic_with(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    return path
 
 
 def plot_training_curves(run_dirs: Mapping[str, str | Path], path: str | Path) -> Path:
     """Loss against step for each stage (and the loss per quarter of the t range), one panel per stage."""
-    logs = {name: read_metrics_log(d) for name, d in run_dirs.items()}
+    logs = {name: [r for r in read_metrics_log(d) if "loss" in r] for name, d in run_dirs.items()}  # windows
     logs = {name: log for name, log in logs.items() if log}
     if not logs:
         raise ValueError(f"no training logs (metrics.jsonl) in {sorted(map(str, run_dirs.values()))}")
@@ -53,10 +71,7 @@ def plot_training_curves(run_dirs: Mapping[str, str | Path], path: str | Path) -
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic_with(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_detail_vs_consistency(results: Mapping, path: str | Path) -> Path | None:
@@ -86,10 +101,7 @@ def plot_detail_vs_consistency(results: Mapping, path: str | Path) -> Path | Non
         ax.set_ylabel("detail ratio")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic_with(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    return path
+    return save_figure(fig, path)
 
 
 def write_pairs_image(samples: torch.Tensor, neighbours: torch.Tensor, path: str | Path) -> Path:
@@ -100,6 +112,7 @@ def write_pairs_image(samples: torch.Tensor, neighbours: torch.Tensor, path: str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_png(image_grid(pairs, ncol=2), path)
+
 
 def plot_sweep(records: Iterable[Mapping], path: str | Path, metric: str = "fid",
                best: Mapping[str, Mapping] | None = None) -> None:
@@ -154,5 +167,4 @@ def plot_sweep(records: Iterable[Mapping], path: str | Path, metric: str = "fid"
             f"{title}{net_text}={float(winner[shown]):.2f}"
         )
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic_with(Path(path), lambda f: fig.savefig(f, format="png", dpi=100))
+    save_figure(fig, path)
