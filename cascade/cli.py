@@ -162,11 +162,19 @@ def report_error(prog: str, err: Exception) -> int:
     return 2
 
 
-def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> None:
+# The command-line option of each `SamplingSettings` field the tools set (the start-up summary marks values with it).
+SAMPLER_OPTIONS = {"w": "--w", "steps": "--steps", "sampler": "--sampler", "eta": "--eta", "aug_level": "--aug-level",
+                   "truncate": "--truncate", "classifier": "--classifier", "classifier_scale": "--classifier-scale"}
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False, w_first_stage: bool = False) -> None:
     """The sampling-settings options (`SamplingSettings`); each left out keeps every stage's own default.
 
-    --w, --steps, --sampler, --aug-level: one value or STAGE=VALUE,... per stage; --eta (DDIM's η) one value
-    for every DDIM stage; --truncate / --no-truncate for every SR stage.
+    --w, --steps, --sampler, --aug-level: one value (for every stage it applies to) or STAGE=VALUE,... per
+    stage; --eta (DDIM's η) one value for every DDIM stage; --truncate / --no-truncate for every SR stage.
+    w_first_stage: a bare --w W guides the chain's first stage only (`sampler_overrides` with bare_w_stage); the
+    other stages keep their own w unless named (sample_cascade.py). Otherwise a bare W is every stage's (the
+    evaluation tools, which judge each stage on its own).
     grid: --w and --aug-level take lists of values to sweep (`0,1,3` or `base32=0,1,sr64=0,2`), no --truncate.
     """
     if grid:
@@ -175,37 +183,50 @@ def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> 
         p.add_argument("--aug-level", default=None, metavar="[STAGE=]S,S,...",
                        help="augmentation levels s in [0, 1] to try for SR stages (default: each stage's own)")
     else:
-        p.add_argument("--w", default=None, metavar="[STAGE=]W",
-                       help="classifier-free guidance weight w >= 0: W or STAGE=W,... (default: each stage's own)")
+        w_help = ("classifier-free guidance weight w >= 0: W guides the chain's first stage (the base stage) only, "
+                  "the other stages keep their own w unless named: STAGE=W,..., e.g. --w base32=3,sr64=2"
+                  if w_first_stage else "classifier-free guidance weight w >= 0: W (every stage) or STAGE=W,...")
+        p.add_argument("--w", default=None, metavar="[STAGE=]W", help=f"{w_help} (default: each stage's own)")
         p.add_argument("--aug-level", default=None, metavar="[STAGE=]S",
-                       help="conditioning augmentation level s in [0, 1] of SR stages (default: each stage's own)")
+                       help="conditioning augmentation level s in [0, 1]: S (every SR stage) or STAGE=S,... "
+                            "(default: each stage's own)")
     p.add_argument("--steps", default=None,
-                   help="respaced steps: N, 'ddimN' or sections '10,5'; or STAGE=...,... (default: each stage's own)")
+                   help="respaced steps: N, 'ddimN' or sections '10,5' (every stage), or STAGE=...,... "
+                        "(default: each stage's own)")
     p.add_argument("--sampler", default=None,
-                   help=f"one of {', '.join(SAMPLERS)}, or STAGE=SAMPLER,... per stage (default: each stage's own)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: each stage's own)")
+                   help=f"one of {', '.join(SAMPLERS)} (every stage), or STAGE=SAMPLER,... (default: each stage's "
+                        "own)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta, every DDIM stage (default: each stage's own)")
     if not grid:
         p.add_argument("--truncate", action=argparse.BooleanOptionalAction, default=None,
                        help="truncated conditioning augmentation between stages (--no-truncate: off; default: each "
                             "stage's own)")
 
 
-def load_evaluation_inputs(args: argparse.Namespace, device: Any):
-    """(pipeline, feature networks, classifier) from the options `add_evaluation_arguments` defines."""
+def load_evaluation_inputs(args: argparse.Namespace, device: Any, log: Callable[[str], None] | None = None):
+    """(pipeline, feature networks, classifier) from the options `add_evaluation_arguments` defines; without
+    --classifier and `<runs>/classifier32`, the judge of --data (``log`` hears which, and when it is trained)."""
     from cascade.evaluation.inputs import load_for_evaluation
 
     chain = parse_stage_list(args.stages, DEFAULT_CHAIN)
     return load_for_evaluation(args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt), classifier=args.classifier,
                                inception_weights=args.inception_weights, device=args.device or device,
-                               precision=args.precision, patch_features=args.patch_fid)
+                               precision=args.precision, patch_features=args.patch_fid, data_root=args.data,
+                               log=log)
 
 
-def sampler_overrides(args: argparse.Namespace, *, grid: bool = False) -> dict[str, Any]:
+def sampler_overrides(args: argparse.Namespace, *, grid: bool = False,
+                      bare_w_stage: str | None = None) -> dict[str, Any]:
     """The sampling options given on the command line as `CascadePipeline.settings` overrides (options left
-    out are absent: the stages keep their own defaults). grid: --w and --aug-level are lists to sweep."""
+    out are absent: the stages keep their own defaults). grid: --w and --aug-level are lists to sweep.
+    bare_w_stage: the stage a bare --w W guides ({bare_w_stage: W}; sample_cascade.py: the chain's first); None:
+    a bare value is every stage's."""
     cast = float_list if grid else float
+    w = None if args.w is None else parse_stage_values(args.w, cast, "--w")
+    if bare_w_stage is not None and w is not None and not isinstance(w, dict):
+        w = {bare_w_stage: w}
     parsed = {
-        "w": None if args.w is None else parse_stage_values(args.w, cast, "--w"),
+        "w": w,
         "steps": None if args.steps is None else parse_stage_values(args.steps, steps_value, "--steps"),
         "sampler": None if args.sampler is None else parse_stage_values(args.sampler, str, "--sampler"),
         "eta": args.eta,
@@ -227,7 +248,8 @@ def add_evaluation_arguments(p: argparse.ArgumentParser, default_stages: str) ->
                    help="checkpoint of one stage (run dir, checkpoints dir or step dir); repeatable")
     p.add_argument("--classifier", default=None, metavar="PATH",
                    help="classifier trained on real data: class accuracy and the offline feature network "
-                        "(default <runs>/classifier32)")
+                        "(default <runs>/classifier32; without one, the judge of --data, trained once and cached "
+                        "in <data>/judge/)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="local pt_inception-2015-12-05-6726825d.pth: adds the standard FID Inception (fid extra)")
     p.add_argument("--patch-fid", action="store_true",

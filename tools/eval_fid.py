@@ -42,11 +42,18 @@ from cascade.cli import (
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
 from cascade.evaluation.evaluate import evaluate
+from cascade.evaluation.inputs import summary_rows
 from cascade.evaluation.sample_lists import MODES
 from cascade.locks import FolderLock
 from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN, CascadeConfigError
+from cascade.summary import print_summary
 
 PROG = "eval_fid"
+
+
+def note(message: str) -> None:
+    """One line on stderr: what the run chose for the user (e.g. the judge standing in for classifier32)."""
+    print(f"{PROG}: note: {message}", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,9 +86,17 @@ def run_evaluate(args: argparse.Namespace, accelerator: Accelerator) -> int:
         overrides = sampler_overrides(args)
         stats_dir = statistics_folder(args, PROG, accelerator.is_main_process)  # checked before any sampling
         metrics = dataclasses.replace(metric_settings(args), stats_dir=str(stats_dir))
-        pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
+        pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device,
+                                                                log=note if accelerator.is_main_process else None)
+        settings = pipe.settings(**overrides)
+        if accelerator.is_main_process:
+            print_summary(PROG, summary_rows(pipe, feature_nets, classifier, settings, data_root=args.data,
+                                             num_samples=args.num_samples, out=args.out,
+                                             extra=[("modes", ", ".join(modes)), ("seed", args.seed),
+                                                    ("batch size", args.batch_size),
+                                                    ("processes", accelerator.num_processes)]))
         evaluation = evaluate(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
-                              settings=pipe.settings(**overrides), metrics=metrics, num_samples=args.num_samples,
+                              settings=settings, metrics=metrics, num_samples=args.num_samples,
                               modes=modes, seed=args.seed, batch_size=args.batch_size, accelerator=accelerator,
                               progress=accelerator.is_main_process)
     except CascadeConfigError as err:

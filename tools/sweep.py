@@ -36,13 +36,20 @@ from cascade.cli import (
     statistics_folder,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
+from cascade.evaluation.inputs import summary_rows
 from cascade.evaluation.metrics import METRIC_GOALS
 from cascade.evaluation.sample_lists import MODES, TEACHER_FORCED
 from cascade.evaluation.sweep import sweep
 from cascade.locks import FolderLock
 from cascade.pipeline.cascade_pipeline import CascadeConfigError
+from cascade.summary import print_summary
 
 PROG = "sweep"
+
+
+def note(message: str) -> None:
+    """One line on stderr: what the run chose for the user (e.g. the judge standing in for classifier32)."""
+    print(f"{PROG}: note: {message}", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,9 +86,18 @@ def run_sweep(args: argparse.Namespace, accelerator: Accelerator) -> int:
         stats_dir = statistics_folder(args, PROG, accelerator.is_main_process)  # checked before any sampling
         metrics = dataclasses.replace(metric_settings(args), stats_dir=str(stats_dir))
         w, aug_level = grid.pop("w", None), grid.pop("aug_level", None)
-        pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device)
+        pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device,
+                                                                log=note if accelerator.is_main_process else None)
+        settings = pipe.settings(**grid)
+        if accelerator.is_main_process:
+            print_summary(PROG, summary_rows(pipe, feature_nets, classifier, settings, data_root=args.data,
+                                             num_samples=args.num_samples, out=args.out,
+                                             extra=[("w tried", args.w), ("s tried", args.aug_level or "each stage's own"),
+                                                    ("mode", args.mode), ("ranked by", args.rank_metric),
+                                                    ("seed", args.seed), ("batch size", args.batch_size),
+                                                    ("processes", accelerator.num_processes)]))
         result = sweep(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
-                       settings=pipe.settings(**grid), w=w, aug_level=aug_level, mode=args.mode,
+                       settings=settings, w=w, aug_level=aug_level, mode=args.mode,
                        rank_by=args.rank_by, rank_metric=args.rank_metric, num_samples=args.num_samples, seed=args.seed,
                        batch_size=args.batch_size, accelerator=accelerator, progress=accelerator.is_main_process,
                        metrics=metrics)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from cascade.config import SamplingSettings, StageKind
-from cascade.evaluation.features import FeatureNet
+from cascade.evaluation.features import FeatureNet, feature_sources
 from cascade.evaluation.generation import chain_sampler, generate, is_main, rank_world
 from cascade.evaluation.plots import write_pairs_image
 from cascade.evaluation.report import write_report
@@ -164,6 +164,7 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
         "batch_size": batch_size,
         "num_processes": world,
         "feature_nets": {net.name: net.fingerprint()[:16] for net in feature_nets},
+        "features": feature_sources([*feature_nets, classifier]),
         "class_accuracy_by": classifier.name,
         "precision_recall_k": metrics.precision_recall_k,
         "fid_bootstrap": metrics.bootstrap,

@@ -162,7 +162,7 @@ class ClassifierFeatures(FeatureNet):
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_image_batch(x, "feature network input", channels=3, floating=True)
-        x = resize(x, self.resolution)
+        x = resize(x.to(device_of(self.model)), self.resolution)
         head_module = dict(self.model.named_modules())[self.head]
         return _run_with_head_input(self.model, head_module, x, self.noise_aware)
 
@@ -199,6 +199,11 @@ class PatchFeatures(FeatureNet):
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.inner(self.patches(x)), None
+
+
+def feature_sources(nets: Iterable[FeatureNet]) -> dict[str, str]:
+    """{name: `source`} of feature networks (each name once), for the results that name them."""
+    return {net.name: net.source for net in nets}
 
 
 def device_of(module: nn.Module) -> torch.device:

@@ -91,9 +91,20 @@ def write_report(results: Mapping, json_path: str | Path, md_path: str | Path, *
         "",
     ]
     if meta:
-        lines += ["## Settings", ""] + [f"- {key}: {value}" for key, value in meta.items()] + [""]
+        lines += settings_lines(meta)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(md_path, "\n".join(lines))
+
+
+def settings_lines(meta: Mapping[str, Any]) -> list[str]:
+    """The "## Settings" section: `- key: value` per entry; a mapping of texts (such as "features": {name: where
+    it comes from}) as `name: text` pairs joined by "; "."""
+    def text(value: Any) -> str:
+        if isinstance(value, Mapping) and value and all(isinstance(v, str) for v in value.values()):
+            return "; ".join(f"{k}: {v}" for k, v in value.items())
+        return str(value)
+
+    return ["## Settings", "", *(f"- {key}: {text(value)}" for key, value in meta.items()), ""]
 
 
 def best_flags(best: Mapping[str, Mapping[str, Any]]) -> str:
@@ -125,7 +136,7 @@ def sweep_markdown(records: Sequence[Mapping], best: Mapping[str, Mapping], meta
         rows.append(row + ["★" if r is best.get(r["stage"]) else ""])
     lines += markdown_table(columns, rows)
     lines += ["", SMALL_SAMPLE_NOTE, "", f"Best settings for tools/sample_cascade.py: `{best_flags(best)}`", ""]
-    lines += ["## Settings", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    lines += settings_lines(meta)
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cascade.config import SamplingSettings, StageKind
-from cascade.evaluation.features import FeatureNet
+from cascade.evaluation.features import FeatureNet, feature_sources
 from cascade.evaluation.generation import broadcast, generate, is_main, plan_for, rank_world
 from cascade.evaluation.metrics import METRIC_GOALS, best_setting, rank_key
 from cascade.evaluation.report import best_flags, write_sweep
@@ -214,6 +214,8 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
         "data": str(data.root),
         "mode": mode,
         "ranked_by": rank_by,
+        "features": feature_sources([*feature_nets, classifier]),
+        "class_accuracy_by": classifier.name,
         "rank_metric": rank_metric,
         "num_samples": data.num_samples,
         "val_images": data.val_images,
