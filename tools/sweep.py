@@ -93,7 +93,7 @@ def run_sweep(args: argparse.Namespace, accelerator: Accelerator) -> int:
             print_summary(PROG, summary_rows(pipe, feature_nets, classifier, settings, data_root=args.data,
                                              num_samples=args.num_samples, out=args.out,
                                              extra=[("w tried", args.w), ("s tried", args.aug_level or "each stage's own"),
-                                                    ("mode", args.mode), ("ranked by", args.rank_metric),
+                                                    ("mode", args.mode), ("rank metric", args.rank_metric),
                                                     ("seed", args.seed), ("batch size", args.batch_size),
                                                     ("processes", accelerator.num_processes)]))
         result = sweep(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
