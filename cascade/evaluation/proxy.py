@@ -56,6 +56,9 @@ def balanced_labels(count: int, num_classes: int) -> torch.Tensor:
 class QualityProxy:
     """The quality proxy of one stage on the shards at ``data_root`` (see the module docstring).
 
+    Classifier guidance (``settings.classifier``) is not applied, as in the sample grids: the proxy scores the
+    diffusion model being trained, with its classifier-free guidance.
+
     ``count``: images per call (≥ 2; SR stages: at most the val split's size); ``seed``: the samples' noise and
     KID's subsets; ``device``: where the model samples (the judge scores on the CPU); ``steps``: respaced
     sampling steps (an int or a spacing string such as "ddim25", replacing the stage's own); ``log``: a
