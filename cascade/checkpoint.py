@@ -6,7 +6,8 @@ Layout::
         model.safetensors      raw weights
         ema.safetensors        EMA weights (what sampling uses)
         training_state.pt      optimizer, scheduler, RNG and data position (tensors/primitives only)
-        config.json            {"format_version", "step", "stage": StageConfig.to_dict(), "train": {...}}
+        config.json            {"format_version", "step", "stage": StageConfig.to_dict(), "train": {...},
+                                "ema": the EMA weights' record (kind, warm-up weight, ready step)}
     <run_dir>/checkpoints/latest   names the newest complete step folder
 
 A folder is written under a temporary name, every file and the folder are fsynced, then it is renamed
@@ -16,6 +17,11 @@ checkpoint intact. Loading never unpickles code: safetensors, JSON and ``torch.l
 A checkpoint damaged after the fact (a truncated file after a full disk, a corrupt copy) raises
 `CheckpointError` naming the file; `checkpoint_candidates` lists a run's checkpoints newest first so that a
 resume can fall back to the newest readable one.
+
+EMA weights not ready: `load_stage` (what sampling and evaluation load with) warns once per checkpoint, one line
+on stderr, when the EMA weights it loads still carry more than 25 % of their average on the weights of the
+learning-rate warm-up (the *warm-up weight*, `cascade.ema_profiles`; read from config.json's ``ema`` record, or
+for a checkpoint without one computed from its trainer settings and step).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from cascade.atomic import fsync_path, write_atomic, write_guard
+from cascade.ema_profiles import WARMUP_WEIGHT_LIMIT, classic_ema_record
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -313,4 +321,48 @@ def load_stage(path: str | Path, weights: str = "ema", device: str | torch.devic
     check_weights_fit(model, state_dict, path, weights)
     model.load_state_dict(state_dict)
     model.to(device).eval().requires_grad_(False)
+    if weights == "ema":
+        warn_if_ema_not_ready(path)
     return stage_cfg, model, build_diffusion(stage_cfg)
+
+
+def ema_record(path: str | Path) -> dict[str, Any] | None:
+    """The EMA weights' record of a checkpoint (kind, num_updates, warmup_steps, warmup_weight, ready_step, ...):
+    config.json's ``ema`` entry, or for a checkpoint written without one, the classic EMA's record computed from
+    its trainer settings (``ema_decay``, ``ema_warmup``, ``warmup_steps``) and step; None where neither is there."""
+    record = load_config(path)
+    ema = record.get("ema")
+    if isinstance(ema, dict) and "warmup_weight" in ema:
+        return ema
+    trainer = (record.get("train") or {}).get("trainer")
+    try:
+        return classic_ema_record(float(trainer["ema_decay"]), float(trainer["ema_warmup"]), int(record["step"]),
+                                  int(trainer["warmup_steps"]))
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+
+
+_EMA_WARNED: set[Path] = set()
+
+
+def ema_not_ready_message(ckpt: Path, ema: dict[str, Any]) -> str | None:
+    """The one-line warning for EMA weights whose warm-up weight is above 0.25, else None."""
+    weight = float(ema.get("warmup_weight", 0.0))
+    if not weight > WARMUP_WEIGHT_LIMIT:
+        return None
+    what = f"post-hoc EMA σ_rel={ema['sigma_rel']:g}" if ema.get("kind") == "posthoc" else "EMA"
+    return (f"{ckpt}: its {what} weights are not ready: {min(weight, 1.0):.0%} of their weight is on the first "
+            f"{ema.get('warmup_steps')} steps (the learning-rate warm-up); ready at step {ema.get('ready_step')}; "
+            "using the EMA weights anyway (the raw weights: weights='model')")
+
+
+def warn_if_ema_not_ready(path: str | Path) -> None:
+    """Print `ema_not_ready_message` as one line on stderr, once per checkpoint in a process."""
+    ckpt = resolve_checkpoint(path).resolve()
+    if ckpt in _EMA_WARNED:
+        return
+    ema = ema_record(ckpt)
+    message = None if ema is None else ema_not_ready_message(ckpt, ema)
+    if message is not None:
+        _EMA_WARNED.add(ckpt)
+        print(f"warning: {message}", file=sys.stderr)

@@ -3,8 +3,8 @@ imports alike), plus an import of every module with `stages` blocked.
 
 Floors, lowest first: diffusion → nets → data → pipeline → evaluation → training → harness; a floor never
 imports one above it, and some floors are kept apart from floors below them too (`LATERAL`). The root modules
-(`config`, `checkpoint`, `errors`, `checks`, `atomic`, `imageops`, `device`, `locks`, `summary`) serve every floor; `cli`
-is the tools' edge. The package `cascade` never imports the preset package `stages`.
+(`config`, `checkpoint`, `errors`, `checks`, `atomic`, `imageops`, `device`, `locks`, `summary`,
+`ema_profiles`) serve every floor; `cli` is the tools' edge. The package `cascade` never imports the preset package `stages`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ FLOORS = ("diffusion", "nets", "data", "pipeline", "evaluation", "training", "ha
 LATERAL = {"diffusion": ("checkpoint",), "data": ("diffusion", "nets"), "pipeline": ("data",)}
 # What each folder may not import (besides `stages`, which no module of `cascade` imports).
 FORBIDDEN = {floor: (*FLOORS[i + 1 :], "cli", *LATERAL.get(floor, ())) for i, floor in enumerate(FLOORS)}
-ROOT_MODULES = ("config", "checkpoint", "errors", "checks", "atomic", "imageops", "device", "locks", "summary")
+ROOT_MODULES = ("config", "checkpoint", "errors", "checks", "atomic", "imageops", "device", "locks", "summary",
+                "ema_profiles")
 # The root modules serve every floor: they may import the diffusion math and the network builder, no more.
 ROOT_FORBIDDEN = ("data", "training", "pipeline", "evaluation", "harness", "cli")
 
