@@ -49,6 +49,7 @@ from cascade import checkpoint
 from cascade.config import StageKind
 from cascade.data.shard_folder import read_dataset_info
 from cascade.data.workers import resolve_num_workers
+from cascade.ema_profiles import classic_ema_record
 from cascade.errors import GracefulInterrupt, describe_failure, ensure_writable_dir
 from cascade.locks import FolderLock
 from cascade.nets.build import build_diffusion, build_model
@@ -58,11 +59,12 @@ from cascade.training.data_stream import (
     check_train_shards,
     make_train_loader,
 )
-from cascade.training.ema import EMA
+from cascade.training.ema import EMA, EMAGroup, PowerEMA
 from cascade.training.losses import make_stage_loss
 from cascade.training.memory_format import choose_channels_last
 from cascade.training.metrics_log import METRICS_FILE, MetricsLog, window_record
 from cascade.training.optimizer import make_lr_schedule, make_optimizer
+from cascade.training.posthoc_ema import SnapshotCadence, resume_power_ema, write_snapshot
 from cascade.training.resume import SEGMENT_STEPS, read_resume_point, resume_segment
 from cascade.training.runtime import (
     check_compile_available,
@@ -173,12 +175,18 @@ class StageTrainer:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
+        # power-function EMAs and their snapshots for post-hoc EMA (cascade.training.posthoc_ema); () turns them off
+        self.power_ema = PowerEMA(model, cfg.ema_sigma_rels) if cfg.ema_sigma_rels else None
+        self.snapshot_cadence = SnapshotCadence(cfg.ema_snapshot_every, cfg.max_steps, cfg.max_seconds)
         optimizer, self.scheduler, self.fused = make_optimizer(model, cfg, self.device)
         self.step = 0
         self.nan_total = torch.zeros((), dtype=torch.long, device=self.device)
         self.nan_in_row = torch.zeros((), dtype=torch.long, device=self.device)
         if state is not None:
             self.ema.load_state_dict(ema_w, int(state["ema_num_updates"]))
+            if self.power_ema is not None:
+                resume_power_ema(self.power_ema, state.get("power_ema"), int(state["step"]),
+                                 say=self.accelerator.is_main_process)
             optimizer.load_state_dict(state["optimizer"])
             # the schedule at the checkpoint's position, with this invocation's lr, betas, eps and weight decay
             self.scheduler = make_lr_schedule(optimizer, cfg, int(state["scheduler"]["last_epoch"]))
@@ -191,7 +199,8 @@ class StageTrainer:
         if state is not None and "grad_scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.resume_state = state
-        self.train_step = TrainStep(self.accelerator, self.model, self.optimizer, self.scheduler, self.ema,
+        self.train_step = TrainStep(self.accelerator, self.model, self.optimizer, self.scheduler,
+                                    EMAGroup(self.ema, self.power_ema),
                                     self.loss_fn, self.timestep_sampler, grad_clip=cfg.grad_clip, fused=self.fused,
                                     mixed_precision=self.mixed_precision, nan_total=self.nan_total,
                                     nan_in_row=self.nan_in_row, compile=self.compile)
@@ -247,12 +256,15 @@ class StageTrainer:
             }
             if self.accelerator.scaler is not None:
                 state["grad_scaler"] = self.accelerator.scaler.state_dict()
+            if self.power_ema is not None:
+                state["power_ema"] = self.power_ema.state_dict()
             train = {**self.run_cfg.to_dict(), **self.extra_config, "mixed_precision_resolved": self.mixed_precision,
                      "num_processes": self.world_size, "dataset": {k: self.dataset_info.get(k) for k in
                                                                    ("num_classes", "class_names", "resolutions")}}
             path = checkpoint.save_checkpoint(
                 self.run_dir, self.step, weights={"model": model.state_dict(), "ema": self.ema.state_dict()},
-                training_state=state, config={"stage": self.stage.to_dict(), "train": train},
+                training_state=state, config={"stage": self.stage.to_dict(), "train": train, "ema": classic_ema_record(
+                    self.cfg.ema_decay, self.cfg.ema_warmup, self.ema.num_updates, self.cfg.warmup_steps)},
                 keep_last=self.cfg.keep_last)
         self.accelerator.wait_for_everyone()
         return path if path is not None else self.run_dir / checkpoint.CHECKPOINTS_DIR / checkpoint.step_dir_name(self.step)
@@ -382,6 +394,9 @@ class StageTrainer:
             # A new data segment every SEGMENT_STEPS and at the end; a checkpoint (exact resume either way).
             if last or self.step % SEGMENT_STEPS == 0:
                 self._new_segment(self.step)
+            # A post-hoc EMA snapshot (main process), before the checkpoint: a resume from it never misses one.
+            if self.accelerator.is_main_process and self.power_ema and self.snapshot_cadence.due(self.step, last):
+                write_snapshot(self.run_dir, self.power_ema, self.step)
             if at_ckpt or last:
                 last_saved = self._save()
                 saved_step = self.step
