@@ -5,7 +5,12 @@
     python tools/sample_cascade.py --classes 3 --truncate --aug-level sr64=0.2 --ckpt sr64=runs/sr64-b
 
 Every sampling setting left out is the stage's own default, stored in its checkpoint (`SamplingSettings`), so
-`--classes 1,7` alone samples each stage as it samples best. Writes to --out: `<class>-<name>_<index>.png`
+`--classes 1,7` alone samples each stage as it samples best. A bare `--w W` guides the chain's first stage (the
+base stage) only: the other stages keep their own w unless named (`--w base32=3,sr64=2`). The other bare sampler
+options apply to every stage they fit: `--steps`, `--sampler`, `--eta` (DDIM stages) to all, `--aug-level` and
+`--truncate` to the SR stages. Before sampling, a summary on stderr names the device, precision, classes, seed
+and --out and, per stage, its checkpoint and step and the settings it samples with, a value from the command
+line marked with its option (`w=3 (--w)`), and its network evaluations per image (NFE). Writes to --out: `<class>-<name>_<index>.png`
 (final stage; `<class>_<index>.png` where the classes have no names), `<stage>/<class>-<name>_<index>.png`
 (every stage), `grid.png` (rows = samples by class, columns = stages), `.outputs.json` (the files written) and
 `settings.json`, last: a folder without settings.json is incomplete (an interrupted run removes the old one
@@ -23,6 +28,7 @@ import sys
 
 import stages
 from cascade.cli import (
+    SAMPLER_OPTIONS,
     OneLineArgumentParser,
     add_sampler_arguments,
     default_device,
@@ -37,6 +43,7 @@ from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir, p
 from cascade.locks import FolderLock
 from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN, PRECISIONS, CascadeConfigError, CascadePipeline
 from cascade.pipeline.outputs import check_out_dir, write_outputs
+from cascade.summary import print_summary
 
 PROG = "sample_cascade"
 
@@ -49,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="runs folder holding <stage>/ run dirs (default runs)")
     p.add_argument("--ckpt", action="append", default=[], metavar="STAGE=PATH",
                    help="checkpoint of one stage (run dir, checkpoints dir or step dir); repeatable")
-    add_sampler_arguments(p)
+    add_sampler_arguments(p, w_first_stage=True)
     p.add_argument("--classifier", default=None, metavar="PATH", help="classifier checkpoint for the base stage")
     p.add_argument("--classifier-scale", type=float, default=0.0,
                    help="classifier guidance scale (default 0; needs --classifier)")
@@ -81,7 +88,7 @@ def sample(args: argparse.Namespace) -> int:
         chain = parse_stage_list(args.stages, stages.STAGE_NAMES)
         pipe = CascadePipeline.from_runs(args.runs, chain, checkpoints=parse_ckpt_pairs(args.ckpt),
                                          device=args.device or default_device(), precision=args.precision)
-        overrides = sampler_overrides(args)
+        overrides = sampler_overrides(args, bare_w_stage=chain[0])
         if args.classifier is not None:
             overrides.update(classifier=args.classifier, classifier_scale=args.classifier_scale)
         elif args.classifier_scale:
@@ -91,6 +98,7 @@ def sample(args: argparse.Namespace) -> int:
     except CascadeConfigError as err:
         return report_error(PROG, err)
     check_out_dir(args.out, overwrite=args.overwrite)  # refused before sampling; earlier outputs go when new ones are written
+    print_summary(PROG, summary_rows(args, pipe, plan, overrides))
     outputs = pipe.run(plan, progress=True)
     with deferred_interrupts():  # a Ctrl-C while writing waits for the files to be complete
         written = write_outputs(outputs, plan, args.out, record=pipe.run_record(plan), class_names=pipe.class_names)
@@ -98,6 +106,16 @@ def sample(args: argparse.Namespace) -> int:
     print(f"wrote {plural(written.final_images, 'image')} of {final.resolution}x{final.resolution} and the stages "
           f"{', '.join(s.name for s in plan.stages)} to {written.folder}/ (grid.png, settings.json)")
     return 0
+
+
+def summary_rows(args: argparse.Namespace, pipe: CascadePipeline, plan, overrides: dict) -> list[tuple[str, object]]:
+    """The start-up summary: where and how it samples, then one row per stage (`CascadePipeline.describe`)."""
+    count = len(plan.classes) * plan.num_per_class
+    return [("device", pipe.device), ("precision", pipe.precision),
+            ("classes", f"{','.join(map(str, plan.classes))} × {plan.num_per_class} = {plural(count, 'image')}"),
+            ("seed", plan.seed), ("batch size", plan.batch_size or "all at once"), ("out", args.out),
+            ("settings", "(--option) marks a value from the command line; unmarked: the checkpoint's default"),
+            *pipe.describe(plan, overrides, labels=SAMPLER_OPTIONS)]
 
 
 if __name__ == "__main__":

@@ -35,9 +35,11 @@ from cascade.pipeline.plan import (
     CascadeConfigError,
     SamplingPlan,
     StagePlan,
+    describe_stage_plan,
     resolve_settings,
     respaced_timesteps,
     settings_for,
+    stage_overrides,
 )
 from cascade.pipeline.stage_sampling import sample_stage
 
@@ -129,6 +131,21 @@ class CascadePipeline:
         """The JSON record of a sampling run: settings, checkpoints, device, precision and class names."""
         return {**plan.to_dict(), "checkpoints": self.checkpoints(), "device": str(self.device),
                 "precision": self.precision, "class_names": self.class_names}
+
+    def describe(self, plan: SamplingPlan, overrides: Mapping[str, Any] | None = None, *,
+                 labels: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+        """One (stage name, text) row per stage of ``plan``: its checkpoint and step, then `describe_stage_plan`,
+        e.g. ``runs/base32/checkpoints/step-00002000 step 2000 · 32x32 · ddpm 40 steps · w=3 (--w) · 80 NFE/image``
+        (rows for `cascade.summary.print_summary`). ``overrides``: those passed to `settings` for the plan; each
+        value a stage took from them is marked with ``labels[setting]`` (default "set"); unmarked values are the
+        checkpoint's own."""
+        taken = stage_overrides([s.config for s in self.stages], overrides or {})
+        labels = labels or {}
+        rows = []
+        for stage, sp in zip(self.stages, plan.stages):
+            marks = {key: labels.get(key, "set") for key in taken[stage.name]}
+            rows.append((sp.name, f"{stage.checkpoint} step {stage.step} · {describe_stage_plan(sp, marks)}"))
+        return rows
 
     def checkpoints(self) -> dict[str, dict[str, Any]]:
         """Where each stage came from, for the record of a run."""

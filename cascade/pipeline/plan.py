@@ -111,11 +111,12 @@ _ONLY_FOR = {"aug_level": StageKind.sr, "truncate": StageKind.sr, "classifier": 
 _SETTING_NAMES = tuple(f.name for f in dataclasses.fields(SamplingSettings))
 
 
-def resolve_settings(configs: Sequence[StageConfig], overrides: Mapping[str, Any]) -> dict[str, SamplingSettings]:
-    """Each stage's own `SamplingSettings` (``config.sampling``) with ``overrides``: one value for every stage it
-    applies to (``aug_level``, ``truncate``: SR stages; ``classifier``, ``classifier_scale``: the base stage;
-    the rest: all) or a {stage: value} dict naming stages of the chain; None keeps the default. Raises
-    CascadeConfigError (one line, naming the stage) on an unknown setting or a bad value."""
+def stage_overrides(configs: Sequence[StageConfig], overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{stage: {setting: value}}: what ``overrides`` change in each stage's own settings. An override is one
+    value for every stage it applies to (``aug_level``, ``truncate``: SR stages; ``classifier``,
+    ``classifier_scale``: the base stage; the rest: all) or a {stage: value} dict naming stages of the chain;
+    None keeps the default. Raises CascadeConfigError (one line) on an unknown setting or a stage not in the
+    chain."""
     names = [c.name for c in configs]
     unknown = sorted(set(overrides) - set(_SETTING_NAMES))
     if unknown:
@@ -131,5 +132,84 @@ def resolve_settings(configs: Sequence[StageConfig], overrides: Mapping[str, Any
             if value is None or (not named and key in _ONLY_FOR and cfg.kind is not _ONLY_FOR[key]):
                 continue
             changes[key] = value
-        out[cfg.name] = settings_for(cfg, cfg.sampling, changes)
+        out[cfg.name] = changes
     return out
+
+
+def resolve_settings(configs: Sequence[StageConfig], overrides: Mapping[str, Any]) -> dict[str, SamplingSettings]:
+    """Each stage's own `SamplingSettings` (``config.sampling``) with ``overrides`` (as `stage_overrides` applies
+    them). Raises CascadeConfigError (one line, naming the stage) on an unknown setting or a bad value."""
+    changes = stage_overrides(configs, overrides)
+    return {cfg.name: settings_for(cfg, cfg.sampling, changes[cfg.name]) for cfg in configs}
+
+
+def model_call_indices(sampler: str, num_steps: int, stop_at_index: int | None = None) -> list[int]:
+    """The respaced indices (0 .. num_steps − 1) at which ``sampler`` calls the model for one sample, in call order.
+
+    ddpm, ddim and dpmpp2m call it once per step, from num_steps − 1 down to stop_at_index + 1 (0 without a stop).
+    heun also calls it at the next level for its trapezoidal correction, except on the first step and on the step
+    to clean data (Karras et al. 2022 "EDM" Algorithm 1; `cascade.diffusion.samplers.sample_heun`): 2N − 2 calls
+    for N ≥ 2 steps to clean data, 2N − 1 when stopped early (truncation)."""
+    stop = -1 if stop_at_index is None else stop_at_index
+    visited = list(range(num_steps - 1, stop, -1))
+    if sampler != "heun":
+        return visited
+    calls = []
+    for step, index in enumerate(visited):
+        calls.append(index)
+        if step > 0 and index - 1 >= 0:  # the correction at the next level (none to clean data, none on step 0)
+            calls.append(index - 1)
+    return calls
+
+
+def network_evaluations(settings: SamplingSettings, timesteps: Sequence[int], stop_at_index: int | None = None) -> int:
+    """Network evaluations per image of one stage: NFE, counting each image the network sees in a call.
+
+    ``timesteps``: the kept training timesteps (sorted; respaced index i is ``timesteps[i]``). Each model call
+    (`model_call_indices`) costs 1, or 2 where classifier-free guidance is on (w > 0 and t inside
+    ``settings.guidance_interval``, if any): the conditional and the null-class prediction, batched in one call
+    (`cascade.diffusion.guidance.ClassifierFreeGuidance`). A classifier's gradient (classifier guidance) is not
+    counted."""
+    interval = settings.guidance_interval
+
+    def guided(index: int) -> bool:
+        t = timesteps[index]
+        return settings.w > 0 and (interval is None or interval[0] <= t <= interval[1])
+
+    return sum(2 if guided(i) else 1 for i in model_call_indices(settings.sampler, len(timesteps), stop_at_index))
+
+
+def describe_stage_plan(sp: StagePlan, marks: Mapping[str, str] | None = None) -> str:
+    """One line of what stage plan ``sp`` samples with, e.g. ``32x32 · ddpm 40 steps · w=3 (--w) · 80 NFE/image``:
+    resolution, sampler and step count, DDIM's η, w (and its interval), the SR level s and truncation, clipping,
+    classifier guidance, and `network_evaluations` per image. ``marks``: {setting: label} of values given by the
+    caller (a command-line option), shown after the value in parentheses; the rest are the stage's defaults."""
+    marks = marks or {}
+    s = sp.settings
+
+    def mark(*keys: str) -> str:
+        labels = [marks[k] for k in keys if k in marks]
+        return f" ({', '.join(labels)})" if labels else ""
+
+    items = [f"{sp.resolution}x{sp.resolution}",
+             f"{s.sampler}{mark('sampler')} {len(sp.timesteps)} steps{mark('steps')}"]
+    if s.sampler == "ddim":
+        items.append(f"eta={s.eta:g}{mark('eta')}")
+    w = f"w={s.w:g}{mark('w')}"
+    if s.guidance_interval is not None and s.w > 0:
+        w += f" for t in [{s.guidance_interval[0]:g}, {s.guidance_interval[1]:g}]{mark('guidance_interval')}"
+    items.append(w)
+    if sp.aug_level is not None:
+        items.append(f"s={sp.aug_level:.3g}{mark('aug_level')}" + (f" truncated{mark('truncate')}" if s.truncate
+                                                                    else ""))
+    if sp.stop_at_index is not None:
+        items.append(f"stops after {len(sp.timesteps) - 1 - sp.stop_at_index} of {len(sp.timesteps)} steps "
+                     "(hands z_s on)")
+    if s.dynamic_threshold is not None:
+        items.append(f"dynamic threshold {s.dynamic_threshold:g}{mark('dynamic_threshold')}")
+    elif not s.clip_denoised:
+        items.append(f"unclipped{mark('clip_denoised')}")
+    if s.classifier:
+        items.append(f"classifier guidance {s.classifier_scale:g}{mark('classifier', 'classifier_scale')}")
+    items.append(f"{network_evaluations(s, sp.timesteps, sp.stop_at_index)} NFE/image")
+    return " · ".join(items)

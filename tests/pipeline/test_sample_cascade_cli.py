@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from cascade.cli import parse_ckpt_pairs, parse_stage_values, steps_value
@@ -158,3 +159,79 @@ def test_no_sampling_flags_use_each_checkpoints_own_settings(runs_root, tmp_path
     for name, want in stored.items():
         got = settings["stages"][name]
         assert {k: got[k] for k in want} == want, name
+
+
+def _summary_rows(stderr: str) -> dict[str, str]:
+    """The start-up summary's `name : value` rows (progress bars and other lines left out)."""
+    rows = {}
+    for line in stderr.splitlines():
+        name, sep, value = line.partition(" : ")
+        if sep and line.startswith("  "):
+            rows[name.strip()] = value
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("w_option", "expected_w", "marked"),
+    [
+        ("2.5", {"base32": 2.5, "sr64": None}, "base32"),  # bare: the chain's first stage only
+        ("sr64=2", {"base32": None, "sr64": 2.0}, "sr64"),  # named: that stage only
+    ],
+)
+def test_guidance_changes_only_the_stage_it_names_and_the_summary_marks_it(runs_root, tmp_path, capsys, w_option,
+                                                                            expected_w, marked):
+    from cascade.checkpoint import load_config
+    from cascade.config import StageConfig
+
+    own = {name: StageConfig.from_dict(load_config(runs_root / name)["stage"]).sampling.w
+           for name in ("base32", "sr64")}
+    out = tmp_path / "samples"
+    assert sample_cascade.main(["--classes", "1", "--stages", "base32,sr64", "--w", w_option, "--steps", "1",
+                                "--runs", str(runs_root), "--out", str(out)]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    for name, want in expected_w.items():
+        assert settings["stages"][name]["w"] == (own[name] if want is None else want), name
+    rows = _summary_rows(capsys.readouterr().err)
+    assert rows["device"] == "cpu" and rows["seed"] == "0" and rows["out"] == str(out)
+    for name in ("base32", "sr64"):
+        row = rows[name]
+        w = settings["stages"][name]["w"]
+        assert f"step {settings['checkpoints'][name]['step']}" in row
+        assert "ddpm 1 steps (--steps)" in row  # a bare --steps is every stage's
+        assert (f"w={w:g} (--w)" in row) == (name == marked), row
+        assert f"w={w:g}" in row
+        assert f"{2 if w > 0 else 1} NFE/image" in row  # one step, doubled by guidance
+    assert "s=0.03 ·" in rows["sr64"]  # the checkpoint's own level, unmarked
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m", "heun"])
+@pytest.mark.parametrize(("w", "interval", "stop"), [(0.0, None, None), (2.0, None, None), (2.0, "mid", None),
+                                                     (1.0, None, 2)])
+def test_network_evaluations_count_what_each_sampler_calls(sampler, w, interval, stop):
+    """NFE per image from the settings alone equals the images the network sees in a real sampler run."""
+    import stages
+    from cascade.config import SamplingSettings
+    from cascade.diffusion.guidance import classifier_free_guidance
+    from cascade.diffusion.samplers import SAMPLERS
+    from cascade.nets.build import build_diffusion
+    from cascade.pipeline.plan import network_evaluations, respaced_timesteps
+
+    stage = stages.get_stage("base32", "tiny", num_classes=3)
+    diffusion = build_diffusion(stage)
+    timesteps = respaced_timesteps("base32", diffusion.num_timesteps, 6)
+    guidance_interval = (timesteps[1], timesteps[3]) if interval == "mid" else None
+    settings = SamplingSettings(sampler=sampler, steps=6, w=w, guidance_interval=guidance_interval)
+    seen = []
+
+    def network(x, t, **kwargs):
+        seen.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    model = classifier_free_guidance(network, w, 3, guidance_interval, diffusion.num_timesteps) if w else network
+    batch = 2
+    SAMPLERS[sampler](model, diffusion.respace(timesteps), x_T=torch.randn(batch, 3, 4, 4),
+                      model_kwargs={"y": torch.zeros(batch, dtype=torch.long)}, stop_at_index=stop)
+    assert network_evaluations(settings, timesteps, stop) == sum(seen) / batch
+    steps_run = 6 if stop is None else 6 - 1 - stop
+    # Heun: a correction on every step but the first and the one to clean data (EDM Algorithm 1)
+    assert len(seen) == (steps_run if sampler != "heun" else 2 * steps_run - (2 if stop is None else 1))
