@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from cascade import checkpoint
 from cascade.cli import OneLineArgumentParser
 from cascade.errors import cli_main
+from cascade.training.progress import is_run_output
 
 TRAIN_TOOL = ROOT / "tools" / "train_stage.py"
 SHARDS_TOOL = ROOT / "tools" / "make_shards.py"
@@ -99,7 +100,8 @@ class TrainDrillResult:
 
 def _train_command(shards: Path, run_dir: Path, max_steps: int, ckpt_every: int) -> list[str]:
     trainer = {"max_steps": max_steps, "ckpt_every": ckpt_every, "batch_size": 2, "log_every": 1,
-               "sample_every": 0, "warmup_steps": 2, "progress": "false", "mixed_precision": "no", "keep_last": 2}
+               "sample_every": 0, "eval_every": 0, "warmup_steps": 2, "progress": "false", "mixed_precision": "no",
+               "keep_last": 2}
     return ([sys.executable, str(TRAIN_TOOL), "stage=base32", "size=tiny", f"data.root={shards}",
              f"run_dir={run_dir}", "data.num_workers=0", "data.shuffle_buffer=8", "seed=3"]
             + [f"trainer.{k}={v}" for k, v in trainer.items()])
@@ -151,7 +153,8 @@ def _check_graceful_stop(run_dir: Path, returncode: int, stderr: str, sig: int, 
                          newest: int | None, max_steps: int) -> None:
     """A graceful signal's run: exit 128 + signal, one line naming it (besides a resume notice), the newest
     checkpoint at the step that line names; or, signalled from the last step's checkpoint on, finished."""
-    lines = [line for line in stderr.splitlines() if line.strip() and not RESUMED_RE.search(line)]
+    lines = [line for line in stderr.splitlines()
+             if line.strip() and not RESUMED_RE.search(line) and not is_run_output(line)]
     if returncode in (0, -sig) and not lines and newest == max_steps:
         # the signal fell on the final checkpoint's write (the run finished: 0) or after it, while the finished
         # process was exiting (the signal's default action: -sig); either way the run was complete

@@ -8,6 +8,14 @@
 Several processes train data-parallel on GPUs, or on CPU with gloo (torchrun, or accelerate launch
 --multi_gpu: accelerate's --cpu launches a single process).
 
+Watching it (docs/watching.md): the trainer prints a start-up summary on stderr (stage, parameters, device,
+precision, data, batch, steps, output folders, cadences), then a progress bar on a terminal or one plain line
+per logging window in a log file; metrics go to <run_dir>/metrics.jsonl, sample grids to <run_dir>/samples/.
+trainer.report_to=tensorboard (or wandb, or tensorboard,wandb; pip install -e ".[track]") also feeds a tracker:
+
+    python tools/train_stage.py stage=base32 data.root=data/shards trainer.report_to=tensorboard
+    tensorboard --logdir runs/base32
+
 Resumes from the newest readable checkpoint in run_dir (default runs/<stage>) unless resume=never or a
 path; prints the final checkpoint's folder. Configuration errors (hydra's own included: unknown keys or
 options, override syntax, interpolations) print one line on stderr and exit with 2; a failure during the

@@ -1,5 +1,6 @@
 """The training run's metrics: one JSON record per logging window (`window_record`) appended to
-``metrics.jsonl`` in the run folder (`MetricsLog`)."""
+``metrics.jsonl`` in the run folder (`MetricsLog`): one line per logged step, the step's sample grid time and
+quality proxy numbers merged into it."""
 
 from __future__ import annotations
 
@@ -58,15 +59,17 @@ def window_record(sums: dict[str, torch.Tensor], *, step: int, steps: int, image
                   world_size: int, lr: float, nan_skips: int, classifier: bool) -> dict[str, Any]:
     """The record of one logging window from its sums over every process (`cascade.training.step.new_window`,
     reduced): mean loss and gradient norm per trained step (skipped steps add 0), the mean loss per quarter of the
-    timestep range (None where no finite loss fell), the rate ``lr`` of the last step, images per second over
-    ``seconds`` of training, the non-finite steps skipped so far and, for a classifier, its accuracy in [0, 1]."""
+    timestep range (None where no finite loss fell), the rate ``lr`` of the last step, the window's ``seconds`` of
+    training (no checkpoint, grid or proxy time) and the images per second over them, the non-finite steps
+    skipped so far and, for a classifier, its accuracy in [0, 1]. The trainer adds ``grid_seconds`` and the
+    quality proxy's keys (``proxy_*``, `cascade.evaluation.proxy`) to the record of the step they were taken at."""
     per_step = max(steps, 1)
     loss_sum, grad_sum = float(sums["loss"]) / world_size, float(sums["grad_norm"]) / world_size
     q_sum, q_count = sums["q_sum"].tolist(), sums["q_count"].tolist()
     record = {"step": step, "loss": loss_sum / per_step,
               **{f"loss_q{i}": (q_sum[i] / q_count[i] if q_count[i] else None) for i in range(4)},
               "lr": lr, "grad_norm": grad_sum / per_step,
-              "img_per_s": images / seconds if seconds > 0 else None, "nan_skips": nan_skips}
+              "seconds": seconds, "img_per_s": images / seconds if seconds > 0 else None, "nan_skips": nan_skips}
     if classifier:
         record["accuracy"] = float(sums["correct"]) / max(float(sums["seen"]), 1.0)
     return record

@@ -4,8 +4,10 @@ RNG states for exact resume, and the run's one-line warnings (the precision a de
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import is_tensorboard_available
 
 from cascade.device import resolve_mixed_precision
-from cascade.training.trainer_config import TrainerConfig
+from cascade.training.trackers import make_trackers
+from cascade.training.trainer_config import TrainerConfig, parse_report_to
 
 
 def warn(message: str) -> None:
@@ -57,13 +59,13 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
 def make_run_accelerator(cfg: TrainerConfig, run_dir: Path) -> tuple[Accelerator, str]:
     """(accelerator, resolved mixed precision: "no", "fp16" or "bf16") of a training run: the first accelerator
     device (CUDA, MPS or XPU) or the CPU, ``cfg.mixed_precision`` resolved for it (auto: bf16 where native),
-    ``cfg.grad_accum`` micro-batches per step, tensorboard logs in ``run_dir`` where tensorboard is installed,
-    TF32 matmuls on CUDA."""
+    ``cfg.grad_accum`` micro-batches per step, the trackers of ``cfg.report_to`` writing into ``run_dir``
+    (`cascade.training.trackers`; started by the trainer), TF32 matmuls on CUDA."""
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available()
                   or (hasattr(torch, "xpu") and torch.xpu.is_available()))
     probe = torch.device("cpu") if on_cpu else torch.device("cuda" if torch.cuda.is_available() else "mps")
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision, probe)
-    log_with = "tensorboard" if is_tensorboard_available() else None
+    log_with = make_trackers(parse_report_to(cfg.report_to), run_dir) or None
     # cpu=True makes accelerate use gloo across CPU processes (torchrun / accelerate launch).
     accelerator = make_accelerator(mixed_precision, cpu=on_cpu, log_with=log_with, project_dir=str(run_dir),
                                    gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
@@ -76,6 +78,17 @@ def make_run_accelerator(cfg: TrainerConfig, run_dir: Path) -> tuple[Accelerator
 def segment_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the data segment starting at ``step`` on ``rank`` (stable across runs and machines)."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint32)[0])
+
+
+@contextlib.contextmanager
+def rng_kept() -> Iterator[None]:
+    """Run the block and put the global RNG states (torch CPU and CUDA, numpy, python) back as they were: sample
+    grids and quality proxies inside a training run leave its random stream, and so exact resume, untouched."""
+    state = get_rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 def seed_everything(seed: int) -> None:

@@ -31,7 +31,9 @@ Here: `StageTrainer`, its set-up, checkpoints and the loop. Its parts live besid
 (`cascade.training.losses`), one optimizer step (`cascade.training.step`), AdamW and the LR schedule
 (`cascade.training.optimizer`), the resume point (`cascade.training.resume`), the metrics log
 (`cascade.training.metrics_log`), the sample grids (`cascade.training.sample_grid`) and the process set-up
-(precision, accelerate state, seeding: `cascade.training.runtime`).
+(precision, accelerate state, seeding: `cascade.training.runtime`). Watching the run: the start-up summary, the
+records with their grids and quality proxy (`cascade.training.watch`, rules in `cascade.training.cadence`), the
+progress bar or plain log lines (`cascade.training.progress`) and the trackers (`cascade.training.trackers`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from cascade import checkpoint
 from cascade.config import StageKind
@@ -65,6 +66,7 @@ from cascade.training.memory_format import choose_channels_last
 from cascade.training.metrics_log import METRICS_FILE, MetricsLog, window_record
 from cascade.training.optimizer import make_lr_schedule, make_optimizer
 from cascade.training.posthoc_ema import SnapshotCadence, resume_power_ema, write_snapshot
+from cascade.training.progress import ProgressDisplay
 from cascade.training.resume import SEGMENT_STEPS, read_resume_point, resume_segment
 from cascade.training.runtime import (
     check_compile_available,
@@ -79,7 +81,9 @@ from cascade.training.sample_grid import read_grid_inputs, write_sample_grid
 from cascade.training.step import TrainStep, new_window
 from cascade.training.stopping import NonFiniteLossError, StopCheck, TrainingInterrupted
 from cascade.training.timestep_sampler import make_timestep_sampler
+from cascade.training.trackers import start_trackers
 from cascade.training.trainer_config import RunConfig
+from cascade.training.watch import Watcher, print_run_summary
 
 __all__ = ["SAMPLES_DIR", "NonFiniteLossError", "StageTrainer", "TrainingInterrupted", "train_stage"]
 
@@ -279,7 +283,8 @@ class StageTrainer:
         worst = int(self.accelerator.reduce(self.win["max_in_row"].clone(), "max"))
         self.stop_check.check_count(worst, self.step)
 
-    def _log(self, bar) -> None:
+    def _log(self) -> dict[str, Any]:
+        """The logging window's record (every process; `Watcher.after_record` writes it), a new window."""
         acc = self.accelerator
         sums = {k: acc.reduce(v.clone(), "sum") for k, v in self.win.items() if k != "max_in_row"}
         images = self.win_steps * self.cfg.batch_size * self.cfg.grad_accum * self.world_size
@@ -288,11 +293,15 @@ class StageTrainer:
                                lr=self.step_lr, nan_skips=int(self.nan_total),
                                classifier=self.stage.kind is StageKind.classifier)
         self._check_nonfinite()
-        if acc.is_main_process:
-            self.metrics.write(record)
-            acc.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=self.step)
-            bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['img_per_s'] or 0:.1f}", refresh=False)
         self._reset_window()
+        return record
+
+    def _local_window(self) -> dict[str, Any]:
+        """This process's view of the open window (no collective): a plain log line between records."""
+        seconds = time.perf_counter() - self.win_time
+        images = self.win_steps * self.cfg.batch_size * self.cfg.grad_accum * self.world_size
+        return {"loss": float(self.win["loss"]) / self.win_steps if self.win_steps else None, "lr": self.step_lr,
+                "img_per_s": images / seconds if self.win_steps and seconds > 0 else None}
 
     def _write_samples(self) -> Path | None:
         """A PNG grid of EMA samples (`cascade.training.sample_grid`), sampled with the stage's own
@@ -350,45 +359,52 @@ class StageTrainer:
         self._new_segment(start, rng, resume_at=None if rng_at is None else self.step, rng_at=rng_at)
         if acc.is_main_process:  # run_dir exists: its lock is held there
             self.metrics = MetricsLog(self.run_dir / METRICS_FILE, self.step if state is not None else None)
-            acc.init_trackers("train")
+            start_trackers(acc, {"stage": self.stage.to_dict(), "train": self.run_cfg.to_dict()})
         if self.resume_from is not None and acc.is_main_process:
             print(f"resuming {self.stage.name} from {self.resume_from} (step {self.step})", file=sys.stderr)
-        self._reset_window()
-        self.stop_check = StopCheck(self.nan_in_row, limit=cfg.max_nan_in_row, run_dir=self.run_dir,
-                                    world_size=self.world_size, group=self._stop_group)
-        last_saved = self.resume_from  # what a run resumed at or past max_steps returns
-        saved_step = self.step if self.resume_from is not None else 0
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.stage.name, unit="step",
-                   disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
-        self.model.train()
+        if acc.is_main_process:
+            print_run_summary(self)
+        self.progress = ProgressDisplay(self.stage.name, start_step=self.step, max_steps=cfg.max_steps,
+                                        max_seconds=cfg.max_seconds, log_seconds=cfg.log_seconds, bar=cfg.progress,
+                                        enabled=acc.is_main_process)
         try:
-            return self._loop(interrupt, bar, last_saved, saved_step)
+            self.watch = Watcher(self, self.progress, start_step=self.step)  # builds the quality proxy
+            self._reset_window()
+            self.stop_check = StopCheck(self.nan_in_row, limit=cfg.max_nan_in_row, run_dir=self.run_dir,
+                                        world_size=self.world_size, group=self._stop_group)
+            last_saved = self.resume_from  # what a run resumed at or past max_steps returns
+            saved_step = self.step if self.resume_from is not None else 0
+            self.model.train()
+            final = self._loop(interrupt, last_saved, saved_step)
         finally:
-            bar.close()
+            self.progress.close()
+        self.watch.finish()
+        return final
 
-    def _loop(self, interrupt: GracefulInterrupt, bar, last_saved: Path | None, saved_step: int) -> Path:
+    def _loop(self, interrupt: GracefulInterrupt, last_saved: Path | None, saved_step: int) -> Path:
         cfg = self.cfg
         started = time.perf_counter()
         while self.step < cfg.max_steps:
             # Stop on a signal, all processes at one step with a checkpoint there (non-finite limit first).
             signum = self.stop_check.check(interrupt)
             if signum:
-                if self.step != saved_step:  # a checkpoint at this step, as at any other
-                    if self.win_steps:
-                        self._log(bar)
+                if self.step != saved_step:  # a checkpoint at this step, as at any other, and its grid
+                    record = self._log() if self.win_steps else None
                     last_saved = self._save()
+                    self.watch.after_record(record, last=True, interrupted=True)
                 raise TrainingInterrupted(self.step, None if last_saved is None else Path(last_saved), signum)
 
             # One optimizer step over grad_accum micro-batches.
             self._train_step()
-            bar.update(1)
+            self.progress.advance(self.step)
             out_of_time = self._out_of_time(started)  # trainer.max_seconds: a wall-clock budget
             last = self.step == cfg.max_steps or out_of_time
             at_ckpt = bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0
 
             # Log the window (a host synchronisation; also checks for too many non-finite steps in a row).
-            if self.step % cfg.log_every == 0 or at_ckpt or last:
-                self._log(bar)
+            record = None
+            if self.step % cfg.log_every == 0 or at_ckpt or last or self.watch.forces_log(self.step):
+                record = self._log()
             paused = time.perf_counter()
 
             # A new data segment every SEGMENT_STEPS and at the end; a checkpoint (exact resume either way).
@@ -401,9 +417,11 @@ class StageTrainer:
                 last_saved = self._save()
                 saved_step = self.step
 
-            # Sample grid of the EMA model.
-            if cfg.sample_every and self.step % cfg.sample_every == 0:
-                self._write_samples()
+            # The record with the sample grid and quality proxy due at its step (`cascade.training.cadence`).
+            if record is not None:
+                self.watch.after_record(record, last=last)
+            elif self.progress.due():  # a slow run still speaks every trainer.log_seconds
+                self.progress.line(**self._local_window())
             self.win_time += time.perf_counter() - paused  # images/s measures training only
             if out_of_time:
                 break

@@ -18,6 +18,29 @@ from cascade.data.settings import DataConfig
 from cascade.ema_profiles import check_sigma_rels
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # trainer.report_to name → the package it needs
+
+
+def parse_report_to(value: str) -> tuple[str, ...]:
+    """The trackers named by ``trainer.report_to``: "none" → (), else a comma list of `TRACKERS` names
+    ("tensorboard,wandb"), in order, without repeats. ValueError (one line) for an unknown name or a tracker
+    whose package is not installed (naming ``pip install -e ".[track]"``)."""
+    import importlib.util
+
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"trainer.report_to must be none, tensorboard, wandb or a comma list of them, got {value!r}")
+    names = [n.strip() for n in value.split(",")]
+    if names == ["none"]:
+        return ()
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ValueError(f"trainer.report_to: unknown tracker {unknown[0]!r}; use none, tensorboard, wandb or a "
+                         "comma list such as tensorboard,wandb")
+    for name in names:
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ValueError(f"trainer.report_to={name} needs the {TRACKERS[name]} package: "
+                             'pip install -e ".[track]" (or set trainer.report_to=none)')
+    return tuple(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
@@ -29,10 +52,26 @@ class TrainerConfig:
     computes it natively (CUDA with bf16 support, CPUs with AVX512-BF16/AMX), else full precision.
     ``channels_last="auto"`` uses the channels-last memory format on CUDA; on CPU it times both layouts at the
     start of a run of ≥ 200 steps (or with a time budget) and keeps the faster (`cascade.training.memory_format`; a
-    resumed run keeps its layout). 0 disables
-    ``grad_clip``, ``sample_every``; ``ckpt_every=0`` saves only the final checkpoint.
+    resumed run keeps its layout). 0 disables ``grad_clip``; ``ckpt_every=0`` saves only the final checkpoint.
     ``max_seconds`` > 0 also ends the run (with its final checkpoint) after the first step that completes
     that many wall-clock seconds into this invocation's training loop (a time budget; 0 = no limit).
+
+    Watching a run (`docs/watching.md`; rules in `cascade.training.cadence`):
+
+    - ``progress``: a progress display at all. True: on a terminal (stderr a TTY) a tqdm bar with img/s and ETA;
+      otherwise one plain line per logging window (``log_every`` steps, and at least every ``log_seconds``).
+      False: no bar, still the plain lines (a log file shows the run advancing). The start-up summary, the
+      resume line and warnings are printed either way.
+    - ``report_to``: trackers fed through accelerate: "none" (the default: a run writes only its own files,
+      metrics.jsonl and the sample PNGs, whatever happens to be installed), "tensorboard"
+      (``<run_dir>/tensorboard``), "wandb" (offline unless WANDB_MODE is set; ``<run_dir>/wandb``) or a comma
+      list. A tracker whose package is missing is a ValueError naming ``pip install -e ".[track]"``.
+    - ``sample_every``: EMA sample grids to ``<run_dir>/samples/``. "auto": one at each quarter of the run (of
+      max_steps, or of max_seconds, whichever is reached first) and one at the end; N: every N steps and at the
+      end; 0: none. The end grid is at the final checkpoint's step (also of a time-budget or interrupted run).
+    - ``eval_every``: the quality proxy (`cascade.evaluation.proxy`, ``eval_count`` samples, EMA weights) of a
+      base or SR stage. "auto": as often as keeps its time at or under 10 % of the training time, and at the
+      end; N: every N steps and at the end; 0: never.
 
     Post-hoc EMA (`docs/ema.md`, `cascade.training.posthoc_ema`): ``ema_sigma_rels`` are the relative widths of
     power-function EMAs tracked beside the classic one (EDM2 §3; each in (0, 0.3); () turns them off), saved as
@@ -63,11 +102,15 @@ class TrainerConfig:
     ckpt_every: int = 5000  # 0: only the final checkpoint
     keep_last: int = 3
     log_every: int = 100
-    sample_every: int = 10000  # EMA sample grid to <run_dir>/samples/; 0 disables
+    log_seconds: float = 30.0  # without a progress bar: a plain log line at least this often
+    report_to: str = "none"  # none | tensorboard | wandb | a comma list (trackers through accelerate)
+    sample_every: int | str = "auto"  # EMA sample grids to <run_dir>/samples/: auto (4 per run + end) | N | 0
     sample_steps: int | str = 25  # respaced sampling steps for the grid (N, ddimN or sections)
     sample_count: int = 8  # samples per class (base) or val inputs (SR)
+    eval_every: int | str = "auto"  # quality proxy: auto (≤ 10 % of training time + end) | N steps | 0 (never)
+    eval_count: int = 50  # the quality proxy's samples
     max_nan_in_row: int = 5  # stop after this many NaN/inf steps in a row
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal (plain lines are printed either way)
 
     def __post_init__(self) -> None:
         coerce_fields(self, "trainer")
@@ -77,7 +120,17 @@ class TrainerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "ckpt_every", "sample_every", "weight_decay", "grad_clip", "max_seconds"):
+        for name in ("sample_every", "eval_every"):
+            value = getattr(self, name)
+            if value != "auto" and not is_int_at_least(value, 0):
+                raise ValueError(f"trainer.{name} must be auto, 0 (off) or a number of steps >= 1, got {value!r}")
+        if not is_int_at_least(self.eval_count, 2):
+            raise ValueError(f"trainer.eval_count must be an integer >= 2 (FD and KID need two samples), "
+                             f"got {self.eval_count!r}")
+        if not 0 < self.log_seconds < math.inf:
+            raise ValueError(f"trainer.log_seconds must be a finite number > 0, got {self.log_seconds}")
+        parse_report_to(self.report_to)
+        for name in ("warmup_steps", "ckpt_every", "weight_decay", "grad_clip", "max_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.lr < math.inf:

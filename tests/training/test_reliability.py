@@ -18,6 +18,7 @@ from conftest import SHARD_CLASSES, tiny_run_config
 
 from cascade import checkpoint
 from cascade.errors import EXIT_INTERRUPTED, OutputNotWritable, cli_main, ensure_writable_dir
+from cascade.training.progress import is_run_output
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_TOOL = ROOT / "tools" / "train_stage.py"
@@ -50,14 +51,17 @@ def _records(run_dir: Path) -> dict[int, dict]:
 
 
 def _one_line(stderr: str) -> str:
+    """The one line a failure or a stop prints, besides a run's own output (`is_run_output`) and a tool's start-up
+    summary (its title: the line before indented rows)."""
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    lines = [ln for ln, after in zip(lines, [*lines[1:], ""]) if not is_run_output(ln) and not after.startswith("  ")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
 
 
 def _cli(shards, run_dir, **trainer):
-    base = {"batch_size": 2, "log_every": 1, "sample_every": 0, "progress": "false", "warmup_steps": 2,
-            "mixed_precision": "no"}
+    base = {"batch_size": 2, "log_every": 1, "sample_every": 0, "eval_every": 0, "progress": "false",
+            "warmup_steps": 2, "mixed_precision": "no"}
     return ([f"data.root={shards}", f"run_dir={run_dir}", "size=tiny", "data.num_workers=0",
              "data.shuffle_buffer=8", "seed=3"] + [f"trainer.{k}={v}" for k, v in {**base, **trainer}.items()])
 

@@ -344,7 +344,8 @@ def test_missing_resolution_and_resume_never_are_clear_errors(synthetic_shards, 
 # ----------------------------------------------------------------------------------------------- command line
 
 def _cli_args(shards, run_dir, **trainer):
-    base = {"batch_size": 2, "log_every": 1, "sample_every": 0, "progress": "false", "warmup_steps": 2}
+    base = {"batch_size": 2, "log_every": 1, "sample_every": 0, "eval_every": 0, "progress": "false",
+            "warmup_steps": 2}
     return ([f"data.root={shards}", f"run_dir={run_dir}", "size=tiny", "data.num_workers=1",
              "data.shuffle_buffer=8", "seed=3"] + [f"trainer.{k}={v}" for k, v in {**base, **trainer}.items()])
 
