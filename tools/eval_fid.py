@@ -88,17 +88,18 @@ def run_evaluate(args: argparse.Namespace, accelerator: Accelerator) -> int:
         metrics = dataclasses.replace(metric_settings(args), stats_dir=str(stats_dir))
         pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device,
                                                                 log=note if accelerator.is_main_process else None)
-        settings = pipe.settings(**overrides)
-        if accelerator.is_main_process:
+        extra = [("modes", ", ".join(modes)), ("seed", args.seed), ("batch size", args.batch_size),
+                 ("processes", accelerator.num_processes)]
+
+        def summary(settings, num_samples: int) -> None:  # every input checked, nothing sampled yet
+            samples = num_samples if args.num_samples else f"{num_samples} (one per val image)"
             print_summary(PROG, summary_rows(pipe, feature_nets, classifier, settings, data_root=args.data,
-                                             num_samples=args.num_samples, out=args.out,
-                                             extra=[("modes", ", ".join(modes)), ("seed", args.seed),
-                                                    ("batch size", args.batch_size),
-                                                    ("processes", accelerator.num_processes)]))
+                                             samples=samples, out=args.out, extra=extra))
+
         evaluation = evaluate(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
-                              settings=settings, metrics=metrics, num_samples=args.num_samples,
+                              settings=pipe.settings(**overrides), metrics=metrics, num_samples=args.num_samples,
                               modes=modes, seed=args.seed, batch_size=args.batch_size, accelerator=accelerator,
-                              progress=accelerator.is_main_process)
+                              progress=accelerator.is_main_process, on_start=summary)
     except CascadeConfigError as err:
         return report_error(PROG, err) if accelerator.is_main_process else 2
     if evaluation is None:  # not the main process

@@ -88,19 +88,20 @@ def run_sweep(args: argparse.Namespace, accelerator: Accelerator) -> int:
         w, aug_level = grid.pop("w", None), grid.pop("aug_level", None)
         pipe, feature_nets, classifier = load_evaluation_inputs(args, accelerator.device,
                                                                 log=note if accelerator.is_main_process else None)
-        settings = pipe.settings(**grid)
-        if accelerator.is_main_process:
+        extra = [("w tried", args.w), ("s tried", args.aug_level or "each stage's own"), ("mode", args.mode),
+                 ("rank metric", args.rank_metric), ("seed", args.seed), ("batch size", args.batch_size),
+                 ("processes", accelerator.num_processes)]
+
+        def summary(settings, num_samples: int) -> None:  # every input checked, nothing sampled yet
+            samples = num_samples if args.num_samples else f"{num_samples} (one per val image)"
             print_summary(PROG, summary_rows(pipe, feature_nets, classifier, settings, data_root=args.data,
-                                             num_samples=args.num_samples, out=args.out,
-                                             extra=[("w tried", args.w), ("s tried", args.aug_level or "each stage's own"),
-                                                    ("mode", args.mode), ("rank metric", args.rank_metric),
-                                                    ("seed", args.seed), ("batch size", args.batch_size),
-                                                    ("processes", accelerator.num_processes)]))
+                                             samples=samples, out=args.out, extra=extra))
+
         result = sweep(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
-                       settings=settings, w=w, aug_level=aug_level, mode=args.mode,
+                       settings=pipe.settings(**grid), w=w, aug_level=aug_level, mode=args.mode,
                        rank_by=args.rank_by, rank_metric=args.rank_metric, num_samples=args.num_samples, seed=args.seed,
                        batch_size=args.batch_size, accelerator=accelerator, progress=accelerator.is_main_process,
-                       metrics=metrics)
+                       metrics=metrics, on_start=summary)
     except CascadeConfigError as err:
         return report_error(PROG, err) if accelerator.is_main_process else 2
     if result is None:  # not the main process

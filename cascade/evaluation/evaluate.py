@@ -14,7 +14,7 @@ same samples. Sweeps: `cascade.evaluation.sweep`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,10 @@ from cascade.evaluation.tables import BASELINE_SUFFIX
 from cascade.evaluation.training_data_metrics import MemorisationCheck, load_sample_lists
 from cascade.pipeline.cascade_pipeline import CascadeConfigError, CascadePipeline
 
-__all__ = ["BASELINE_SUFFIX", "CASCADED", "MODES", "TEACHER_FORCED", "Evaluation", "evaluate"]
+__all__ = ["BASELINE_SUFFIX", "CASCADED", "MODES", "TEACHER_FORCED", "Evaluation", "StartHook", "evaluate"]
+
+# Called once before any sampling with the validated {stage: SamplingSettings} and the sample count.
+StartHook = Callable[[Mapping[str, SamplingSettings], int], None]
 
 
 @dataclass
@@ -85,7 +88,7 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
              classifier: FeatureNet, settings: Mapping[str, SamplingSettings] | None = None,
              metrics: MetricSettings = DEFAULT_METRICS, num_samples: int | None = None,
              modes: Sequence[str] = MODES, seed: int = 0, batch_size: int = 64, accelerator: Any = None,
-             progress: bool = False) -> Evaluation | None:
+             progress: bool = False, on_start: StartHook | None = None) -> Evaluation | None:
     """Evaluate every stage of the pipeline in the given modes (see the module docstring).
 
     settings: {stage: SamplingSettings} (`CascadePipeline.settings`); stages left out sample with their own
@@ -97,8 +100,9 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
     num_samples: images per stage and mode (default: one per val image). `classifier` (a FeatureNet with
     logits, usually also in feature_nets) gives class accuracy. With truncation, a stage that hands over z_k
     has no clean cascaded output: its cascaded metrics and the next stage's cascaded consistency are left
-    out. Raises CascadeConfigError (one line) on bad input. Returns the Evaluation on the main process, None
-    on others.
+    out. ``on_start`` (main process) is called once after every check and before any sampling with the
+    validated {stage: SamplingSettings} and the sample count (a start-up summary). Raises CascadeConfigError
+    (one line) on bad input. Returns the Evaluation on the main process, None on others.
     """
     modes = _check_modes(modes)
     check_nets(feature_nets, classifier)
@@ -112,6 +116,8 @@ def evaluate(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: 
     data, cas, cas_list, classes = lists.data, lists.cas, lists.cas_list, lists.classes
     plan = pipeline.validate(classes, settings, batch_size=batch_size, seed=seed)  # the one plan, checked once
     handed_z = {sp.name for sp in plan.stages if sp.stop_at_index is not None}  # truncated: outputs are z_k
+    if on_start is not None and is_main(accelerator):
+        on_start({sp.name: sp.settings for sp in plan.stages}, data.num_samples)
 
     names = [s.name for s in pipeline.stages]
     keys, reuse_base = _keys(names, modes, handed_z)

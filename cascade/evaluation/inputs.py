@@ -19,6 +19,7 @@ from cascade.checkpoint import load_stage, resolve_checkpoint
 from cascade.config import SamplingSettings
 from cascade.evaluation.features import ClassifierFeatures, FeatureNet, InceptionFeatures, PatchFeatures
 from cascade.evaluation.judge import get_judge
+from cascade.evaluation.sample_lists import check_data
 from cascade.pipeline.cascade_pipeline import CascadeConfigError, CascadePipeline
 from cascade.pipeline.chain import check_classifier
 
@@ -62,11 +63,14 @@ def load_for_evaluation(runs_dir: str | Path, stages: Sequence[str], *,
                         ) -> tuple[CascadePipeline, list[FeatureNet], ClassifierFeatures]:
     """(pipeline, feature networks, classifier) from checkpoints; classifier default `<runs_dir>/classifier32`,
     or, when that folder does not exist and ``data_root`` is given, the judge of those shards
-    (`judge_feature_net`; ``log`` hears which, one line). patch_features adds the classifier's `PatchFeatures`
+    (`judge_feature_net`; ``log`` hears which, one line). ``data_root`` is checked against the chain first
+    (`check_data`: classes, resolutions). patch_features adds the classifier's `PatchFeatures`
     (patch FID). The Inception weights are checked first (cheap, and the likeliest mistake)."""
     inception = None if inception_weights is None else inception_feature_net(inception_weights, device)
     pipeline = CascadePipeline.from_runs(runs_dir, stages, checkpoints=checkpoints, device=device,
                                          precision=precision)
+    if data_root is not None:
+        check_data(data_root, pipeline)  # a bad --data is told before a judge is trained on it
     default = Path(runs_dir) / DEFAULT_CLASSIFIER
     if classifier is None and not default.exists() and data_root is not None:
         first = pipeline.stages[0].config
@@ -96,19 +100,12 @@ def settings_text(settings: SamplingSettings) -> str:
 
 
 def summary_rows(pipeline: CascadePipeline, feature_nets: Sequence[FeatureNet], classifier: FeatureNet,
-                 settings: Mapping[str, SamplingSettings], *, data_root: str | Path, num_samples: int | None,
+                 settings: Mapping[str, SamplingSettings], *, data_root: str | Path, samples: Any,
                  out: str | Path, extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
     """The rows of an evaluation's start-up summary (`cascade.summary.print_summary`): stages, checkpoint and step
-    of each, feature networks and where they come from, the classifier of class accuracy, sample count, each
-    stage's sampling settings (every field), device, precision, ``extra`` rows and the output folder."""
-    from cascade.data.shard_folder import read_dataset_info
-
-    try:
-        num_val = read_dataset_info(data_root)["counts"]["val"]["total"]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        num_val = None
-    samples = (num_samples if num_samples is not None
-               else "one per val image" + ("" if num_val is None else f" ({num_val})"))
+    of each, feature networks and where they come from, the classifier of class accuracy, ``samples`` (the
+    sample count per stage, as shown), each stage's sampling settings (every field), device, precision,
+    ``extra`` rows and the output folder."""
     rows: list[tuple[str, Any]] = [("stages", ", ".join(s.name for s in pipeline.stages)), ("data", data_root)]
     rows += [(f"checkpoint {name}", f"{found['path']} (step {found['step']})")
              for name, found in pipeline.checkpoints().items()]

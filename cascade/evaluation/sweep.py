@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from cascade.config import SamplingSettings, StageKind
+from cascade.evaluation.evaluate import StartHook
 from cascade.evaluation.features import FeatureNet, feature_sources
 from cascade.evaluation.generation import broadcast, generate, is_main, plan_for, rank_world
 from cascade.evaluation.metrics import METRIC_GOALS, best_setting, rank_key
@@ -124,7 +125,8 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
           classifier: FeatureNet, settings: Mapping[str, SamplingSettings] | None = None, w: Any = (0.0, 1.0, 3.0),
           aug_level: Any = None, mode: str = TEACHER_FORCED, rank_by: str | None = None, rank_metric: str = "fid",
           metrics: MetricSettings = DEFAULT_METRICS, num_samples: int | None = None, seed: int = 0,
-          batch_size: int = 64, accelerator: Any = None, progress: bool = False) -> Sweep | None:
+          batch_size: int = 64, accelerator: Any = None, progress: bool = False,
+          on_start: StartHook | None = None) -> Sweep | None:
     """FID (and KID, precision / recall, consistency, detail ratio, class accuracy, CAS as `metrics` asks) of
     every stage at every (w, s) of `sweep_settings`, each setting validated once into its own plan before any
     sampling.
@@ -136,7 +138,8 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
     are swept in chain order and each SR stage takes the previous stage's samples at its best setting (the
     greedy post-training search). rank_by: the feature network of the feature metrics (default: the first
     of feature_nets); rank_metric: the metric that picks the best (`METRIC_GOALS`; a stage without it, such as
-    the base stage for consistency, is ranked by FID). Returns the Sweep on the main process, None on others.
+    the base stage for consistency, is ranked by FID). ``on_start``: as `evaluate`'s, with the settings the grid
+    varies. Returns the Sweep on the main process, None on others.
     """
     if mode not in MODES:
         raise CascadeConfigError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
@@ -168,6 +171,8 @@ def sweep(pipeline: CascadePipeline, data_root: str | Path, *, feature_nets: Seq
     plans = {name: [pipeline.plan_alone(name, classes, setting, batch_size=batch_size, seed=seed)
                     for setting in tried]
              for name, tried in grid.items()}  # every setting is checked against the chain before any sampling
+    if on_start is not None and is_main(accelerator):
+        on_start(base_settings, data.num_samples)
 
     records: list[dict[str, Any]] = []
     previous: dict[str, torch.Tensor | None] = {"main": None, "cas": None}  # cascaded: the previous stage's best
