@@ -83,7 +83,7 @@ class QualityProxy:
         if not info["shards"].get(REFERENCE_SPLIT):
             raise ValueError(f"quality proxy: {root} has no val split (the judge scores samples against it); "
                              "rewrite the shards with tools/make_shards.py --val-fraction 0.1, or switch the "
-                             "proxy off")
+                             "proxy off (trainer.eval_every=0)")
         self.settings = dataclasses.replace(stage.sampling, steps=steps)
         self.settings.check_for(stage)
         respaced_timesteps(stage.name, stage.diffusion.num_timesteps, steps)  # a spacing that does not fit: now
@@ -93,7 +93,7 @@ class QualityProxy:
         self.x_low = self.real_detail = None
         if stage.kind is StageKind.sr:
             inputs = read_val_inputs(root, info, stage, count, purpose="the quality proxy",
-                                     switch_off="switch the proxy off", train_fallback=False)
+                                     switch_off="set trainer.eval_every=0", train_fallback=False)
             if len(inputs["y"]) < 2:
                 raise ValueError(f"quality proxy: {root} has {len(inputs['y'])} readable val image; the proxy "
                                  "needs two; rewrite the shards with a larger --val-fraction")
