@@ -43,9 +43,9 @@ from cascade.config import StageConfig, StageKind
 from cascade.data.shard_folder import read_dataset_info
 from cascade.device import resolve_mixed_precision
 from cascade.evaluation.cas import CASSettings
+from cascade.evaluation.judge import Judge, JudgeSettings, get_judge, real_floor, score
 from cascade.evaluation.metrics import consistency_psnr, detail_ratio
 from cascade.evaluation.reference_stats import shard_fingerprint
-from cascade.evaluation.judge import Judge, JudgeSettings, get_judge, real_floor, score
 from cascade.harness.quality_recipes import (
     BENCH_TRAINER,
     DEFAULT_RECIPES,

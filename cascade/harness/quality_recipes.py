@@ -15,10 +15,12 @@ from cascade.training.trainer_config import TrainerConfig
 __all__ = ["BENCH_TRAINER", "DEFAULT_RECIPES", "RECIPES", "BenchError", "Recipe", "apply_recipe", "resolve_recipe"]
 
 # Trainer settings every recipe starts from (batch 8, lr 2e-4, EMA 0.999, bf16 where native; docs/results/2026-12-01.md);
-# a recipe's trainer overrides replace them. Only the final checkpoint is written.
+# a recipe's trainer overrides replace them. Only the final checkpoint is written; the benchmark judges the samples
+# itself, so no in-training proxy and no post-hoc EMA snapshots take from the recipe's minutes.
 BENCH_TRAINER: dict[str, Any] = {"batch_size": 8, "lr": 2e-4, "warmup_steps": 100, "ema_decay": 0.999,
                                  "ema_warmup": 10.0, "p_uncond": 0.1, "grad_clip": 1.0, "mixed_precision": "auto",
-                                 "ckpt_every": 0, "keep_last": 1, "log_every": 100, "sample_every": 0}
+                                 "ckpt_every": 0, "keep_last": 1, "log_every": 100, "sample_every": 0,
+                                 "eval_every": 0, "ema_sigma_rels": ()}
 
 
 class BenchError(ValueError):
