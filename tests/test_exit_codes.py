@@ -52,7 +52,8 @@ def test_an_interrupt_is_one_line_and_exit_130(tool, monkeypatch, capfd):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)  # Ctrl-C while the tool starts
+    for parse in ("parse_args", "parse_intermixed_args"):  # Ctrl-C while the tool starts
+        monkeypatch.setattr(argparse.ArgumentParser, parse, interrupted)
     assert _run(tool, [], monkeypatch) == 128 + signal.SIGINT
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"{tool}: ") and "Traceback" not in err[0], err
