@@ -28,6 +28,7 @@ from cascade.training.posthoc_ema import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+SIGMA_RELS = (0.05, 0.10)  # the trainer's default profiles (the shared fixtures turn them off)
 
 
 class Scalar(nn.Module):
@@ -162,6 +163,7 @@ def _train(run_dir: Path, shards: Path, **trainer):
 
     stage = get_stage("base32", "tiny", num_classes=SHARD_CLASSES)
     settings = {"max_steps": STEPS, "ckpt_every": 4, "ema_snapshot_every": 2, "channels_last": False, **trainer}
+    settings.setdefault("ema_sigma_rels", SIGMA_RELS)  # the shared fixtures turn post-hoc EMA off
     return train_stage(stage, tiny_run_config(run_dir, shards, **settings))
 
 
@@ -209,6 +211,7 @@ def test_exact_resume_continues_the_power_emas(trained, synthetic_shards, tmp_pa
 
     stage = get_stage("base32", "tiny", num_classes=SHARD_CLASSES)
     config = tiny_run_config(tmp_path, synthetic_shards, max_steps=STEPS, ckpt_every=4, ema_snapshot_every=2,
+                             ema_sigma_rels=SIGMA_RELS,
                              channels_last=False)
     first = StageTrainer(stage, config)
     real_step = first._train_step
@@ -244,6 +247,7 @@ def test_a_checkpoint_without_power_ema_state_resumes_with_fresh_ones(trained, s
     torch.save(state, ckpt / checkpoint.TRAINING_STATE_FILE)
     stage = get_stage("base32", "tiny", num_classes=SHARD_CLASSES)
     config = tiny_run_config(run, synthetic_shards, max_steps=STEPS + 2, ckpt_every=4, ema_snapshot_every=2,
+                             ema_sigma_rels=SIGMA_RELS,
                              channels_last=False)
     StageTrainer(stage, config).run()
     assert f"start afresh at step {STEPS}" in capsys.readouterr().err

@@ -241,7 +241,8 @@ def _escaped(signum, frame):
 def test_every_tool_stops_on_sigterm_with_one_line_and_143(tool, monkeypatch, capfd):
     """`python tools/<tool>.py` receiving SIGTERM as it starts: one line naming the signal, exit 143."""
     monkeypatch.setattr(sys, "argv", [str(ROOT / "tools" / f"{tool}.py")])
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda *a, **k: signal.raise_signal(signal.SIGTERM))
+    for parse in ("parse_args", "parse_intermixed_args"):
+        monkeypatch.setattr(argparse.ArgumentParser, parse, lambda *a, **k: signal.raise_signal(signal.SIGTERM))
     previous = signal.signal(signal.SIGTERM, _escaped)
     try:
         runpy.run_path(str(ROOT / "tools" / f"{tool}.py"), run_name="__main__")
