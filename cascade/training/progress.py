@@ -1,8 +1,10 @@
 """What a training run prints while it trains (main process, stderr).
 
 On a terminal (stderr a TTY) with ``trainer.progress=true``: a tqdm bar, with loss, img/s and the ETA in its
-postfix. Otherwise (stderr a file or a pipe, or ``progress=false``): one plain line per logging window and at
-least every ``trainer.log_seconds`` seconds, never a carriage return::
+postfix. Otherwise (stderr a file or a pipe, or ``progress=false``): plain lines, never a carriage return, one
+every ``trainer.log_seconds`` seconds (at the first logging window after that time, or between windows when a
+window takes longer), plus the first window's and the last step's, so a log file grows by a line per
+``log_seconds`` however fast the steps are::
 
     base32 step 120/2000 (6%) loss 0.1234 lr 2.00e-04 img/s 85.3 elapsed 0:01:23 eta 0:21:40
 
@@ -65,8 +67,10 @@ class ProgressDisplay:
     stream is a TTY, else plain lines (`plain_line`); nothing at all when not ``enabled`` (a process other than
     the main one). ``clock``: seconds (time.perf_counter), replaceable in tests.
 
-    Per step `advance(step)`; per logging window `window(record)`; `due()` says whether ``log_seconds`` passed
-    since the last plain line (the trainer then calls `line` with the main process's own window values)."""
+    Per step `advance(step)`; per logging window `window(record)` (a plain line when it is the first, the one at
+    max_steps or ``log_seconds`` after the last line); `due()` says whether ``log_seconds`` passed since the last
+    plain line (between windows the trainer then calls `line` with the main process's own window values);
+    `close()` prints the last window's line if it was not printed."""
 
     def __init__(self, name: str, *, start_step: int, max_steps: int, max_seconds: float, log_seconds: float,
                  bar: bool, enabled: bool, stream: TextIO | None = None, clock=time.perf_counter):
@@ -78,6 +82,8 @@ class ProgressDisplay:
                         dynamic_ncols=True) if enabled and bar and is_tty else None
         self.started = self.last_line = clock()
         self.step = start_step
+        self.printed_step: int | None = None  # the step of the last plain line
+        self.last_record: dict[str, Any] | None = None  # the last window not yet printed
 
     @property
     def plain(self) -> bool:
@@ -106,15 +112,23 @@ class ProgressDisplay:
         print(plain_line(self.name, self.step, self.max_steps, loss=loss, lr=lr, img_per_s=img_per_s,
                          elapsed=self.elapsed(), eta=self.eta()), file=self.stream, flush=True)
         self.last_line = self.clock()
+        self.printed_step = self.step
 
     def window(self, record: dict[str, Any]) -> None:
         """A logging window's record (`cascade.training.metrics_log.window_record`): the bar's postfix or a line."""
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['img_per_s'] or 0:.1f}",
                                  eta=format_duration(self.eta()), refresh=False)
-        else:
+        elif self.printed_step is None or self.step >= self.max_steps or self.due():
             self.line(loss=record["loss"], lr=record["lr"], img_per_s=record["img_per_s"])
+            self.last_record = None
+        else:
+            self.last_record = record
 
     def close(self) -> None:
+        """Close the bar, or print the last window's line when it was not printed."""
         if self.bar is not None:
             self.bar.close()
+        elif self.last_record is not None and self.printed_step != self.step:
+            record, self.last_record = self.last_record, None
+            self.line(loss=record["loss"], lr=record["lr"], img_per_s=record["img_per_s"])

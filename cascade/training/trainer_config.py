@@ -59,7 +59,7 @@ class TrainerConfig:
     Watching a run (`docs/watching.md`; rules in `cascade.training.cadence`):
 
     - ``progress``: a progress display at all. True: on a terminal (stderr a TTY) a tqdm bar with img/s and ETA;
-      otherwise one plain line per logging window (``log_every`` steps, and at least every ``log_seconds``).
+      otherwise one plain line every ``log_seconds`` (and the first window's and the last step's).
       False: no bar, still the plain lines (a log file shows the run advancing). The start-up summary, the
       resume line and warnings are printed either way.
     - ``report_to``: trackers fed through accelerate: "none" (the default: a run writes only its own files,
@@ -102,7 +102,7 @@ class TrainerConfig:
     ckpt_every: int = 5000  # 0: only the final checkpoint
     keep_last: int = 3
     log_every: int = 100
-    log_seconds: float = 30.0  # without a progress bar: a plain log line at least this often
+    log_seconds: float = 30.0  # without a progress bar: a plain log line every this many seconds
     report_to: str = "none"  # none | tensorboard | wandb | a comma list (trackers through accelerate)
     sample_every: int | str = "auto"  # EMA sample grids to <run_dir>/samples/: auto (4 per run + end) | N | 0
     sample_steps: int | str = 25  # respaced sampling steps for the grid (N, ddimN or sections)

@@ -106,8 +106,8 @@ def summary_rows(trainer) -> list[tuple[str, object]]:
     batch = (f"{cfg.batch_size} per process × {cfg.grad_accum} accumulated × {trainer.world_size} "
              f"= {per_step} images/step")
     ckpt_rule = f"every {cfg.ckpt_every} steps" if cfg.ckpt_every else "final only"
-    metrics = (f"{run_dir / METRICS_FILE} (every {cfg.log_every} steps; {how_logged}, "
-               f"at least every {cfg.log_seconds:g} s)")
+    shown = "progress bar" if how_logged == "progress bar" else f"plain lines on stderr every {cfg.log_seconds:g} s"
+    metrics = f"{run_dir / METRICS_FILE} (every {cfg.log_every} steps; {shown})"
     return [
         ("stage", f"{stage.name} ({stage.kind.value}, {stage.resolution}²)"),
         ("size", trainer.extra_config.get("size", "unknown")),
@@ -129,7 +129,21 @@ def summary_rows(trainer) -> list[tuple[str, object]]:
         ("trackers", tracker_folders(names, run_dir)),
         ("sample grids", f"{run_dir / 'samples'}: {_grid_rule(trainer)}"),
         ("quality proxy", _proxy_rule(trainer)),
+        ("EMA", _ema_rule(trainer)),
     ]
+
+
+def _ema_rule(trainer) -> str:
+    """The sampled EMA and the post-hoc EMA snapshots (`cascade.training.posthoc_ema`)."""
+    cfg = trainer.cfg
+    text = f"decay {cfg.ema_decay:g} (the weights sampled)"
+    if trainer.power_ema is None:
+        return text + "; post-hoc EMA off (trainer.ema_sigma_rels=[])"
+    cadence = trainer.snapshot_cadence
+    every = f"every {cadence.steps} steps" + (f" or {cadence.seconds:.0f} s" if cadence.seconds else "")
+    widths = ", ".join(f"{r:g}" for r in cfg.ema_sigma_rels)
+    return (f"{text}; post-hoc snapshots (σ_rel {widths}) to {trainer.run_dir / 'ema_snapshots'} {every} "
+            "and at the end (tools/posthoc_ema.py)")
 
 
 def print_run_summary(trainer) -> None:

@@ -95,6 +95,16 @@ def test_eta_is_the_sooner_of_steps_and_budget_and_lines_come_every_log_seconds(
     assert not display.due()
     assert File.text == "base32 step 5/100 (5%) loss 0.5 lr 1.00e-04 img/s 12.0 elapsed 0:00:30 eta 0:09:30\n"
 
+    # Logging windows: a line once log_seconds passed since the last one, never more often; close prints the last.
+    record = {"loss": 0.25, "lr": 1e-4, "img_per_s": 10.0}
+    for step, t in ((6, 31.0), (7, 59.0), (8, 60.0), (9, 61.0)):
+        display.advance(step)
+        now[0] = t
+        display.window(record)
+    display.close()
+    steps = [line.split()[2] for line in File.text.splitlines()]
+    assert steps == ["5/100", "8/100", "9/100"]  # 6 and 7: under 30 s after the last line; 9: the last, at close
+
 
 # ------------------------------------------------------------------------------------- configuration
 
@@ -143,7 +153,7 @@ def test_a_run_prints_its_summary_plain_lines_and_writes_grids(synthetic_shards,
     assert summary["sample grids"].startswith(f"{run_dir / 'samples'}: auto")
     assert summary["quality proxy"] == "off"
     lines = [ln for ln in err.splitlines() if ln.startswith("base32 step ")]
-    assert [ln.split()[2] for ln in lines] == ["1/3", "2/3", "3/3"]  # one per window (log_every=1)
+    assert [ln.split()[2] for ln in lines] == ["1/3", "3/3"]  # the first window and the last step (log_seconds=30)
     assert all(" loss " in ln and " lr " in ln and " img/s " in ln and " eta " in ln for ln in lines)
     # sample_every=auto: one grid per quarter reached (steps 1, 2) and the end grid (3)
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [f"step-0000000{s}.png" for s in (1, 2, 3)]
