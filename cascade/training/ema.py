@@ -97,7 +97,8 @@ class PowerEMA:
         self.start_step = int(start_step)
         with torch.no_grad():
             self.averages = [{name: p.detach().clone() for name, p in model.named_parameters()} for _ in sigma_rels]
-            self.buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+            persistent = model.state_dict().keys()  # non-persistent buffers (e.g. a schedule table) are not weights
+            self.buffers = {name: b.detach().clone() for name, b in model.named_buffers() if name in persistent}
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._count = torch.zeros((), dtype=torch.long, device=device)
 
@@ -121,7 +122,8 @@ class PowerEMA:
                 avg = averages[name]
                 avg.lerp_(param.to(avg.dtype), weight.to(avg.dtype))  # θ_γ ← β θ_γ + (1 − β) θ
         for name, buffer in model.named_buffers():
-            self.buffers[name].copy_(buffer)
+            if name in self.buffers:
+                self.buffers[name].copy_(buffer)
         self._count += 1 if applied is None else applied
 
     def profile_state_dict(self, index: int) -> dict[str, torch.Tensor]:

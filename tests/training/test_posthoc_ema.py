@@ -324,3 +324,17 @@ def test_tool_errors_are_one_line(case, message, trained, tmp_path, monkeypatch,
 def test_snapshots_are_not_subject_to_keep_last(trained):
     assert [p.name for p in checkpoint.list_checkpoints(trained / "checkpoints")] == ["step-00000008"]
     assert len(list_snapshots(trained)) == 4
+
+
+def test_power_ema_weights_load_into_a_fresh_sr_model():
+    """An SR stage's network holds a non-persistent buffer (the conditioning skip's schedule table): the power EMA's
+    weights, like a checkpoint's, carry only the state dict's keys, so they load strictly into a fresh model."""
+    from cascade.nets.build import build_model
+    from stages import get_stage
+
+    stage = get_stage("sr64", "tiny", num_classes=SHARD_CLASSES)
+    model = build_model(stage)
+    assert set(dict(model.named_buffers())) - set(model.state_dict())  # the case: a buffer that is not a weight
+    ema = PowerEMA(model, (0.05,))
+    ema.update(model)
+    build_model(stage).load_state_dict(ema.profile_state_dict(0))  # strict: no unexpected key
