@@ -31,11 +31,9 @@ from cascade.diffusion.guidance import classifier_free_guidance
 from cascade.diffusion.samplers import sample_ddim
 from cascade.harness.bench_diffusers import count_flops, matched_diffusers
 from cascade.nets.build import build_diffusion, build_model, count_parameters, example_inputs, forward_flops
-from cascade.training.ema import EMA
 from cascade.training.losses import example_batch, make_stage_loss
-from cascade.training.optimizer import make_optimizer
 from cascade.training.runtime import make_accelerator
-from cascade.training.step import TrainStep, new_window
+from cascade.training.step import new_window, standalone_train_step
 from cascade.training.timestep_sampler import UniformSampler
 from cascade.training.trainer_config import TrainerConfig
 
@@ -166,13 +164,9 @@ def measure_network(model_name: str, stage_name: str, cfg: StageConfig, mode: st
     # non-finite skip, the LR schedule and the EMA update.
     tcfg = TrainerConfig(batch_size=batch, mixed_precision="bf16" if opts["bf16"] else "no")
     acc = make_accelerator(tcfg.mixed_precision, cpu=device.type == "cpu")
-    ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
-    optimizer, scheduler, fused = make_optimizer(model, tcfg, device)
-    prepared, optimizer = acc.prepare(model, optimizer)
-    step = TrainStep(acc, prepared, optimizer, scheduler, ema, make_stage_loss(cfg, diffusion, sampler, tcfg.p_uncond),
-                     sampler, grad_clip=tcfg.grad_clip, fused=fused, mixed_precision=tcfg.mixed_precision,
-                     nan_total=torch.zeros((), dtype=torch.long, device=device),
-                     nan_in_row=torch.zeros((), dtype=torch.long, device=device), compile=opts["compile"])
+    step, _ = standalone_train_step(acc, model, make_stage_loss(cfg, diffusion, sampler, tcfg.p_uncond),
+                                    sampler, tcfg, device, mixed_precision=tcfg.mixed_precision,
+                                    compile=opts["compile"])
     runner, window = step.runner, new_window(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

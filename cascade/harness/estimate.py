@@ -31,12 +31,10 @@ from cascade.config import StageConfig
 from cascade.device import resolve_mixed_precision
 from cascade.nets.build import build_diffusion, build_model, count_parameters, forward_flops
 from cascade.summary import format_count
-from cascade.training.ema import EMA
 from cascade.training.losses import example_batch, make_stage_loss
 from cascade.training.memory_format import choose_channels_last
-from cascade.training.optimizer import make_optimizer
 from cascade.training.runtime import make_accelerator
-from cascade.training.step import TrainStep, new_window
+from cascade.training.step import new_window, standalone_train_step
 from cascade.training.timestep_sampler import make_timestep_sampler
 from cascade.training.trainer_config import TrainerConfig
 
@@ -144,13 +142,8 @@ def estimate_training(stage: StageConfig, cfg: TrainerConfig, *, size: str, devi
                   "channels_last=auto keeps contiguous for runs under 200 steps")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
-    ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
-    optimizer, scheduler, fused = make_optimizer(model, cfg, device)
-    prepared, optimizer = acc.prepare(model, optimizer)
-    step = TrainStep(acc, prepared, optimizer, scheduler, ema, loss_fn, timestep_sampler, grad_clip=cfg.grad_clip,
-                     fused=fused, mixed_precision=precision,
-                     nan_total=torch.zeros((), dtype=torch.long, device=device),
-                     nan_in_row=torch.zeros((), dtype=torch.long, device=device), compile=cfg.compile)
+    step, prepared = standalone_train_step(acc, model, loss_fn, timestep_sampler, cfg, device,
+                                           mixed_precision=precision)
     batches = [{k: (v.contiguous(memory_format=fmt) if v.ndim == 4 else v)
                 for k, v in example_batch(stage, micro, seed=i, device=device).items()} for i in range(accum)]
     window = new_window(device)

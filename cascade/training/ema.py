@@ -97,8 +97,10 @@ class PowerEMA:
         self.start_step = int(start_step)
         with torch.no_grad():
             self.averages = [{name: p.detach().clone() for name, p in model.named_parameters()} for _ in sigma_rels]
-            persistent = model.state_dict().keys()  # non-persistent buffers (e.g. a schedule table) are not weights
-            self.buffers = {name: b.detach().clone() for name, b in model.named_buffers() if name in persistent}
+            # Non-persistent buffers (e.g. a schedule table) are not weights: the model's state dict leaves them out
+            # (told by identity, since a state-dict hook may rename its keys).
+            persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
+            self.buffers = {name: b.detach().clone() for name, b in model.named_buffers() if id(b) in persistent}
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._count = torch.zeros((), dtype=torch.long, device=device)
 

@@ -296,10 +296,12 @@ def write_posthoc_checkpoint(run_dir: str | Path, result: PosthocEMA, out_dir: s
     model_w = checkpoint.load_weights(source, "model")
     stage_model = build_model(checkpoint.load_stage_config(source))
     checkpoint.check_weights_fit(stage_model, result.state_dict, source, "ema")  # snapshots of this run's network
+    stage_model.load_state_dict(result.state_dict)
+    ema_w = stage_model.state_dict()  # the keys a checkpoint of this network holds (its state-dict hooks applied)
     ema = {**result.record(_run_warmup_steps(record)), "checkpoint_step": int(record["step"])}
     config = {k: v for k, v in record.items() if k not in ("format_version", "step")}
     config["ema"] = ema
-    return checkpoint.save_checkpoint(out_dir, result.step, weights={"model": model_w, "ema": result.state_dict},
+    return checkpoint.save_checkpoint(out_dir, result.step, weights={"model": model_w, "ema": ema_w},
                                       training_state=checkpoint.load_training_state(source), config=config,
                                       keep_last=1)
 

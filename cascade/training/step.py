@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from cascade.training.ema import EMA
+from cascade.training.ema import EMA, EMAGroup, PowerEMA
+from cascade.training.optimizer import make_optimizer
 from cascade.training.timestep_sampler import TimestepSampler, UniformSampler
+from cascade.training.trainer_config import TrainerConfig
 
-__all__ = ["TrainStep", "new_window"]
+__all__ = ["TrainStep", "new_window", "standalone_train_step"]
 
 
 def new_window(device: torch.device) -> dict[str, torch.Tensor]:
@@ -87,3 +89,22 @@ class TrainStep:
         window["max_in_row"] = torch.maximum(window["max_in_row"], self.nan_in_row)
         window["loss"] += torch.where(bad, 0.0, step_loss)
         window["grad_norm"] += torch.where(bad, 0.0, grad_norm)
+
+
+def standalone_train_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn, timestep_sampler: TimestepSampler,
+                          cfg: TrainerConfig, device: torch.device, *, mixed_precision: str,
+                          compile: bool | None = None) -> tuple[TrainStep, torch.nn.Module]:
+    """(step, prepared model): the trainer's step outside a run, for timing it (`tools/bench.py`,
+    `tools/estimate.py`): the EMA of ``cfg.ema_decay`` and the power-function EMAs of ``cfg.ema_sigma_rels``
+    (updated every step, as in a run), AdamW and its LR schedule from ``cfg``, ``model`` prepared by
+    ``accelerator``, fresh non-finite counters. ``compile`` (None: ``cfg.compile``) as in `TrainStep`."""
+    ema = EMAGroup(EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup),
+                   PowerEMA(model, cfg.ema_sigma_rels) if cfg.ema_sigma_rels else None)
+    optimizer, scheduler, fused = make_optimizer(model, cfg, device)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    step = TrainStep(accelerator, prepared, optimizer, scheduler, ema, loss_fn, timestep_sampler,
+                     grad_clip=cfg.grad_clip, fused=fused, mixed_precision=mixed_precision,
+                     nan_total=torch.zeros((), dtype=torch.long, device=device),
+                     nan_in_row=torch.zeros((), dtype=torch.long, device=device),
+                     compile=cfg.compile if compile is None else compile)
+    return step, prepared

@@ -337,4 +337,5 @@ def test_power_ema_weights_load_into_a_fresh_sr_model():
     assert set(dict(model.named_buffers())) - set(model.state_dict())  # the case: a buffer that is not a weight
     ema = PowerEMA(model, (0.05,))
     ema.update(model)
+    assert not set(dict(model.named_buffers())) & set(ema.buffers)  # its buffers are all schedule tables
     build_model(stage).load_state_dict(ema.profile_state_dict(0))  # strict: no unexpected key
