@@ -353,7 +353,8 @@ def ema_not_ready_message(ckpt: Path, ema: dict[str, Any]) -> str | None:
     what = f"post-hoc EMA σ_rel={ema['sigma_rel']:g}" if ema.get("kind") == "posthoc" else "EMA"
     return (f"{ckpt}: its {what} weights are not ready: {min(weight, 1.0):.0%} of their weight is on the first "
             f"{ema.get('warmup_steps')} steps (the learning-rate warm-up); ready at step {ema.get('ready_step')}; "
-            "using the EMA weights anyway (the raw weights: weights='model')")
+            "using the EMA weights anyway (train past that step; from Python, load_stage(..., weights='model') "
+            "loads the raw weights)")
 
 
 def warn_if_ema_not_ready(path: str | Path) -> None:

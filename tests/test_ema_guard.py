@@ -101,7 +101,7 @@ def test_the_guard_fires_once_on_a_young_checkpoint_and_names_the_ready_step(you
     lines = _warnings(capsys.readouterr().err)
     assert lines == [(f"warning: {young.resolve()}: its EMA weights are not ready: 100% of their weight is on the "
                      f"first 5 steps (the learning-rate warm-up); ready at step {ready}; using the EMA weights anyway "
-                     "(the raw weights: weights='model')")]
+                     "(train past that step; from Python, load_stage(..., weights='model') loads the raw weights)")]
 
 
 def test_a_checkpoint_without_the_record_is_judged_by_its_trainer_settings(young, tmp_path, capsys):
@@ -133,6 +133,6 @@ def test_posthoc_record_message():
     message = checkpoint.ema_not_ready_message(Path("ckpt"), {
         "kind": "posthoc", "sigma_rel": 0.05, "warmup_steps": 100, "warmup_weight": 0.62, "ready_step": 120})
     assert message == ("ckpt: its post-hoc EMA σ_rel=0.05 weights are not ready: 62% of their weight is on the first "
-                       "100 steps (the learning-rate warm-up); ready at step 120; using the EMA weights anyway (the "
-                       "raw weights: weights='model')")
+                       "100 steps (the learning-rate warm-up); ready at step 120; using the EMA weights anyway (train "
+                       "past that step; from Python, load_stage(..., weights='model') loads the raw weights)")
     assert checkpoint.ema_not_ready_message(Path("ckpt"), {"warmup_weight": 0.25}) is None

@@ -71,7 +71,7 @@ def read_checkpoint(name: str, path: str | Path) -> tuple[Path, dict[str, Any], 
     except (FileNotFoundError, ValueError, KeyError) as err:
         message = str(err)
         advice = "" if "checkpoint" in message and ("retrain" in message or "earlier" in message) else \
-            f"; train it or pass a checkpoint for {name}"  # damaged-file messages carry their own advice
+            f"; train it, pass a checkpoint for {name}, or leave {name} out (--stages)"  # damaged files: own advice
         raise CascadeConfigError(f"stage {name}: {message}{advice}") from None
 
 

@@ -15,7 +15,8 @@ Quality proxy (``trainer.eval_every``; base and SR stages, never the classifier)
   (this one and the end-of-run one, each estimated at the last one's duration) stays at or under
   `PROXY_SHARE` (10 %) of the training seconds so far (the logged windows' time: no checkpoint, grid or proxy
   time). Training time only grows, so the proxies' total, end evaluation included, stays at or under 10 % of
-  the training time (for evaluations of equal duration). Before the first evaluation its duration is
+  the training time (for evaluations of equal duration) once one evaluation has fitted; a run shorter than 20
+  evaluations' worth of training gets only the end one, whatever its share. Before the first evaluation its duration is
   estimated by `first_proxy_estimate` from the training throughput.
 - N ≥ 1: every N steps; 0: never. With any N ≠ 0 (and auto) the end of the run (max_steps or a time budget)
   is scored; an interrupted run is not (it stops as soon as its checkpoint is written).

@@ -63,25 +63,32 @@ __all__ = [
 SNAPSHOTS_DIR = "ema_snapshots"
 SNAPSHOT_FORMAT = "cascade-power-ema-1"
 AUTO_SNAPSHOTS = 32  # trainer.ema_snapshot_every=auto: every max_steps/32 steps (and max_seconds/32 seconds)
+AUTO_MIN_GAP = 50  # ... but never closer than this many steps (the end of the run aside)
 _SNAPSHOT_RE = re.compile(r"^step-(\d{8,})\.safetensors$")
 _BUFFERS = "buffers"
 
 
 class SnapshotCadence:
-    """When the trainer writes a snapshot: ``every`` N steps, or "auto": every max(1, max_steps // 32) steps and,
-    with a time budget (``max_seconds`` > 0), also once max_seconds / 32 seconds have passed since the previous
-    one, whichever comes first; always at the end of the run."""
+    """When the trainer writes a snapshot: ``every`` N steps, or "auto": every max(`AUTO_MIN_GAP`, max_steps // 32)
+    steps and, with a time budget (``max_seconds`` > 0), also once max_seconds / 32 seconds have passed since the
+    previous one (and at least `AUTO_MIN_GAP` steps), whichever comes first; always at the end of the run. The
+    minimum gap keeps a short run (a smoke test of a few dozen steps) from writing a snapshot every step."""
 
     def __init__(self, every: int | str, max_steps: int, max_seconds: float):
-        self.steps = max(1, max_steps // AUTO_SNAPSHOTS) if every == "auto" else int(every)
-        self.seconds = max_seconds / AUTO_SNAPSHOTS if every == "auto" and max_seconds > 0 else None
+        auto = every == "auto"
+        self.steps = max(AUTO_MIN_GAP, max_steps // AUTO_SNAPSHOTS) if auto else int(every)
+        self.seconds = max_seconds / AUTO_SNAPSHOTS if auto and max_seconds > 0 else None
+        self.min_gap = AUTO_MIN_GAP if auto else 1
         self.since = time.perf_counter()
+        self.last_step = 0  # the step of the last snapshot (the run's start counts as one)
 
     def due(self, step: int, last: bool = False) -> bool:
         now = time.perf_counter()
-        due = last or step % self.steps == 0 or (self.seconds is not None and now - self.since >= self.seconds)
+        gap_ok = step - self.last_step >= self.min_gap
+        due = last or step % self.steps == 0 or (
+            self.seconds is not None and now - self.since >= self.seconds and gap_ok)
         if due:
-            self.since = now
+            self.since, self.last_step = now, step
         return due
 
 
@@ -301,9 +308,11 @@ def write_posthoc_checkpoint(run_dir: str | Path, result: PosthocEMA, out_dir: s
     ema = {**result.record(_run_warmup_steps(record)), "checkpoint_step": int(record["step"])}
     config = {k: v for k, v in record.items() if k not in ("format_version", "step")}
     config["ema"] = ema
+    # Every checkpoint already in out_dir is kept (one of a later step must not prune this one); `latest` names this.
+    kept = len(checkpoint.list_checkpoints(Path(out_dir) / checkpoint.CHECKPOINTS_DIR)) + 1
     return checkpoint.save_checkpoint(out_dir, result.step, weights={"model": model_w, "ema": ema_w},
                                       training_state=checkpoint.load_training_state(source), config=config,
-                                      keep_last=1)
+                                      keep_last=kept)
 
 
 def resume_power_ema(ema: PowerEMA, saved: dict[str, Any] | None, step: int, *, say: bool) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,20 +23,21 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # trainer.report_to
 
 
 def parse_report_to(value: str) -> tuple[str, ...]:
-    """The trackers named by ``trainer.report_to``: "none" → (), else a comma list of `TRACKERS` names
-    ("tensorboard,wandb"), in order, without repeats. ValueError (one line) for an unknown name or a tracker
+    """The trackers named by ``trainer.report_to``: "none" → (), else `TRACKERS` names joined by "+" (on hydra's
+    command line, where a bare comma makes a sweep: ``trainer.report_to=tensorboard+wandb``) or "," (in YAML or
+    Python), in order, without repeats. ValueError (one line) for an unknown name or a tracker
     whose package is not installed (naming ``pip install -e ".[track]"``)."""
     import importlib.util
 
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"trainer.report_to must be none, tensorboard, wandb or a comma list of them, got {value!r}")
-    names = [n.strip() for n in value.split(",")]
+        raise ValueError(f"trainer.report_to must be none, tensorboard, wandb or both (tensorboard+wandb), got {value!r}")
+    names = [n.strip() for n in re.split(r"[+,]", value)]
     if names == ["none"]:
         return ()
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
-        raise ValueError(f"trainer.report_to: unknown tracker {unknown[0]!r}; use none, tensorboard, wandb or a "
-                         "comma list such as tensorboard,wandb")
+        raise ValueError(f"trainer.report_to: unknown tracker {unknown[0]!r}; use none, tensorboard, wandb or both "
+                         "(tensorboard+wandb)")
     for name in names:
         if importlib.util.find_spec(TRACKERS[name]) is None:
             raise ValueError(f"trainer.report_to={name} needs the {TRACKERS[name]} package: "
@@ -64,8 +66,8 @@ class TrainerConfig:
       resume line and warnings are printed either way.
     - ``report_to``: trackers fed through accelerate: "none" (the default: a run writes only its own files,
       metrics.jsonl and the sample PNGs, whatever happens to be installed), "tensorboard"
-      (``<run_dir>/tensorboard``), "wandb" (offline unless WANDB_MODE is set; ``<run_dir>/wandb``) or a comma
-      list. A tracker whose package is missing is a ValueError naming ``pip install -e ".[track]"``.
+      (``<run_dir>/tensorboard``), "wandb" (offline unless WANDB_MODE is set; ``<run_dir>/wandb``) or both
+      ("tensorboard+wandb"). A tracker whose package is missing is a ValueError naming ``pip install -e ".[track]"``.
     - ``sample_every``: EMA sample grids to ``<run_dir>/samples/``. "auto": one at each quarter of the run (of
       max_steps, or of max_seconds, whichever is reached first) and one at the end; N: every N steps and at the
       end; 0: none. The end grid is at the final checkpoint's step (also of a time-budget or interrupted run).
@@ -76,8 +78,8 @@ class TrainerConfig:
     Post-hoc EMA (`docs/ema.md`, `cascade.training.posthoc_ema`): ``ema_sigma_rels`` are the relative widths of
     power-function EMAs tracked beside the classic one (EDM2 §3; each in (0, 0.3); () turns them off), saved as
     snapshots to ``<run_dir>/ema_snapshots/`` (all kept) every ``ema_snapshot_every`` steps and at the end. "auto":
-    every max_steps/32 steps, and with a time budget also every max_seconds/32 seconds, whichever comes first
-    (≈ 33 snapshots, at most ≈ 65). One snapshot holds every profile in float32: 17 MB for a tiny base32 (2.1M
+    every max_steps/32 steps, and with a time budget also every max_seconds/32 seconds, whichever comes first, never
+    closer than 50 steps (≈ 33 snapshots, at most ≈ 65; a run under 50 steps: the end one only). One snapshot holds every profile in float32: 17 MB for a tiny base32 (2.1M
     parameters, two profiles), ≈ 0.6 GB for its 33; 4 GB for a paper-size base32 (496M), ≈ 130 GB for 33.
     """
 
@@ -103,7 +105,7 @@ class TrainerConfig:
     keep_last: int = 3
     log_every: int = 100
     log_seconds: float = 30.0  # without a progress bar: a plain log line every this many seconds
-    report_to: str = "none"  # none | tensorboard | wandb | a comma list (trackers through accelerate)
+    report_to: str = "none"  # none | tensorboard | wandb | tensorboard+wandb (trackers through accelerate)
     sample_every: int | str = "auto"  # EMA sample grids to <run_dir>/samples/: auto (4 per run + end) | N | 0
     sample_steps: int | str = 25  # respaced sampling steps for the grid (N, ddimN or sections)
     sample_count: int = 8  # samples per class (base) or val inputs (SR)

@@ -113,12 +113,14 @@ def test_power_ema_state_round_trip_continues_exactly():
 
 
 def test_snapshot_cadence():
-    auto = SnapshotCadence("auto", max_steps=640, max_seconds=0)
-    assert auto.steps == 20 and auto.seconds is None
-    assert [s for s in range(1, 101) if auto.due(s)] == [20, 40, 60, 80, 100]
+    auto = SnapshotCadence("auto", max_steps=3200, max_seconds=0)
+    assert auto.steps == 100 and auto.seconds is None
+    assert [s for s in range(1, 501) if auto.due(s)] == [100, 200, 300, 400, 500]
     assert auto.due(7, last=True)
-    assert SnapshotCadence("auto", max_steps=3, max_seconds=64).steps == 1
-    assert SnapshotCadence("auto", max_steps=3, max_seconds=64).seconds == 2.0
+    short = SnapshotCadence("auto", max_steps=40, max_seconds=64)  # a smoke test: no snapshot every step
+    assert short.steps == 50 and short.seconds == 2.0
+    short.since -= 10.0  # the time trigger has passed, but fewer than 50 steps since the start
+    assert [s for s in range(1, 40) if short.due(s)] == [] and short.due(40, last=True)
     assert SnapshotCadence(5, max_steps=640, max_seconds=64).seconds is None
 
 
@@ -288,6 +290,10 @@ def test_tool_writes_checkpoints_that_load_stage_loads(trained, tmp_path, monkey
     _, model, _ = checkpoint.load_stage(out)
     want = reconstruct(trained, 0.1)
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    # an earlier step into the same folder: written and kept beside the later one, and the folder loads it
+    assert _tool([str(trained), "--sigma-rel", "0.1", "--step", "4", "--out", str(out)], monkeypatch) == 0
+    assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-00000004", "step-00000008"]
+    assert checkpoint.load_config(out)["step"] == 4
     # several widths, by default into <run>/posthoc/sigma-X.XXX
     assert _tool([str(trained), "--sigma-rel", "0.03,0.05", "--step", "4"], monkeypatch) == 0
     for sigma_rel in (0.03, 0.05):  # step 4's checkpoint is gone (keep_last=1): the model from step 8

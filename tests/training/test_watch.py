@@ -3,6 +3,7 @@ and the quality proxy's cadence (cascade.training.watch, .progress, .trackers, .
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -120,6 +121,12 @@ def test_bad_watch_settings_are_one_line_errors(monkeypatch):
     with pytest.raises(ValueError, match="trainer.log_seconds"):
         TrainerConfig(log_seconds=0)
     assert parse_report_to("none") == () and parse_report_to("tensorboard, tensorboard") == ("tensorboard",)
+    # both trackers, as hydra's command line passes them (a bare comma there would make a sweep)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    both = OverridesParser.create().parse_overrides(["trainer.report_to=tensorboard+wandb"])[0].value()
+    if importlib.util.find_spec("wandb") is not None and importlib.util.find_spec("tensorboard") is not None:
+        assert parse_report_to(both) == ("tensorboard", "wandb")
     monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec answers None: not installed
     with pytest.raises(ValueError) as caught:
         TrainerConfig(report_to="tensorboard,wandb")
