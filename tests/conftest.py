@@ -10,7 +10,8 @@ import torch
 SHARD_CLASSES = 3
 # A few optimizer steps of every stage at size=tiny: enough to write real checkpoints, cheap on CPU.
 TINY_TRAINER = {"max_steps": 3, "batch_size": 2, "warmup_steps": 2, "ckpt_every": 2, "log_every": 1,
-                "sample_every": 0, "eval_every": 0, "ema_sigma_rels": (), "mixed_precision": "no", "progress": False}
+                "sample_every": 0, "eval_every": 0, "ema_sigma_rels": (), "run_report": False,
+                "mixed_precision": "no", "progress": False}
 TINY_BF16_STAGE, TINY_BF16_STAGE_PRECISION = "sr64", "bf16"
 
 

@@ -236,7 +236,8 @@ def measure_trainer(stage_name: str, cfg: StageConfig, mode: str, batch: int, st
         write_shards(SyntheticSource(num_classes=cfg.num_classes, images_per_class=40), f"{tmp}/data",
                      shard_size=50, val_fraction=0.1, max_res=cfg.resolution)
         trainer_cfg = TrainerConfig(max_steps=steps, batch_size=batch, warmup_steps=100, ema_decay=0.999,
-                                    log_every=10, ckpt_every=0, sample_every=0, eval_every=0, progress=False,
+                                    log_every=10, ckpt_every=0, sample_every=0, eval_every=0, run_report=False,
+                                    progress=False,
                                     mixed_precision="bf16" if opts["bf16"] else "no",
                                     channels_last=opts["channels_last"], compile=opts["compile"])
         run = RunConfig(run_dir=f"{tmp}/run", data=DataConfig(root=f"{tmp}/data", num_workers=num_workers),

@@ -143,7 +143,7 @@ def train_demo_stage(stage: StageConfig, data_dir: Path, runs_dir: Path, budget:
         max_steps=budget.train_steps[name], max_seconds=seconds or 0.0, batch_size=budget.batch_size[name], lr=budget.lr,
         warmup_steps=budget.warmup_steps, ckpt_every=budget.ckpt_every, keep_last=1, log_every=10,
         ema_decay=budget.ema_decay, sample_every=0, progress=progress,
-        eval_every=0, ema_sigma_rels=(),  # the demo scores its stages itself and keeps its disk use small
+        eval_every=0, ema_sigma_rels=(), run_report=False,  # the demo scores and reports its stages itself
     )
     run = RunConfig(run_dir=str(run_dir), data=DataConfig(root=str(data_dir)), trainer=trainer,
                     resume="auto", seed=seed)

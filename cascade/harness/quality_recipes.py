@@ -20,7 +20,7 @@ __all__ = ["BENCH_TRAINER", "DEFAULT_RECIPES", "RECIPES", "BenchError", "Recipe"
 BENCH_TRAINER: dict[str, Any] = {"batch_size": 8, "lr": 2e-4, "warmup_steps": 100, "ema_decay": 0.999,
                                  "ema_warmup": 10.0, "p_uncond": 0.1, "grad_clip": 1.0, "mixed_precision": "auto",
                                  "ckpt_every": 0, "keep_last": 1, "log_every": 100, "sample_every": 0,
-                                 "eval_every": 0, "ema_sigma_rels": ()}
+                                 "eval_every": 0, "ema_sigma_rels": (), "run_report": False}
 
 
 class BenchError(ValueError):

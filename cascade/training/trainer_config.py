@@ -111,6 +111,7 @@ class TrainerConfig:
     sample_count: int = 8  # samples per class (base) or val inputs (SR)
     eval_every: int | str = "auto"  # quality proxy: auto (≤ 10 % of training time + end) | N steps | 0 (never)
     eval_count: int = 50  # the quality proxy's samples
+    run_report: bool = True  # report.md / report.png of metrics.jsonl at the end of a run (tools/run_report.py redraws)
     max_nan_in_row: int = 5  # stop after this many NaN/inf steps in a row
     progress: bool = True  # a progress bar on a terminal (plain lines are printed either way)
 

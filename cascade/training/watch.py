@@ -130,6 +130,7 @@ def summary_rows(trainer) -> list[tuple[str, object]]:
         ("sample grids", f"{run_dir / 'samples'}: {_grid_rule(trainer)}"),
         ("quality proxy", _proxy_rule(trainer)),
         ("EMA", _ema_rule(trainer)),
+        ("run report", f"{run_dir / 'report.md'} at the end" if cfg.run_report else "off (trainer.run_report=false)"),
     ]
 
 
@@ -257,14 +258,12 @@ class Watcher:
                 log_scalars(acc, {"step": t.step, **extra})
 
     def finish(self) -> None:
-        """The end of a completed run (main process): the run report of `cascade.evaluation.run_report` where that
-        module exists; a failure there is a warning (the run itself is complete)."""
-        if not self.t.accelerator.is_main_process:
+        """The end of a completed run (main process): the run report (`cascade.evaluation.run_report`) unless
+        trainer.run_report=false; a failure there is a warning (the run itself is complete)."""
+        if not self.t.accelerator.is_main_process or not self.t.cfg.run_report:
             return
-        try:
-            from cascade.evaluation.run_report import write_run_report
-        except ImportError:
-            return
+        from cascade.evaluation.run_report import write_run_report
+
         try:
             path = write_run_report(Path(self.t.run_dir))
         except Exception as err:  # noqa: BLE001 - the checkpoints are written; the report is an extra

@@ -139,7 +139,7 @@ def test_bad_watch_settings_are_one_line_errors(monkeypatch):
 
 def test_a_run_prints_its_summary_plain_lines_and_writes_grids(synthetic_shards, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    _train(synthetic_shards, run_dir, sample_every="auto", eval_every=0, progress=False)
+    _train(synthetic_shards, run_dir, sample_every="auto", eval_every=0, progress=False, run_report=True)
     err = capsys.readouterr().err
     assert "\r" not in err
     summary = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip()
@@ -159,6 +159,9 @@ def test_a_run_prints_its_summary_plain_lines_and_writes_grids(synthetic_shards,
     assert summary["trackers"].startswith("none")
     assert summary["sample grids"].startswith(f"{run_dir / 'samples'}: auto")
     assert summary["quality proxy"] == "off"
+    assert summary["run report"] == f"{run_dir / 'report.md'} at the end"
+    assert (run_dir / "report.md").is_file() and (run_dir / "report.png").stat().st_size > 0
+    assert f"run report: {run_dir / 'report.md'}" in err
     lines = [ln for ln in err.splitlines() if ln.startswith("base32 step ")]
     assert [ln.split()[2] for ln in lines] == ["1/3", "3/3"]  # the first window and the last step (log_seconds=30)
     assert all(" loss " in ln and " lr " in ln and " img/s " in ln and " eta " in ln for ln in lines)
