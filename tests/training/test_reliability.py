@@ -332,14 +332,14 @@ def test_two_process_cpu_run_resumes(synthetic_shards, tmp_path):
 @pytest.mark.slow
 def test_kill_drill_training(synthetic_shards, tmp_path):
     drill = _load_tool("fault_drill")
-    result = drill.train_drill(tmp_path, synthetic_shards, kills=5, rng=random.Random(1), max_steps=8, quiet=True)
+    result = drill.train_drill(tmp_path, synthetic_shards, kills=3, rng=random.Random(1), max_steps=8, quiet=True)
     assert result.ok, (result.tally(), result.problems, result.damaged_seen)
-    assert result.kills == 5 and result.resumed == 5
+    assert result.kills == 3 and result.resumed == 3
 
 
 @pytest.mark.slow
 def test_kill_drill_make_shards(tmp_path):
     drill = _load_tool("fault_drill")
-    result = drill.shards_drill(tmp_path, kills=5, rng=random.Random(2), quiet=True)
+    result = drill.shards_drill(tmp_path, kills=3, rng=random.Random(2), quiet=True)
     assert result.ok, (result.tally(), result.problems, result.partial_seen)
-    assert result.kills == 5
+    assert result.kills == 3
