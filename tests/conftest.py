@@ -15,6 +15,17 @@ TINY_TRAINER = {"max_steps": 3, "batch_size": 2, "warmup_steps": 2, "ckpt_every"
 TINY_BF16_STAGE, TINY_BF16_STAGE_PRECISION = "sr64", "bf16"
 
 
+def load_tool(name: str):
+    """The module of `tools/<name>.py`, imported from its file (the tools are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
     """A shard folder (train-*.tar, val-*.tar, dataset.json) with all resolutions 32..256:

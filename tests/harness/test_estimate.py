@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 from cascade.harness.estimate import gpu_check_figures
 
@@ -15,14 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "estimate.py"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("estimate_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-estimate = _load_tool()
+estimate = load_tool("estimate")
 
 
 def _number(row: str) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 from PIL import Image
 
 from cascade.cli import parse_ckpt_pairs, parse_stage_values, steps_value
@@ -20,14 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "sample_cascade.py"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("sample_cascade", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample_cascade = _load_tool()
+sample_cascade = load_tool("sample_cascade")
 
 
 def test_command_writes_final_images_stages_grid_and_settings(runs_root, tmp_path):
