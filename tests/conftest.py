@@ -15,6 +15,17 @@ TINY_TRAINER = {"max_steps": 3, "batch_size": 2, "warmup_steps": 2, "ckpt_every"
 TINY_BF16_STAGE, TINY_BF16_STAGE_PRECISION = "sr64", "bf16"
 
 
+def one_line(stderr: str) -> str:
+    """The one line a failure or a stop prints, besides a run's own output (`is_run_output`) and a tool's start-up
+    summary (its title: the line before indented rows); asserts there is exactly one and no traceback."""
+    from cascade.training.progress import is_run_output
+
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    lines = [ln for ln, after in zip(lines, [*lines[1:], ""]) if not is_run_output(ln) and not after.startswith("  ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
 def load_tool(name: str):
     """The module of `tools/<name>.py`, imported from its file (the tools are scripts, not a package)."""
     import importlib.util

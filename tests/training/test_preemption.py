@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARD_CLASSES, tiny_run_config
+from conftest import SHARD_CLASSES, one_line, tiny_run_config
 
 from cascade import checkpoint
 from cascade.errors import GracefulInterrupt, StopSignal, cli_main, deferred_interrupts
-from cascade.training.progress import is_run_output
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_TOOL = ROOT / "tools" / "train_stage.py"
@@ -41,13 +40,6 @@ def _env():
     return env
 
 
-def _one_line(stderr: str) -> str:
-    """The one line a failure or a stop prints, besides a run's own output (`is_run_output`) and a tool's start-up
-    summary (its title: the line before indented rows)."""
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    lines = [ln for ln, after in zip(lines, [*lines[1:], ""]) if not is_run_output(ln) and not after.startswith("  ")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def _signal_after_step(trainer, step: int, signum: int) -> None:
@@ -214,7 +206,7 @@ def test_sigterm_in_sampling_and_evaluation_leaves_nothing_complete(tiny_runs, s
     monkeypatch.setattr(CascadePipeline, "run", sigterm)
     capsys.readouterr()
     assert sample.main(args) == 143
-    assert _one_line(capsys.readouterr().err).startswith("sample_cascade: interrupted by SIGTERM; the output folder")
+    assert one_line(capsys.readouterr().err).startswith("sample_cascade: interrupted by SIGTERM; the output folder")
     assert not (out / "settings.json").exists()
 
     for name in ("eval_fid", "sweep"):
@@ -224,7 +216,7 @@ def test_sigterm_in_sampling_and_evaluation_leaves_nothing_complete(tiny_runs, s
         code = tool.main(["--data", str(synthetic_shards), "--runs", str(tiny_runs["base32"].parent),
                           "--stages", "base32", "--device", "cpu", "--out", str(out)])
         assert code == 143
-        assert _one_line(capsys.readouterr().err) == (f"{name}: interrupted by SIGTERM; nothing was written "
+        assert one_line(capsys.readouterr().err) == (f"{name}: interrupted by SIGTERM; nothing was written "
                                                       "(earlier results in --out are untouched)")
         assert not out.exists() or not any(out.iterdir())
 
@@ -284,7 +276,7 @@ def test_sigterm_on_the_command_lines(synthetic_shards, tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     step = checkpoint.load_config(run_dir)["step"]
-    assert _one_line(stderr) == f"train_stage: interrupted by SIGTERM at step {step}; run the same command to resume"
+    assert one_line(stderr) == f"train_stage: interrupted by SIGTERM at step {step}; run the same command to resume"
     assert step >= 6 and not list((run_dir / checkpoint.CHECKPOINTS_DIR).glob(".step-*"))
     resumed = subprocess.run([*args, f"trainer.max_steps={step + 1}"], env=_env(), capture_output=True, text=True,
                              timeout=180, check=False)
@@ -298,7 +290,7 @@ def test_sigterm_on_the_command_lines(synthetic_shards, tmp_path):
     _signal_when(proc, lambda: len(list(out.glob("train-*.tar"))) >= 2, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
-    assert _one_line(stderr).startswith("make_shards: interrupted by SIGTERM; the output folder holds no complete")
+    assert one_line(stderr).startswith("make_shards: interrupted by SIGTERM; the output folder holds no complete")
     assert not (out / "dataset.json").exists()
     assert subprocess.run(command, env=_env(), capture_output=True, timeout=180, check=False).returncode == 0
     assert (out / "dataset.json").is_file()

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARD_CLASSES, tiny_run_config
+from conftest import SHARD_CLASSES, one_line, tiny_run_config
 
 from cascade import checkpoint
 from cascade.errors import EXIT_INTERRUPTED, OutputNotWritable, cli_main, ensure_writable_dir
-from cascade.training.progress import is_run_output
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_TOOL = ROOT / "tools" / "train_stage.py"
@@ -50,13 +49,6 @@ def _records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
-def _one_line(stderr: str) -> str:
-    """The one line a failure or a stop prints, besides a run's own output (`is_run_output`) and a tool's start-up
-    summary (its title: the line before indented rows)."""
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    lines = [ln for ln, after in zip(lines, [*lines[1:], ""]) if not is_run_output(ln) and not after.startswith("  ")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def _cli(shards, run_dir, **trainer):
@@ -83,7 +75,7 @@ def _cli(shards, run_dir, **trainer):
 def test_hydra_composition_errors_are_one_line_and_exit_2(override, message, tmp_path):
     done = _run(TRAIN_TOOL, "data.root=x", f"run_dir={tmp_path / 'r'}", override, cwd=tmp_path)
     assert done.returncode == 2
-    line = _one_line(done.stderr)
+    line = one_line(done.stderr)
     assert line.startswith("train_stage: error: ") and message in line, line
     assert not (tmp_path / "r").exists()
 
@@ -127,7 +119,7 @@ def test_a_failure_during_the_run_is_one_line_exit_1(synthetic_shards, tmp_path)
     (run_dir / "checkpoints").write_text("a file where the checkpoints folder goes")  # the first save fails
     done = _run(TRAIN_TOOL, "stage=base32", *_cli(synthetic_shards, run_dir, max_steps=1), cwd=tmp_path)
     assert done.returncode == 1
-    line = _one_line(done.stderr)
+    line = one_line(done.stderr)
     assert line.startswith("train_stage: error: FileExistsError") and "CASCADE_DEBUG=1" in line
     debug = _run(TRAIN_TOOL, "stage=base32", *_cli(synthetic_shards, run_dir, max_steps=1), cwd=tmp_path,
                  env=_env(HYDRA_FULL_ERROR="1"))
@@ -211,7 +203,7 @@ def test_ctrl_c_on_the_command_line_exits_130_with_one_line(synthetic_shards, tm
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    line = _one_line(stderr)
+    line = one_line(stderr)
     step = checkpoint.load_config(run_dir)["step"]
     assert line == f"train_stage: interrupted at step {step}; run the same command to resume" and step >= 2
     resumed = _run(TRAIN_TOOL, "stage=base32", *args, f"trainer.max_steps={step + 1}", cwd=tmp_path)
@@ -234,7 +226,7 @@ def test_interrupted_sampling_leaves_no_settings_json(tiny_runs, tmp_path, capsy
     monkeypatch.setattr(CascadePipeline, "run", ctrl_c)
     capsys.readouterr()
     assert tool.main(args) == 130
-    assert _one_line(capsys.readouterr().err).startswith("sample_cascade: interrupted;")
+    assert one_line(capsys.readouterr().err).startswith("sample_cascade: interrupted;")
     assert not (out / "settings.json").exists()  # the folder no longer claims to be complete
 
 
@@ -271,7 +263,7 @@ def test_damaged_checkpoint_in_load_stage_and_sample_cascade_is_one_line(tiny_ru
     done = _run(SAMPLE_TOOL, "--classes", "1", "--stages", "base32", "--ckpt", f"base32={ckpt}", "--steps", "2",
                 "--out", tmp_path / "o")
     assert done.returncode == 2
-    line = _one_line(done.stderr)
+    line = one_line(done.stderr)
     assert line.startswith("sample_cascade: error: checkpoint file") and str(ema) in line
 
 
@@ -290,10 +282,10 @@ def test_unwritable_outputs_are_reported_before_any_work(synthetic_shards, tmp_p
     with pytest.raises(OutputNotWritable, match="not writable"):
         ensure_writable_dir("/proc/cascade-test", "--out")  # refused even to root
     done = _run(TRAIN_TOOL, "stage=base32", *_cli(synthetic_shards, blocker / "run"), cwd=tmp_path)
-    assert done.returncode == 2 and "run_dir" in _one_line(done.stderr)
+    assert done.returncode == 2 and "run_dir" in one_line(done.stderr)
     assert not (tmp_path / "outputs").exists()
     done = _run(SAMPLE_TOOL, "--classes", "1", "--out", blocker / "samples")
-    assert done.returncode == 2 and "--out" in _one_line(done.stderr)
+    assert done.returncode == 2 and "--out" in one_line(done.stderr)
 
 
 # ----------------------------------------------------------------------------------------------- multi-process
