@@ -33,7 +33,10 @@ Here: `StageTrainer`, its set-up, checkpoints and the loop. Its parts live besid
 (`cascade.training.metrics_log`), the sample grids (`cascade.training.sample_grid`) and the process set-up
 (precision, accelerate state, seeding: `cascade.training.runtime`). Watching the run: the start-up summary, the
 records with their grids and quality proxy (`cascade.training.watch`, rules in `cascade.training.cadence`), the
-progress bar or plain log lines (`cascade.training.progress`) and the trackers (`cascade.training.trackers`).
+progress bar or plain log lines (`cascade.training.progress`) and the trackers (`cascade.training.trackers`);
+the power-function EMAs and their snapshots (`cascade.training.ema`, `cascade.training.posthoc_ema`). What stays
+here (a little over 400 lines) is one thing: the state a checkpoint must hold and the loop that advances it, kept
+together so that what is saved and what is resumed are read side by side.
 """
 
 from __future__ import annotations
