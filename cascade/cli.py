@@ -56,6 +56,12 @@ def steps_value(raw: str) -> int | str:
     return int(raw) if re.fullmatch(r"[+-]?\d+", raw) else raw
 
 
+def show_progress() -> bool:
+    """Whether a tool draws progress bars: only when stderr is a terminal (in a log file or a pipe, tqdm's carriage
+    returns would make one endless line)."""
+    return sys.stderr.isatty()
+
+
 def default_device() -> str:
     """cuda when a GPU is available, else cpu."""
     import torch

@@ -38,6 +38,7 @@ from cascade.cli import (
     parse_choices,
     report_error,
     sampler_overrides,
+    show_progress,
     statistics_folder,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
@@ -99,7 +100,7 @@ def run_evaluate(args: argparse.Namespace, accelerator: Accelerator) -> int:
         evaluation = evaluate(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
                               settings=pipe.settings(**overrides), metrics=metrics, num_samples=args.num_samples,
                               modes=modes, seed=args.seed, batch_size=args.batch_size, accelerator=accelerator,
-                              progress=accelerator.is_main_process, on_start=summary)
+                              progress=accelerator.is_main_process and show_progress(), on_start=summary)
     except CascadeConfigError as err:
         return report_error(PROG, err) if accelerator.is_main_process else 2
     if evaluation is None:  # not the main process

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cascade.cli import OneLineArgumentParser, fraction_below_one, int_at_least
+from cascade.cli import OneLineArgumentParser, fraction_below_one, int_at_least, show_progress
 from cascade.data.bad_input import BadInputReport
 from cascade.data.shards import RESOLUTIONS, write_shards
 from cascade.data.sources import get_source
@@ -76,7 +76,7 @@ def main(argv=None) -> dict | int:
     with FolderLock(args.out, "--out"):  # one writer per --out: a second run is refused before it writes anything
         info = write_shards(source, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
                             seed=args.seed, workers=args.workers, max_res=args.max_res, min_size=args.min_size,
-                            overwrite=args.overwrite, progress=not args.no_progress)
+                            overwrite=args.overwrite, progress=not args.no_progress and show_progress())
     counts = info["counts"]
     print(f"wrote {counts['train']['total']} train / {plural(counts['val']['total'], 'val sample')} of "
           f"{plural(info['num_classes'], 'class', 'classes')} at {info['resolutions']} to {args.out} "

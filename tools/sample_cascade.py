@@ -38,6 +38,7 @@ from cascade.cli import (
     parse_stage_list,
     report_error,
     sampler_overrides,
+    show_progress,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir, plural
 from cascade.locks import FolderLock
@@ -99,7 +100,7 @@ def sample(args: argparse.Namespace) -> int:
         return report_error(PROG, err)
     check_out_dir(args.out, overwrite=args.overwrite)  # refused before sampling; earlier outputs go when new ones are written
     print_summary(PROG, summary_rows(args, pipe, plan, overrides))
-    outputs = pipe.run(plan, progress=True)
+    outputs = pipe.run(plan, progress=show_progress())
     with deferred_interrupts():  # a Ctrl-C while writing waits for the files to be complete
         written = write_outputs(outputs, plan, args.out, record=pipe.run_record(plan), class_names=pipe.class_names)
     final = plan.stages[-1]

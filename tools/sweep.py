@@ -33,6 +33,7 @@ from cascade.cli import (
     metric_settings,
     report_error,
     sampler_overrides,
+    show_progress,
     statistics_folder,
 )
 from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir
@@ -100,7 +101,8 @@ def run_sweep(args: argparse.Namespace, accelerator: Accelerator) -> int:
         result = sweep(pipe, args.data, feature_nets=feature_nets, classifier=classifier,
                        settings=pipe.settings(**grid), w=w, aug_level=aug_level, mode=args.mode,
                        rank_by=args.rank_by, rank_metric=args.rank_metric, num_samples=args.num_samples, seed=args.seed,
-                       batch_size=args.batch_size, accelerator=accelerator, progress=accelerator.is_main_process,
+                       batch_size=args.batch_size, accelerator=accelerator,
+                       progress=accelerator.is_main_process and show_progress(),
                        metrics=metrics, on_start=summary)
     except CascadeConfigError as err:
         return report_error(PROG, err) if accelerator.is_main_process else 2

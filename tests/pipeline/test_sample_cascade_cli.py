@@ -31,6 +31,7 @@ def test_command_writes_final_images_stages_grid_and_settings(runs_root, tmp_pat
         check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr  # stderr is a pipe: no progress bar, a clean log
     settings = json.loads((out / "settings.json").read_text())
     for stem in (sample_stem(c, 0, settings["class_names"]) for c in (0, 2)):
         assert Image.open(out / f"{stem}.png").size == (256, 256)
