@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO
 
-__all__ = ["format_count", "format_summary", "print_summary"]
+__all__ = ["format_count", "format_summary", "print_summary", "summary_rows"]
 
 
 def format_count(n: float) -> str:
@@ -30,3 +30,14 @@ def print_summary(title: str, rows: Iterable[tuple[str, object]], file: TextIO |
     """Print `format_summary` to ``file`` (stderr by default: stdout stays for a command's results), flushed."""
     out = file if file is not None else sys.stderr
     print(format_summary(title, rows), file=out, flush=True)
+
+
+def summary_rows(text: str) -> dict[str, str]:
+    """The ``name : value`` rows of every summary block in ``text`` (the inverse of `format_summary`'s rows; other
+    lines, e.g. log lines or progress bars, are skipped). A later block's row replaces an earlier one of that name."""
+    rows = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(" : ")
+        if sep and line.startswith("  "):
+            rows[name.strip()] = value
+    return rows

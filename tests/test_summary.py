@@ -2,7 +2,7 @@
 
 import io
 
-from cascade.summary import format_count, format_summary, print_summary
+from cascade.summary import format_count, format_summary, print_summary, summary_rows
 
 
 def test_counts_take_si_suffixes():
@@ -21,3 +21,8 @@ def test_print_goes_to_the_given_stream():
     out = io.StringIO()
     print_summary("sample", [("stages", "base32")], file=out)
     assert out.getvalue() == "sample\n  stages : base32\n"
+
+
+def test_rows_read_back_from_a_log():
+    text = "a log line\n" + format_summary("train", [("device", "cpu"), ("time budget", "600 s")]) + "\nstep 1/3"
+    assert summary_rows(text) == {"device": "cpu", "time budget": "600 s"}

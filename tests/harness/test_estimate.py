@@ -10,6 +10,7 @@ import pytest
 from conftest import load_tool
 
 from cascade.harness.estimate import gpu_check_figures
+from cascade.summary import summary_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "estimate.py"
@@ -22,22 +23,13 @@ def _number(row: str) -> float:
     return float(re.match(r"\s*([0-9.e+-]+)", row).group(1))
 
 
-def _rows(text: str) -> dict[str, str]:
-    rows = {}
-    for line in text.splitlines():
-        name, sep, value = line.partition(" : ")
-        if sep and line.startswith("  "):
-            rows[name.strip()] = value
-    return rows
-
-
 def test_a_tiny_stage_prints_consistent_positive_figures(capsys, tmp_path, one_thread):
     code = estimate.main(["stage=classifier32", "size=tiny", "trainer.batch_size=2", "trainer.max_steps=50",
                           "--steps", "1", "--device", "cpu", "--gpu-check", str(tmp_path / "none.json")])
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.startswith("classifier32 (tiny)")
-    rows = _rows(out)
+    rows = summary_rows(out)
     step_s, img_s = _number(rows["s/step"]), _number(rows["img/s"])
     assert step_s > 0 and img_s > 0
     assert rows["batch"] == "2 images per step"

@@ -15,6 +15,7 @@ from PIL import Image
 from cascade.cli import parse_ckpt_pairs, parse_stage_values, steps_value
 from cascade.pipeline.cascade_pipeline import CascadeConfigError
 from cascade.pipeline.outputs import sample_stem
+from cascade.summary import summary_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "sample_cascade.py"
@@ -155,16 +156,6 @@ def test_no_sampling_flags_use_each_checkpoints_own_settings(runs_root, tmp_path
         assert {k: got[k] for k in want} == want, name
 
 
-def _summary_rows(stderr: str) -> dict[str, str]:
-    """The start-up summary's `name : value` rows (progress bars and other lines left out)."""
-    rows = {}
-    for line in stderr.splitlines():
-        name, sep, value = line.partition(" : ")
-        if sep and line.startswith("  "):
-            rows[name.strip()] = value
-    return rows
-
-
 @pytest.mark.parametrize(
     ("w_option", "expected_w", "marked"),
     [
@@ -185,7 +176,7 @@ def test_guidance_changes_only_the_stage_it_names_and_the_summary_marks_it(runs_
     settings = json.loads((out / "settings.json").read_text())
     for name, want in expected_w.items():
         assert settings["stages"][name]["w"] == (own[name] if want is None else want), name
-    rows = _summary_rows(capsys.readouterr().err)
+    rows = summary_rows(capsys.readouterr().err)
     assert rows["device"] == "cpu" and rows["seed"] == "0" and rows["out"] == str(out)
     for name in ("base32", "sr64"):
         row = rows[name]
