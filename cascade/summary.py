@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO
 
-__all__ = ["format_count", "format_summary", "print_summary", "summary_rows"]
+__all__ = ["format_count", "format_summary", "print_summary", "read_summary"]
 
 
 def format_count(n: float) -> str:
@@ -32,7 +32,7 @@ def print_summary(title: str, rows: Iterable[tuple[str, object]], file: TextIO |
     print(format_summary(title, rows), file=out, flush=True)
 
 
-def summary_rows(text: str) -> dict[str, str]:
+def read_summary(text: str) -> dict[str, str]:
     """The ``name : value`` rows of every summary block in ``text`` (the inverse of `format_summary`'s rows; other
     lines, e.g. log lines or progress bars, are skipped). A later block's row replaces an earlier one of that name."""
     rows = {}

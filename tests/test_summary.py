@@ -2,7 +2,7 @@
 
 import io
 
-from cascade.summary import format_count, format_summary, print_summary, summary_rows
+from cascade.summary import format_count, format_summary, print_summary, read_summary
 
 
 def test_counts_take_si_suffixes():
@@ -25,4 +25,4 @@ def test_print_goes_to_the_given_stream():
 
 def test_rows_read_back_from_a_log():
     text = "a log line\n" + format_summary("train", [("device", "cpu"), ("time budget", "600 s")]) + "\nstep 1/3"
-    assert summary_rows(text) == {"device": "cpu", "time budget": "600 s"}
+    assert read_summary(text) == {"device": "cpu", "time budget": "600 s"}

@@ -10,7 +10,7 @@ import pytest
 from conftest import load_tool
 
 from cascade.harness.estimate import gpu_check_figures
-from cascade.summary import summary_rows
+from cascade.summary import read_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "estimate.py"
@@ -29,7 +29,7 @@ def test_a_tiny_stage_prints_consistent_positive_figures(capsys, tmp_path, one_t
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.startswith("classifier32 (tiny)")
-    rows = summary_rows(out)
+    rows = read_summary(out)
     step_s, img_s = _number(rows["s/step"]), _number(rows["img/s"])
     assert step_s > 0 and img_s > 0
     assert rows["batch"] == "2 images per step"

@@ -15,7 +15,7 @@ from PIL import Image
 from cascade.cli import parse_ckpt_pairs, parse_stage_values, steps_value
 from cascade.pipeline.cascade_pipeline import CascadeConfigError
 from cascade.pipeline.outputs import sample_stem
-from cascade.summary import summary_rows
+from cascade.summary import read_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "sample_cascade.py"
@@ -176,7 +176,7 @@ def test_guidance_changes_only_the_stage_it_names_and_the_summary_marks_it(runs_
     settings = json.loads((out / "settings.json").read_text())
     for name, want in expected_w.items():
         assert settings["stages"][name]["w"] == (own[name] if want is None else want), name
-    rows = summary_rows(capsys.readouterr().err)
+    rows = read_summary(capsys.readouterr().err)
     assert rows["device"] == "cpu" and rows["seed"] == "0" and rows["out"] == str(out)
     for name in ("base32", "sr64"):
         row = rows[name]

@@ -17,7 +17,7 @@ import torch
 from conftest import SHARD_CLASSES, tiny_run_config
 
 import stages
-from cascade.summary import summary_rows
+from cascade.summary import read_summary
 from cascade.training import watch
 from cascade.training.cadence import first_proxy_estimate, grid_part, proxy_due, step_due
 from cascade.training.progress import ProgressDisplay, eta_seconds, format_duration
@@ -143,7 +143,7 @@ def test_a_run_prints_its_summary_plain_lines_and_writes_grids(synthetic_shards,
     _train(synthetic_shards, run_dir, sample_every="auto", eval_every=0, progress=False, run_report=True)
     err = capsys.readouterr().err
     assert "\r" not in err
-    summary = summary_rows(err)
+    summary = read_summary(err)
     assert summary["stage"] == "base32 (base, 32²)" and summary["size"] == "tiny"
     assert summary["parameters"].endswith("M") and summary["forward FLOPs/image"].endswith("M")
     assert summary["device"] == "cpu × 1 process"
