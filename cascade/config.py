@@ -1,8 +1,9 @@
 """Declarative stage configuration: plain dataclasses with JSON round trips and checked overrides.
 
 One dataclass per concern: `UNetConfig` (network shape), `DiffusionConfig` (forward process and loss),
-`AugConfig` (conditioning augmentation in training), `SamplingSettings` (how the stage samples by default) and
-`StageConfig` (one stage: all of the above plus what it generates). Each default is defined here once; the
+`AugConfig` (conditioning augmentation in training), `SamplingSettings` (how the stage samples by default),
+`DistillSpec` (what a distilled stage learned from its teacher) and `StageConfig` (one stage: all of the above
+plus what it generates). Each default is defined here once; the
 presets in `stages/` are keyword instances of these classes and hydra sees them as structured configs.
 
 Every constructor checks each field's type (`cascade.checks.coerce_fields`: ints accepted for floats, bools never
@@ -50,6 +51,11 @@ STAGE_KINDS = tuple(k.value for k in StageKind)
 # Uniform t, or importance sampling by each term's loss second moment (Nichol & Dhariwal 2021 "Improved
 # DDPM" §3.3); `cascade.training.timestep_sampler` implements them.
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
+# How a stage was distilled from a teacher checkpoint (`DistillSpec`; `cascade.training.distill`): not at all,
+# guidance only (Meng et al. 2023 "On Distillation of Guided Diffusion Models" §4.1: w as an input, one network
+# evaluation per step) or guidance and steps together (Luo et al. 2023 "Latent Consistency Models" §4.2: guided
+# consistency distillation, sampled by `cascade.diffusion.samplers.sample_consistency`).
+DISTILL_METHODS = ("none", "guidance", "consistency")
 # Upper bounds of the stage settings (lower bounds are in the checks): far above any preset, below what would
 # exhaust a machine before the first step.
 # resolution: pixels per side (also of attention resolutions); channel_mult: each entry, levels: its length;
@@ -188,6 +194,53 @@ class AugConfig:
                              f"{self.blur_kernel}")
 
 
+@dataclass(frozen=True)
+class DistillSpec:
+    """What a distilled stage learned from its teacher (`tools/distill_stage.py`); ``method`` "none" for a stage
+    trained from data.
+
+    - ``method``: "guidance": the network takes the guidance weight w as an input and reproduces the teacher's
+      classifier-free guided prediction in one evaluation (Meng et al. 2023 §4.1), sampled by the teacher's samplers;
+      "consistency": also distilled to a consistency function on a grid of ``levels`` noise levels (Luo et al. 2023
+      "Latent Consistency Models" §4.2, from Song et al. 2023 "Consistency Models"), sampled by the ``consistency``
+      sampler in 1 to ``levels`` steps.
+    - ``teacher``: the teacher's checkpoint folder (a record: the student's weights do not need it).
+    - ``w_max``: the student was trained for guidance weights w in [0, w_max].
+    - ``levels``: consistency only: the N intervals of its training grid (`cascade.diffusion.distillation`).
+
+    Ranges (ValueError naming ``distill.<key>`` otherwise): method one of `DISTILL_METHODS`; with method "none" the
+    other fields keep their defaults; otherwise teacher non-empty and w_max in (0, 10⁶]; levels ≥ 1 for consistency
+    (at most T, checked by `StageConfig`), 0 for guidance.
+    """
+
+    method: str = "none"
+    teacher: str = ""
+    w_max: float = 0.0
+    levels: int = 0
+
+    def __post_init__(self) -> None:
+        coerce_fields(self, "distill")
+        check_choice("distill.method", self.method, DISTILL_METHODS)
+        if self.method == "none":
+            if self.teacher or self.w_max or self.levels:
+                raise ValueError("distill.teacher, w_max and levels describe a distilled stage; with method none "
+                                 "leave them unset")
+            return
+        if not self.teacher:
+            raise ValueError(f"distill.teacher must name the teacher checkpoint of a {self.method}-distilled stage")
+        if not 0 < self.w_max <= LIMITS["weight"]:  # NaN fails too
+            raise ValueError(f"distill.w_max must be > 0 and <= {LIMITS['weight']:g}, got {self.w_max}")
+        if self.method == "consistency" and self.levels < 1:
+            raise ValueError(f"distill.levels must be >= 1 for consistency distillation, got {self.levels}")
+        if self.method == "guidance" and self.levels:
+            raise ValueError(f"distill.levels applies to consistency distillation only, got {self.levels}")
+
+    @property
+    def takes_w(self) -> bool:
+        """Whether the network takes the guidance weight w as an input (every distilled stage)."""
+        return self.method != "none"
+
+
 _SPACING = re.compile(r"^(ddim)?\d+(,\d+)*$")
 
 
@@ -197,11 +250,14 @@ class SamplingSettings:
     `sweep` derive per-stage copies (`dataclasses.replace`) and hand them down whole.
 
     - ``sampler``: a name in `cascade.diffusion.samplers.SAMPLERS` ("ddpm": ancestral, Ho et al. 2020 "DDPM" Algorithm 2;
-      "ddim": Song et al. 2021 "DDIM" eq. 12).
+      "ddim": Song et al. 2021 "DDIM" eq. 12; "consistency": multistep consistency sampling, Song et al. 2023
+      "Consistency Models" Algorithm 1, for consistency-distilled stages only).
     - ``steps``: respaced steps: a count (int ≥ 1), a spacing string ("50", "ddim25", sections "10,5"), or
-      None for every training timestep (Nichol & Dhariwal 2021 "Improved DDPM" §4).
+      None for every training timestep (Nichol & Dhariwal 2021 "Improved DDPM" §4); for the consistency sampler
+      the number of network evaluations, 1 to the student's ``distill.levels``.
     - ``eta``: DDIM's η in [0, 1] (0: deterministic; 1: DDPM-like variance); nonzero only with ``ddim``.
-    - ``w``: classifier-free guidance weight ≥ 0 (Ho & Salimans 2022 eq. 6: ε̃ = (1+w)·ε(c) − w·ε(∅)).
+    - ``w``: classifier-free guidance weight ≥ 0 (Ho & Salimans 2022 eq. 6: ε̃ = (1+w)·ε(c) − w·ε(∅)); a distilled
+      stage takes it as its network's input (one evaluation per step), within its ``distill.w_max``.
     - ``aug_level``: SR stages only: the conditioning augmentation level s in [0, 1] the low-resolution input
       is re-noised to (CDM §3.2); None on base and classifier stages.
     - ``truncate``: SR stages only: truncated conditioning augmentation (CDM §3.2): the previous stage stops at
@@ -284,6 +340,7 @@ class SamplingSettings:
         if self.guidance_interval is not None and not self.guidance_interval[1] < stage.diffusion.num_timesteps:
             raise ValueError(f"stage {stage.name}: guidance_interval {list(self.guidance_interval)} must lie in "
                              f"[0, {stage.diffusion.num_timesteps}) (its training timesteps)")
+        self._check_distilled(stage)
         if stage.kind is StageKind.sr:
             if self.aug_level is None:
                 raise ValueError(f"stage {stage.name}: an SR stage needs sampling.aug_level in [0, 1]")
@@ -297,6 +354,28 @@ class SamplingSettings:
             if self.truncate:
                 raise ValueError(f"stage {stage.name}: truncate applies to SR stages only")
 
+    def _check_distilled(self, stage: StageConfig) -> None:
+        """What a distilled stage (``stage.distill``) can be sampled with: the consistency sampler only on a
+        consistency student and in 1 to ``levels`` steps, w in its trained range, no guidance interval."""
+        spec, name = stage.distill, stage.name
+        if self.sampler == "consistency" and spec.method != "consistency":
+            raise ValueError(f"stage {name}: the consistency sampler needs a consistency-distilled stage "
+                             "(tools/distill_stage.py); use ddpm, ddim, dpmpp2m or heun")
+        if spec.method == "consistency":
+            if self.sampler != "consistency":
+                raise ValueError(f"stage {name} is consistency-distilled: sample it with sampler consistency "
+                                 f"(1 to {spec.levels} steps), not {self.sampler}")
+            if not is_int(self.steps) or not 1 <= self.steps <= spec.levels:
+                raise ValueError(f"stage {name}: its consistency student was trained on {spec.levels} levels; "
+                                 f"steps must be a count in [1, {spec.levels}], got {self.steps!r}")
+        if spec.takes_w:
+            if self.w > spec.w_max:
+                raise ValueError(f"stage {name}: its distilled student was trained for w in [0, {spec.w_max:g}], "
+                                 f"got w={self.w:g}; use w <= {spec.w_max:g}")
+            if self.guidance_interval is not None:
+                raise ValueError(f"stage {name}: guidance_interval does not apply to a distilled stage (w is its "
+                                 "network's input at every step); leave it unset")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (the interval as a list)."""
         d = dataclasses.asdict(self)
@@ -305,7 +384,8 @@ class SamplingSettings:
         return d
 
 
-_NESTED = {"unet": UNetConfig, "diffusion": DiffusionConfig, "aug": AugConfig, "sampling": SamplingSettings}
+_NESTED = {"unet": UNetConfig, "diffusion": DiffusionConfig, "aug": AugConfig, "sampling": SamplingSettings,
+           "distill": DistillSpec}
 
 
 @dataclass
@@ -313,7 +393,8 @@ class StageConfig:
     """One stage of the cascade: what it generates (or classifies), its network, noising and augmentation.
 
     Ranges (ValueError naming the key otherwise): resolution in [1, 4096] pixels per side, divisible by
-    2^(len(unet.channel_mult) − 1); low_resolution (sr only) in [1, resolution); num_classes in [1, 100000]."""
+    2^(len(unet.channel_mult) − 1); low_resolution (sr only) in [1, resolution); num_classes in [1, 100000];
+    ``distill`` (a base or sr stage only) with levels at most T; ``sampling`` as `SamplingSettings.check_for`."""
 
     name: str
     kind: str
@@ -324,6 +405,7 @@ class StageConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    distill: DistillSpec = field(default_factory=DistillSpec)
 
     def __post_init__(self) -> None:
         coerce_fields(self, "")
@@ -345,6 +427,11 @@ class StageConfig:
             raise ValueError(f"unet.cond_skip_std applies to sr stages only; {self.name} is a {self.kind.value} stage")
         if self.resolution % 2 ** (len(self.unet.channel_mult) - 1) != 0:
             raise ValueError(f"resolution {self.resolution} is not divisible by 2^(len(channel_mult)-1)")
+        if self.distill.method != "none" and self.kind is StageKind.classifier:
+            raise ValueError(f"stage {self.name}: a classifier is not distilled (distill.method must be none)")
+        if self.distill.levels > self.diffusion.num_timesteps:
+            raise ValueError(f"distill.levels {self.distill.levels} exceeds the {self.diffusion.num_timesteps} "
+                             "training timesteps")
         self.sampling.check_for(self)
 
     def to_dict(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Every default is defined once, in the dataclasses (`cascade.config`, `cascade.tr
 presets (`stages.presets`); this module only shows them to hydra:
 
 - ``train_schema``: the whole `tools/train_stage.py` job (run_dir, resume, seed, size, stage, trainer, data),
-  typed by the dataclasses, so an unknown key or a value of the wrong type fails at composition.
+  typed by the dataclasses, so an unknown key or a value of the wrong type fails at composition;
+  ``distill_schema``: the `tools/distill_stage.py` job, the same plus teacher and distill.
 - group ``stage`` (base32, sr64, …): selects the stage; group ``preset`` (``<stage>_<size>``): the stage's
   full preset at that size, placed at ``stage`` by `configs/train.yaml`'s defaults list
   (``preset: ${stage}_${size}``). Its ``num_classes`` is left missing: the trainer takes it from the shards.
@@ -28,7 +29,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from cascade.config import StageConfig
-from cascade.training.trainer_config import DataConfig, TrainerConfig
+from cascade.training.trainer_config import DataConfig, DistillSettings, TrainerConfig
 from stages.presets import SIZES, STAGE_NAMES, get_stage
 
 
@@ -74,6 +75,16 @@ def train_schema() -> type:
     ])
 
 
+def distill_schema() -> type:
+    """The schema of the whole distillation job (`tools/distill_stage.py`): the training job's fields, the teacher
+    (required: a run folder or checkpoint of `tools/train_stage.py`) and the distillation settings."""
+    return dataclasses.make_dataclass("DistillJobSchema", [
+        *((f.name, f.type, f) for f in dataclasses.fields(train_schema())),
+        ("teacher", str, dataclasses.field(default=MISSING)),
+        ("distill", schema_of(DistillSettings), dataclasses.field(default_factory=schema_of(DistillSettings))),
+    ])
+
+
 def preset_node(name: str, size: str) -> dict[str, Any]:
     """The preset of stage ``name`` at ``size`` as hydra sees it: every field but ``num_classes``."""
     node = get_stage(name, size).to_dict()
@@ -85,6 +96,7 @@ def register(store: ConfigStore | None = None) -> None:
     """Register the schema and the stage groups (idempotent); call before composing `configs/train.yaml`."""
     store = store or ConfigStore.instance()
     store.store(name="train_schema", node=train_schema())
+    store.store(name="distill_schema", node=distill_schema())
     for name in STAGE_NAMES:
         store.store(group="stage", name=name, node={})
         for size in SIZES:

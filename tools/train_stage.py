@@ -25,265 +25,37 @@ Kubernetes, `docker stop`, `timeout`: "interrupted by SIGTERM at step N; ...", e
 `--signal` warning, 138), on every rank of a torchrun / accelerate launch run. HYDRA_FULL_ERROR=1 (or
 CASCADE_DEBUG=1) shows tracebacks.
 
-Before hydra runs, the command line is checked with hydra's own pieces, none of them private: its
-documented flags (https://hydra.cc/docs/advanced/hydra-command-line-flags/), the override parser of
-`hydra.core` (the one plugins use) and the compose API. An
-error is told from the exception's type and attributes (the key, the override, the valid options), never
-from the wording of its message.
+The command line's edge (checks before hydra runs, one-line errors, exit codes) is `cascade.harness.hydra_tool`,
+shared with tools/distill_stage.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
-import os
 import sys
-from collections.abc import Callable
-from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
-from hydra.errors import (
-    ConfigCompositionException,
-    HydraException,
-    MissingConfigException,
-    OverrideParseException,
-)
-from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf import DictConfig
 
-from cascade.config import StageConfig
-from cascade.errors import (
-    EXIT_FAILURE,
-    EXIT_USAGE,
-    Interrupted,
-    debug_enabled,
-    describe_failure,
-    ensure_writable_dir,
-    exit_code,
-    interrupted_by,
-    print_error,
-    signal_of,
-    stop_signals_raise,
-)
-from cascade.locks import FolderLock
-from cascade.training.trainer_config import RunConfig
+from cascade.harness import hydra_tool
+from cascade.harness.hydra_tool import HydraTool, build_run, run_training, shard_classes, tool_main
 from stages.hydra_store import register
 
 register()
 
-PROG = "train_stage"
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIG_NAME = "train"
-GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
-INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
-
-
-class UsageError(ValueError):
-    """A command line that hydra's flags do not parse."""
-
-
-class _FlagParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of argparse's usage block
-        raise UsageError(f"{message} (overrides are KEY=VALUE, e.g. trainer.max_steps=1000)")
-
-
-def flag_parser() -> argparse.ArgumentParser:
-    """hydra's documented command-line flags (https://hydra.cc/docs/advanced/hydra-command-line-flags/) and the
-    overrides: what hydra.main accepts, read here only to tell the overrides from the flags."""
-    parser = _FlagParser(prog=PROG, add_help=False)
-    parser.add_argument("overrides", nargs="*")
-    for flag in (("--help", "-h"), ("--hydra-help",), ("--version",), ("--resolve",), ("--run", "-r"),
-                 ("--multirun", "-m"), ("--shell-completion", "-sc")):
-        parser.add_argument(*flag, action="store_true")
-    parser.add_argument("--cfg", "-c", choices=("job", "hydra", "all"))
-    for flag in (("--package", "-p"), ("--config-path", "-cp"), ("--config-name", "-cn"), ("--config-dir", "-cd"),
-                 ("--experimental-rerun",)):
-        parser.add_argument(*flag)
-    parser.add_argument("--info", "-i", nargs="?", const="all", choices=INFO_TOPICS)
-    return parser
-
-
-def _first_line(text: object) -> str:
-    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
-
-
-def _lines(text: object) -> str:
-    return "; ".join(line.strip().rstrip(".") for line in str(text).splitlines() if line.strip())
-
-
-def error_line(err: BaseException, overrides: list[Override]) -> str:
-    """One line for a composition error, from the exception's type and attributes: an unknown key names the key
-    and the override that would add it, a missing group option lists the valid options, an OmegaConf error
-    names its key; the message itself is shown, never read."""
-    if isinstance(err, OverrideParseException):
-        return f"override {err.override!r} is malformed ({_first_line(err.message)}); see {GRAMMAR}"
-    if isinstance(err, MissingConfigException):
-        return _first_line(err).rstrip(".") + (f"; valid options: {', '.join(err.options)}" if err.options else "")
-    cause = err.__cause__
-    if isinstance(err, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
-        key = cause.full_key
-        line = next((o.input_line for o in overrides if o.key_or_group == key), None) or f"{key}=VALUE"
-        return (f"unknown key {key!r}; check its spelling (python tools/{PROG}.py --cfg job lists every key), "
-                f"or add a new key with +{line}")
-    if isinstance(err, OmegaConfBaseException):
-        return _keyed(err.full_key, _first_line(err))
-    if isinstance(err, HydraException):
-        message = _lines(err)
-        if isinstance(cause, OmegaConfBaseException):
-            return _keyed(cause.full_key, f"{message}; {_first_line(cause)}")
-        return message
-    return str(err)
-
-
-def _keyed(full_key: object, message: str) -> str:
-    return message if not full_key or str(full_key) in message else f"{full_key}: {message}"
+TOOL = HydraTool(prog="train_stage", config_name="train", build=lambda cfg: build_run(cfg, shard_classes))
 
 
 def check_command_line(argv: list[str]) -> None:
-    """Compose the configuration as hydra will, and check that run_dir is writable, before hydra runs: a bad
-    flag, an override's syntax, a composition error (unknown key or group option, a value of the wrong type,
-    an interpolation) and an unwritable run_dir become one line and exit code 2 instead of hydra's
-    multi-line report (exit 1)."""
-    try:
-        args = flag_parser().parse_args(argv)
-        modes = [name for name in ("run", "multirun", "cfg", "info", "shell_completion") if getattr(args, name)]
-        if len(modes) > 1:
-            raise UsageError("give one of --run, --multirun, --cfg, --info and --shell-completion")
-    except UsageError as err:
-        print_error(PROG, str(err))
-        sys.exit(EXIT_USAGE)
-    if (args.help or args.hydra_help or args.version or args.info or args.shell_completion or args.config_path
-            or args.config_dir or args.experimental_rerun):
-        return  # hydra's own informational modes, or a configuration elsewhere: hydra reports as usual
-    overrides: list[Override] = []
-    try:
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
-        if args.multirun:
-            return  # a sweep's jobs are composed (and checked) by hydra one by one
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None, job_name=PROG):
-            cfg = compose(args.config_name or CONFIG_NAME, overrides=args.overrides, return_hydra_config=True)
-        job = OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})
-        job_values = OmegaConf.to_container(job, resolve=True, throw_on_missing=False)
-        str(cfg.hydra.run.dir)  # resolves its interpolations (run_dir, the date)
-        choices = cfg.hydra.runtime.choices
-        for group in ("preset", "stage_trainer"):  # both follow stage and size; chosen directly they could disagree
-            if group == "stage_trainer" and choices.get(group) is None:
-                continue  # ~stage_trainer: left out, the size's trainer values as they are
-            if choices.get(group) != f"{choices.get('stage')}_{choices.get('size')}":
-                raise ValueError(f"{group}={choices.get(group)} does not match stage={choices.get('stage')} "
-                                 f"size={choices.get('size')}; choose the stage with stage= and size= only")
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
-        if debug_enabled():
-            raise
-        print_error(PROG, error_line(err, overrides))
-        sys.exit(EXIT_USAGE)
-    if args.cfg is None and isinstance(job_values.get("run_dir"), str):
-        try:
-            run_dir = ensure_writable_dir(to_absolute_path(job_values["run_dir"]), "run_dir")
-            # A second run on it: refused before hydra writes its logs there (rank 0 of a torchrun run decides).
-            FolderLock(run_dir, "run_dir", enabled=os.environ.get("RANK", "0") == "0").check_free()
-        except ValueError as err:
-            print_error(PROG, str(err))
-            sys.exit(EXIT_USAGE)
+    """`cascade.harness.hydra_tool.check_command_line` for this tool: exit 2 with one line on a bad command line."""
+    hydra_tool.check_command_line(argv, TOOL)
 
 
-def build_run(cfg: DictConfig, num_classes: Callable[[str], int]) -> tuple[StageConfig, str, RunConfig]:
-    """(StageConfig, size, RunConfig) from the composed configuration; paths made absolute. The stage's class
-    count, unless set, is ``num_classes(data_root)`` (the shards')."""
-    if OmegaConf.is_missing(cfg.data, "root"):
-        raise ValueError("data.root is required: data.root=DIR, a shard folder written by tools/make_shards.py")
-    data_root = to_absolute_path(str(cfg.data.root))
-    c = OmegaConf.to_container(cfg, resolve=True)
-    data = {**c["data"], "root": data_root}
-    resume = str(c["resume"])
-    if resume not in ("auto", "never"):
-        resume = to_absolute_path(resume)
-    run = RunConfig.from_dict({"run_dir": to_absolute_path(str(c["run_dir"])), "resume": resume, "seed": c["seed"],
-                               "trainer": c["trainer"], "data": data})
-    stage = c["stage"]
-    if OmegaConf.is_missing(cfg.stage, "num_classes"):  # checked after the run settings: they need no data
-        stage["num_classes"] = num_classes(data_root)
-    return StageConfig.from_dict(stage), str(c["size"]), run
-
-
-def _shard_classes(root: str) -> int:
-    from cascade.data.shard_folder import read_dataset_info
-
-    return len(read_dataset_info(root)["class_names"])
-
-
-def train(cfg: DictConfig) -> int:
-    """Build the trainer (bad configuration → one line, exit code 2) and run it (failure → one line, 1;
-    Ctrl-C, SIGTERM, SIGUSR1 → checkpoint, one line, 128 + the signal). Returns the exit code."""
-    try:
-        stage, size, run = build_run(cfg, _shard_classes)
-        from cascade.training.trainer import StageTrainer
-
-        trainer = StageTrainer(stage, run, extra_config={"size": size})
-    except (ValueError, FileNotFoundError, OmegaConfBaseException) as err:
-        if debug_enabled():
-            raise
-        print_error(PROG, str(err))
-        return EXIT_USAGE
-    except KeyboardInterrupt as err:
-        print(f"{PROG}: {interrupted_by(signal_of(err))} before training started; run the same command to start",
-              file=sys.stderr)
-        return exit_code(signal_of(err))
-    except Exception as err:  # set-up failed for another reason (disk, device, process group): one line, 1
-        if debug_enabled():
-            raise
-        print_error(PROG, describe_failure(err))
-        return EXIT_FAILURE
-    from cascade.training.trainer import NonFiniteLossError
-
-    try:
-        final = trainer.run()
-    except Interrupted as err:
-        if trainer.accelerator.is_main_process:
-            print(f"{PROG}: {err}", file=sys.stderr)
-        return exit_code(err.signum)
-    except KeyboardInterrupt as err:  # a third signal: stopped at once, without a checkpoint of this step
-        print(f"{PROG}: {interrupted_by(signal_of(err))} without a checkpoint of the current step; run the same "
-              "command to resume from the last one", file=sys.stderr)
-        return exit_code(signal_of(err))
-    except NonFiniteLossError as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
-        return EXIT_FAILURE
-    except Exception as err:  # one line per failure; the traceback with HYDRA_FULL_ERROR=1
-        if debug_enabled():
-            raise
-        rank = trainer.accelerator.process_index
-        print_error(PROG if trainer.accelerator.num_processes == 1 else f"{PROG} (rank {rank})",
-                    describe_failure(err))
-        return EXIT_FAILURE
-    if trainer.accelerator.is_main_process:
-        print(f"final checkpoint: {final}")
-    return 0
-
-
-@hydra.main(version_base=None, config_path="../configs", config_name=CONFIG_NAME)
+@hydra.main(version_base=None, config_path="../configs", config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
-    code = train(cfg)
+    code = run_training(cfg, TOOL)
     if code:
         sys.exit(code)
 
 
-def main() -> None:
-    faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) still says where each thread was
-    try:
-        with stop_signals_raise():  # SIGTERM / SIGUSR1 outside the training loop: one line, 128 + signal
-            check_command_line(sys.argv[1:])
-            hydra_main()
-    except KeyboardInterrupt as err:
-        if debug_enabled():
-            raise
-        print(f"{PROG}: {interrupted_by(signal_of(err))}; run the same command to start again", file=sys.stderr)
-        sys.exit(exit_code(signal_of(err)))
-
-
 if __name__ == "__main__":
-    main()
+    tool_main(TOOL, hydra_main)

@@ -3,7 +3,7 @@
 
 `classifier_free_guidance` (Ho & Salimans 2022, optionally limited to an interval of timesteps,
 Kynkäänniemi et al. 2024) and `classifier_guidance` (Dhariwal & Nichol 2021 §4.2), for models predicting
-ε, v or x_0. Equation numbers refer to the lecture slides (not in the repository); each also names the
+ε, v or x_0; `GuidanceInput` hands a distilled student its guidance weight as an input instead. Equation numbers refer to the lecture slides (not in the repository); each also names the
 paper's equation.
 """
 
@@ -18,8 +18,8 @@ from torch import nn
 from cascade.checks import is_int, is_number
 from cascade.diffusion.parameterization import check_prediction, eps_shift_in_prediction
 
-__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "check_guidance_interval", "classifier_free_guidance",
-           "classifier_guidance"]
+__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "GuidanceInput", "check_guidance_interval",
+           "classifier_free_guidance", "classifier_guidance"]
 
 def _check_weight(name: str, value) -> float:
     """A guidance weight or scale: a finite real number >= 0 (not a bool), as a float; ValueError otherwise."""
@@ -101,6 +101,19 @@ class ClassifierFreeGuidance(nn.Module):
         if inside is not None:  # guidance only inside [t_lo, t_hi] (Kynkäänniemi et al. 2024)
             mean = torch.where(inside.view(-1, *([1] * (x.ndim - 1))), mean, cond[:, :channels])
         return _guided_output(cond, channels, mean)
+
+
+class GuidanceInput(nn.Module):
+    """A distilled student with its guidance weight fixed: ``model(x_t, t, w=w·1, **kwargs)``, one network
+    evaluation per call (the guidance the teacher needed two for is the student's input; Meng et al. 2023 §4.1)."""
+
+    def __init__(self, model, w: float):
+        super().__init__()
+        self.model = model
+        self.w = _check_weight("guidance weight w", w)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs):
+        return self.model(x, t, w=torch.full((x.shape[0],), self.w, device=x.device), **kwargs)
 
 
 class ClassifierGuidance(nn.Module):

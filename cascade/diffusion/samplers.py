@@ -5,9 +5,10 @@ A model is any callable `model(x_t, t, **model_kwargs)` → its prediction (ε, 
 samplers map a respaced diffusion's indices through its `timestep_map`. The guidance wrappers of
 `cascade.diffusion.guidance` return a model with that same call signature, so every sampler accepts them.
 
-Samplers: `sample_ddpm` (ancestral, DDPM Algorithm 2), `sample_ddim` (Song et al. 2021), and two
+Samplers: `sample_ddpm` (ancestral, DDPM Algorithm 2), `sample_ddim` (Song et al. 2021), two
 second-order solvers of the probability-flow ODE, `sample_dpmpp2m` (DPM-Solver++(2M), Lu et al. 2022)
-and `sample_heun` (Karras et al. 2022 'EDM', Algorithm 1). Every one of them can stop early at
+and `sample_heun` (Karras et al. 2022 'EDM', Algorithm 1), and `sample_consistency` (Song et al. 2023
+'Consistency Models' Algorithm 1) for consistency-distilled students. Every one of them can stop early at
 `stop_at_index` (truncated conditioning augmentation). Noise comes from `cascade.diffusion.noise` (one
 generator, or one per sample). Equation numbers refer to the lecture slides (not in the repository); each
 also names the paper's equation.
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from cascade.diffusion.gaussian import GaussianDiffusion
 from cascade.diffusion.noise import NoiseGenerator, check_generator, draw_noise
 
-__all__ = ["SAMPLERS", "sample_ddim", "sample_ddpm", "sample_dpmpp2m", "sample_heun"]
+__all__ = ["SAMPLERS", "sample_consistency", "sample_ddim", "sample_ddpm", "sample_dpmpp2m", "sample_heun"]
 
 
 def _sampling_device(model, generator: NoiseGenerator) -> torch.device:
@@ -242,9 +243,42 @@ def sample_heun(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tens
     return x
 
 
+@torch.no_grad()
+def sample_consistency(model, diffusion: GaussianDiffusion, shape=None, x_T: torch.Tensor | None = None, *,
+                       model_kwargs: dict | None = None, clip_denoised: bool = True,
+                       dynamic_threshold: float | None = None, stop_at_index: int | None = None,
+                       generator: NoiseGenerator = None, progress: bool = False,
+                       callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023 'Consistency Models' Algorithm 1, in VP form) of a
+    consistency student: one network evaluation at each of the (respaced) diffusion's indices, N−1 down to 0.
+
+    At index i the student's x̂_0 = f(x, t_i) (its prediction's x̂_0, clipped or thresholded as `p_mean_variance`
+    does); before the next evaluation it is re-noised to that index's level, x = √ᾱ_{i−1}·x̂_0 + √(1 − ᾱ_{i−1})·z
+    (slides eq. 2; Ho et al. 2020 'DDPM' eq. 4). Returns the last x̂_0; with `stop_at_index` = k it stops after the
+    evaluation at k + 1 and returns x̂_0 re-noised to ᾱ_k (truncated conditioning augmentation). The levels are the
+    caller's (`cascade.diffusion.distillation.consistency_timesteps`: the student's training grid). Arguments,
+    shapes and errors as in `sample_ddpm`; any learned variance in the output is ignored.
+    """
+    x = _initial_noise(model, shape, x_T, generator)
+    stop = _check_stop(diffusion, stop_at_index)
+    for step, index in enumerate(tqdm(range(diffusion.num_timesteps - 1, stop, -1), disable=not progress,
+                                      desc="consistency")):
+        xstart = _denoised(model, diffusion, x, index, model_kwargs, clip_denoised, dynamic_threshold)
+        if index - 1 > stop or stop >= 0:  # re-noise to the next level (or to the truncation level ᾱ_k)
+            t = torch.full((x.shape[0],), index - 1, dtype=torch.long, device=x.device)
+            # x_τ = √ᾱ_τ·x̂_0 + √(1 − ᾱ_τ)·z (Song et al. 2023 Algorithm 1, line 5, in VP form; slides eq. 2).
+            x = diffusion.q_sample(xstart, t, draw_noise(x.shape, generator, x.device, x.dtype))
+        else:
+            x = xstart
+        if callback is not None:
+            callback({"step": step, "t": index, "x": x, "pred_xstart": xstart})
+    return x
+
+
 # Every sampler by the name `SamplingSettings.sampler` and the command lines use; each takes
 # (model, diffusion, shape=None, x_T=None, *, model_kwargs, clip_denoised, dynamic_threshold, stop_at_index,
 # generator, progress, callback) and the DDIM family also eta.
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp2m": sample_dpmpp2m, "heun": sample_heun,
+    "consistency": sample_consistency,
 }

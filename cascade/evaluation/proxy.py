@@ -22,7 +22,6 @@ mode it was in.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from cascade.evaluation.judge import REFERENCE_SPLIT, get_judge, judge_reference
 from cascade.evaluation.metrics import consistency_psnr, detail_energy, detail_ratio
 from cascade.evaluation.val_inputs import read_val_inputs
 from cascade.imageops import float_to_uint8, uint8_to_float
-from cascade.pipeline.plan import respaced_timesteps
+from cascade.pipeline.plan import monitor_settings, stage_timesteps
 from cascade.pipeline.stage_sampling import sample_stage
 
 __all__ = ["BASE_KEYS", "SR_KEYS", "QualityProxy", "balanced_labels"]
@@ -84,9 +83,9 @@ class QualityProxy:
             raise ValueError(f"quality proxy: {root} has no val split (the judge scores samples against it); "
                              "rewrite the shards with tools/make_shards.py --val-fraction 0.1, or switch the "
                              "proxy off (trainer.eval_every=0)")
-        self.settings = dataclasses.replace(stage.sampling, steps=steps)
+        self.settings = monitor_settings(stage, steps)
         self.settings.check_for(stage)
-        respaced_timesteps(stage.name, stage.diffusion.num_timesteps, steps)  # a spacing that does not fit: now
+        stage_timesteps(stage, self.settings)  # a spacing that does not fit: now
         self.stage, self.seed, self.device = stage, seed, torch.device(device)
         self.judge = get_judge(root, stage.resolution, log=log)
         self.reference = judge_reference(self.judge.features, root, stage.resolution)

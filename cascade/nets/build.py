@@ -18,7 +18,8 @@ __all__ = ["build_diffusion", "build_model", "count_parameters", "example_inputs
 
 def build_model(cfg: StageConfig) -> nn.Module:
     """The stage's network, freshly initialized: a UNet (base, sr; wrapped in a ConditioningSkip when
-    ``unet.cond_skip_std`` > 0) or a NoisyClassifier (classifier)."""
+    ``unet.cond_skip_std`` > 0; taking the guidance weight w as an input when the stage is distilled) or a
+    NoisyClassifier (classifier)."""
     u = cfg.unet
     common = {
         "resolution": cfg.resolution,
@@ -44,6 +45,7 @@ def build_model(cfg: StageConfig) -> nn.Module:
         low_resolution=cfg.low_resolution,
         cross_attention_resolutions=u.cross_attention_resolutions,
         num_class_tokens=u.num_class_tokens,
+        guidance_input=cfg.distill.takes_w,
     )
     if not u.cond_skip_std:
         return unet
@@ -57,7 +59,7 @@ def example_inputs(
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Random keyword inputs for the stage's model call (x_t, t, and y / x_low / aug_level as the kind needs)."""
+    """Random keyword inputs for the stage's model call (x_t, t, and y / x_low / aug_level / w as the stage needs)."""
     r = cfg.resolution
     if torch.device(device).type == "meta":
         rand = lambda *s: torch.empty(*s, device=device)
@@ -71,6 +73,8 @@ def example_inputs(
     if cfg.kind is StageKind.classifier:
         return inputs
     inputs["y"] = y
+    if cfg.distill.takes_w:
+        inputs["w"] = rand(batch_size).abs() if device != "meta" else rand(batch_size)
     if cfg.kind is StageKind.sr:
         lr = cfg.low_resolution
         inputs["x_low"] = rand(batch_size, 3, lr, lr)

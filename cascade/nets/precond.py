@@ -21,7 +21,8 @@ _BACKBONE = "backbone."
 class ConditioningSkip(nn.Module):
     """Backbone output + E[target | x_t] if x_0 ~ N(x_up, σ²I), σ² = cond_skip_std² + (1 − ᾱ(s)).
 
-    Call ``model(x_t, t, y=None, x_low=None, aug_level=None)`` exactly like the backbone (a UNet with
+    Call ``model(x_t, t, y=None, x_low=None, aug_level=None)`` (a distilled student's backbone also ``w=``) exactly
+    like the backbone (a UNet with
     ``low_resolution`` set): x_t: B×C×R×R; t: B timesteps on the training scale of `alphas_cumprod`
     (T entries, each in (0, 1)); x_low: B×C×r×r in [−1, 1], upsampled to R with
     `cascade.imageops.upsample` into x_up; aug_level: B levels s ∈ [0, 1] (their ᾱ(s) from
@@ -64,8 +65,10 @@ class ConditioningSkip(nn.Module):
         return self.backbone.null_class
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                x_low: torch.Tensor | None = None, aug_level: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.backbone(x_t, t, y=y, x_low=x_low, aug_level=aug_level)  # checks every input
+                x_low: torch.Tensor | None = None, aug_level: torch.Tensor | None = None,
+                **student_inputs: torch.Tensor) -> torch.Tensor:
+        # checks every input; student_inputs: a distilled student's w
+        out = self.backbone(x_t, t, y=y, x_low=x_low, aug_level=aug_level, **student_inputs)
         x_up = upsample(x_low, x_t.shape[-1]).to(x_t.dtype)
         skip = self.skip(x_t, t, x_up, aug_level)  # float32, also under autocast
         channels = x_t.shape[1]

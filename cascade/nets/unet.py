@@ -222,7 +222,10 @@ class UNet(nn.Module):
       None = all null;
     - super-resolution models (``low_resolution`` set) take x_low: B×3×r×r (upsampled here with
       ``cascade.imageops.upsample`` and concatenated to x_t) and aug_level: B floats in [0, 1],
-      embedded as sinusoidal(1000·s) → MLP.
+      embedded as sinusoidal(1000·s) → MLP;
+    - distilled students (``guidance_input``) take w: B guidance weights ≥ 0, embedded as sinusoidal(100·w) → MLP
+      whose last layer starts at zero, so a student built from its teacher's weights starts as the teacher's
+      conditional model (Meng et al. 2023 §4.1; Luo et al. 2023 §4.2).
     Class indices are range-checked on CPU tensors (a check on CUDA would force a host sync; there the
     embedding's device assert catches them).
     """
@@ -244,6 +247,7 @@ class UNet(nn.Module):
         head_channels: int = 64,
         norm_groups: int = 32,
         use_checkpoint: bool = False,
+        guidance_input: bool = False,
     ):
         super().__init__()
         if low_resolution is not None and not 0 < low_resolution < resolution:
@@ -256,6 +260,10 @@ class UNet(nn.Module):
         emb_dim = 4 * model_channels
         self.time_embed = EmbeddingMLP(model_channels, emb_dim)
         self.aug_embed = EmbeddingMLP(model_channels, emb_dim) if low_resolution is not None else None
+        self.guidance_embed = EmbeddingMLP(model_channels, emb_dim) if guidance_input else None
+        if self.guidance_embed is not None:  # zero: a fresh w input leaves the teacher's function unchanged
+            nn.init.zeros_(self.guidance_embed[-1].weight)
+            nn.init.zeros_(self.guidance_embed[-1].bias)
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
         use_tokens = bool(cross_attention_resolutions) and num_classes is not None
         self.class_tokens = ClassTokens(num_classes, num_class_tokens, emb_dim) if use_tokens else None
@@ -331,6 +339,7 @@ class UNet(nn.Module):
         y: torch.Tensor | None = None,
         x_low: torch.Tensor | None = None,
         aug_level: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_image_batch(x_t, "x_t", channels=self.in_channels, size=self.resolution)
         batch = x_t.shape[0]
@@ -354,6 +363,14 @@ class UNet(nn.Module):
             emb = emb + self.aug_embed(timestep_embedding(aug_level * 1000.0, self.model_channels))
             x_up = upsample(x_low, self.resolution).to(x_t.dtype)
             h = torch.cat([x_t, x_up], dim=1)
+        if self.guidance_embed is None:
+            if w is not None:
+                raise ValueError("w is the input of a distilled student; this network takes no guidance weight")
+        else:
+            if w is None:
+                raise ValueError("this distilled student needs w (B guidance weights >= 0) as an input")
+            check_batch_vector(w, "w", batch)
+            emb = emb + self.guidance_embed(timestep_embedding(w * 100.0, self.model_channels))
         context = self.class_tokens(y) if self.class_tokens is not None else None
         emb = F.silu(emb)  # every ResBlock starts its embedding projection with SiLU (ADM)
         h, skips = self.encoder(h, emb, context)

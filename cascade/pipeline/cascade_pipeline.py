@@ -37,9 +37,9 @@ from cascade.pipeline.plan import (
     StagePlan,
     describe_stage_plan,
     resolve_settings,
-    respaced_timesteps,
     settings_for,
     stage_overrides,
+    stage_timesteps,
 )
 from cascade.pipeline.stage_sampling import sample_stage
 
@@ -227,10 +227,11 @@ class CascadePipeline:
                 n = self._classifier(chosen.classifier).config.num_classes
                 if max(classes) >= n or min(classes) < 0:
                     raise CascadeConfigError(f"classifier: knows {n} classes; choose classes in 0..{n - 1}")
-            timesteps = respaced_timesteps(stage.name, stage.diffusion.num_timesteps, chosen.steps)
+            timesteps = stage_timesteps(stage.config, chosen)
             plans.append(StagePlan(name=stage.name, resolution=stage.config.resolution, settings=chosen,
                                    timesteps=timesteps, aug_level=chosen.aug_level,
-                                   diffusion=stage.diffusion.respace(timesteps)))
+                                   diffusion=stage.diffusion.respace(timesteps),
+                                   guidance_input=stage.config.distill.takes_w))
         for prev, nxt in itertools.pairwise(plans):
             if nxt.settings.truncate:
                 self._truncate(prev, nxt)

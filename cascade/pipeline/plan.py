@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from cascade.config import SamplingSettings, StageConfig, StageKind
+from cascade.diffusion.distillation import consistency_timesteps
 from cascade.diffusion.gaussian import space_timesteps
 
 
@@ -29,6 +30,7 @@ class StagePlan:
     timesteps: list[int]  # the kept timesteps on the training scale
     aug_level: float | None = None  # SR stages: the level s the model is told (truncation moves it to ᾱ_k's)
     stop_at_index: int | None = None  # truncated: the respaced index whose z_k is handed over
+    guidance_input: bool = False  # a distilled stage: w is its network's input (one evaluation per step)
     diffusion: Any = field(default=None, repr=False)  # the respaced diffusion
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +93,24 @@ def respaced_timesteps(name: str, num_timesteps: int, steps: int | str | None) -
         raise CascadeConfigError(
             f"stage {name}: bad steps {steps!r} ({err}); use a count like 50, 'ddim25' or sections like '10,5'"
         ) from None
+
+
+def stage_timesteps(stage: StageConfig, settings: SamplingSettings) -> list[int]:
+    """The kept training timesteps (ascending) ``stage`` samples at with ``settings`` (already checked for it): the
+    consistency sampler's levels on the student's grid (`cascade.diffusion.distillation.consistency_timesteps`),
+    else the respacing of ``settings.steps`` (`respaced_timesteps`)."""
+    if settings.sampler == "consistency":
+        return consistency_timesteps(stage.diffusion.num_timesteps, stage.distill.levels, settings.steps)
+    return respaced_timesteps(stage.name, stage.diffusion.num_timesteps, settings.steps)
+
+
+def monitor_settings(stage: StageConfig, steps: int | str) -> SamplingSettings:
+    """The settings a training run's sample grids and quality proxy sample ``stage`` with: its own, over ``steps``
+    (`TrainerConfig.sample_steps`), except a consistency student's, which keep their few steps (its sampler visits
+    the levels it was trained on)."""
+    if stage.sampling.sampler == "consistency":
+        return stage.sampling
+    return dataclasses.replace(stage.sampling, steps=steps)
 
 
 def settings_for(stage: StageConfig, base: SamplingSettings, changes: Mapping[str, Any]) -> SamplingSettings:
@@ -162,19 +182,20 @@ def model_call_indices(sampler: str, num_steps: int, stop_at_index: int | None =
     return calls
 
 
-def network_evaluations(settings: SamplingSettings, timesteps: Sequence[int], stop_at_index: int | None = None) -> int:
+def network_evaluations(settings: SamplingSettings, timesteps: Sequence[int], stop_at_index: int | None = None, *,
+                        guidance_input: bool = False) -> int:
     """Network evaluations per image of one stage: NFE, counting each image the network sees in a call.
 
     ``timesteps``: the kept training timesteps (sorted; respaced index i is ``timesteps[i]``). Each model call
     (`model_call_indices`) costs 1, or 2 where classifier-free guidance is on (w > 0 and t inside
     ``settings.guidance_interval``, if any): the conditional and the null-class prediction, batched in one call
-    (`cascade.diffusion.guidance.ClassifierFreeGuidance`). A classifier's gradient (classifier guidance) is not
-    counted."""
+    (`cascade.diffusion.guidance.ClassifierFreeGuidance`); always 1 for a distilled stage (``guidance_input``: w is
+    its network's input). A classifier's gradient (classifier guidance) is not counted."""
     interval = settings.guidance_interval
 
     def guided(index: int) -> bool:
         t = timesteps[index]
-        return settings.w > 0 and (interval is None or interval[0] <= t <= interval[1])
+        return not guidance_input and settings.w > 0 and (interval is None or interval[0] <= t <= interval[1])
 
     return sum(2 if guided(i) else 1 for i in model_call_indices(settings.sampler, len(timesteps), stop_at_index))
 
@@ -195,7 +216,7 @@ def describe_stage_plan(sp: StagePlan, marks: Mapping[str, str] | None = None) -
              f"{s.sampler}{mark('sampler')} {len(sp.timesteps)} steps{mark('steps')}"]
     if s.sampler == "ddim":
         items.append(f"eta={s.eta:g}{mark('eta')}")
-    w = f"w={s.w:g}{mark('w')}"
+    w = f"w={s.w:g}{mark('w')}" + (" (distilled)" if sp.guidance_input else "")
     if s.guidance_interval is not None and s.w > 0:
         w += f" for t in [{s.guidance_interval[0]:g}, {s.guidance_interval[1]:g}]{mark('guidance_interval')}"
     items.append(w)
@@ -211,5 +232,6 @@ def describe_stage_plan(sp: StagePlan, marks: Mapping[str, str] | None = None) -
         items.append(f"unclipped{mark('clip_denoised')}")
     if s.classifier:
         items.append(f"classifier guidance {s.classifier_scale:g}{mark('classifier', 'classifier_scale')}")
-    items.append(f"{network_evaluations(s, sp.timesteps, sp.stop_at_index)} NFE/image")
+    items.append(f"{network_evaluations(s, sp.timesteps, sp.stop_at_index, guidance_input=sp.guidance_input)} "
+                 "NFE/image")
     return " · ".join(items)

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from cascade.config import SamplingSettings, StageConfig, StageKind
 from cascade.diffusion.augment import condition_low_res
-from cascade.diffusion.guidance import classifier_free_guidance, classifier_guidance
+from cascade.diffusion.guidance import GuidanceInput, classifier_free_guidance, classifier_guidance
 from cascade.diffusion.noise import AUG_NOISE, STEP_NOISE, X_T, per_sample_generators, per_sample_noise
 from cascade.diffusion.samplers import SAMPLERS
-from cascade.pipeline.plan import respaced_timesteps
+from cascade.pipeline.plan import stage_timesteps
 
 __all__ = ["guided_model", "sample_stage"]
 
@@ -33,8 +33,11 @@ def guided_model(model: torch.nn.Module, diffusion: Any, config: StageConfig, se
     """``model`` wrapped for the guidance ``settings`` ask: classifier-free (w > 0; slides eq. 17; Ho & Salimans
     2022 eq. 6; inside ``settings.guidance_interval`` only) and, given a ``classifier`` and a scale > 0,
     classifier guidance (slides eq. 16; Dhariwal & Nichol 2021 Algorithm 1). ``diffusion``: the stage's, on its
-    training timesteps (T bounds the guidance interval)."""
-    if settings.w > 0:  # batched conditional + null-class call, inside the guidance interval only
+    training timesteps (T bounds the guidance interval). A distilled stage takes w as its network's input instead
+    (`cascade.diffusion.guidance.GuidanceInput`: one evaluation per step)."""
+    if config.distill.takes_w:
+        model = GuidanceInput(model, settings.w)
+    elif settings.w > 0:  # batched conditional + null-class call, inside the guidance interval only
         model = classifier_free_guidance(model, settings.w, config.num_classes, settings.guidance_interval,
                                          diffusion.num_timesteps)
     if classifier is not None and settings.classifier_scale > 0:
@@ -57,7 +60,8 @@ def sample_stage(model: torch.nn.Module, diffusion: Any, config: StageConfig, se
     """Sample stage ``config`` for ``labels`` (N class indices) with ``settings``: N×3×R×R float32 CPU images.
 
     ``diffusion``: the stage's `GaussianDiffusion` on its training timesteps, respaced here to
-    ``settings.steps`` (None: every timestep; Nichol & Dhariwal 2021 §4). ``x_low`` (SR stages, N×3×r×r):
+    ``settings.steps`` (None: every timestep; Nichol & Dhariwal 2021 §4; the consistency sampler: levels of the
+    student's grid, `cascade.pipeline.plan.stage_timesteps`). ``x_low`` (SR stages, N×3×r×r):
     clean low-resolution images in [-1, 1], re-noised to ``settings.aug_level`` (CDM §3.2:
     x_s = √ᾱ(s)·x + √(1−ᾱ(s))·ε), or, with ``truncated_level``, a truncated previous stage's z_k already at
     that level (passed on as is). ``stop_at_index``: stop the reverse process there and return z_k (not
@@ -68,7 +72,7 @@ def sample_stage(model: torch.nn.Module, diffusion: Any, config: StageConfig, se
     passes through.
     """
     device = torch.device(device)
-    respaced = diffusion.respace(respaced_timesteps(config.name, diffusion.num_timesteps, settings.steps))
+    respaced = diffusion.respace(stage_timesteps(config, settings))
     guided = guided_model(model, diffusion, config, settings, classifier)
     options: dict[str, Any] = {"clip_denoised": settings.clip_denoised, "dynamic_threshold": settings.dynamic_threshold}
     if settings.sampler == "ddim":

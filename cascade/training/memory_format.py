@@ -94,10 +94,10 @@ def probe_channels_last(model: torch.nn.Module, loss_fn: Callable, batch: dict[s
 def choose_channels_last(model: torch.nn.Module, stage: StageConfig, diffusion: GaussianDiffusion, cfg: TrainerConfig,
                          state: dict | None, *, world_size: int, device: torch.device,
                          autocast: Callable[[], contextlib.AbstractContextManager],
-                         say: bool) -> tuple[bool, LayoutProbe | None]:
+                         say: bool, loss_fn: Callable | None = None) -> tuple[bool, LayoutProbe | None]:
     """(channels_last, the probe or None) of ``trainer.channels_last=auto`` on CPU: the layout a resumed run used
     (``state``, its checkpoint's training state), else the faster one measured on this machine (`probe_channels_last`
-    on the stage's loss at ``cfg.batch_size``). Runs with fewer than `PROBE_MIN_STEPS` steps to go and no time budget,
+    on ``loss_fn``, by default the stage's loss, at ``cfg.batch_size``). Runs with fewer than `PROBE_MIN_STEPS` steps to go and no time budget,
     and multi-process runs (every rank must agree), keep the contiguous layout. ``say``: print the probe's result
     on stderr."""
     if state is not None and "channels_last" in state:
@@ -105,8 +105,9 @@ def choose_channels_last(model: torch.nn.Module, stage: StageConfig, diffusion: 
     remaining = cfg.max_steps - (int(state["step"]) if state is not None else 0)
     if world_size > 1 or (remaining < PROBE_MIN_STEPS and not cfg.max_seconds):
         return False, None
-    sampler = make_timestep_sampler(stage.diffusion.timestep_sampler, diffusion.num_timesteps)
-    loss_fn = make_stage_loss(stage, diffusion, sampler, cfg.p_uncond)
+    if loss_fn is None:
+        sampler = make_timestep_sampler(stage.diffusion.timestep_sampler, diffusion.num_timesteps)
+        loss_fn = make_stage_loss(stage, diffusion, sampler, cfg.p_uncond)
     probe = probe_channels_last(model, loss_fn, example_batch(stage, cfg.batch_size, device=device), autocast=autocast)
     if say:
         print(probe.describe(), file=sys.stderr)

@@ -8,7 +8,6 @@ the run's seed per sample, so the grids of one run differ only by the weights.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from cascade.atomic import write_atomic_with
 from cascade.config import StageConfig, StageKind
 from cascade.evaluation.val_inputs import read_val_inputs as read_grid_inputs
 from cascade.imageops import image_grid, upsample
+from cascade.pipeline.plan import monitor_settings
 from cascade.pipeline.stage_sampling import sample_stage
 
 __all__ = ["read_grid_inputs", "write_sample_grid"]
@@ -29,10 +29,11 @@ def write_sample_grid(path: Path, model: torch.nn.Module, diffusion: Any, stage:
     """Write a PNG grid of ``model``'s samples to ``path`` (its folder is made) and return ``path``.
 
     ``diffusion``: the stage's, on its training timesteps; ``steps``: the respaced steps to sample over (replacing
-    ``stage.sampling.steps``; a count, a spacing string such as "ddim25"); ``count``: samples per class (base) or
+    ``stage.sampling.steps``, except a consistency student's: `cascade.pipeline.plan.monitor_settings`; a count, a
+    spacing string such as "ddim25"); ``count``: samples per class (base) or
     inputs (SR); ``inputs``: an SR stage's `read_grid_inputs`. Sample i's noise is seeded by (``seed``, stage, i).
     """
-    settings = dataclasses.replace(stage.sampling, steps=steps)
+    settings = monitor_settings(stage, steps)
     if stage.kind is StageKind.base:
         labels = torch.arange(min(stage.num_classes, count)).repeat_interleave(count)
         images = sample_stage(model, diffusion, stage, settings, labels, seed=seed, device=device)

@@ -14,6 +14,9 @@ exactly what the uninterrupted run did, whichever steps were checkpointed or int
 checkpoint starts a segment, so extending a finished run continues from there, not from where an
 uninterrupted longer run would be.)
 
+A distilled stage (``stage.distill``, `cascade.training.distill`) trains the same way: its loss is the teacher's
+guided predictions as targets, and a new run starts from the teacher's EMA weights.
+
 Non-finite losses skip the optimizer step on the device (`cascade.training.step`); before every step the
 loop stops with `NonFiniteLossError` once trainer.max_nan_in_row steps in a row were non-finite, writing no
 checkpoint of that state (`cascade.training.stopping`: never stalling a GPU).
@@ -63,6 +66,7 @@ from cascade.training.data_stream import (
     check_train_shards,
     make_train_loader,
 )
+from cascade.training.distill import DistillationLoss, init_student, load_teacher
 from cascade.training.ema import EMA, EMAGroup, PowerEMA
 from cascade.training.losses import make_stage_loss
 from cascade.training.memory_format import choose_channels_last
@@ -164,7 +168,10 @@ class StageTrainer:
         model = build_model(self.stage)
         self.diffusion = build_diffusion(self.stage)
         self.timestep_sampler = make_timestep_sampler(self.stage.diffusion.timestep_sampler, self.diffusion.num_timesteps)
-        self.loss_fn = make_stage_loss(self.stage, self.diffusion, self.timestep_sampler, cfg.p_uncond)
+        if self.stage.distill.takes_w:  # a student: the teacher's guided predictions are its targets
+            self.loss_fn = DistillationLoss(self.stage, self.diffusion, load_teacher(self.stage, self.device))
+        else:
+            self.loss_fn = make_stage_loss(self.stage, self.diffusion, self.timestep_sampler, cfg.p_uncond)
         self.resume_from, model_w, ema_w, state = read_resume_point(
             self.run_dir, self.run_cfg.resume, self.stage, self.device, main_process=self.accelerator.is_main_process,
             model=model)
@@ -173,12 +180,15 @@ class StageTrainer:
             self.num_workers = int(recorded)  # the same data stream as before the pause: keep its worker count
         if model_w is not None:
             model.load_state_dict(model_w)
+        elif self.stage.distill.takes_w:
+            init_student(model, self.stage.distill.teacher)  # a new student starts as its teacher
         model.to(self.device)
         if self.cfg.channels_last == "auto" and self.device.type == "cpu":
             # said with the progress bar only: without it stderr carries nothing but a failure's one line
             self.channels_last, self.layout_probe = choose_channels_last(
                 model, self.stage, self.diffusion, cfg, state, world_size=self.world_size, device=self.device,
-                autocast=self.accelerator.autocast, say=self.accelerator.is_main_process and cfg.progress)
+                autocast=self.accelerator.autocast, say=self.accelerator.is_main_process and cfg.progress,
+                loss_fn=self.loss_fn)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup)

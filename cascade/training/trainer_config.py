@@ -160,6 +160,39 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class DistillSettings:
+    """How `tools/distill_stage.py` distils a teacher (`cascade.training.distill`; docs/distillation.md).
+
+    ``method``: "consistency" (guidance and steps: the consistency sampler, Luo et al. 2023 §4.2) or "guidance"
+    (w as an input only, the teacher's samplers at half the evaluations: Meng et al. 2023 §4.1). ``w_max``: the
+    student learns every guidance weight in [0, w_max] (at least the teacher's default w). ``levels``: the N
+    intervals of the consistency grid (2 to 1000; fewer, longer intervals converge in fewer steps, Luo et al. 2023
+    §4.3). ``steps``: the student's default sampling steps (1 to ``levels``; 0: 4 for a base stage, 2 for an SR
+    stage). ValueError (one line naming ``distill.<key>``) otherwise."""
+
+    method: str = "consistency"
+    w_max: float = 2.0
+    levels: int = 16
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        coerce_fields(self, "distill")
+        if self.method not in ("consistency", "guidance"):
+            raise ValueError(f"distill.method must be consistency or guidance, got {self.method!r}")
+        if not 0 < self.w_max < math.inf:
+            raise ValueError(f"distill.w_max must be a finite number > 0, got {self.w_max}")
+        if not 2 <= self.levels <= 1000:
+            raise ValueError(f"distill.levels must be an integer in [2, 1000], got {self.levels}")
+        if not 0 <= self.steps <= self.levels:
+            raise ValueError(f"distill.steps must be 0 (the stage kind's default) or in [1, distill.levels = "
+                             f"{self.levels}], got {self.steps}")
+
+    def steps_for(self, kind: str) -> int:
+        """The student's default sampling steps for a stage of ``kind`` ("base" or "sr")."""
+        return self.steps or (2 if kind == "sr" else 4)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One run: the trainer and data settings plus where it lives, how it resumes and its seed.
 

@@ -22,7 +22,7 @@ from accelerate.utils import broadcast
 from cascade import checkpoint
 from cascade.config import StageKind
 from cascade.nets.build import count_parameters, forward_flops
-from cascade.pipeline.plan import respaced_timesteps
+from cascade.pipeline.plan import monitor_settings, stage_timesteps
 from cascade.summary import format_count, print_summary
 from cascade.training.cadence import (
     GRID_PARTS,
@@ -181,8 +181,8 @@ class Watcher:
         else:
             self.evaluates = False
         stage = trainer.stage
-        self.sampling_steps = len(respaced_timesteps(stage.name, stage.diffusion.num_timesteps, cfg.sample_steps))
-        self.guided = stage.sampling.w > 0
+        self.sampling_steps = len(stage_timesteps(stage, monitor_settings(stage, cfg.sample_steps)))
+        self.guided = stage.sampling.w > 0 and not stage.distill.takes_w  # a student's w costs no second call
 
     def forces_log(self, step: int) -> bool:
         cfg = self.t.cfg

@@ -1,0 +1,133 @@
+"""Distilling a trained stage (the teacher) into a student that samples in a few network evaluations.
+
+`student_stage` turns the teacher's `StageConfig` into the student's: the same network with the guidance weight w
+as an extra input (`DistillSpec`), and sampling defaults of its few-step sampler. `StageTrainer` trains it like any
+stage (resume, interrupts, time budget, grids, quality proxy), starting from the teacher's EMA weights
+(`init_student`) with the loss of `DistillationLoss`:
+
+- ``guidance``: Meng et al. 2023 "On Distillation of Guided Diffusion Models" §4.1: the student at (x_t, t, w)
+  reproduces the teacher's classifier-free guided output; it samples with the teacher's samplers at half the
+  network evaluations.
+- ``consistency``: Luo et al. 2023 "Latent Consistency Models" §4.2: guided consistency distillation on a grid of
+  ``levels`` noise levels with the teacher's DDIM step as the solver (`cascade.diffusion.distillation`); it
+  samples with the consistency sampler in 1 to ``levels`` evaluations.
+
+Why consistency distillation rather than progressive distillation (Salimans & Ho 2022): one run reaches every step
+count from 1 to ``levels`` (progressive distillation needs one round per halving, log₂(40/4) ≈ 3–4 rounds of the
+teacher's 40 steps, each a run of its own), guidance folds into the same loss, and the one-run loop is the
+trainer's own (exact resume included). Measured against the teacher's samplers: docs/results/2026-12-06.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cascade import checkpoint
+from cascade.config import DistillSpec, SamplingSettings, StageConfig, StageKind
+from cascade.diffusion.augment import augment_low_res
+from cascade.diffusion.distillation import (
+    consistency_distillation_loss,
+    consistency_grid,
+    guidance_distillation_loss,
+)
+from cascade.diffusion.gaussian import GaussianDiffusion
+from cascade.training.trainer_config import DistillSettings
+
+__all__ = ["DistillationLoss", "init_student", "load_teacher", "student_stage"]
+
+
+def student_stage(teacher: StageConfig, teacher_path: str | Path, settings: DistillSettings) -> StageConfig:
+    """The student's stage configuration: the teacher's (same network, diffusion and augmentation) distilled by
+    ``settings.method``, with sampling defaults of its few-step sampler: the consistency sampler over
+    ``settings.steps_for(kind)`` evaluations (consistency), or the teacher's sampler and steps (guidance); w and the SR level
+    s stay the teacher's defaults. ValueError (one line) for a teacher that is a classifier or already distilled,
+    or whose default w is above ``settings.w_max``."""
+    if teacher.kind is StageKind.classifier:
+        raise ValueError(f"teacher {teacher_path} is a classifier; distil a base or sr stage")
+    if teacher.distill.method != "none":
+        raise ValueError(f"teacher {teacher_path} is itself {teacher.distill.method}-distilled; distil the stage "
+                         f"it came from ({teacher.distill.teacher})")
+    w_max = settings.w_max
+    if teacher.sampling.w > w_max:
+        raise ValueError(f"distill.w_max {w_max:g} is below the teacher's default w {teacher.sampling.w:g}; raise "
+                         "distill.w_max")
+    spec = DistillSpec(method=settings.method, teacher=str(teacher_path), w_max=w_max,
+                       levels=settings.levels if settings.method == "consistency" else 0)
+    if settings.method == "consistency":
+        sampling = dataclasses.replace(teacher.sampling, sampler="consistency", steps=settings.steps_for(teacher.kind),
+                                       eta=0.0, guidance_interval=None)
+    else:
+        sampling = dataclasses.replace(teacher.sampling, guidance_interval=None)
+    if teacher.diffusion.num_timesteps <= settings.levels:
+        raise ValueError(f"distill.levels {settings.levels} needs more than {settings.levels} training timesteps; "
+                         f"the teacher has {teacher.diffusion.num_timesteps}")
+    return dataclasses.replace(teacher, distill=spec, sampling=SamplingSettings(**dataclasses.asdict(sampling)))
+
+
+def load_teacher(stage: StageConfig, device: torch.device) -> nn.Module:
+    """The teacher network of distilled ``stage`` (its ``distill.teacher`` checkpoint, EMA weights, eval mode, no
+    gradients) on ``device``. CheckpointError / FileNotFoundError (one line) when it is missing or damaged;
+    ValueError when it is not the student's stage (name, kind, resolutions, network or diffusion differ)."""
+    teacher_cfg, model, _ = checkpoint.load_stage(stage.distill.teacher, weights="ema", device=device)
+    mine = dataclasses.replace(stage, distill=DistillSpec(), sampling=teacher_cfg.sampling)
+    if mine != teacher_cfg:
+        raise ValueError(f"teacher {stage.distill.teacher} is not this student's stage ({teacher_cfg.name} "
+                         f"{teacher_cfg.resolution}x{teacher_cfg.resolution}, not {stage.name} "
+                         f"{stage.resolution}x{stage.resolution} with the same network and diffusion)")
+    return model
+
+
+def init_student(student: nn.Module, teacher_path: str | Path) -> None:
+    """Load the teacher's EMA weights into ``student``: every tensor but the guidance-weight embedding, which keeps
+    its zero-initialised output (the student starts as the teacher's conditional model). RuntimeError naming the
+    first tensor when anything else does not fit."""
+    weights = checkpoint.load_weights(teacher_path, "ema")
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if "guidance_embed." not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"teacher weights {teacher_path} do not fit the student: "
+                           f"{(missing or unexpected)[0]} ({len(missing)} missing, {len(unexpected)} unexpected)")
+
+
+class DistillationLoss:
+    """The student's training loss ``loss(model, batch) -> {"loss", "per_sample": B, "t": B}``, for the trainer's
+    step: per example a guidance weight w ~ U[0, w_max] (Luo et al. 2023 §4.2) and, per the method, a timestep t
+    (guidance: uniform over the T training timesteps) or a level n ~ U{1..N} of the student's grid (consistency,
+    t = τ_n); SR stages condition both networks on the same augmented low-resolution input (Ho et al. 2021 §3.2).
+    The teacher sees the batch's labels and the null class; the student sees the labels (no dropout)."""
+
+    def __init__(self, stage: StageConfig, diffusion: GaussianDiffusion, teacher: nn.Module):
+        self.stage, self.diffusion, self.teacher = stage, diffusion, teacher
+        spec = stage.distill
+        self.method, self.w_max = spec.method, spec.w_max
+        self.grid = (torch.tensor(consistency_grid(diffusion.num_timesteps, spec.levels))
+                     if spec.method == "consistency" else None)
+
+    def conditioning(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        kwargs = {"y": batch["y"]}
+        if self.stage.kind is StageKind.sr:
+            x_low, aug_level = augment_low_res(batch["x_low"], self.stage.aug)
+            kwargs.update(x_low=x_low, aug_level=aug_level)
+        return kwargs
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x0 = batch["x"]
+        n, device = x0.shape[0], x0.device
+        kwargs = self.conditioning(batch)
+        w = torch.rand(n, device=device) * self.w_max
+        noise = torch.randn_like(x0)
+        common = {"null_class": self.stage.num_classes, "model_kwargs": kwargs}
+        if self.method == "guidance":
+            t = torch.randint(0, self.diffusion.num_timesteps, (n,), device=device)
+            per_sample = guidance_distillation_loss(model, self.teacher, self.diffusion, x0, t, w, noise, **common)
+        else:
+            level = torch.randint(1, len(self.grid), (n,), device=device)
+            grid = self.grid.to(device)
+            t, t_prev = grid[level], grid[level - 1]
+            per_sample = consistency_distillation_loss(model, self.teacher, self.diffusion, x0, t, t_prev, w, noise,
+                                                       **common)
+        return {"loss": per_sample.mean(), "per_sample": per_sample, "t": t}
