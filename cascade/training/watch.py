@@ -71,7 +71,7 @@ def _grid_rule(trainer) -> str:
         return "off" if every == 0 else "none (classifier)"
     rule = (f"auto: {GRID_PARTS} per run (each quarter of max_steps or max_seconds) and at the end"
             if every == "auto" else f"every {every} steps and at the end")
-    return f"{rule}; {trainer.cfg.sample_count} per class/input, {trainer.cfg.sample_steps} steps"
+    return f"{rule}; {trainer.cfg.sample_count} per class/input, {_monitor_sampling(trainer)}"
 
 
 def _proxy_rule(trainer) -> str:
@@ -84,7 +84,24 @@ def _proxy_rule(trainer) -> str:
         return "off (auto: the shards have no val split)"
     rule = (f"auto (≤ {PROXY_SHARE:.0%} of training time) and at the end" if cfg.eval_every == "auto"
             else f"every {cfg.eval_every} steps and at the end")
-    return f"{rule}; {cfg.eval_count} samples, {cfg.sample_steps} steps"
+    return f"{rule}; {cfg.eval_count} samples, {_monitor_sampling(trainer)}"
+
+
+def _monitor_sampling(trainer) -> str:
+    """How the grids and the proxy sample: trainer.sample_steps steps, or a consistency student's own sampler."""
+    settings = monitor_settings(trainer.stage, trainer.cfg.sample_steps)
+    if settings.sampler == "consistency":
+        return f"consistency sampler, {settings.steps} steps (the student's)"
+    return f"{settings.steps} steps"
+
+
+def _distill_rule(stage) -> str:
+    """What a student is distilled from and how (`cascade.training.distill`)."""
+    spec = stage.distill
+    how = (f"guided consistency distillation on {spec.levels} levels" if spec.method == "consistency"
+           else "guidance distillation")
+    return (f"{how} from teacher {spec.teacher}; w ~ U[0, {spec.w_max:g}]; samples with {stage.sampling.sampler} "
+            f"{stage.sampling.steps} steps")
 
 
 def summary_rows(trainer) -> list[tuple[str, object]]:
@@ -110,6 +127,7 @@ def summary_rows(trainer) -> list[tuple[str, object]]:
     metrics = f"{run_dir / METRICS_FILE} (every {cfg.log_every} steps; {shown})"
     return [
         ("stage", f"{stage.name} ({stage.kind.value}, {stage.resolution}²)"),
+        *([("distilling", _distill_rule(stage))] if stage.distill.takes_w else []),
         ("size", trainer.extra_config.get("size", "unknown")),
         ("parameters", format_count(count_parameters(model))),
         ("forward FLOPs/image", format_count(flops)),
