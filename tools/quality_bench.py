@@ -5,12 +5,19 @@
     python tools/quality_bench.py --stage base32 --data data/digits --steps 2000 --samplers ddim25,ddpm50:w=1
     python tools/quality_bench.py --stage sr64 --data data/photos --minutes 10 --samplers ddim25:s=0.03
     python tools/quality_bench.py --stage base32 --data data/digits --quick      # a smoke run, well under a minute
+    python tools/quality_bench.py --stage base32 --data data/photos --recipes today --minutes 10 --distill 10 \
+        --samplers ddpm40,ddim25,ddim10      # + a consistency student of each recipe: NFE against quality
 
 Base stages are judged by a small classifier trained on the real train split (cached in <data>/judge/):
 class accuracy, Fréchet distance and KID against the real val split. SR stages are judged teacher-forced
 on real low-resolution val inputs: consistency PSNR, PSNR to the real image and detail ratio, beside
 bicubic upsampling. Writes <out>/quality.md, <out>/quality.json, one sample grid per recipe and sampler
 (one row per class) and the trained runs in <out>/runs/. Bad inputs: one line on stderr, exit code 2.
+
+--distill MINUTES (or --distill-steps N) also distils each recipe's trained stage (the teacher) into a consistency
+student (tools/distill_stage.py's method and defaults; <out>/runs/<recipe>-distilled) and samples it with
+--student-samplers (default consistency1,consistency2,consistency4: one network evaluation per step) beside the
+teacher's --samplers; the report adds a table of quality against network evaluations per image.
 """
 
 from __future__ import annotations
@@ -25,10 +32,19 @@ from cascade.cli import OneLineArgumentParser, report_error
 from cascade.errors import cli_main
 from cascade.evaluation.cas import CASSettings
 from cascade.evaluation.judge import JudgeSettings
-from cascade.harness.quality_bench import BenchConfig, main_settings, prepare, run_benchmark
+from cascade.harness.quality_bench import (
+    DEFAULT_STUDENT_SAMPLERS,
+    BenchConfig,
+    distill_settings,
+    main_settings,
+    prepare,
+    run_benchmark,
+)
 from cascade.harness.quality_recipes import RECIPES, BenchError
 from cascade.harness.quality_report import write_report
+from cascade.harness.quality_samplers import parse_samplers
 from cascade.locks import FolderLock
+from cascade.training.trainer_config import DistillSettings
 
 PROG = "quality_bench"
 QUICK = {"steps": 3, "per_class": 2, "samplers": "ddim3", "judge_epochs": 2}
@@ -76,14 +92,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cas", action="store_true",
                    help="also the Classification Accuracy Score per row (a small CNN trained on the samples, tested "
                         "on real val images, beside the same CNN trained on as many real images)")
-    p.add_argument("--overwrite", action="store_true", help="replace runs of the same recipes already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace runs (and distillations) of the same recipes already in --out")
     p.add_argument("--reuse", action="store_true",
                    help="sample and score runs already trained in --out with the same recipe and budget instead of "
-                        "training them again (e.g. to try more --samplers)")
+                        "training them again (e.g. to try more --samplers), and their distillations with the same "
+                        "distillation budget and settings")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['steps']} steps, {QUICK['per_class']} samples per class, "
                         f"{QUICK['samplers']}, {QUICK['judge_epochs']} judge epochs (explicit options win)")
     p.add_argument("--progress", action="store_true", help="training progress bars")
+    distill = p.add_mutually_exclusive_group()
+    distill.add_argument("--distill", type=float, default=None, metavar="MINUTES",
+                         help="also distil each recipe's trained stage into a consistency student for this many "
+                              "wall-clock minutes (same data and seed, common trainer settings) and sample it with "
+                              "--student-samplers")
+    distill.add_argument("--distill-steps", type=int, default=None, metavar="N",
+                         help="the same, for N distillation steps")
+    p.add_argument("--student-samplers", default=None, metavar="LIST",
+                   help="the students' settings, as --samplers (default "
+                        f"{DEFAULT_STUDENT_SAMPLERS}: the consistency sampler in 1, 2 and 4 network evaluations; "
+                        "w at most --distill-w-max; needs --distill or --distill-steps)")
+    p.add_argument("--distill-levels", type=int, default=None, metavar="N",
+                   help=f"the consistency grid's levels N (2 to 1000; default {DistillSettings.levels}): a student "
+                        "samples in 1 to N steps")
+    p.add_argument("--distill-w-max", type=float, default=None,
+                   metavar="W",
+                   help=f"the students learn every guidance weight w in [0, W] (default {DistillSettings.w_max:g})")
     return p
 
 
@@ -94,6 +129,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         steps = quick.get("steps")
     default_w = args.w  # None: each stage's own sampling.w
     recipes, samplers = main_settings(args.recipes, args.samplers or quick.get("samplers", "ddim25"), default_w)
+    distilling = args.distill is not None or args.distill_steps is not None
+    if not distilling:
+        given = [o for o, v in (("--student-samplers", args.student_samplers), ("--distill-levels", args.distill_levels),
+                                ("--distill-w-max", args.distill_w_max)) if v is not None]
+        if given:
+            raise BenchError(f"{given[0]} applies to distilled students: add --distill MINUTES or --distill-steps N")
+    distill = distill_settings(args.distill_levels, args.distill_w_max)
+    student_samplers = (parse_samplers(args.student_samplers or DEFAULT_STUDENT_SAMPLERS, default_w,
+                                       option="--student-samplers") if distilling else [])
     epochs = args.judge_epochs if args.judge_epochs is not None else quick.get("judge_epochs", JudgeSettings.epochs)
     try:
         judge = JudgeSettings(epochs=epochs, seed=args.seed)
@@ -104,7 +148,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         samplers=samplers, minutes=minutes, steps=steps,
         per_class=args.per_class if args.per_class is not None else quick.get("per_class", 20), size=args.size,
         seed=args.seed, num_workers=args.workers, sample_batch=args.sample_batch, judge=judge,
-        cas=CASSettings() if args.cas else None, overwrite=args.overwrite, reuse=args.reuse, progress=args.progress)
+        cas=CASSettings() if args.cas else None, overwrite=args.overwrite, reuse=args.reuse, progress=args.progress,
+        distill_minutes=args.distill, distill_steps=args.distill_steps, distill=distill,
+        student_samplers=student_samplers)
 
 
 @cli_main(PROG, interrupted="interrupted; run the same command to start again")

@@ -4,6 +4,8 @@
 (`cascade.harness.bench_measure`), so that each peak memory (ru_maxrss, or CUDA max allocated) is its own;
 optionally against diffusers' FLOP-matched UNet2DModel, with the trainer's throughput against its bare step,
 and the loader's throughput per stage. It returns the JSON-able report that `format_report` prints as a table.
+The whole chain's sampling speed (teacher, student and mixed stages; `tools/bench.py --cascade`) is
+`cascade.harness.cascade_speed`'s.
 """
 
 from __future__ import annotations

@@ -16,13 +16,24 @@ the guidance weight w and for SR stages the augmentation level s) and scored:
 
 Every row also gives network evaluations per image (forward passes counted, a guided step = 2), sampling
 seconds and the training steps and seconds; every report names the machine (CPU, native bf16 or not),
-the torch version and the load average (other processes share the CPU). The recipes are
-`cascade.harness.quality_recipes`'s, the sampler settings and the sampling `cascade.harness.quality_samplers`'s;
-`tools/quality_bench.py` is the command line and `cascade.harness.quality_report` writes the report.
+the torch version and the load average (other processes share the CPU).
+
+With a distillation budget (`BenchConfig.distill_minutes` or `distill_steps`), each recipe's trained stage (the
+teacher) is then distilled into a few-step student (`cascade.training.distill.student_stage` with
+`BenchConfig.distill`: guided consistency distillation, Luo et al. 2023 "Latent Consistency Models" §4.2) by the same
+trainer, on the same data and seed, with the common trainer settings `BENCH_TRAINER`, into ``runs/<recipe>-distilled``;
+the student is sampled with every `BenchConfig.student_samplers` setting (the consistency sampler: one network
+evaluation per step, w being the student's input) and scored like the teacher. Rows say which weights they
+sampled (``weights``: teacher or student); a student's rows also give the distillation's steps and seconds.
+
+The recipes are `cascade.harness.quality_recipes`'s, the sampler settings and the sampling
+`cascade.harness.quality_samplers`'s; `tools/quality_bench.py` is the command line and
+`cascade.harness.quality_report` writes the report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -53,15 +64,17 @@ from cascade.harness.quality_recipes import (
     apply_recipe,
     resolve_recipe,
 )
-from cascade.harness.quality_samplers import SamplerSetting, parse_samplers, sample_images
+from cascade.harness.quality_samplers import SamplerSetting, parse_samplers, sample_images, stage_settings
 from cascade.imageops import float_to_uint8, image_grid, save_png, uint8_to_float, upsample
-from cascade.training.trainer_config import DataConfig, RunConfig, TrainerConfig
+from cascade.training.trainer_config import DataConfig, DistillSettings, RunConfig, TrainerConfig
 
-__all__ = ["BenchConfig", "BenchResult", "Prepared", "machine_info", "main_settings", "prepare", "run_benchmark",
-           "sr_metrics"]
+__all__ = ["DEFAULT_STUDENT_SAMPLERS", "BenchConfig", "BenchResult", "Prepared", "distill_settings", "machine_info",
+           "main_settings", "prepare", "run_benchmark", "sr_metrics"]
 
 RUNS_DIR = "runs"
-TRAIN_RECORD = "bench_train.json"  # what a finished training run recorded, read back by --reuse
+TRAIN_RECORD = "bench_train.json"  # what a finished training (or distillation) run recorded, read back by --reuse
+DISTILLED_SUFFIX = "-distilled"  # a recipe's student: runs/<recipe>-distilled
+DEFAULT_STUDENT_SAMPLERS = "consistency1,consistency2,consistency4"
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -70,7 +83,8 @@ TRAIN_RECORD = "bench_train.json"  # what a finished training run recorded, read
 @dataclass
 class BenchConfig:
     """Everything one benchmark run does. Exactly one of `minutes` (wall-clock training budget per recipe)
-    and `steps` is set."""
+    and `steps` is set; at most one of `distill_minutes` and `distill_steps` (the distillation budget per recipe;
+    neither: no distillation), and `student_samplers` (at least one) only with one of them."""
 
     stage: str
     data: Path
@@ -89,19 +103,32 @@ class BenchConfig:
     overwrite: bool = False
     reuse: bool = False  # sample runs already trained in `out` (same recipe and budget) instead of retraining
     progress: bool = False
+    distill_minutes: float | None = None  # distil each recipe's trained stage for this wall-clock budget
+    distill_steps: int | None = None  # ... or for this many steps
+    distill: DistillSettings = field(default_factory=DistillSettings)  # how (method, w_max, levels)
+    student_samplers: list[SamplerSetting] = field(default_factory=list)  # the students' sampler settings
+
+    @property
+    def distilling(self) -> bool:
+        """Whether each recipe's trained stage is also distilled (a distillation budget is set)."""
+        return self.distill_minutes is not None or self.distill_steps is not None
 
 
 @dataclass
 class Prepared:
-    """A checked BenchConfig: the dataset record and each recipe's (stage config, trainer config)."""
+    """A checked BenchConfig: the dataset record, each recipe's (stage config, trainer config) and, when
+    distilling, the distillation's trainer config."""
 
     config: BenchConfig
     info: dict[str, Any]
     runs: dict[str, tuple[Any, TrainerConfig]]
+    distill_trainer: TrainerConfig | None = None
 
 
 def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageConfig]]) -> Prepared:
-    """Check every setting and input before anything runs; BenchError (one line) otherwise.
+    """Check every setting and input before anything runs; BenchError (one line) otherwise: also every sampler
+    setting against the stage it samples (`stage_settings`; a student's: against the student that
+    `cascade.training.distill.student_stage` makes of the recipe's stage).
 
     ``presets``: stage name → ``(size, num_classes) -> StageConfig``, the stage definitions to benchmark (the
     command line passes those of `stages`)."""
@@ -113,6 +140,16 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
         raise BenchError(f"--minutes must be > 0, got {cfg.minutes}")
     if cfg.steps is not None and cfg.steps < 1:
         raise BenchError(f"--steps must be >= 1, got {cfg.steps}")
+    if cfg.distill_minutes is not None and cfg.distill_steps is not None:
+        raise BenchError("give at most one distillation budget: --distill MINUTES or --distill-steps N")
+    if cfg.distill_minutes is not None and not cfg.distill_minutes > 0:
+        raise BenchError(f"--distill must be > 0 minutes, got {cfg.distill_minutes}")
+    if cfg.distill_steps is not None and cfg.distill_steps < 1:
+        raise BenchError(f"--distill-steps must be >= 1, got {cfg.distill_steps}")
+    if cfg.student_samplers and not cfg.distilling:
+        raise BenchError("--student-samplers samples the distilled students: add --distill MINUTES or --distill-steps N")
+    if cfg.distilling and not cfg.student_samplers:
+        raise BenchError("--student-samplers: name at least one sampler setting, e.g. consistency1,consistency4")
     for what, value, low in (("--per-class", cfg.per_class, 1), ("--sample-batch", cfg.sample_batch, 1),
                              ("--workers", 0 if cfg.num_workers == "auto" else cfg.num_workers, 0),
                              ("--seed", cfg.seed, 0)):
@@ -142,18 +179,62 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
     runs = {name: apply_recipe(name, stage_cfg, trainer) for name in cfg.recipes}
     if len(set(cfg.recipes)) != len(cfg.recipes):
         raise BenchError("--recipes: a recipe is named twice; name each once")
+    for name, (recipe_stage, _) in runs.items():
+        for setting in cfg.samplers:
+            stage_settings(recipe_stage, setting, "--samplers")
+        if cfg.distilling:
+            student = _student(name, recipe_stage, cfg.out / RUNS_DIR / _file_label(name), cfg.distill)
+            for setting in cfg.student_samplers:
+                try:
+                    stage_settings(student, setting, "--student-samplers")
+                except BenchError as err:
+                    hint = " or raise --distill-w-max" if "trained for w in" in str(err) else ""
+                    raise BenchError(f"{err}{hint}") from None
+    labels = [_file_label(n) for n in cfg.recipes] + [_distilled_label(n) for n in cfg.recipes if cfg.distilling]
     grids = [_grid_name(name, setting.label) for name in cfg.recipes for setting in cfg.samplers]
-    if len({g.lower() for g in grids}) != len(grids) or len({_file_label(n).lower() for n in cfg.recipes}) < len(runs):
-        raise BenchError("--recipes / --samplers: two of them share a file name once made safe for one; rename one")
-    for name in cfg.recipes:
-        run_dir = cfg.out / RUNS_DIR / _file_label(name)
-        if cfg.reuse and cfg.overwrite:
-            raise BenchError("--reuse and --overwrite exclude each other: reuse keeps trained runs, overwrite replaces them")
-        if cfg.reuse:
-            continue
-        if not cfg.overwrite and checkpoint.latest_checkpoint(run_dir) is not None:
-            raise BenchError(f"{run_dir} already holds a trained run; pass --overwrite, --reuse or choose another --out")
-    return Prepared(cfg, info, runs)
+    grids += [_grid_name(name + DISTILLED_SUFFIX, setting.label) for name in cfg.recipes
+              for setting in cfg.student_samplers]
+    if len({g.lower() for g in grids}) != len(grids) or len({label.lower() for label in labels}) < len(labels):
+        raise BenchError("--recipes / --samplers / --student-samplers: two of them share a file name once made safe "
+                         "for one; rename one")
+    if cfg.reuse and cfg.overwrite:
+        raise BenchError("--reuse and --overwrite exclude each other: reuse keeps trained runs, overwrite replaces them")
+    if not cfg.reuse and not cfg.overwrite:
+        for label in labels:
+            run_dir = cfg.out / RUNS_DIR / label
+            if checkpoint.latest_checkpoint(run_dir) is not None:
+                raise BenchError(f"{run_dir} already holds a trained run; pass --overwrite, --reuse or choose another "
+                                 "--out")
+    distill_trainer = None
+    if cfg.distilling:
+        distill_budget = {"max_steps": cfg.distill_steps or 10**9, "max_seconds": 60.0 * (cfg.distill_minutes or 0.0)}
+        distill_trainer = TrainerConfig(**{**BENCH_TRAINER, **distill_budget, "progress": cfg.progress})
+    return Prepared(cfg, info, runs, distill_trainer)
+
+
+def _student(name: str, teacher_cfg: StageConfig, teacher_path: str | Path, settings: DistillSettings) -> StageConfig:
+    """The student stage of recipe ``name``'s trained stage; BenchError (one line) when it cannot be distilled."""
+    from cascade.training.distill import student_stage
+
+    try:
+        return student_stage(teacher_cfg, teacher_path, settings)
+    except ValueError as err:
+        raise BenchError(f"recipe {name}: {_distill_option_names(str(err))}") from None
+
+
+def _distill_option_names(message: str) -> str:
+    """A `DistillSettings` / `student_stage` message with its settings named as the command line's options."""
+    return message.replace("distill.levels", "--distill-levels").replace("distill.w_max", "--distill-w-max")
+
+
+def distill_settings(levels: int | None = None, w_max: float | None = None) -> DistillSettings:
+    """`DistillSettings` (consistency distillation) with `DistillSettings()`'s defaults where None; BenchError (one
+    line naming --distill-levels or --distill-w-max) for a value out of its range."""
+    changes = {k: v for k, v in (("levels", levels), ("w_max", w_max)) if v is not None}
+    try:
+        return DistillSettings(**changes)
+    except ValueError as err:
+        raise BenchError(_distill_option_names(str(err))) from None
 
 
 def machine_info() -> dict[str, Any]:
@@ -192,7 +273,8 @@ class BenchResult:
         return self.meta["stage_kind"]
 
 
-def _train(name: str, stage_cfg: Any, trainer: TrainerConfig, cfg: BenchConfig, log) -> dict[str, Any]:
+def _train(name: str, stage_cfg: Any, trainer: TrainerConfig, cfg: BenchConfig, log) -> tuple[dict[str, Any], bool]:
+    """(what the training recorded, whether it is a run reused from an earlier benchmark)."""
     from cascade.training.trainer import StageTrainer
 
     run_dir = cfg.out / RUNS_DIR / _file_label(name)
@@ -204,7 +286,7 @@ def _train(name: str, stage_cfg: Any, trainer: TrainerConfig, cfg: BenchConfig, 
             raise BenchError(f"--reuse: {run_dir} was trained with budget {trained.get('budget')}, this run asks "
                              f"{budget}; pass the same --minutes/--steps or --overwrite")
         log(f"reusing {cfg.stage} recipe {name}: {trained['train_steps']} steps in {trained['train_seconds']:.0f} s")
-        return {k: v for k, v in trained.items() if k != "budget"}
+        return {k: v for k, v in trained.items() if k != "budget"}, True
     if cfg.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run = RunConfig(run_dir=str(run_dir), data=DataConfig(root=str(cfg.data), num_workers=cfg.num_workers),
@@ -221,7 +303,49 @@ def _train(name: str, stage_cfg: Any, trainer: TrainerConfig, cfg: BenchConfig, 
     trained = {"checkpoint": str(final), "train_steps": trainer_obj.step, "train_seconds": seconds,
                "mixed_precision": trainer_obj.mixed_precision}
     write_atomic(record, json.dumps({**trained, "budget": budget}, indent=1))
-    return trained
+    return trained, False
+
+
+def _distill(name: str, teacher_cfg: StageConfig, trained: dict[str, Any], teacher_reused: bool, cfg: BenchConfig,
+             trainer: TrainerConfig, log) -> dict[str, Any]:
+    """Distil recipe ``name``'s trained stage (its final checkpoint ``trained["checkpoint"]``) into
+    runs/<recipe>-distilled: {"distill_checkpoint", "distill_steps", "distill_seconds"}. With --reuse, a finished
+    distillation of the same (reused) teacher with the same budget and settings is taken as it is."""
+    from cascade.training.trainer import StageTrainer
+
+    run_dir = cfg.out / RUNS_DIR / _distilled_label(name)
+    record = run_dir / TRAIN_RECORD
+    wanted = {"budget": {"minutes": cfg.distill_minutes, "steps": cfg.distill_steps},
+              "distill": dataclasses.asdict(cfg.distill), "teacher": trained["checkpoint"]}
+    if cfg.reuse and record.exists():
+        done = json.loads(record.read_text())
+        if not teacher_reused:
+            raise BenchError(f"--reuse: {run_dir} holds a distillation of an earlier {name} run, trained again now; "
+                             "pass --overwrite or choose another --out")
+        if any(done.get(k) != v for k, v in wanted.items()):
+            raise BenchError(f"--reuse: {run_dir} was distilled with budget {done.get('budget')} and "
+                             f"{done.get('distill')}, this run asks {wanted['budget']} and {wanted['distill']}; pass "
+                             "the same --distill/--distill-steps/--distill-levels/--distill-w-max or --overwrite")
+        log(f"reusing the distillation of {cfg.stage} recipe {name}: {done['distill_steps']} steps in "
+            f"{done['distill_seconds']:.0f} s")
+        return {k: done[k] for k in ("distill_checkpoint", "distill_steps", "distill_seconds")}
+    if cfg.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    student = _student(name, teacher_cfg, trained["checkpoint"], cfg.distill)
+    run = RunConfig(run_dir=str(run_dir), data=DataConfig(root=str(cfg.data), num_workers=cfg.num_workers),
+                    trainer=trainer, resume="never", seed=cfg.seed)
+    try:
+        trainer_obj = StageTrainer(student, run, extra_config={"size": cfg.size, "quality_bench_recipe": name})
+    except (ValueError, FileNotFoundError) as err:
+        raise BenchError(f"recipe {name}, distillation: {err}") from None
+    log(f"distilling {cfg.stage} recipe {name} for " +
+        (f"{cfg.distill_minutes:g} minutes" if cfg.distill_minutes is not None else f"{cfg.distill_steps} steps"))
+    started = time.perf_counter()
+    final = trainer_obj.run()
+    done = {"distill_checkpoint": str(final), "distill_steps": trainer_obj.step,
+            "distill_seconds": time.perf_counter() - started}
+    write_atomic(record, json.dumps({**done, **wanted}, indent=1))
+    return done
 
 
 def _sr_inputs(root: Path, stage_cfg: Any, per_class: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -277,13 +401,19 @@ def _file_label(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
 
 
+def _distilled_label(recipe: str) -> str:
+    """The run folder name of recipe ``recipe``'s student."""
+    return _file_label(recipe + DISTILLED_SUFFIX)
+
+
 def _grid_name(recipe: str, sampler_label: str) -> str:
     """The grid's file name of (recipe, sampler setting); `prepare` checks that they are distinct."""
     return f"grid-{_file_label(recipe)}-{_file_label(sampler_label)}.png"
 
 
 def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> BenchResult:
-    """Train every recipe, sample every setting, score; writes the runs and sample grids under cfg.out."""
+    """Train every recipe, sample every setting, score; when distilling, also distil each trained recipe and sample
+    and score its student with every student setting. Writes the runs and sample grids under cfg.out."""
     cfg = prepared.config
     cfg.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
@@ -306,32 +436,43 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
         bicubic = upsample(x_low, first_stage.resolution).clamp(-1, 1)
         rows.append({"recipe": "bicubic", "sampler": "–", "nfe_per_image": 0.0, **sr_metrics(bicubic, real, x_low),
                      "reference": True})
-    for name, (stage_cfg, trainer) in prepared.runs.items():
-        trained = _train(name, stage_cfg, trainer, cfg, log)
-        _, model, diffusion = checkpoint.load_stage(trained["checkpoint"], device=device)
-        for setting in cfg.samplers:
-            log(f"sampling {name} with {setting.label} ({len(labels)} images)")
+
+    def sample_rows(name: str, weights: str, checkpoint_path: str, settings: list[SamplerSetting],
+                    recorded: dict[str, Any]) -> None:
+        """One row per setting: sample the weights at ``checkpoint_path``, score, save the grid."""
+        stage_cfg, model, diffusion = checkpoint.load_stage(checkpoint_path, device=device)
+        who = name if weights == "teacher" else f"{name} (student)"
+        for setting in settings:
+            log(f"sampling {who} with {setting.label} ({len(labels)} images)")
             started = time.perf_counter()
             images, nfe = sample_images(model, diffusion, stage_cfg, setting, labels, x_low, seed=cfg.seed,
                                         batch_size=cfg.sample_batch, device=device)
             seconds = time.perf_counter() - started
-            grid_path = cfg.out / _grid_name(name, setting.label)
+            grid_path = cfg.out / _grid_name(name if weights == "teacher" else name + DISTILLED_SUFFIX, setting.label)
             if kind is StageKind.base:
                 metrics = score(judge, images, labels, seed=cfg.seed, cas=cfg.cas)
                 save_png(_grid_base(images, labels, min(cfg.per_class, 10)), grid_path)
             else:
                 metrics = sr_metrics(images, real, x_low)
                 save_png(_grid_sr(images, labels, real, x_low, min(cfg.per_class, 3)), grid_path)
-            rows.append({"recipe": name, "sampler": setting.label, "sampler_name": setting.sampler,
+            rows.append({"recipe": name, "weights": weights, "sampler": setting.label, "sampler_name": setting.sampler,
                          "steps": setting.steps, "w": stage_cfg.sampling.w if setting.w is None else setting.w,
                          "eta": setting.eta, "guidance_interval": (stage_cfg.sampling.guidance_interval
                                                                    if setting.guidance_interval is None
                                                                    else list(setting.guidance_interval)),
                          "aug_level": (stage_cfg.sampling.aug_level if setting.aug_level is None
                                        else setting.aug_level) if kind is StageKind.sr else None,
-                         **trained, "nfe_per_image": nfe, "sample_seconds": seconds,
+                         **recorded, "nfe_per_image": nfe, "sample_seconds": seconds,
                          **{k: v for k, v in metrics.items() if k not in ("num_real", "num_fake")},
                          "grid": grid_path.name})
+
+    for name, (stage_cfg, trainer) in prepared.runs.items():
+        trained, reused = _train(name, stage_cfg, trainer, cfg, log)
+        sample_rows(name, "teacher", trained["checkpoint"], cfg.samplers, trained)
+        if cfg.distilling:
+            distilled = _distill(name, stage_cfg, trained, reused, cfg, prepared.distill_trainer, log)
+            sample_rows(name, "student", distilled["distill_checkpoint"], cfg.student_samplers,
+                        {**trained, **distilled})
     machine["torch_threads_at_end"] = torch.get_num_threads()
     if hasattr(os, "getloadavg"):
         machine["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
@@ -339,6 +480,10 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
             "dataset": {"class_names": prepared.info["class_names"], "counts": {
                 s: prepared.info["counts"][s]["total"] for s in ("train", "val")}},
             "budget": {"minutes": cfg.minutes} if cfg.minutes is not None else {"steps": cfg.steps},
+            "distill": None if not cfg.distilling else {
+                "budget": ({"minutes": cfg.distill_minutes} if cfg.distill_minutes is not None
+                           else {"steps": cfg.distill_steps}),
+                **dataclasses.asdict(cfg.distill), "student_samplers": [s.label for s in cfg.student_samplers]},
             "samples": {"num_images": len(labels), "per_class": cfg.per_class, "seed": cfg.seed},
             "trainer_common": {k: v for k, v in BENCH_TRAINER.items() if k not in ("keep_last", "log_every")},
             "recipes": {n: {"description": r.description, "stage": dict(r.stage), "trainer": dict(r.trainer)}

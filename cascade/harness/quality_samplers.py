@@ -1,6 +1,7 @@
-"""How the quality benchmark samples: `--samplers` items (`SamplerSetting`, `parse_samplers`) and
-`sample_images`, which applies one to a stage's own `SamplingSettings`, samples through the cascade's stage
-sampler and counts the network evaluations per image."""
+"""How the quality benchmark samples: `--samplers` and `--student-samplers` items (`SamplerSetting`,
+`parse_samplers`), one applied to a stage's own `SamplingSettings` and checked for it (`stage_settings`), and
+`sample_images`, which samples with one through the cascade's stage sampler and counts the network evaluations per
+image (a guided step of a teacher counts 2, a step of a distilled student 1)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from typing import Any
 
 import torch
 
-from cascade.config import StageConfig
+from cascade.config import SamplingSettings, StageConfig
 from cascade.diffusion.samplers import SAMPLERS
 from cascade.harness.quality_recipes import BenchError
 from cascade.pipeline.stage_sampling import sample_stage
 
-__all__ = ["SamplerSetting", "parse_samplers", "sample_images"]
+__all__ = ["SamplerSetting", "parse_samplers", "sample_images", "stage_settings"]
 
 
 @dataclass(frozen=True)
@@ -42,47 +43,70 @@ _SPEC_KEYS = {"w": "w", "eta": "eta", "s": "aug_level", "gi": "guidance_interval
 
 
 def parse_samplers(text: str, default_w: float | None,
-                   samplers: Mapping[str, Callable] = SAMPLERS) -> list[SamplerSetting]:
-    """`ddim25,ddpm50:w=1,ddim25:s=0.03` → settings. Each item is SAMPLER STEPS (a sampler name followed by its
-    step count) and optional `:w=W`, `:eta=E`, `:s=S`, `:gi=LO-HI` (guidance only for timesteps LO..HI); w defaults to `default_w` (None: the stage's own
-    `sampling.w`). BenchError on a bad item."""
+                   samplers: Mapping[str, Callable] = SAMPLERS, option: str = "--samplers") -> list[SamplerSetting]:
+    """`ddim25,ddpm50:w=1,ddim25:s=0.03,consistency4` → settings. Each item is SAMPLER STEPS (a sampler name
+    followed by its step count) and optional `:w=W`, `:eta=E`, `:s=S`, `:gi=LO-HI` (guidance only for timesteps
+    LO..HI); w defaults to `default_w` (None: the stage's own `sampling.w`). BenchError (one line starting with
+    ``option``, the command-line option the text came from) on a bad item. Whether a setting suits a stage (the
+    consistency sampler only for a consistency student, its steps at most the student's levels) is
+    `stage_settings`'s check."""
     names = sorted(samplers, key=len, reverse=True)  # longest first: a name may end in a digit
-    example = "e.g. --samplers ddim25,ddpm50:w=1"
+    example = f"e.g. {option} ddim25,ddpm50:w=1"
     settings = []
     for item in [i.strip() for i in text.split(",")]:
         head, *options = item.split(":")
         name = next((n for n in names if head.startswith(n) and re.fullmatch(r"\d+", head[len(n):])), None)
         if name is None:
-            raise BenchError(f"--samplers: bad item {item!r}; expected SAMPLER STEPS with SAMPLER one of "
+            raise BenchError(f"{option}: bad item {item!r}; expected SAMPLER STEPS with SAMPLER one of "
                              f"{', '.join(samplers)} ({example})")
         values: dict[str, float | None] = {"w": default_w}
         interval = None
-        for option in options:
-            key, sep, raw = option.partition("=")
+        for part in options:
+            key, sep, raw = part.partition("=")
             if not sep or key not in _SPEC_KEYS:
-                raise BenchError(f"--samplers: bad option {option!r} in {item!r}; use w=W, eta=E, s=S or gi=LO-HI "
+                raise BenchError(f"{option}: bad option {part!r} in {item!r}; use w=W, eta=E, s=S or gi=LO-HI "
                                  f"({example})")
             if key == "gi":
                 bounds = re.fullmatch(r"(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)", raw)
                 if bounds is None or float(bounds[1]) > float(bounds[2]):
-                    raise BenchError(f"--samplers: gi in {item!r} must be LO-HI timesteps with LO <= HI, e.g. "
+                    raise BenchError(f"{option}: gi in {item!r} must be LO-HI timesteps with LO <= HI, e.g. "
                                      f"gi=100-800, got {raw!r}")
                 interval = (float(bounds[1]), float(bounds[2]))
                 continue
             try:
                 values[key] = float(raw)
             except ValueError:
-                raise BenchError(f"--samplers: {key} in {item!r} must be a number, got {raw!r}") from None
+                raise BenchError(f"{option}: {key} in {item!r} must be a number, got {raw!r}") from None
         steps = int(head[len(name):])
         if steps < 1 or (values["w"] or 0.0) < 0 or values.get("eta", 0.0) < 0 or not 0 <= values.get("s", 0.0) <= 1:
-            raise BenchError(f"--samplers: {item!r}: need steps >= 1, w >= 0, eta >= 0 and s in [0, 1]")
+            raise BenchError(f"{option}: {item!r}: need steps >= 1, w >= 0, eta >= 0 and s in [0, 1]")
         if values.get("eta", 0.0) and "eta" not in inspect.signature(samplers[name]).parameters:
-            raise BenchError(f"--samplers: {item!r}: sampler {name} takes no eta")
+            raise BenchError(f"{option}: {item!r}: sampler {name} takes no eta")
         settings.append(SamplerSetting(item, name, steps, **{_SPEC_KEYS[k]: v for k, v in values.items()},
                                        guidance_interval=interval))
     labels = [s.label for s in settings]
     if len(set(labels)) != len(labels):
-        raise BenchError(f"--samplers: an item is named twice in {text!r}; name each once")
+        raise BenchError(f"{option}: an item is named twice in {text!r}; name each once")
+    return settings
+
+
+def stage_settings(stage_cfg: StageConfig, setting: SamplerSetting, option: str = "--samplers") -> SamplingSettings:
+    """The stage's own `SamplingSettings` as ``setting`` changes them, checked for the stage
+    (`SamplingSettings.check_for`: e.g. a consistency student samples only with the consistency sampler, in 1 to
+    its ``distill.levels`` steps, at w up to its ``distill.w_max``). BenchError (one line: ``option``, the item,
+    the reason) otherwise."""
+    changes: dict[str, Any] = {"sampler": setting.sampler, "steps": setting.steps, "eta": setting.eta}
+    if setting.w is not None:
+        changes["w"] = setting.w
+    if setting.aug_level is not None:
+        changes["aug_level"] = setting.aug_level
+    if setting.guidance_interval is not None:
+        changes["guidance_interval"] = setting.guidance_interval
+    try:
+        settings = dataclasses.replace(stage_cfg.sampling, **changes)  # the stage's own defaults, as changed
+        settings.check_for(stage_cfg)
+    except ValueError as err:
+        raise BenchError(f"{option}: {setting.label}: {err}") from None
     return settings
 
 
@@ -107,19 +131,12 @@ def sample_images(model: torch.nn.Module, diffusion: Any, stage_cfg: StageConfig
                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
     """Sample `labels` (N) with one setting: (N×3×R×R float32 CPU images, network evaluations per image).
 
-    The stage's own `SamplingSettings` as `setting` changes them, sampled by the cascade's stage sampler
+    The stage's own `SamplingSettings` as `setting` changes them (`stage_settings`; BenchError when they do
+    not suit the stage), sampled by the cascade's stage sampler
     (`cascade.pipeline.stage_sampling.sample_stage`): SR stages take clean low-resolution inputs x_low
     (N×3×r×r in [-1, 1]), re-noised to level s as the cascade re-noises them; sample i's noise is seeded by
     (`seed`, stage, i), so it does not depend on `batch_size`."""
-    changes = {"sampler": setting.sampler, "steps": setting.steps, "eta": setting.eta}
-    if setting.w is not None:
-        changes["w"] = setting.w
-    if setting.aug_level is not None:
-        changes["aug_level"] = setting.aug_level
-    if setting.guidance_interval is not None:
-        changes["guidance_interval"] = setting.guidance_interval
-    settings = dataclasses.replace(stage_cfg.sampling, **changes)  # the stage's own defaults, as changed
-    settings.check_for(stage_cfg)
+    settings = stage_settings(stage_cfg, setting)
     with _count_forward_rows(model) as rows:
         images = sample_stage(model, diffusion, stage_cfg, settings, labels, x_low, seed=seed, batch_size=batch_size,
                               device=device)

@@ -1,5 +1,5 @@
 """tools/quality_bench.py and its library (cascade.harness.quality_bench, quality_recipes, quality_samplers,
-judge), and the trainer's time budget."""
+quality_report, judge): recipes, teachers and their distilled students, and the trainer's time budget."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from cascade.evaluation.judge import JudgeSettings, get_judge, train_judge
 from cascade.harness.quality_recipes import BenchError, Recipe, apply_recipe
-from cascade.harness.quality_report import BASE_COLUMNS, SR_COLUMNS
+from cascade.harness.quality_report import BASE_COLUMNS, BASE_NFE_COLUMNS, SR_COLUMNS, table_columns
 from cascade.harness.quality_samplers import parse_samplers, sample_images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,6 +107,20 @@ def test_judge_is_deterministic_and_cached(shards, monkeypatch, one_thread):
     (["--samplers", "ddim10:q=1"], "--samplers: bad option 'q=1'"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--samplers", "consistency2"], "--samplers: consistency2: stage base32: the consistency sampler needs a"),
+    (["--student-samplers", "consistency2"], "--student-samplers applies to distilled students: add --distill"),
+    (["--distill-levels", "4"], "--distill-levels applies to distilled students"),
+    (["--distill-steps", "0"], "--distill-steps must be >= 1"),
+    (["--distill-steps", "2", "--student-samplers", "ddim4"],
+     "--student-samplers: ddim4: stage base32 is consistency-distilled: sample it with sampler consistency"),
+    (["--distill-steps", "2", "--student-samplers", "consistency20"],
+     "--student-samplers: consistency20: stage base32: its consistency student was trained on 16 levels"),
+    (["--distill-steps", "2", "--distill-levels", "4", "--student-samplers", "consistency8"],
+     "--student-samplers: consistency8: stage base32: its consistency student was trained on 4 levels"),
+    (["--distill-steps", "2", "--distill-levels", "1"], "--distill-levels must be an integer in [2, 1000]"),
+    (["--distill-steps", "2", "--distill-w-max", "0.5"], "recipe today: --distill-w-max 0.5 is below the teacher's"),
+    (["--distill-steps", "2", "--w", "3"],
+     "--student-samplers: consistency1: stage base32: its distilled student was trained for w in [0, 2]"),
 ])
 def test_bad_options_are_one_line_errors(tool, shards, tmp_path, capsys, args, message):
     argv = {"--stage": "base32", "--data": str(shards), "--out": str(tmp_path / "out"), "--recipes": "today",
@@ -239,3 +253,45 @@ def test_reuse_samples_a_trained_run_without_training_it_again(tool, shards, tmp
     assert "was trained with budget" in capsys.readouterr().err
     assert tool.main(common + ["--reuse", "--overwrite"]) == 2
     assert "--reuse and --overwrite exclude each other" in capsys.readouterr().err
+
+
+def test_distilled_students_are_scored_beside_their_teacher_and_reused(tool, shards, tmp_path, capsys, one_thread):
+    out = tmp_path / "out"
+    common = ["--stage", "base32", "--data", str(shards), "--out", str(out), "--quick", "--recipes", "today",
+              "--workers", "0", "--distill-steps", "2"]
+    assert tool.main(common + ["--student-samplers", "consistency1,consistency3"]) == 0
+    md = (out / "quality.md").read_text()
+    tables = [t for t in md.split("\n\n") if t.startswith("|")]
+    assert len(tables) == 2  # every row, then quality against NFE
+    header, rows = _table(tables[0])
+    assert tuple(header) == table_columns("base", True)
+    assert header.index("weights") == 1 and header.index("distill s") == header.index("distill steps") + 1
+    assert [(r[0], r[1], r[2]) for r in rows] == [("real images", "–", "–"), ("today", "teacher", "ddim3"),
+                                                  ("today", "student", "consistency1"),
+                                                  ("today", "student", "consistency3")]
+    header, rows = _table(tables[1])
+    assert tuple(header) == BASE_NFE_COLUMNS
+    assert [(r[1], r[4]) for r in rows[1:]] == [("student", "1"), ("student", "3"), ("teacher", "6")]  # by NFE
+    document = json.loads((out / "quality.json").read_text())
+    assert document["meta"]["distill"] == {"budget": {"steps": 2}, "method": "consistency", "w_max": 2.0,
+                                           "levels": 16, "steps": 0,
+                                           "student_samplers": ["consistency1", "consistency3"]}
+    teacher, *students = document["rows"][1:]
+    assert teacher["weights"] == "teacher" and "distill_steps" not in teacher
+    for row, steps in zip(students, (1, 3)):
+        assert row["weights"] == "student" and row["nfe_per_image"] == steps  # w is an input: 1 evaluation a step
+        assert row["distill_steps"] == 2 and row["distill_seconds"] > 0 and row["train_steps"] == 3
+        assert 0.0 <= row["class_accuracy"] <= 1.0 and (out / row["grid"]).is_file()
+        assert "-distilled" in row["grid"] and row["distill_checkpoint"].startswith(str(out / "runs" / "today-distilled"))
+    checkpoint_bytes = {p: p.read_bytes() for p in (out / "runs").rglob("*.safetensors")}
+    capsys.readouterr()
+    assert tool.main(common + ["--reuse", "--student-samplers", "consistency2"]) == 0
+    assert "reusing the distillation of base32 recipe today: 2 steps" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (out / "runs").rglob("*.safetensors")} == checkpoint_bytes
+    rows = json.loads((out / "quality.json").read_text())["rows"]
+    assert [(r["weights"], r["sampler"], r["nfe_per_image"]) for r in rows[1:]] == [("teacher", "ddim3", 6),
+                                                                                     ("student", "consistency2", 2)]
+    assert tool.main(common[:-1] + ["3", "--reuse"]) == 2  # another distillation budget: not the same student
+    assert "was distilled with budget" in capsys.readouterr().err
+    assert tool.main(common) == 2  # the runs are there: neither --reuse nor --overwrite
+    assert "already holds a trained run" in capsys.readouterr().err
