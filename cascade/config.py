@@ -53,9 +53,10 @@ STAGE_KINDS = tuple(k.value for k in StageKind)
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 # How a stage was distilled from a teacher checkpoint (`DistillSpec`; `cascade.training.distill`): not at all,
 # guidance only (Meng et al. 2023 "On Distillation of Guided Diffusion Models" §4.1: w as an input, one network
-# evaluation per step) or guidance and steps together (Luo et al. 2023 "Latent Consistency Models" §4.2: guided
-# consistency distillation, sampled by `cascade.diffusion.samplers.sample_consistency`).
-DISTILL_METHODS = ("none", "guidance", "consistency")
+# evaluation per step), or guidance and steps together: one DDIM step of the student for k of the teacher (Salimans
+# & Ho 2022 "Progressive Distillation" eq. 8; Meng et al. 2023 §4.2), or guided consistency distillation (Luo et al.
+# 2023 "Latent Consistency Models" §4.2, sampled by `cascade.diffusion.samplers.sample_consistency`).
+DISTILL_METHODS = ("none", "guidance", "step", "consistency")
 # Upper bounds of the stage settings (lower bounds are in the checks): far above any preset, below what would
 # exhaust a machine before the first step.
 # resolution: pixels per side (also of attention resolutions); channel_mult: each entry, levels: its length;
@@ -201,39 +202,50 @@ class DistillSpec:
 
     - ``method``: "guidance": the network takes the guidance weight w as an input and reproduces the teacher's
       classifier-free guided prediction in one evaluation (Meng et al. 2023 §4.1), sampled by the teacher's samplers;
-      "consistency": also distilled to a consistency function on a grid of ``levels`` noise levels (Luo et al. 2023
-      "Latent Consistency Models" §4.2, from Song et al. 2023 "Consistency Models"), sampled by the ``consistency``
-      sampler in 1 to ``levels`` steps.
+      "step": also distilled to ``levels`` DDIM steps, each reproducing ``teacher_steps`` / ``levels`` guided DDIM
+      steps of the teacher (Salimans & Ho 2022 eq. 8; Meng et al. 2023 §4.2), sampled by ``ddim`` in exactly
+      ``levels`` steps; "consistency": also distilled to a consistency function on a grid of ``levels`` noise levels
+      (Luo et al. 2023 "Latent Consistency Models" §4.2, from Song et al. 2023 "Consistency Models"), sampled by the
+      ``consistency`` sampler in 1 to ``levels`` steps.
     - ``teacher``: the teacher's checkpoint folder (a record: the student's weights do not need it).
     - ``w_max``: the student was trained for guidance weights w in [0, w_max].
-    - ``levels``: consistency only: the N intervals of its training grid (`cascade.diffusion.distillation`).
+    - ``levels``: step and consistency: the N intervals of its grid (`cascade.diffusion.distillation`).
+    - ``teacher_steps``: step only: the teacher's DDIM steps the student's ``levels`` steps reproduce.
 
     Ranges (ValueError naming ``distill.<key>`` otherwise): method one of `DISTILL_METHODS`; with method "none" the
-    other fields keep their defaults; otherwise teacher non-empty and w_max in (0, 10⁶]; levels ≥ 1 for consistency
-    (at most T, checked by `StageConfig`), 0 for guidance.
+    other fields keep their defaults; otherwise teacher non-empty and w_max in (0, 10⁶]; levels ≥ 1 for step and
+    consistency (at most T, checked by `StageConfig`), 0 for guidance; teacher_steps a multiple of levels above it
+    for step, 0 otherwise.
     """
 
     method: str = "none"
     teacher: str = ""
     w_max: float = 0.0
     levels: int = 0
+    teacher_steps: int = 0
 
     def __post_init__(self) -> None:
         coerce_fields(self, "distill")
         check_choice("distill.method", self.method, DISTILL_METHODS)
         if self.method == "none":
-            if self.teacher or self.w_max or self.levels:
-                raise ValueError("distill.teacher, w_max and levels describe a distilled stage; with method none "
-                                 "leave them unset")
+            if self.teacher or self.w_max or self.levels or self.teacher_steps:
+                raise ValueError("distill.teacher, w_max, levels and teacher_steps describe a distilled stage; with "
+                                 "method none leave them unset")
             return
         if not self.teacher:
             raise ValueError(f"distill.teacher must name the teacher checkpoint of a {self.method}-distilled stage")
         if not 0 < self.w_max <= LIMITS["weight"]:  # NaN fails too
             raise ValueError(f"distill.w_max must be > 0 and <= {LIMITS['weight']:g}, got {self.w_max}")
-        if self.method == "consistency" and self.levels < 1:
-            raise ValueError(f"distill.levels must be >= 1 for consistency distillation, got {self.levels}")
+        if self.method in ("step", "consistency") and self.levels < 1:
+            raise ValueError(f"distill.levels must be >= 1 for {self.method} distillation, got {self.levels}")
         if self.method == "guidance" and self.levels:
-            raise ValueError(f"distill.levels applies to consistency distillation only, got {self.levels}")
+            raise ValueError(f"distill.levels applies to step and consistency distillation only, got {self.levels}")
+        if self.method == "step":
+            if self.teacher_steps <= self.levels or self.teacher_steps % self.levels:
+                raise ValueError(f"distill.teacher_steps must be a multiple of levels ({self.levels}) above it, got "
+                                 f"{self.teacher_steps}")
+        elif self.teacher_steps:
+            raise ValueError(f"distill.teacher_steps applies to step distillation only, got {self.teacher_steps}")
 
     @property
     def takes_w(self) -> bool:
@@ -361,6 +373,10 @@ class SamplingSettings:
         if self.sampler == "consistency" and spec.method != "consistency":
             raise ValueError(f"stage {name}: the consistency sampler needs a consistency-distilled stage "
                              "(tools/distill_stage.py); use ddpm, ddim, dpmpp2m or heun")
+        if spec.method == "step" and (self.sampler != "ddim" or self.eta or self.steps != spec.levels):
+            raise ValueError(f"stage {name} is step-distilled to {spec.levels} DDIM steps: sample it with sampler "
+                             f"ddim, eta 0 and steps {spec.levels}, not {self.sampler} {self.steps!r}"
+                             + (f" eta {self.eta:g}" if self.eta else ""))
         if spec.method == "consistency":
             if self.sampler != "consistency":
                 raise ValueError(f"stage {name} is consistency-distilled: sample it with sampler consistency "
@@ -429,8 +445,8 @@ class StageConfig:
             raise ValueError(f"resolution {self.resolution} is not divisible by 2^(len(channel_mult)-1)")
         if self.distill.method != "none" and self.kind is StageKind.classifier:
             raise ValueError(f"stage {self.name}: a classifier is not distilled (distill.method must be none)")
-        if self.distill.levels > self.diffusion.num_timesteps:
-            raise ValueError(f"distill.levels {self.distill.levels} exceeds the {self.diffusion.num_timesteps} "
+        if max(self.distill.levels, self.distill.teacher_steps) >= self.diffusion.num_timesteps:
+            raise ValueError(f"distill.levels and teacher_steps must be below the {self.diffusion.num_timesteps} "
                              "training timesteps")
         self.sampling.check_for(self)
 

@@ -2,7 +2,13 @@
 
     python tools/demo.py                 # ~17 minutes on 2 CPU cores (training by the clock); resumable
     python tools/demo.py --quick         # ~2-minute smoke version
-    python tools/demo.py --out DIR       # default demo_out/ (--quick: demo_out_quick/)
+    python tools/demo.py --distill       # also distil base32 and sr64 into few-step students (same training minutes)
+    python tools/demo.py --out DIR       # default demo_out/ (--quick: demo_out_quick/; --distill adds _distilled)
+
+--distill: base32 and sr64 each give 60 s of their training seconds to a consistency-distilled student (4 and 2
+sampling steps; --quick: a few steps each). Teacher and student of each are scored on the same teacher-forced
+samples by the stage's headline metric (KID; whole-image features for base32, patch features for sr64) and the
+cascade samples with the better one; the report shows both and which was used.
 
 Prints where the report (HTML + Markdown) is. One demo per --out: a second one while the first runs is refused
 with one line (exit code 2).
@@ -16,6 +22,8 @@ import sys
 from cascade.cli import OneLineArgumentParser
 from cascade.errors import cli_main
 
+DISTILL_BY_DEFAULT = False  # what the demo does without --distill / --no-distill
+
 
 @cli_main("demo", interrupted="interrupted; run the same command to resume")
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(prog="demo", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2-minute smoke version (tiny data, few steps)")
-    parser.add_argument("--out", default=None, help="output folder (default demo_out/ or demo_out_quick/)")
+    parser.add_argument("--out", default=None,
+                        help=("output folder (default demo_out/ or demo_out_quick/; with distillation "
+                              "demo_out_distilled/ or demo_out_quick_distilled/)"))
+    parser.add_argument("--distill", action=argparse.BooleanOptionalAction, default=DISTILL_BY_DEFAULT,
+                        help=("distil base32 and sr64 into few-step students within the same training minutes and "
+                              "sample each stage with whichever of teacher and student scores better (default: "
+                              f"{'on' if DISTILL_BY_DEFAULT else 'off'})"))
     parser.add_argument("--seed", type=int, default=0, help="seed for data, training and sampling (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     args = parser.parse_args(argv)
@@ -32,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be >= 0, got {args.seed}")
 
     import stages
-    from cascade.harness.demo import DEFAULT, QUICK, TRAIN_ORDER, run_demo
+    from cascade.harness.demo import TRAIN_ORDER, demo_budget, run_demo
     from cascade.locks import FolderLock, FolderLocked
 
-    out = args.out or ("demo_out_quick" if args.quick else "demo_out")
+    out = args.out or ("demo_out_quick" if args.quick else "demo_out") + ("_distilled" if args.distill else "")
     configs = {name: stages.get_stage(name, "tiny") for name in TRAIN_ORDER}
     try:
         with FolderLock(out, "--out"):  # one writer per folder: a second demo is refused before it writes
-            result = run_demo(out, QUICK if args.quick else DEFAULT, configs, seed=args.seed,
+            result = run_demo(out, demo_budget(quick=args.quick, distill=args.distill), configs, seed=args.seed,
                               progress=not args.no_progress)
     except FolderLocked as err:
         print(f"demo: error: {err}", file=sys.stderr)

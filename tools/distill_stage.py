@@ -26,11 +26,11 @@ from omegaconf import DictConfig
 
 from cascade.harness import hydra_tool
 from cascade.harness.hydra_tool import HydraTool, build_distill_run, run_training, tool_main
-from stages.hydra_store import register
+from stages.hydra_store import preset_node, register
 
 register()
 
-TOOL = HydraTool(prog="distill_stage", config_name="distill", build=build_distill_run)
+TOOL = HydraTool(prog="distill_stage", config_name="distill", build=lambda cfg: build_distill_run(cfg, preset_node))
 
 
 def check_command_line(argv: list[str]) -> None:

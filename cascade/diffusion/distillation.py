@@ -7,9 +7,12 @@ student also takes ``w=`` (B guidance weights). Nothing here knows networks, dat
 - `guided_output`: classifier-free guidance with one weight per sample (Ho & Salimans 2022 eq. 6).
 - `guidance_distillation_loss`: the student's prediction at (x_t, t, w) against the guided teacher's (Meng et al.
   2023 "On Distillation of Guided Diffusion Models" §4.1, in the stage's own prediction space).
-- `consistency_grid`, `consistency_timesteps`: the student's training levels and the levels a k-step sampler visits
+- `distillation_grid`, `distillation_timesteps`: a student's training levels and the levels a k-step sampler visits
   (Luo et al. 2023 "Latent Consistency Models" §4.3 "skipping-step": one interval of the grid spans many training
   timesteps).
+- `step_distillation_loss`: the student's one DDIM step matches k guided DDIM steps of the teacher (the target of
+  Salimans & Ho 2022 "Progressive Distillation for Fast Sampling of Diffusion Models" eq. 8 and Algorithm 2, over k
+  teacher steps in one round; with guidance: Meng et al. 2023 §4.2), truncated-SNR weighted.
 - `consistency_distillation_loss`: guided consistency distillation (Luo et al. 2023 §4.2, eq. 9; Song et al. 2023
   "Consistency Models" eq. 7) with the teacher's DDIM step as the ODE solver, the student itself (stop-gradient) as
   the target network (Song & Dhariwal 2023 "Improved Techniques for Training Consistency Models" §3.2) and the
@@ -22,8 +25,8 @@ import torch
 
 from cascade.diffusion.gaussian import GaussianDiffusion
 
-__all__ = ["consistency_distillation_loss", "consistency_function", "consistency_grid", "consistency_timesteps",
-           "guidance_distillation_loss", "guided_output", "pseudo_huber"]
+__all__ = ["consistency_distillation_loss", "consistency_function", "distillation_grid", "distillation_timesteps",
+           "guidance_distillation_loss", "guided_output", "pseudo_huber", "step_distillation_loss"]
 
 
 def _per_sample(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -74,22 +77,24 @@ def guidance_distillation_loss(student, teacher, diffusion: GaussianDiffusion, x
     return (out - target).pow(2).flatten(1).mean(dim=1)
 
 
-def consistency_grid(num_timesteps: int, levels: int) -> list[int]:
-    """The ``levels`` + 1 training timesteps τ_0 = 0 < τ_1 < … < τ_N = T − 1 of a consistency student's grid, evenly
-    spaced (N intervals; Luo et al. 2023 §4.3: each interval skips T/N training timesteps). Raises ValueError unless
-    1 <= levels <= num_timesteps − 1 (distinct timesteps need T ≥ N + 1)."""
+def distillation_grid(num_timesteps: int, levels: int) -> list[int]:
+    """The ``levels`` + 1 training timesteps τ_0 = 0 < τ_1 < … < τ_N = T − 1 of a student's grid, evenly spaced (N
+    intervals; Luo et al. 2023 §4.3: each interval skips T/N training timesteps). A grid of N·k levels holds the grid
+    of N levels at every k-th level. Raises ValueError unless 1 <= levels <= num_timesteps − 1 (distinct timesteps
+    need T ≥ N + 1)."""
     if not 1 <= levels <= num_timesteps - 1:
         raise ValueError(f"levels must be in [1, {num_timesteps - 1}] for {num_timesteps} timesteps, got {levels}")
     return [round(i * (num_timesteps - 1) / levels) for i in range(levels + 1)]
 
 
-def consistency_timesteps(num_timesteps: int, levels: int, steps: int) -> list[int]:
-    """The training timesteps (ascending) at which a ``steps``-step consistency sampler evaluates a student trained
-    on ``consistency_grid(num_timesteps, levels)``: the top level τ_N and every (N/steps)-th level below it, never
-    τ_0 (where the consistency function is the identity). Raises ValueError unless 1 <= steps <= levels."""
+def distillation_timesteps(num_timesteps: int, levels: int, steps: int) -> list[int]:
+    """The training timesteps (ascending) at which a ``steps``-step sampler evaluates a student trained on
+    ``distillation_grid(num_timesteps, levels)``: the top level τ_N and every (N/steps)-th level below it, never τ_0
+    (the consistency function is the identity there; a step student's last step goes from τ_1 to clean data).
+    Raises ValueError unless 1 <= steps <= levels."""
     if not 1 <= steps <= levels:
         raise ValueError(f"steps must be in [1, {levels}] (the student's levels), got {steps}")
-    grid = consistency_grid(num_timesteps, levels)
+    grid = distillation_grid(num_timesteps, levels)
     return sorted({grid[levels - round(j * levels / steps)] for j in range(steps)})
 
 
@@ -113,7 +118,7 @@ def consistency_distillation_loss(student, teacher, diffusion: GaussianDiffusion
         loss       = d(f_θ(x_{t_next}, t_next, w), stopgrad f_θ(x̂_{t_prev}, t_prev, w)), d pseudo-Huber,
 
     where at t_prev = 0 the target is x̂_{t_prev}/√ᾱ_0 itself (the boundary condition f(x, τ_0) = x). ``t_next`` >
-    ``t_prev`` ≥ 0: B training timesteps (adjacent levels of `consistency_grid`); ``w``: B weights ≥ 0;
+    ``t_prev`` ≥ 0: B training timesteps (adjacent levels of `distillation_grid`); ``w``: B weights ≥ 0;
     ``model_kwargs``: the conditioning with labels ``y``.
     """
     x_t = diffusion.q_sample(x_start, t_next, noise)
@@ -128,3 +133,49 @@ def consistency_distillation_loss(student, teacher, diffusion: GaussianDiffusion
         target = torch.where(at_boundary, x_prev / alpha_bar_prev.sqrt(), target)
     pred = consistency_function(student, diffusion, x_t, t_next, w, model_kwargs)
     return pseudo_huber(pred, target)
+
+
+def _alpha_bar(diffusion: GaussianDiffusion, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """ᾱ at training timesteps t (B; −1 meaning clean data, ᾱ = 1), shaped to broadcast against ``like``."""
+    table = diffusion.extract("alphas_cumprod", t.clamp(min=0), like)
+    return torch.where((t < 0).view(table.shape), torch.ones_like(table), table)
+
+
+def step_distillation_loss(student, teacher, diffusion: GaussianDiffusion, x_start: torch.Tensor, path: torch.Tensor,
+                           w: torch.Tensor, noise: torch.Tensor, *, null_class: int, model_kwargs: dict,
+                           clip_denoised: bool = True) -> torch.Tensor:
+    """Per-sample (B) guided step distillation loss: the student's single DDIM step over ``path`` reproduces the
+    teacher's k guided DDIM steps along it.
+
+    ``path``: B×(k + 1) training timesteps, descending, from the student's level t to the level its step ends at
+    (−1: clean data, ᾱ = 1); x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε (slides eq. 2). The teacher steps x_t along the path
+    with DDIM (Song et al. 2021 eq. 12, η = 0; x̂_0 clipped to [−1, 1] as the sampler does when ``clip_denoised``)
+    on its guided output (1 + w)·cond − w·uncond, to x_e at the end; the target is the x̃ for which one DDIM step
+    from x_t lands on x_e (Salimans & Ho 2022 eq. 8 / Algorithm 2):
+
+        x̃ = (x_e − (σ_e/σ_t)·x_t) / (α_e − (σ_e/σ_t)·α_t),  α = √ᾱ, σ = √(1 − ᾱ)  (x̃ = x_e when σ_e = 0),
+
+    and the loss is max(SNR(t), 1)·mean((x̂_0^student − x̃)²) ("truncated SNR" weighting, ibid. §4).
+    ``w``: B weights ≥ 0; ``model_kwargs``: the conditioning with labels ``y``.
+    """
+    t = path[:, 0]
+    x_t = diffusion.q_sample(x_start, t, noise)
+    channels = x_t.shape[1]
+    with torch.no_grad():
+        x = x_t.float()
+        for j in range(path.shape[1] - 1):
+            guided = _guided_teacher(teacher, x.to(x_t.dtype), path[:, j], w, null_class, model_kwargs)
+            xstart, eps = diffusion.predict_xstart_eps(x, path[:, j], guided[:, :channels].float())
+            if clip_denoised:  # ε̂ re-derived from the clipped x̂_0, as the DDIM sampler does
+                xstart = xstart.clamp(-1, 1)
+                eps = diffusion.predict_eps_from_xstart(x, path[:, j], xstart)
+            ab_next = _alpha_bar(diffusion, path[:, j + 1], x)
+            # x_{τ−1} = √ᾱ_{τ−1}·x̂_0 + √(1 − ᾱ_{τ−1})·ε̂ (Song et al. 2021 'DDIM' eq. 12 with σ = 0).
+            x = ab_next.sqrt() * xstart + (1 - ab_next).sqrt() * eps
+        ab_t, ab_e = _alpha_bar(diffusion, t, x), _alpha_bar(diffusion, path[:, -1], x)
+        ratio = ((1 - ab_e) / (1 - ab_t)).sqrt()
+        # x̃ = (x_e − (σ_e/σ_t)·x_t)/(α_e − (σ_e/σ_t)·α_t) (Salimans & Ho 2022 eq. 8).
+        target = (x - ratio * x_t.float()) / (ab_e.sqrt() - ratio * ab_t.sqrt())
+        weight = (ab_t / (1 - ab_t)).clamp(min=1.0).flatten()  # max(SNR(t), 1) (Salimans & Ho 2022 §4)
+    pred = consistency_function(student, diffusion, x_t, t, w, model_kwargs)
+    return weight * (pred - target).pow(2).flatten(1).mean(dim=1)

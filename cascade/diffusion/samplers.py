@@ -256,7 +256,7 @@ def sample_consistency(model, diffusion: GaussianDiffusion, shape=None, x_T: tor
     does); before the next evaluation it is re-noised to that index's level, x = √ᾱ_{i−1}·x̂_0 + √(1 − ᾱ_{i−1})·z
     (slides eq. 2; Ho et al. 2020 'DDPM' eq. 4). Returns the last x̂_0; with `stop_at_index` = k it stops after the
     evaluation at k + 1 and returns x̂_0 re-noised to ᾱ_k (truncated conditioning augmentation). The levels are the
-    caller's (`cascade.diffusion.distillation.consistency_timesteps`: the student's training grid). Arguments,
+    caller's (`cascade.diffusion.distillation.distillation_timesteps`: the student's training grid). Arguments,
     shapes and errors as in `sample_ddpm`; any learned variance in the output is ignored.
     """
     x = _initial_noise(model, shape, x_T, generator)

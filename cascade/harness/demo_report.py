@@ -1,4 +1,5 @@
-"""The demo report's text: the headline per stage, what each number means, and the page's blocks."""
+"""The demo report's text: the headline per stage, what each number means, teacher against student of every
+distilled stage, and the page's blocks."""
 
 from __future__ import annotations
 
@@ -62,6 +63,44 @@ def budget_words(budget, name: str) -> str:
     return f"{seconds:g} s, at most {steps}" if seconds else steps
 
 
+def distill_words(budget, name: str) -> str:
+    """A stage's distillation budget in words: "60 s, at most 5000 steps" or "4 steps"."""
+    steps, seconds = budget.distill_budget(name)
+    return f"{seconds:g} s, at most {steps} steps" if seconds else f"{steps} steps"
+
+
+def distillation_blocks(rows: list[dict], budget, out: Path) -> list:
+    """The report's distillation section: per distilled stage a teacher row and a student row (checkpoint, sampler,
+    NFE/image, the headline metric, the seconds sampling the scored images took) and which of the two the cascade
+    used (`cascade.harness.demo.compare_students`' rows)."""
+    table = []
+    for row in rows:
+        for side in ("teacher", "student"):
+            r = row[side]
+            path = Path(r["checkpoint"])
+            shown = path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
+            table.append([row["stage"], side, f"{shown} (step {r['step']})", r["sampler"], f"{r['nfe_per_image']:g}",
+                          row["metric"], f"{r['metric']:.5f} ± {r['metric_std']:.5f} (n={r['num_samples']})",
+                          f"{r['fid']:.2f}", f"{r['sample_seconds']:.2f}", "yes" if row["used"] == side else "no"])
+    n = rows[0]["teacher"]["num_samples"] if rows else 0
+    return [
+        ("h2", "Distillation"),
+        ("p", (f"After training, {', '.join(r['stage'] for r in rows)} were each distilled into a few-step student "
+               "(guided consistency distillation, Luo et al. 2023, starting from the teacher's weights; "
+               + "; ".join(f"{r['stage']}: {distill_words(budget, r['stage'])}" for r in rows)
+               + "). Teacher and student of a stage are scored on the same "
+               f"{n} teacher-forced samples (the stage alone, on the real low-resolution val inputs, one seed) by the "
+               "stage's headline metric, KID: in the whole-image features for the base stage (content, colour, "
+               "class), in the 32² patch features for an SR stage (the detail it adds). Lower is better; a tie goes "
+               "to the student (fewer network evaluations). The samples above and the metrics below use the row "
+               "marked used. The choice and its scores come from the same few samples: a difference within the "
+               "KID's ± std says 'no worse at this n', not 'better'. FID (biased at this n) is shown for "
+               "comparison within a stage; sampling s: the seconds sampling those images took on this machine.")),
+        ("table", ["stage", "weights", "checkpoint", "sampler", "NFE/image", "headline metric", "value", "FID",
+                   "sampling s", "used"], table),
+    ]
+
+
 
 def trained_steps(final: Path) -> int:
     from cascade import checkpoint
@@ -102,11 +141,17 @@ def report_blocks(budget, settings, class_names, grids, real_grid, curves, evalu
     columns, table = report_table(evaluation.results)
     rows = [[stage] + [cells.get(c, "–") for c in columns] for stage, cells in table.items()]
     headline = _headline(evaluation.results, len(class_names))
+    if result.distillation:
+        headline.insert(0, "weights per stage: " + ", ".join(
+            f"{n} {w}" + (f" ({result.students[n].relative_to(out).as_posix()})" if w == "student" else "")
+            for n, w in result.weights.items()))
     blocks = [
         ("p", ("Everything on this page was produced by `python tools/demo.py` on this machine: shards of "
               f"{len(class_names)} built-in photographs (one class per photograph, random multi-scale crops), "
               "the five stages trained from scratch at the `tiny` preset, every class sampled through "
-              "base32 → sr64 → sr128 → sr256 with classifier-free guidance, and every stage evaluated.")),
+              "base32 → sr64 → sr128 → sr256 with classifier-free guidance, and every stage evaluated."
+              + (f" {', '.join(result.students)} were also distilled into few-step students; each stage samples "
+                 "with the weights that scored better (see Distillation)." if result.distillation else ""))),
         ("list", [f"classes: {', '.join(f'{i} {n}' for i, n in enumerate(class_names))}",
                   ("sampling per stage (each stage's own settings, stored in its checkpoint): "
                    + "; ".join(f"{n}: {s.sampler} {s.steps} steps, w = {s.w:g}"
@@ -123,6 +168,7 @@ def report_blocks(budget, settings, class_names, grids, real_grid, curves, evalu
     blocks += [
         ("img", real_grid.relative_to(out).as_posix(), "real val crops at 256² (for comparison)"),
         ("img", "samples/grid.png", "the cascade per sample: columns are stages (each shown at 256²)"),
+        *(distillation_blocks(result.distillation, budget, out) if result.distillation else []),
         ("h2", "Metrics"),
         ("p", (f"{evaluation.meta['num_samples']} generated images per stage and mode (n below), CAS from "
                f"{budget.cas_per_class} per class. " + SMALL_SAMPLE_NOTE)),
@@ -147,10 +193,14 @@ def report_blocks(budget, settings, class_names, grids, real_grid, curves, evalu
         ("img", curves.relative_to(out).as_posix(),
          ("training loss per stage (each stage's own objective, stored in its checkpoint; thin lines: loss per "
           "quarter of the t range, high t on the right quarter is the easiest); classifier: cross-entropy and "
-          "accuracy on noised inputs")),
+          "accuracy on noised inputs"
+          + ("; <stage>-distilled: the student's consistency distillation loss" if result.students else ""))),
         ("list", [f"{name}: {trained_steps(result.checkpoints[name])} steps at batch {budget.batch_size[name]} "
                   f"(budget: {budget_words(budget, name)}), checkpoint "
-                  f"{result.checkpoints[name].relative_to(out).as_posix()}" for name in result.checkpoints]),
+                  f"{result.checkpoints[name].relative_to(out).as_posix()}" for name in result.checkpoints]
+         + [f"{name} student: {trained_steps(path)} distillation steps at batch {budget.batch_size[name]} (budget: "
+            f"{distill_words(budget, name)}, lr {budget.distill_lr:g}), checkpoint {path.relative_to(out).as_posix()}"
+            for name, path in result.students.items()]),
         ("h2", "Timings"),
         ("table", ["step", "seconds"], [[k, v] for k, v in result.seconds.items()]),
     ]

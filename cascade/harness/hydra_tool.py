@@ -207,15 +207,15 @@ def build_run(cfg: DictConfig, num_classes: Callable[[str], int]) -> tuple[Stage
     return StageConfig.from_dict(stage), str(c["size"]), run
 
 
-def build_distill_run(cfg: DictConfig) -> tuple[StageConfig, str, RunConfig]:
+def build_distill_run(cfg: DictConfig, preset: Callable[[str, str], dict]) -> tuple[StageConfig, str, RunConfig]:
     """(the student's StageConfig, size, RunConfig) of a distillation job (`tools/distill_stage.py`): the teacher's
     stage made a student by ``distill`` (`cascade.training.distill.student_stage`). ValueError / FileNotFoundError
     (one line) when the teacher is missing or damaged, is a checkpoint of another stage or resolution than
-    ``stage=``, or when stage.* settings were changed (they come from the teacher)."""
+    ``stage=``, or when stage.* settings were changed (they come from the teacher): ``preset(name, size)`` is the
+    stage's preset as composed (`stages.hydra_store.preset_node`), to tell them."""
     from cascade import checkpoint
     from cascade.training.distill import student_stage
     from cascade.training.trainer_config import DistillSettings
-    from stages.hydra_store import preset_node
 
     if OmegaConf.is_missing(cfg, "teacher"):
         raise ValueError("teacher is required: teacher=RUN, the run folder (or a checkpoint) of the stage to distil, "
@@ -234,8 +234,8 @@ def build_distill_run(cfg: DictConfig) -> tuple[StageConfig, str, RunConfig]:
                          f"{f' from {teacher.low_resolution}x{teacher.low_resolution}' if teacher.low_resolution else ''}"
                          f", stage {name} here {chosen['resolution']}x{chosen['resolution']}; distil a teacher of "
                          "the same resolutions")
-    preset = preset_node(name, size)
-    changed = sorted(k for k in preset if chosen.get(k) != preset[k])
+    defaults = preset(name, size)
+    changed = sorted(k for k in defaults if chosen.get(k) != defaults[k])
     if changed:
         raise ValueError(f"stage.{changed[0]} was changed, but a student's stage settings are its teacher's; drop the "
                          "stage.* overrides (distill.* and trainer.* set how it is distilled)")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from cascade.config import SamplingSettings, StageConfig, StageKind
-from cascade.diffusion.distillation import consistency_timesteps
+from cascade.diffusion.distillation import distillation_timesteps
 from cascade.diffusion.gaussian import space_timesteps
 
 
@@ -96,19 +96,19 @@ def respaced_timesteps(name: str, num_timesteps: int, steps: int | str | None) -
 
 
 def stage_timesteps(stage: StageConfig, settings: SamplingSettings) -> list[int]:
-    """The kept training timesteps (ascending) ``stage`` samples at with ``settings`` (already checked for it): the
-    consistency sampler's levels on the student's grid (`cascade.diffusion.distillation.consistency_timesteps`),
-    else the respacing of ``settings.steps`` (`respaced_timesteps`)."""
-    if settings.sampler == "consistency":
-        return consistency_timesteps(stage.diffusion.num_timesteps, stage.distill.levels, settings.steps)
+    """The kept training timesteps (ascending) ``stage`` samples at with ``settings`` (already checked for it): a step
+    or consistency student's levels on its grid (`cascade.diffusion.distillation.distillation_timesteps`), else the
+    respacing of ``settings.steps`` (`respaced_timesteps`)."""
+    if stage.distill.method in ("step", "consistency"):  # its own grid (steps checked against it)
+        return distillation_timesteps(stage.diffusion.num_timesteps, stage.distill.levels, settings.steps)
     return respaced_timesteps(stage.name, stage.diffusion.num_timesteps, settings.steps)
 
 
 def monitor_settings(stage: StageConfig, steps: int | str) -> SamplingSettings:
     """The settings a training run's sample grids and quality proxy sample ``stage`` with: its own, over ``steps``
-    (`TrainerConfig.sample_steps`), except a consistency student's, which keep their few steps (its sampler visits
-    the levels it was trained on)."""
-    if stage.sampling.sampler == "consistency":
+    (`TrainerConfig.sample_steps`), except a step or consistency student's, which keep their few steps (the levels it
+    was trained on)."""
+    if stage.distill.method in ("step", "consistency"):
         return stage.sampling
     return dataclasses.replace(stage.sampling, steps=steps)
 

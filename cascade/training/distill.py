@@ -31,8 +31,9 @@ from cascade.config import DistillSpec, SamplingSettings, StageConfig, StageKind
 from cascade.diffusion.augment import augment_low_res
 from cascade.diffusion.distillation import (
     consistency_distillation_loss,
-    consistency_grid,
+    distillation_grid,
     guidance_distillation_loss,
+    step_distillation_loss,
 )
 from cascade.diffusion.gaussian import GaussianDiffusion
 from cascade.training.trainer_config import DistillSettings
@@ -55,16 +56,20 @@ def student_stage(teacher: StageConfig, teacher_path: str | Path, settings: Dist
     if teacher.sampling.w > w_max:
         raise ValueError(f"distill.w_max {w_max:g} is below the teacher's default w {teacher.sampling.w:g}; raise "
                          "distill.w_max")
-    spec = DistillSpec(method=settings.method, teacher=str(teacher_path), w_max=w_max,
-                       levels=settings.levels if settings.method == "consistency" else 0)
-    if settings.method == "consistency":
+    method, steps = settings.method, settings.steps_for(teacher.kind)
+    spec = DistillSpec(method=method, teacher=str(teacher_path), w_max=w_max,
+                       levels={"step": steps, "consistency": settings.levels}.get(method, 0),
+                       teacher_steps=settings.teacher_steps_for(teacher.kind) if method == "step" else 0)
+    if method == "step":
+        sampling = dataclasses.replace(teacher.sampling, sampler="ddim", steps=steps, eta=0.0, guidance_interval=None)
+    elif method == "consistency":
         sampling = dataclasses.replace(teacher.sampling, sampler="consistency", steps=settings.steps_for(teacher.kind),
                                        eta=0.0, guidance_interval=None)
     else:
         sampling = dataclasses.replace(teacher.sampling, guidance_interval=None)
-    if teacher.diffusion.num_timesteps <= settings.levels:
-        raise ValueError(f"distill.levels {settings.levels} needs more than {settings.levels} training timesteps; "
-                         f"the teacher has {teacher.diffusion.num_timesteps}")
+    if teacher.diffusion.num_timesteps <= max(spec.levels, spec.teacher_steps):
+        raise ValueError(f"distill: {max(spec.levels, spec.teacher_steps)} levels need more training timesteps than "
+                         f"the teacher's {teacher.diffusion.num_timesteps}")
     return dataclasses.replace(teacher, distill=spec, sampling=SamplingSettings(**dataclasses.asdict(sampling)))
 
 
@@ -96,16 +101,22 @@ def init_student(student: nn.Module, teacher_path: str | Path) -> None:
 class DistillationLoss:
     """The student's training loss ``loss(model, batch) -> {"loss", "per_sample": B, "t": B}``, for the trainer's
     step: per example a guidance weight w ~ U[0, w_max] (Luo et al. 2023 §4.2) and, per the method, a timestep t
-    (guidance: uniform over the T training timesteps) or a level n ~ U{1..N} of the student's grid (consistency,
-    t = τ_n); SR stages condition both networks on the same augmented low-resolution input (Ho et al. 2021 §3.2).
+    (guidance: uniform over the T training timesteps), one of the student's steps (step: uniform over its steps) or
+    a level n ~ U{1..N} of the student's grid (consistency, t = τ_n); SR stages condition both networks on the same augmented low-resolution input (Ho et al. 2021 §3.2).
     The teacher sees the batch's labels and the null class; the student sees the labels (no dropout)."""
 
     def __init__(self, stage: StageConfig, diffusion: GaussianDiffusion, teacher: nn.Module):
         self.stage, self.diffusion, self.teacher = stage, diffusion, teacher
         spec = stage.distill
         self.method, self.w_max = spec.method, spec.w_max
-        self.grid = (torch.tensor(consistency_grid(diffusion.num_timesteps, spec.levels))
+        self.grid = (torch.tensor(distillation_grid(diffusion.num_timesteps, spec.levels))
                      if spec.method == "consistency" else None)
+        if spec.method == "step":  # each student step i (τ_i → τ_{i−1}; τ_1 → clean) as k teacher steps
+            fine = distillation_grid(diffusion.num_timesteps, spec.teacher_steps)
+            k = spec.teacher_steps // spec.levels
+            paths = [[fine[i * k - j] for j in range(k + 1)] for i in range(1, spec.levels + 1)]
+            paths[0][-1] = -1  # the last step ends on clean data (ᾱ = 1), as the DDIM sampler's does
+            self.paths = torch.tensor(paths)
 
     def conditioning(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         kwargs = {"y": batch["y"]}
@@ -124,6 +135,11 @@ class DistillationLoss:
         if self.method == "guidance":
             t = torch.randint(0, self.diffusion.num_timesteps, (n,), device=device)
             per_sample = guidance_distillation_loss(model, self.teacher, self.diffusion, x0, t, w, noise, **common)
+        elif self.method == "step":
+            path = self.paths.to(device)[torch.randint(0, len(self.paths), (n,), device=device)]
+            t = path[:, 0]
+            per_sample = step_distillation_loss(model, self.teacher, self.diffusion, x0, path, w, noise,
+                                                clip_denoised=self.stage.sampling.clip_denoised, **common)
         else:
             level = torch.randint(1, len(self.grid), (n,), device=device)
             grid = self.grid.to(device)

@@ -163,33 +163,50 @@ class TrainerConfig:
 class DistillSettings:
     """How `tools/distill_stage.py` distils a teacher (`cascade.training.distill`; docs/distillation.md).
 
-    ``method``: "consistency" (guidance and steps: the consistency sampler, Luo et al. 2023 §4.2) or "guidance"
-    (w as an input only, the teacher's samplers at half the evaluations: Meng et al. 2023 §4.1). ``w_max``: the
-    student learns every guidance weight in [0, w_max] (at least the teacher's default w). ``levels``: the N
-    intervals of the consistency grid (2 to 1000; fewer, longer intervals converge in fewer steps, Luo et al. 2023
-    §4.3). ``steps``: the student's default sampling steps (1 to ``levels``; 0: 4 for a base stage, 2 for an SR
-    stage). ValueError (one line naming ``distill.<key>``) otherwise."""
+    ``method``: "step" (guidance and steps: ``steps`` DDIM steps, each reproducing ``teacher_steps`` / ``steps``
+    guided DDIM steps of the teacher; Salimans & Ho 2022 eq. 8, Meng et al. 2023 §4.2), "consistency" (guidance and
+    steps: guided consistency distillation on ``levels`` levels, the consistency sampler in 1 to ``levels`` steps;
+    Luo et al. 2023 §4.2) or "guidance" (w as an input only: the teacher's samplers at half the evaluations; Meng et
+    al. 2023 §4.1). ``w_max``: the student learns every guidance weight in [0, w_max] (at least the teacher's
+    default w). ``steps``: the student's sampling steps (0: 4 for a base stage, 2 for an SR stage; consistency: its
+    default, 1 to ``levels``). ``teacher_steps``: step only, a multiple of the steps above them (0: twice the
+    steps). ``levels``: consistency only, the N intervals of its grid (2 to 1000). ValueError (one line naming
+    ``distill.<key>``) otherwise."""
 
-    method: str = "consistency"
+    method: str = "step"
     w_max: float = 2.0
-    levels: int = 16
     steps: int = 0
+    teacher_steps: int = 0
+    levels: int = 16
 
     def __post_init__(self) -> None:
         coerce_fields(self, "distill")
-        if self.method not in ("consistency", "guidance"):
-            raise ValueError(f"distill.method must be consistency or guidance, got {self.method!r}")
+        if self.method not in ("step", "consistency", "guidance"):
+            raise ValueError(f"distill.method must be step, consistency or guidance, got {self.method!r}")
         if not 0 < self.w_max < math.inf:
             raise ValueError(f"distill.w_max must be a finite number > 0, got {self.w_max}")
         if not 2 <= self.levels <= 1000:
             raise ValueError(f"distill.levels must be an integer in [2, 1000], got {self.levels}")
-        if not 0 <= self.steps <= self.levels:
-            raise ValueError(f"distill.steps must be 0 (the stage kind's default) or in [1, distill.levels = "
-                             f"{self.levels}], got {self.steps}")
+        if not 0 <= self.steps <= (self.levels if self.method == "consistency" else 1000):
+            bound = "distill.levels = " + str(self.levels) if self.method == "consistency" else "1000"
+            raise ValueError(f"distill.steps must be 0 (the stage kind's default) or in [1, {bound}], got {self.steps}")
+        if self.teacher_steps and (self.method != "step" or self.teacher_steps < 0):
+            raise ValueError(f"distill.teacher_steps applies to method step only (a multiple of its steps), got "
+                             f"{self.teacher_steps}")
 
     def steps_for(self, kind: str) -> int:
-        """The student's default sampling steps for a stage of ``kind`` ("base" or "sr")."""
+        """The student's sampling steps for a stage of ``kind`` ("base" or "sr")."""
         return self.steps or (2 if kind == "sr" else 4)
+
+    def teacher_steps_for(self, kind: str) -> int:
+        """The teacher's DDIM steps a step student of ``kind`` reproduces; ValueError unless a multiple of its
+        steps above them."""
+        steps = self.steps_for(kind)
+        teacher = self.teacher_steps or 2 * steps
+        if teacher <= steps or teacher % steps:
+            raise ValueError(f"distill.teacher_steps must be a multiple of the student's {steps} steps above them, "
+                             f"got {teacher}")
+        return teacher
 
 
 @dataclass(frozen=True)

@@ -88,19 +88,20 @@ def _proxy_rule(trainer) -> str:
 
 
 def _monitor_sampling(trainer) -> str:
-    """How the grids and the proxy sample: trainer.sample_steps steps, or a consistency student's own sampler."""
-    settings = monitor_settings(trainer.stage, trainer.cfg.sample_steps)
-    if settings.sampler == "consistency":
-        return f"consistency sampler, {settings.steps} steps (the student's)"
-    return f"{settings.steps} steps"
+    """How the grids and the proxy sample: trainer.sample_steps steps, or a few-step student's own sampler."""
+    stage = trainer.stage
+    if stage.distill.method in ("step", "consistency"):
+        return f"{stage.sampling.sampler} {stage.sampling.steps} steps (the student's)"
+    return f"{trainer.cfg.sample_steps} steps"
 
 
 def _distill_rule(stage) -> str:
     """What a student is distilled from and how (`cascade.training.distill`)."""
     spec = stage.distill
-    how = (f"guided consistency distillation on {spec.levels} levels" if spec.method == "consistency"
-           else "guidance distillation")
-    return (f"{how} from teacher {spec.teacher}; w ~ U[0, {spec.w_max:g}]; samples with {stage.sampling.sampler} "
+    how = {"guidance": "guidance distillation",
+           "step": f"guided step distillation: {spec.levels} DDIM steps for the teacher's {spec.teacher_steps}",
+           "consistency": f"guided consistency distillation on {spec.levels} levels"}[spec.method]
+    return (f"{how}, from teacher {spec.teacher}; w ~ U[0, {spec.w_max:g}]; samples with {stage.sampling.sampler} "
             f"{stage.sampling.steps} steps")
 
 

@@ -11,11 +11,12 @@ import torch
 from cascade.config import DistillSpec, SamplingSettings
 from cascade.diffusion.distillation import (
     consistency_distillation_loss,
-    consistency_grid,
-    consistency_timesteps,
+    distillation_grid,
+    distillation_timesteps,
     guidance_distillation_loss,
     guided_output,
     pseudo_huber,
+    step_distillation_loss,
 )
 from cascade.diffusion.gaussian import GaussianDiffusion
 from cascade.diffusion.samplers import sample_consistency
@@ -102,6 +103,46 @@ def test_consistency_distillation_loss_against_its_formula():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_step_distillation_loss_against_its_formula():
+    """Two teacher DDIM steps (one ending on clean data) against the single-step target of Salimans & Ho eq. 8."""
+    diffusion = _diffusion("v")
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.rand(2, 3, 4, 4, generator=gen) * 2 - 1
+    noise = torch.randn(2, 3, 4, 4, generator=gen)
+    y, w = torch.tensor([0, 2]), torch.tensor([0.5, 2.0])
+    path = torch.tensor([[999, 749, 500], [250, 125, -1]])
+
+    def student(x, t, w, y, **kwargs):
+        return 0.7 * _teacher(x, t, y) - 0.05 * w.view(-1, 1, 1, 1)
+
+    got = step_distillation_loss(student, _teacher, diffusion, x0, path, w, noise, null_class=NULL,
+                                 model_kwargs={"y": y}, clip_denoised=False)
+    ab_table = diffusion.alphas_cumprod.float()
+
+    def ab(t):
+        return torch.stack([torch.tensor(1.0) if int(v) < 0 else ab_table[int(v)] for v in t]).view(-1, 1, 1, 1)
+
+    def xstart_eps(x, t, out):  # v-prediction: x̂ = α·x − σ·v, ε̂ = σ·x + α·v
+        a, s = ab(t).sqrt(), (1 - ab(t)).sqrt()
+        return a * x - s * out, s * x + a * out
+
+    x_t = ab(path[:, 0]).sqrt() * x0 + (1 - ab(path[:, 0])).sqrt() * noise
+    x = x_t
+    for j in range(2):
+        t = path[:, j]
+        out = (1 + w.view(-1, 1, 1, 1)) * _teacher(x, t, y) - w.view(-1, 1, 1, 1) * _teacher(x, t, torch.full_like(y, NULL))
+        xs, eps = xstart_eps(x, t, out)
+        x = ab(path[:, j + 1]).sqrt() * xs + (1 - ab(path[:, j + 1])).sqrt() * eps
+    a_t, a_e = ab(path[:, 0]), ab(path[:, 2])
+    ratio = ((1 - a_e) / (1 - a_t)).sqrt()
+    target = (x - ratio * x_t) / (a_e.sqrt() - ratio * a_t.sqrt())
+    torch.testing.assert_close(target[1], x[1])  # ending on clean data, the target is where the teacher lands
+    pred = xstart_eps(x_t, path[:, 0], student(x_t, path[:, 0], w, y))[0]
+    weight = (a_t / (1 - a_t)).clamp(min=1).flatten()
+    want = weight * (pred - target).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_pseudo_huber_is_near_l2_far_away_and_quadratic_near_zero():
     a = torch.zeros(2, 3, 4, 4)
     b = torch.zeros(2, 3, 4, 4)
@@ -112,20 +153,20 @@ def test_pseudo_huber_is_near_l2_far_away_and_quadratic_near_zero():
     assert d[1] == pytest.approx(1e-8 / (2 * 0.01), rel=1e-2)
 
 
-def test_consistency_grid_and_timesteps():
-    assert consistency_grid(1000, 4) == [0, 250, 500, 749, 999]
-    assert consistency_timesteps(1000, 4, 4) == [250, 500, 749, 999]
-    assert consistency_timesteps(1000, 16, 1) == [999]
-    assert consistency_timesteps(1000, 16, 2) == [500, 999]
-    assert consistency_timesteps(1000, 16, 4) == [250, 500, 749, 999]
+def test_distillation_grid_and_timesteps():
+    assert distillation_grid(1000, 4) == [0, 250, 500, 749, 999]
+    assert distillation_timesteps(1000, 4, 4) == [250, 500, 749, 999]
+    assert distillation_timesteps(1000, 16, 1) == [999]
+    assert distillation_timesteps(1000, 16, 2) == [500, 999]
+    assert distillation_timesteps(1000, 16, 4) == [250, 500, 749, 999]
     for steps in range(1, 17):
-        visited = consistency_timesteps(1000, 16, steps)
+        visited = distillation_timesteps(1000, 16, steps)
         assert len(visited) == steps and visited[-1] == 999 and 0 not in visited
-        assert set(visited) <= set(consistency_grid(1000, 16))
+        assert set(visited) <= set(distillation_grid(1000, 16))
     with pytest.raises(ValueError, match=r"steps must be in \[1, 16\]"):
-        consistency_timesteps(1000, 16, 17)
+        distillation_timesteps(1000, 16, 17)
     with pytest.raises(ValueError, match="levels must be in"):
-        consistency_grid(10, 10)
+        distillation_grid(10, 10)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -139,7 +180,7 @@ def test_consistency_sampler_recovers_gaussian_data_with_the_exact_consistency_f
         ab = base.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
         return mu + s * (x - ab.sqrt() * mu) / (ab * s * s + 1 - ab).sqrt()
 
-    respaced = base.respace(consistency_timesteps(1000, 8, steps))
+    respaced = base.respace(distillation_timesteps(1000, 8, steps))
     x_T = torch.randn(4096, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     out = sample_consistency(exact, respaced, x_T=x_T, clip_denoised=False,
                              generator=torch.Generator().manual_seed(4))
@@ -151,7 +192,7 @@ def test_consistency_sampler_recovers_gaussian_data_with_the_exact_consistency_f
 
 def test_consistency_sampler_stops_at_a_level_for_truncation():
     base = _diffusion("x0")
-    respaced = base.respace(consistency_timesteps(1000, 8, 4))
+    respaced = base.respace(distillation_timesteps(1000, 8, 4))
     calls = []
 
     def model(x, t, **kwargs):

@@ -113,3 +113,94 @@ def test_time_budget_trains_by_the_clock_then_keeps_the_stage(quick_demo, tmp_pa
     again = demo.train_demo_stage(stage, quick_demo.out_dir / "data", tmp_path / "runs", budget, 0, progress=False)
     assert checkpoint.load_training_state(again)["step"] > steps
     assert json.loads((tmp_path / "runs" / "base32" / demo.DONE_FILE).read_text()) == marker
+
+
+@pytest.fixture(scope="module")
+def distilled_demo(quick_demo, tmp_path_factory):
+    """The quick demo with distillation of base32 and sr64 (`QUICK_DISTILLED`), run on a copy of `quick_demo`'s
+    shards and trained stages (the training budget is the same, so no stage trains again)."""
+    import shutil
+
+    from cascade import device
+
+    out = tmp_path_factory.mktemp("demo_distilled")
+    for part in ("data", "runs"):
+        shutil.copytree(quick_demo.out_dir / part, out / part)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(device, "native_bf16", lambda device: False)
+        return demo.run_demo(out, demo.QUICK_DISTILLED, _tiny_configs(), seed=0, progress=False)
+
+
+def test_distilled_demo_keeps_the_trained_stages_and_distils_two(quick_demo, distilled_demo):
+    from cascade import checkpoint
+
+    for name, ckpt in distilled_demo.checkpoints.items():  # trained with the same budget: kept as they were
+        assert ckpt.relative_to(distilled_demo.out_dir) == quick_demo.checkpoints[name].relative_to(quick_demo.out_dir)
+        assert f"train {name}" in distilled_demo.seconds
+    assert set(distilled_demo.students) == {"base32", "sr64"}
+    for name, student in distilled_demo.students.items():
+        assert student.parent.parent == distilled_demo.out_dir / "runs" / f"{name}-distilled"
+        cfg = checkpoint.load_stage_config(student)
+        assert cfg.distill.method == "consistency" and cfg.distill.teacher == str(distilled_demo.checkpoints[name])
+        assert checkpoint.load_training_state(student)["step"] == demo.QUICK_DISTILLED.distill_steps[name]
+
+
+def test_distilled_demo_samples_each_stage_with_the_better_weights(distilled_demo):
+    import json
+
+    rows = {row["stage"]: row for row in distilled_demo.distillation}
+    assert set(rows) == {"base32", "sr64"}
+    for name, row in rows.items():
+        teacher, student = row["teacher"], row["student"]
+        assert row["used"] == ("student" if student["metric"] <= teacher["metric"] else "teacher")
+        assert distilled_demo.weights[name] == row["used"]
+        assert student["sampler"].startswith("consistency ") and student["nfe_per_image"] < teacher["nfe_per_image"]
+        assert teacher["sample_seconds"] > 0 and student["sample_seconds"] > 0
+        assert student["num_samples"] == teacher["num_samples"] == demo.QUICK.eval_samples
+    assert rows["base32"]["metric"] == "KID teacher-forced [classifier32-features]"
+    assert rows["sr64"]["metric"] == "KID teacher-forced [classifier32-features-patch32]"
+    assert {distilled_demo.weights[n] for n in ("sr128", "sr256")} == {"teacher"}
+    assert json.loads((distilled_demo.out_dir / "distillation.json").read_text()) == distilled_demo.distillation
+    # the cascade's samples came from the weights chosen per stage
+    record = json.loads((distilled_demo.out_dir / "samples" / "settings.json").read_text())
+    for name, used in distilled_demo.weights.items():
+        path = record["checkpoints"][name]["path"]
+        assert ("-distilled" in path) == (used == "student"), (name, path)
+
+
+def test_distilled_demo_report_shows_teacher_and_student(distilled_demo):
+    html = distilled_demo.report_html.read_text()
+    md = distilled_demo.report_md.read_text()
+    assert ">Distillation</h" in html and "# Distillation" in md
+    for row in distilled_demo.distillation:
+        name = row["stage"]
+        for side in ("teacher", "student"):
+            used = "yes" if row["used"] == side else "no"
+            cells = re.search(rf"<tr><td>{name}</td><td>{side}</td>(.*?)</tr>", html)
+            assert cells is not None, (name, side)
+            assert cells.group(1).rstrip().endswith(f"<td>{used}</td>"), cells.group(1)
+            assert f"{row[side]['nfe_per_image']:g}" in cells.group(1)
+    assert "weights per stage: base32 " in html and "distillation steps" in html
+    assert "<td>distill base32</td>" in html and "<td>teacher or student</td>" in html
+
+
+def test_finished_student_is_not_distilled_again_and_a_new_teacher_restarts_it(distilled_demo, tmp_path):
+    import shutil
+
+    from cascade import checkpoint
+
+    out = distilled_demo.out_dir
+    student, teacher = distilled_demo.students["base32"], distilled_demo.checkpoints["base32"]
+    before = (student / "ema.safetensors").stat().st_mtime_ns
+    again = demo.distill_demo_stage("base32", teacher, out / "data", out / "runs", demo.QUICK_DISTILLED, 0,
+                                    progress=False)
+    assert again == student
+    assert (student / "ema.safetensors").stat().st_mtime_ns == before
+    # the stage trained again (another teacher checkpoint): its student starts afresh from the new teacher
+    runs = tmp_path / "runs"
+    shutil.copytree(out / "runs" / "base32-distilled", runs / "base32-distilled")
+    new_teacher = tmp_path / "teacher" / teacher.name
+    shutil.copytree(teacher, new_teacher)
+    fresh = demo.distill_demo_stage("base32", new_teacher, out / "data", runs, demo.QUICK_DISTILLED, 0, progress=False)
+    assert checkpoint.load_stage_config(fresh).distill.teacher == str(new_teacher)
+    assert checkpoint.load_training_state(fresh)["step"] == demo.QUICK_DISTILLED.distill_steps["base32"]
