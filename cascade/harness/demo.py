@@ -40,7 +40,7 @@ CHAIN = DEFAULT_CHAIN  # the demo trains and samples every stage of the default 
 DONE_FILE = "demo_done.json"  # in a stage's run folder: the budget it finished training with
 STUDENT_SUFFIX = "-distilled"  # a student's run folder: runs/<stage>-distilled (as tools/distill_stage.py's default)
 DISTILL_MAX_STEPS = 100_000  # a student's step cap where its budget gives only seconds
-DISTILL = DistillSettings()  # how the demo distils: guided consistency distillation, 4 steps (base) / 2 (SR)
+DISTILL = DistillSettings()  # how the demo distils: the default method, w in [0, 2], 4 sampling steps (base) / 2 (SR)
 # The headline metric that picks teacher or student per stage: teacher-forced KID (unbiased, so two runs at the same
 # small n compare), in the whole-image features for the base stage (content, colour, class) and in the 32² patch
 # features for an SR stage (the texture and detail it adds, which whole-image features see only at 32²). Lower wins;
@@ -151,7 +151,7 @@ QUICK = DemoBudget(
     cas_steps=10,
 )
 
-# With distillation: base32 and sr64 each give 60 s of their training to a consistency-distilled student (4 and 2
+# With distillation: base32 and sr64 each give 60 s of their training to a distilled student (`DISTILL`: 4 and 2
 # sampling steps), base32 270 s + 60 s and sr64 105 s + 60 s, the other stages as in DEFAULT: 11.2 minutes in all.
 DEFAULT_DISTILLED = with_distillation(DEFAULT, seconds={"base32": 60, "sr64": 60},
                                       steps={"base32": 5000, "sr64": 3000})
@@ -321,7 +321,7 @@ def compare_students(runs_dir: Path, students: dict[str, Path], data_dir: Path, 
     alone on the real low-resolution val inputs: `evaluate` with mode teacher-forced, `budget.eval_samples` images,
     one seed) and pick, per stage, the one with the lower `HEADLINE_METRIC` in `headline_net`'s features (a tie:
     the student). Both are evaluated on the chain up to the last distilled stage, teacher-sampled stages in both
-    alike. Returns one row per distilled stage: {"stage", "metric", "used", "teacher": ..., "student": ...} with
+    alike. Returns one row per distilled stage: {"stage", "method", "metric", "used", "teacher", "student"} with
     each side's checkpoint, sampler, NFE/image, metric ± std, FID and seconds spent sampling."""
     from cascade.evaluation.evaluate import TEACHER_FORCED, evaluate
     from cascade.evaluation.settings import MetricSettings
@@ -350,15 +350,15 @@ def compare_students(runs_dir: Path, students: dict[str, Path], data_dir: Path, 
                 "nfe_per_image": network_evaluations(s, sp.timesteps, sp.stop_at_index,
                                                      guidance_input=sp.guidance_input),
                 "metric": float(features[HEADLINE_METRIC]), "metric_std": float(features.get("kid_std", float("nan"))),
-                "fid": float(features["fid"]), "num_samples": int(features.get("num_fake", budget.eval_samples)),
+                "fid": float(features["fid"]), "num_samples": int(evaluation.meta["num_samples"]),
                 "sample_seconds": round(pipeline.seconds.get(stage.name, 0.0), 2),
             }
     rows = []
     for name in students:
         teacher, student = scored[name]["teacher"], scored[name]["student"]
         used = "student" if student["metric"] <= teacher["metric"] else "teacher"  # NaN: the teacher
-        rows.append({"stage": name, "metric": f"KID teacher-forced [{net_of[name]}]", "used": used,
-                     "teacher": teacher, "student": student})
+        rows.append({"stage": name, "method": DISTILL.method, "metric": f"KID teacher-forced [{net_of[name]}]",
+                     "used": used, "teacher": teacher, "student": student})
     return rows
 
 
@@ -448,8 +448,8 @@ def run_demo(out_dir: str | Path, budget: DemoBudget, stage_configs: dict[str, S
     clf = classifier_feature_net(runs_dir / "classifier32")
     nets = [clf, PatchFeatures(clf, clf.resolution)]
     if result.students:
-        _log(f"scoring teacher and student of {', '.join(result.students)} on {budget.eval_samples} teacher-forced "
-             "samples each")
+        _log(f"scoring teacher and student of {' and '.join(result.students)} on {budget.eval_samples} "
+             "teacher-forced samples each")
         result.distillation = compare_students(runs_dir, result.students, data_dir, budget, nets=nets,
                                                classifier=clf, seed=seed, progress=progress)
         write_atomic(out / "distillation.json", json.dumps(result.distillation, indent=2))

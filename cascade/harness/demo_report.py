@@ -63,6 +63,19 @@ def budget_words(budget, name: str) -> str:
     return f"{seconds:g} s, at most {steps}" if seconds else steps
 
 
+METHOD_WORDS = {  # `cascade.training.distill`'s methods, as the report names them
+    "step": "guided step distillation, Salimans & Ho 2022 with guidance as in Meng et al. 2023",
+    "consistency": "guided consistency distillation, Luo et al. 2023",
+    "guidance": "guidance distillation, Meng et al. 2023",
+}
+
+
+def and_list(names) -> str:
+    """"a", "a and b", "a, b and c"."""
+    names = list(names)
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
 def distill_words(budget, name: str) -> str:
     """A stage's distillation budget in words: "60 s, at most 5000 steps" or "4 steps"."""
     steps, seconds = budget.distill_budget(name)
@@ -72,7 +85,7 @@ def distill_words(budget, name: str) -> str:
 def distillation_blocks(rows: list[dict], budget, out: Path) -> list:
     """The report's distillation section: per distilled stage a teacher row and a student row (checkpoint, sampler,
     NFE/image, the headline metric, the seconds sampling the scored images took) and which of the two the cascade
-    used (`cascade.harness.demo.compare_students`' rows)."""
+    used (`cascade.harness.demo.compare_students`' rows, at least one)."""
     table = []
     for row in rows:
         for side in ("teacher", "student"):
@@ -82,11 +95,13 @@ def distillation_blocks(rows: list[dict], budget, out: Path) -> list:
             table.append([row["stage"], side, f"{shown} (step {r['step']})", r["sampler"], f"{r['nfe_per_image']:g}",
                           row["metric"], f"{r['metric']:.5f} ± {r['metric_std']:.5f} (n={r['num_samples']})",
                           f"{r['fid']:.2f}", f"{r['sample_seconds']:.2f}", "yes" if row["used"] == side else "no"])
-    n = rows[0]["teacher"]["num_samples"] if rows else 0
+    n, method = rows[0]["teacher"]["num_samples"], rows[0]["method"]
     return [
         ("h2", "Distillation"),
-        ("p", (f"After training, {', '.join(r['stage'] for r in rows)} were each distilled into a few-step student "
-               "(guided consistency distillation, Luo et al. 2023, starting from the teacher's weights; "
+        ("p", (f"After training, {and_list(r['stage'] for r in rows)} {'were each' if len(rows) > 1 else 'was'} "
+               "distilled into a few-step student "
+               f"({METHOD_WORDS.get(method, method + ' distillation')}, "
+               "starting from the teacher's weights; "
                + "; ".join(f"{r['stage']}: {distill_words(budget, r['stage'])}" for r in rows)
                + "). Teacher and student of a stage are scored on the same "
                f"{n} teacher-forced samples (the stage alone, on the real low-resolution val inputs, one seed) by the "
@@ -150,8 +165,9 @@ def report_blocks(budget, settings, class_names, grids, real_grid, curves, evalu
               f"{len(class_names)} built-in photographs (one class per photograph, random multi-scale crops), "
               "the five stages trained from scratch at the `tiny` preset, every class sampled through "
               "base32 → sr64 → sr128 → sr256 with classifier-free guidance, and every stage evaluated."
-              + (f" {', '.join(result.students)} were also distilled into few-step students; each stage samples "
-                 "with the weights that scored better (see Distillation)." if result.distillation else ""))),
+              + (f" {and_list(result.students)} {'were' if len(result.students) > 1 else 'was'} also distilled "
+                 "into a few-step student; each stage samples with the weights that scored better (see "
+                 "Distillation)." if result.distillation else ""))),
         ("list", [f"classes: {', '.join(f'{i} {n}' for i, n in enumerate(class_names))}",
                   ("sampling per stage (each stage's own settings, stored in its checkpoint): "
                    + "; ".join(f"{n}: {s.sampler} {s.steps} steps, w = {s.w:g}"
@@ -194,7 +210,7 @@ def report_blocks(budget, settings, class_names, grids, real_grid, curves, evalu
          ("training loss per stage (each stage's own objective, stored in its checkpoint; thin lines: loss per "
           "quarter of the t range, high t on the right quarter is the easiest); classifier: cross-entropy and "
           "accuracy on noised inputs"
-          + ("; <stage>-distilled: the student's consistency distillation loss" if result.students else ""))),
+          + ("; <stage>-distilled: the student's distillation loss" if result.students else ""))),
         ("list", [f"{name}: {trained_steps(result.checkpoints[name])} steps at batch {budget.batch_size[name]} "
                   f"(budget: {budget_words(budget, name)}), checkpoint "
                   f"{result.checkpoints[name].relative_to(out).as_posix()}" for name in result.checkpoints]

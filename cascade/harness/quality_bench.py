@@ -20,11 +20,14 @@ the torch version and the load average (other processes share the CPU).
 
 With a distillation budget (`BenchConfig.distill_minutes` or `distill_steps`), each recipe's trained stage (the
 teacher) is then distilled into a few-step student (`cascade.training.distill.student_stage` with
-`BenchConfig.distill`: guided consistency distillation, Luo et al. 2023 "Latent Consistency Models" §4.2) by the same
-trainer, on the same data and seed, with the common trainer settings `BENCH_TRAINER`, into ``runs/<recipe>-distilled``;
-the student is sampled with every `BenchConfig.student_samplers` setting (the consistency sampler: one network
-evaluation per step, w being the student's input) and scored like the teacher. Rows say which weights they
-sampled (``weights``: teacher or student); a student's rows also give the distillation's steps and seconds.
+`BenchConfig.distill`, by its ``method``: "step", guided step distillation to DDIM in 4 steps for a base stage and 2
+for an SR stage by default; "consistency", guided consistency distillation, the consistency sampler in 1 to
+``levels`` steps; "guidance", w as an input only, the teacher's sampler and steps) by the same trainer, on the same
+data and seed, with the common trainer settings `BENCH_TRAINER`, into ``runs/<recipe>-distilled``; the student is
+sampled with every `BenchConfig.student_samplers` setting (none given: its own default settings and, for a
+consistency student, also 1 and 2 steps; `default_student_samplers`), one network evaluation per step (w is the
+student's input), and scored like the teacher. Rows say which weights they sampled (``weights``: teacher or
+student); a student's rows also give the distillation's steps and seconds.
 
 The recipes are `cascade.harness.quality_recipes`'s, the sampler settings and the sampling
 `cascade.harness.quality_samplers`'s; `tools/quality_bench.py` is the command line and
@@ -64,17 +67,22 @@ from cascade.harness.quality_recipes import (
     apply_recipe,
     resolve_recipe,
 )
-from cascade.harness.quality_samplers import SamplerSetting, parse_samplers, sample_images, stage_settings
+from cascade.harness.quality_samplers import (
+    SamplerSetting,
+    default_student_samplers,
+    parse_samplers,
+    sample_images,
+    stage_settings,
+)
 from cascade.imageops import float_to_uint8, image_grid, save_png, uint8_to_float, upsample
 from cascade.training.trainer_config import DataConfig, DistillSettings, RunConfig, TrainerConfig
 
-__all__ = ["DEFAULT_STUDENT_SAMPLERS", "BenchConfig", "BenchResult", "Prepared", "distill_settings", "machine_info",
+__all__ = ["BenchConfig", "BenchResult", "Prepared", "default_student_samplers", "distill_settings", "machine_info",
            "main_settings", "prepare", "run_benchmark", "sr_metrics"]
 
 RUNS_DIR = "runs"
 TRAIN_RECORD = "bench_train.json"  # what a finished training (or distillation) run recorded, read back by --reuse
 DISTILLED_SUFFIX = "-distilled"  # a recipe's student: runs/<recipe>-distilled
-DEFAULT_STUDENT_SAMPLERS = "consistency1,consistency2,consistency4"
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -84,7 +92,8 @@ DEFAULT_STUDENT_SAMPLERS = "consistency1,consistency2,consistency4"
 class BenchConfig:
     """Everything one benchmark run does. Exactly one of `minutes` (wall-clock training budget per recipe)
     and `steps` is set; at most one of `distill_minutes` and `distill_steps` (the distillation budget per recipe;
-    neither: no distillation), and `student_samplers` (at least one) only with one of them."""
+    neither: no distillation), and `student_samplers` only with one of them (empty: each student's own settings,
+    `default_student_samplers`)."""
 
     stage: str
     data: Path
@@ -105,8 +114,8 @@ class BenchConfig:
     progress: bool = False
     distill_minutes: float | None = None  # distil each recipe's trained stage for this wall-clock budget
     distill_steps: int | None = None  # ... or for this many steps
-    distill: DistillSettings = field(default_factory=DistillSettings)  # how (method, w_max, levels)
-    student_samplers: list[SamplerSetting] = field(default_factory=list)  # the students' sampler settings
+    distill: DistillSettings = field(default_factory=DistillSettings)  # how (method, w_max, steps, teacher_steps, levels)
+    student_samplers: list[SamplerSetting] = field(default_factory=list)  # the students' settings (empty: their own)
 
     @property
     def distilling(self) -> bool:
@@ -117,18 +126,20 @@ class BenchConfig:
 @dataclass
 class Prepared:
     """A checked BenchConfig: the dataset record, each recipe's (stage config, trainer config) and, when
-    distilling, the distillation's trainer config."""
+    distilling, the distillation's trainer config and each recipe's student settings."""
 
     config: BenchConfig
     info: dict[str, Any]
     runs: dict[str, tuple[Any, TrainerConfig]]
     distill_trainer: TrainerConfig | None = None
+    student_samplers: dict[str, list[SamplerSetting]] = field(default_factory=dict)  # recipe → its student's settings
 
 
 def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageConfig]]) -> Prepared:
     """Check every setting and input before anything runs; BenchError (one line) otherwise: also every sampler
     setting against the stage it samples (`stage_settings`; a student's: against the student that
-    `cascade.training.distill.student_stage` makes of the recipe's stage).
+    `cascade.training.distill.student_stage` makes of the recipe's stage, whose own settings are the student
+    settings when `BenchConfig.student_samplers` is empty).
 
     ``presets``: stage name → ``(size, num_classes) -> StageConfig``, the stage definitions to benchmark (the
     command line passes those of `stages`)."""
@@ -148,8 +159,6 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
         raise BenchError(f"--distill-steps must be >= 1, got {cfg.distill_steps}")
     if cfg.student_samplers and not cfg.distilling:
         raise BenchError("--student-samplers samples the distilled students: add --distill MINUTES or --distill-steps N")
-    if cfg.distilling and not cfg.student_samplers:
-        raise BenchError("--student-samplers: name at least one sampler setting, e.g. consistency1,consistency4")
     for what, value, low in (("--per-class", cfg.per_class, 1), ("--sample-batch", cfg.sample_batch, 1),
                              ("--workers", 0 if cfg.num_workers == "auto" else cfg.num_workers, 0),
                              ("--seed", cfg.seed, 0)):
@@ -179,12 +188,14 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
     runs = {name: apply_recipe(name, stage_cfg, trainer) for name in cfg.recipes}
     if len(set(cfg.recipes)) != len(cfg.recipes):
         raise BenchError("--recipes: a recipe is named twice; name each once")
+    student_samplers: dict[str, list[SamplerSetting]] = {}
     for name, (recipe_stage, _) in runs.items():
         for setting in cfg.samplers:
             stage_settings(recipe_stage, setting, "--samplers")
         if cfg.distilling:
             student = _student(name, recipe_stage, cfg.out / RUNS_DIR / _file_label(name), cfg.distill)
-            for setting in cfg.student_samplers:
+            student_samplers[name] = cfg.student_samplers or default_student_samplers(student, cfg.default_w)
+            for setting in student_samplers[name]:
                 try:
                     stage_settings(student, setting, "--student-samplers")
                 except BenchError as err:
@@ -192,8 +203,8 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
                     raise BenchError(f"{err}{hint}") from None
     labels = [_file_label(n) for n in cfg.recipes] + [_distilled_label(n) for n in cfg.recipes if cfg.distilling]
     grids = [_grid_name(name, setting.label) for name in cfg.recipes for setting in cfg.samplers]
-    grids += [_grid_name(name + DISTILLED_SUFFIX, setting.label) for name in cfg.recipes
-              for setting in cfg.student_samplers]
+    grids += [_grid_name(name + DISTILLED_SUFFIX, setting.label) for name, settings in student_samplers.items()
+              for setting in settings]
     if len({g.lower() for g in grids}) != len(grids) or len({label.lower() for label in labels}) < len(labels):
         raise BenchError("--recipes / --samplers / --student-samplers: two of them share a file name once made safe "
                          "for one; rename one")
@@ -209,7 +220,7 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
     if cfg.distilling:
         distill_budget = {"max_steps": cfg.distill_steps or 10**9, "max_seconds": 60.0 * (cfg.distill_minutes or 0.0)}
         distill_trainer = TrainerConfig(**{**BENCH_TRAINER, **distill_budget, "progress": cfg.progress})
-    return Prepared(cfg, info, runs, distill_trainer)
+    return Prepared(cfg, info, runs, distill_trainer, student_samplers)
 
 
 def _student(name: str, teacher_cfg: StageConfig, teacher_path: str | Path, settings: DistillSettings) -> StageConfig:
@@ -222,17 +233,34 @@ def _student(name: str, teacher_cfg: StageConfig, teacher_path: str | Path, sett
         raise BenchError(f"recipe {name}: {_distill_option_names(str(err))}") from None
 
 
+_DISTILL_OPTIONS = {"distill.method": "--distill-method", "distill.levels": "--distill-levels",
+                    "distill.w_max": "--distill-w-max", "distill.teacher_steps": "--distill-teacher-steps"}
+
+
 def _distill_option_names(message: str) -> str:
     """A `DistillSettings` / `student_stage` message with its settings named as the command line's options."""
-    return message.replace("distill.levels", "--distill-levels").replace("distill.w_max", "--distill-w-max")
+    for key, option in _DISTILL_OPTIONS.items():
+        message = message.replace(key, option)
+    return message
 
 
-def distill_settings(levels: int | None = None, w_max: float | None = None) -> DistillSettings:
-    """`DistillSettings` (consistency distillation) with `DistillSettings()`'s defaults where None; BenchError (one
-    line naming --distill-levels or --distill-w-max) for a value out of its range."""
-    changes = {k: v for k, v in (("levels", levels), ("w_max", w_max)) if v is not None}
+def distill_settings(levels: int | None = None, w_max: float | None = None, method: str | None = None,
+                     teacher_steps: int | None = None) -> DistillSettings:
+    """`DistillSettings` with `DistillSettings()`'s defaults where None (method: step); BenchError (one line naming
+    the option: --distill-method, --distill-levels, --distill-w-max or --distill-teacher-steps) for a value out of
+    its range or a setting of another method (levels: consistency only; teacher_steps: step only)."""
+    method = DistillSettings.method if method is None else method
+    if levels is not None and method != "consistency":
+        raise BenchError(f"--distill-levels applies to --distill-method consistency only, not {method}")
+    if teacher_steps is not None and method != "step":
+        raise BenchError(f"--distill-teacher-steps applies to --distill-method step only, not {method}")
+    if teacher_steps is not None and teacher_steps < 0:
+        raise BenchError(f"--distill-teacher-steps must be a multiple of the student's steps above them (0: twice "
+                         f"them), got {teacher_steps}")
+    changes = {k: v for k, v in (("levels", levels), ("w_max", w_max), ("teacher_steps", teacher_steps))
+               if v is not None}
     try:
-        return DistillSettings(**changes)
+        return DistillSettings(method=method, **changes)
     except ValueError as err:
         raise BenchError(_distill_option_names(str(err))) from None
 
@@ -325,7 +353,7 @@ def _distill(name: str, teacher_cfg: StageConfig, trained: dict[str, Any], teach
         if any(done.get(k) != v for k, v in wanted.items()):
             raise BenchError(f"--reuse: {run_dir} was distilled with budget {done.get('budget')} and "
                              f"{done.get('distill')}, this run asks {wanted['budget']} and {wanted['distill']}; pass "
-                             "the same --distill/--distill-steps/--distill-levels/--distill-w-max or --overwrite")
+                             "the same --distill/--distill-steps and --distill-* settings or --overwrite")
         log(f"reusing the distillation of {cfg.stage} recipe {name}: {done['distill_steps']} steps in "
             f"{done['distill_seconds']:.0f} s")
         return {k: done[k] for k in ("distill_checkpoint", "distill_steps", "distill_seconds")}
@@ -471,7 +499,7 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
         sample_rows(name, "teacher", trained["checkpoint"], cfg.samplers, trained)
         if cfg.distilling:
             distilled = _distill(name, stage_cfg, trained, reused, cfg, prepared.distill_trainer, log)
-            sample_rows(name, "student", distilled["distill_checkpoint"], cfg.student_samplers,
+            sample_rows(name, "student", distilled["distill_checkpoint"], prepared.student_samplers[name],
                         {**trained, **distilled})
     machine["torch_threads_at_end"] = torch.get_num_threads()
     if hasattr(os, "getloadavg"):
@@ -483,7 +511,8 @@ def run_benchmark(prepared: Prepared, log: Callable[[str], None] = print) -> Ben
             "distill": None if not cfg.distilling else {
                 "budget": ({"minutes": cfg.distill_minutes} if cfg.distill_minutes is not None
                            else {"steps": cfg.distill_steps}),
-                **dataclasses.asdict(cfg.distill), "student_samplers": [s.label for s in cfg.student_samplers]},
+                **dataclasses.asdict(cfg.distill), "student_samplers": list(dict.fromkeys(
+                    s.label for settings in prepared.student_samplers.values() for s in settings))},
             "samples": {"num_images": len(labels), "per_class": cfg.per_class, "seed": cfg.seed},
             "trainer_common": {k: v for k, v in BENCH_TRAINER.items() if k not in ("keep_last", "log_every")},
             "recipes": {n: {"description": r.description, "stage": dict(r.stage), "trainer": dict(r.trainer)}

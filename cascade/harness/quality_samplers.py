@@ -1,5 +1,6 @@
 """How the quality benchmark samples: `--samplers` and `--student-samplers` items (`SamplerSetting`,
-`parse_samplers`), one applied to a stage's own `SamplingSettings` and checked for it (`stage_settings`), and
+`parse_samplers`), a distilled student's own settings when no `--student-samplers` are given
+(`default_student_samplers`), one applied to a stage's own `SamplingSettings` and checked for it (`stage_settings`), and
 `sample_images`, which samples with one through the cascade's stage sampler and counts the network evaluations per
 image (a guided step of a teacher counts 2, a step of a distilled student 1)."""
 
@@ -16,11 +17,12 @@ from typing import Any
 import torch
 
 from cascade.config import SamplingSettings, StageConfig
+from cascade.checks import is_int
 from cascade.diffusion.samplers import SAMPLERS
 from cascade.harness.quality_recipes import BenchError
 from cascade.pipeline.stage_sampling import sample_stage
 
-__all__ = ["SamplerSetting", "parse_samplers", "sample_images", "stage_settings"]
+__all__ = ["SamplerSetting", "default_student_samplers", "parse_samplers", "sample_images", "stage_settings"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,21 @@ def parse_samplers(text: str, default_w: float | None,
     if len(set(labels)) != len(labels):
         raise BenchError(f"{option}: an item is named twice in {text!r}; name each once")
     return settings
+
+
+def default_student_samplers(student: StageConfig, default_w: float | None = None) -> list[SamplerSetting]:
+    """The settings a distilled ``student`` is sampled with when no `--student-samplers` are given: its own
+    sampler and steps (`student.sampling`, as `cascade.training.distill.student_stage` set them: ``ddim4`` for a
+    base step student, ``ddim2`` for an SR one; the teacher's own sampler for a guidance student) and, for a
+    consistency student, also 1 and 2 steps (fewest first). Labels as `parse_samplers` reads them (a step count
+    that is not a number in brackets); w is ``default_w`` (None: the student's own ``sampling.w``)."""
+    own = student.sampling
+    step_counts = [own.steps]
+    if student.distill.method == "consistency":
+        step_counts = sorted({1, 2} | {own.steps})
+    eta = f":eta={own.eta:g}" if own.eta else ""
+    return [SamplerSetting(f"{own.sampler}{steps if is_int(steps) else f'[{steps}]'}{eta}", own.sampler, steps,
+                           default_w, eta=own.eta) for steps in step_counts]
 
 
 def stage_settings(stage_cfg: StageConfig, setting: SamplerSetting, option: str = "--samplers") -> SamplingSettings:

@@ -59,14 +59,14 @@ def test_a_student_starts_as_its_teachers_conditional_model(tiny_runs):
 def test_distill_command_writes_a_checkpoint_that_samples_with_no_flags(synthetic_shards, tiny_runs, tmp_path):
     run_dir = tmp_path / "base32-distilled"
     done = _run("distill_stage", "stage=base32", f"teacher={tiny_runs['base32']}", f"data.root={synthetic_shards}",
-                f"run_dir={run_dir}", "distill.levels=4", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.warmup_steps=0",
+                f"run_dir={run_dir}", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.warmup_steps=0",
                 "trainer.progress=false", "trainer.eval_every=0", "trainer.ema_sigma_rels=[]",
                 "data.num_workers=0", "data.shuffle_buffer=8")
     assert done.returncode == 0, done.stderr
-    assert "teacher" in done.stderr and "consistency" in done.stderr  # the start-up summary names both
+    assert "guided step distillation: 4 DDIM steps for the teacher's 8, from teacher" in done.stderr  # the summary
     record = checkpoint.load_config(run_dir)
-    assert record["stage"]["distill"]["method"] == "consistency" and record["stage"]["distill"]["levels"] == 4
-    assert record["stage"]["sampling"]["sampler"] == "consistency" and record["stage"]["sampling"]["steps"] == 4
+    assert record["stage"]["distill"]["method"] == "step" and record["stage"]["distill"]["teacher_steps"] == 8
+    assert record["stage"]["sampling"]["sampler"] == "ddim" and record["stage"]["sampling"]["steps"] == 4
     grids = sorted((run_dir / "samples").glob("*.png"))
     assert grids, "a student's run writes sample grids with its own sampler"
 
@@ -74,13 +74,14 @@ def test_distill_command_writes_a_checkpoint_that_samples_with_no_flags(syntheti
     sampled = _run("sample_cascade", "--classes", "0,1", "--stages", "base32", "--ckpt", f"base32={run_dir}",
                    "--out", out)
     assert sampled.returncode == 0, sampled.stderr
-    assert "consistency 4 steps · w=1 (distilled) · 4 NFE/image" in sampled.stderr
+    assert "ddim 4 steps · eta=0 · w=1 (distilled) · 4 NFE/image" in sampled.stderr
     assert len(list(out.glob("*.png"))) >= 2
 
     too_many = _run("sample_cascade", "--classes", "0", "--stages", "base32", "--ckpt", f"base32={run_dir}",
                     "--steps", "5", "--out", tmp_path / "bad")
     assert too_many.returncode == 2
-    assert "trained on 4 levels; steps must be a count in [1, 4], got 5" in one_line(too_many.stderr)
+    assert "step-distilled to 4 DDIM steps: sample it with sampler ddim, eta 0 and steps 4, not ddim 5" in one_line(
+        too_many.stderr)
 
 
 def test_a_cascade_mixes_distilled_and_undistilled_stages(synthetic_shards, tiny_runs, tmp_path):
@@ -150,8 +151,9 @@ def _retargeted(run: Path, tmp_path: Path, **stage) -> Path:
     ("stage override", "stage.unet was changed, but a student's stage settings are its teacher's"),
     ("classifier", "is a classifier; distil a base or sr stage"),
     ("steps", r"distill.steps must be 0 (the stage kind's default) or in [1, distill.levels = 4], got 5"),
+    ("teacher steps", "distill.teacher_steps must be a multiple of the student's 2 steps above them, got 5"),
     ("w_max", "distill.w_max 0.5 is below the teacher's default w 1; raise distill.w_max"),
-    ("distilled teacher", "is itself consistency-distilled"),
+    ("distilled teacher", "is itself step-distilled"),
 ])
 def test_bad_distillation_settings_are_one_line_errors(case, message, synthetic_shards, tiny_runs, tmp_path, capsys):
     from cascade.harness.hydra_tool import run_training
@@ -172,7 +174,9 @@ def test_bad_distillation_settings_are_one_line_errors(case, message, synthetic_
     elif case == "classifier":
         args = {"stage": "classifier32", "teacher": tiny_runs["classifier32"]}
     elif case == "steps":
-        extra = ["distill.levels=4", "distill.steps=5"]
+        extra = ["distill.method=consistency", "distill.levels=4", "distill.steps=5"]
+    elif case == "teacher steps":
+        extra = ["distill.teacher_steps=5"]
     elif case == "w_max":
         extra = ["distill.w_max=0.5"]
     elif case == "distilled teacher":
@@ -183,7 +187,7 @@ def test_bad_distillation_settings_are_one_line_errors(case, message, synthetic_
                                                           f"run_dir={tmp_path / 'run'}", *extra]
     if case == "steps":  # a DistillSettings value: refused when the settings are built, before any teacher is read
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-            DistillSettings(levels=4, steps=5)
+            DistillSettings(method="consistency", levels=4, steps=5)
     code = run_training(_compose(overrides), tool.TOOL)
     assert code == 2
     line = one_line(capsys.readouterr().err)
