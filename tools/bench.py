@@ -16,8 +16,9 @@ writes the report as JSON.
 
 --cascade times sampling through the whole chain instead (`cascade.harness.cascade_speed`): the tiny stages of
 --stages (default base32,sr64,sr128,sr256) with fresh weights, --images images (default 4) in one batch, in three
-configurations: every stage at its own defaults (teachers), every stage a consistency student (tools/distill_stage.py's
-defaults: 4 steps for base32, 2 for an SR stage), and --mixed (default base32,sr64) distilled with teachers after.
+configurations: every stage at its own defaults (teachers), every stage its distilled student (--distill-method,
+default tools/distill_stage.py's: step distillation, DDIM in 4 steps for base32 and 2 for an SR stage), and --mixed
+(default base32,sr64) distilled with teachers after.
 Per configuration: NFE per image per stage, seconds per final image, images per second, speed-up over the teachers,
 in a Markdown table naming the CPU, threads and precision (--precision).
 """
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed", default=None, metavar="STAGES",
                         help="--cascade: the stages distilled in the mixed configuration (default base32,sr64: those "
                              "of them in the chain)")
+    parser.add_argument("--distill-method", default=None, choices=("step", "consistency", "guidance"),
+                        help="--cascade: how the students are distilled (default step: DDIM in 4 steps for a base "
+                             "stage, 2 for an SR stage; consistency: the consistency sampler in as many; guidance: "
+                             "the teacher's sampler and steps, w as an input)")
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
                         help="--cascade: sampling precision (default auto: bf16 where the device computes it natively)")
     parser.add_argument("--json", default=None, help="where to write the results (default bench.json; with --cascade "
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cascade:
         return cascade_main(args)
-    for option, value in (("--images", args.images), ("--precision", args.precision), ("--mixed", args.mixed)):
+    for option, value in (("--images", args.images), ("--precision", args.precision), ("--mixed", args.mixed),
+                          ("--distill-method", args.distill_method)):
         if value is not None:
             raise ValueError(f"{option} applies to --cascade only")
     settings = BenchSettings(
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 def cascade_main(args) -> int:
     """--cascade: the whole chain's sampling speed (`cascade.harness.cascade_speed`)."""
     from cascade.harness.cascade_speed import CascadeSpeedSettings, format_cascade_speed, run_cascade_speed
+    from cascade.training.trainer_config import DistillSettings
 
     for option, given in (("--compare", args.compare), ("--trainer", args.trainer), ("--compile", args.compile),
                           ("--batch-size", args.batch_size is not None), ("--modes", args.modes != "fp32")):
@@ -113,7 +120,8 @@ def cascade_main(args) -> int:
         stages=chain,
         images=args.images if args.images is not None else 1 if args.quick else 4,
         repeats=args.repeats if args.repeats is not None else 1,
-        mixed=mixed, precision=args.precision or "auto", device=args.device)
+        mixed=mixed, precision=args.precision or "auto", device=args.device,
+        distill=DistillSettings(method=args.distill_method or DistillSettings.method))
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

@@ -6,7 +6,9 @@
     python tools/quality_bench.py --stage sr64 --data data/photos --minutes 10 --samplers ddim25:s=0.03
     python tools/quality_bench.py --stage base32 --data data/digits --quick      # a smoke run, well under a minute
     python tools/quality_bench.py --stage base32 --data data/photos --recipes today --minutes 10 --distill 10 \
-        --samplers ddpm40,ddim25,ddim10      # + a consistency student of each recipe: NFE against quality
+        --samplers ddpm40,ddim25,ddim10      # + a 4-step student of each recipe: NFE against quality
+    python tools/quality_bench.py --stage base32 --data data/photos --recipes today --minutes 10 --distill 10 \
+        --distill-method consistency         # consistency students, sampled in 1, 2 and 4 steps
 
 Base stages are judged by a small classifier trained on the real train split (cached in <data>/judge/):
 class accuracy, Fréchet distance and KID against the real val split. SR stages are judged teacher-forced
@@ -14,10 +16,13 @@ on real low-resolution val inputs: consistency PSNR, PSNR to the real image and 
 bicubic upsampling. Writes <out>/quality.md, <out>/quality.json, one sample grid per recipe and sampler
 (one row per class) and the trained runs in <out>/runs/. Bad inputs: one line on stderr, exit code 2.
 
---distill MINUTES (or --distill-steps N) also distils each recipe's trained stage (the teacher) into a consistency
-student (tools/distill_stage.py's method and defaults; <out>/runs/<recipe>-distilled) and samples it with
---student-samplers (default consistency1,consistency2,consistency4: one network evaluation per step) beside the
-teacher's --samplers; the report adds a table of quality against network evaluations per image.
+--distill MINUTES (or --distill-steps N) also distils each recipe's trained stage (the teacher) into a student
+(tools/distill_stage.py's defaults; <out>/runs/<recipe>-distilled) by --distill-method: step (the default: DDIM in 4
+steps for a base stage, 2 for an SR stage, each step reproducing --distill-teacher-steps / steps guided DDIM steps of
+the teacher), consistency (the consistency sampler in 1 to --distill-levels steps) or guidance (w as an input: the
+teacher's sampler and steps). It samples each student with --student-samplers (default: the student's own settings,
+e.g. ddim4 for a base step student, and for a consistency student also 1 and 2 steps; one network evaluation per step)
+beside the teacher's --samplers; the report adds a table of quality against network evaluations per image.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ from cascade.errors import cli_main
 from cascade.evaluation.cas import CASSettings
 from cascade.evaluation.judge import JudgeSettings
 from cascade.harness.quality_bench import (
-    DEFAULT_STUDENT_SAMPLERS,
     BenchConfig,
     distill_settings,
     main_settings,
@@ -104,18 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="training progress bars")
     distill = p.add_mutually_exclusive_group()
     distill.add_argument("--distill", type=float, default=None, metavar="MINUTES",
-                         help="also distil each recipe's trained stage into a consistency student for this many "
-                              "wall-clock minutes (same data and seed, common trainer settings) and sample it with "
-                              "--student-samplers")
+                         help="also distil each recipe's trained stage into a student (--distill-method) for this "
+                              "many wall-clock minutes (same data and seed, common trainer settings) and sample it "
+                              "with --student-samplers")
     distill.add_argument("--distill-steps", type=int, default=None, metavar="N",
                          help="the same, for N distillation steps")
     p.add_argument("--student-samplers", default=None, metavar="LIST",
-                   help="the students' settings, as --samplers (default "
-                        f"{DEFAULT_STUDENT_SAMPLERS}: the consistency sampler in 1, 2 and 4 network evaluations; "
-                        "w at most --distill-w-max; needs --distill or --distill-steps)")
+                   help="the students' settings, as --samplers (default: each student's own: ddim4 for a base step "
+                        "student, ddim2 for an SR one; consistency students their own steps and 1 and 2; guidance "
+                        "students the teacher's sampler; w at most --distill-w-max; needs --distill or "
+                        "--distill-steps)")
+    p.add_argument("--distill-method", default=None, choices=("step", "consistency", "guidance"),
+                   help=f"how the students learn (default {DistillSettings.method}): step (DDIM in 4 steps for a base "
+                        "stage, 2 for an SR stage, each reproducing several guided DDIM steps of the teacher), "
+                        "consistency (the consistency sampler in 1 to --distill-levels steps) or guidance (w as an "
+                        "input only: the teacher's sampler and steps at half the network evaluations)")
+    p.add_argument("--distill-teacher-steps", type=int, default=None, metavar="N",
+                   help="step only: the teacher's guided DDIM steps that the student's steps reproduce together, a "
+                        "multiple of the student's steps above them (default twice the student's steps)")
     p.add_argument("--distill-levels", type=int, default=None, metavar="N",
-                   help=f"the consistency grid's levels N (2 to 1000; default {DistillSettings.levels}): a student "
-                        "samples in 1 to N steps")
+                   help=f"consistency only: the grid's levels N (2 to 1000; default {DistillSettings.levels}): a "
+                        "student samples in 1 to N steps")
     p.add_argument("--distill-w-max", type=float, default=None,
                    metavar="W",
                    help=f"the students learn every guidance weight w in [0, W] (default {DistillSettings.w_max:g})")
@@ -131,13 +144,16 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     recipes, samplers = main_settings(args.recipes, args.samplers or quick.get("samplers", "ddim25"), default_w)
     distilling = args.distill is not None or args.distill_steps is not None
     if not distilling:
-        given = [o for o, v in (("--student-samplers", args.student_samplers), ("--distill-levels", args.distill_levels),
-                                ("--distill-w-max", args.distill_w_max)) if v is not None]
+        given = [o for o, v in (("--student-samplers", args.student_samplers), ("--distill-method", args.distill_method),
+                                ("--distill-teacher-steps", args.distill_teacher_steps),
+                                ("--distill-levels", args.distill_levels), ("--distill-w-max", args.distill_w_max))
+                 if v is not None]
         if given:
             raise BenchError(f"{given[0]} applies to distilled students: add --distill MINUTES or --distill-steps N")
-    distill = distill_settings(args.distill_levels, args.distill_w_max)
-    student_samplers = (parse_samplers(args.student_samplers or DEFAULT_STUDENT_SAMPLERS, default_w,
-                                       option="--student-samplers") if distilling else [])
+    distill = distill_settings(args.distill_levels, args.distill_w_max, args.distill_method,
+                               args.distill_teacher_steps)
+    student_samplers = (parse_samplers(args.student_samplers, default_w, option="--student-samplers")
+                        if args.student_samplers is not None else [])  # none: each student's own settings
     epochs = args.judge_epochs if args.judge_epochs is not None else quick.get("judge_epochs", JudgeSettings.epochs)
     try:
         judge = JudgeSettings(epochs=epochs, seed=args.seed)
@@ -150,7 +166,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed, num_workers=args.workers, sample_batch=args.sample_batch, judge=judge,
         cas=CASSettings() if args.cas else None, overwrite=args.overwrite, reuse=args.reuse, progress=args.progress,
         distill_minutes=args.distill, distill_steps=args.distill_steps, distill=distill,
-        student_samplers=student_samplers)
+        student_samplers=student_samplers, default_w=default_w)
 
 
 @cli_main(PROG, interrupted="interrupted; run the same command to start again")

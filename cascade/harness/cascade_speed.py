@@ -2,22 +2,22 @@
 
 `run_cascade_speed(settings, preset)` builds the tiny diffusion stages of the chain (``preset(name, "tiny",
 num_classes)``, e.g. base32 → sr64 → sr128 → sr256) with freshly initialised weights (the speed of a sampler does
-not depend on the weights), and the consistency student of each (`cascade.training.distill.student_stage` with
-`CascadeSpeedSettings.distill`: the same network taking the guidance weight w as an input, sampled by the
-consistency sampler). It then samples ``images`` images through the whole chain with `CascadePipeline`, each stage
+not depend on the weights), and the distilled student of each (`cascade.training.distill.student_stage` with
+`CascadeSpeedSettings.distill`: the same network taking the guidance weight w as an input; by default a step
+student, sampled by DDIM in 4 steps for a base stage and 2 for an SR stage). It then samples ``images`` images through the whole chain with `CascadePipeline`, each stage
 at its own default settings, in three configurations (`CONFIGURATIONS`):
 
 - ``teachers``: every stage as trained from data (the tiny presets: base32 ddpm 40 steps at w = 1, sr64 ddpm 25 at
   w = 1, sr128 and sr256 ddpm 25 unguided);
-- ``students``: every stage replaced by its consistency student (`DistillSettings` defaults: 4 steps for a base
-  stage, 2 for an SR stage; one network evaluation per step);
+- ``students``: every stage replaced by its student (`DistillSettings` defaults: step distillation, DDIM in 4 steps
+  for a base stage, 2 for an SR stage; one network evaluation per step);
 - ``mixed``: the stages of `CascadeSpeedSettings.mixed` (default base32 and sr64) distilled, the others teachers.
 
 Per configuration it reports the network evaluations per image of each stage (from the plan,
 `cascade.pipeline.plan.network_evaluations`, and as counted on the networks), each stage's seconds per image, the
 chain's seconds per final image, images per second and the speed-up over ``teachers``. Before the timed run, every
-configuration samples the same images once at one step per stage (a warm-up: the first calls of a shape pay for
-the kernels' set-up). `format_cascade_speed` prints the report as a Markdown table that names the CPU, threads and
+configuration samples the same images once at one step per stage (a step student at its own few steps; a warm-up:
+the first calls of a shape pay for the kernels' set-up). `format_cascade_speed` prints the report as a Markdown table that names the CPU, threads and
 precision; `tools/bench.py --cascade` is the command line.
 """
 
@@ -56,7 +56,7 @@ class CascadeSpeedSettings:
     ``repeats``: timed runs per configuration, the median reported (≥ 1); ``mixed``: the stages distilled in the
     ``mixed`` configuration (a non-empty subset of ``stages``); ``precision``: one of
     `cascade.pipeline.cascade_pipeline.PRECISIONS` (auto: bf16 where the device computes it natively);
-    ``distill``: how each student is made (its default steps). ValueError (one line) otherwise."""
+    ``distill``: how each student is made (its method and default steps). ValueError (one line) otherwise."""
 
     stages: tuple[str, ...] = DEFAULT_CHAIN
     images: int = 4
@@ -96,7 +96,7 @@ def _fresh(cfg: StageConfig, device: str) -> LoadedStage:
 
 def build_configurations(settings: CascadeSpeedSettings, preset: Preset) -> dict[str, list[LoadedStage]]:
     """{configuration: the chain's stages} for `CONFIGURATIONS`: each stage's teacher (the tiny preset) and its
-    consistency student (`student_stage`, its teacher named ``(fresh <stage>)``), fresh weights; a stage's teacher
+    student by ``settings.distill`` (`student_stage`, its teacher named ``(fresh <stage>)``), fresh weights; a stage's teacher
     and student are the same objects in every configuration that uses them."""
     from cascade.training.distill import student_stage
 
@@ -145,7 +145,9 @@ def measure_configuration(name: str, chain: Sequence[LoadedStage], settings: Cas
     pipeline = CascadePipeline(chain, device=settings.device, precision=settings.precision)
     classes = [i % settings.num_classes for i in range(settings.images)]
     plan = pipeline.validate(classes, seed=settings.seed)
-    warm = pipeline.validate(classes, pipeline.settings(steps=1), seed=settings.seed)
+    one_step = {s.name: 1 for s in chain if s.config.distill.method != "step"}  # a step student: its own steps
+    warm = pipeline.validate(classes, pipeline.settings(**({"steps": one_step} if one_step else {})),
+                             seed=settings.seed)
     _time_chain(pipeline, warm)
     runs, counted = [], {}
     for _ in range(settings.repeats):
@@ -185,7 +187,8 @@ def run_cascade_speed(settings: CascadeSpeedSettings, preset: Preset,
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
             "logical_cpus": os.cpu_count(), "torch": torch.__version__, "device": settings.device,
             "threads": torch.get_num_threads(), "precision": rows[0]["precision"], "stages": list(settings.stages),
-            "mixed": list(settings.mixed), "images": settings.images, "repeats": settings.repeats,
+            "mixed": list(settings.mixed), "distill_method": settings.distill.method, "images": settings.images,
+            "repeats": settings.repeats,
             "weights": "fresh (speed does not depend on them)", "configurations": rows}
 
 
@@ -193,7 +196,7 @@ def _describe(name: str, report: dict[str, Any]) -> str:
     if name == "teachers":
         return "teachers: every stage at its own defaults"
     if name == "students":
-        return "students: every stage a consistency student"
+        return f"students: every stage its {report.get('distill_method', 'distilled')} student"
     return f"mixed: {', '.join(report['mixed'])} distilled, the others teachers"
 
 

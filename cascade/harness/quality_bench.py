@@ -116,6 +116,7 @@ class BenchConfig:
     distill_steps: int | None = None  # ... or for this many steps
     distill: DistillSettings = field(default_factory=DistillSettings)  # how (method, w_max, steps, teacher_steps, levels)
     student_samplers: list[SamplerSetting] = field(default_factory=list)  # the students' settings (empty: their own)
+    default_w: float | None = None  # w of the students' own settings (--w; None: each student's own sampling.w)
 
     @property
     def distilling(self) -> bool:

@@ -5,6 +5,7 @@ recipe's rows by network evaluations per image: quality against NFE, teacher bes
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from cascade.config import StageKind
 from cascade.evaluation.report import write_json
 from cascade.harness.quality_bench import BenchResult
+from cascade.training.trainer_config import DistillSettings
 
 REPORT_FORMAT_VERSION = 1
 
@@ -78,6 +80,21 @@ def nfe_rows(rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return reference + ordered
 
 
+def distill_method_text(distill: Mapping[str, Any], kind: str) -> str:
+    """What the students of a stage of ``kind`` learnt, from the report's ``distill`` settings (`DistillSettings`'
+    fields): the method, its steps or levels, the range of w, and the paper it follows."""
+    settings = DistillSettings(**{f.name: distill[f.name] for f in dataclasses.fields(DistillSettings)})
+    w = f"w ~ U[0, {settings.w_max:g}]"
+    if settings.method == "step":
+        steps, teacher = settings.steps_for(kind), settings.teacher_steps_for(kind)
+        return (f"guided step distillation: {steps} DDIM steps, each reproducing {teacher // steps} guided DDIM steps "
+                f"of the teacher, {w}; Salimans & Ho 2022 eq. 8, Meng et al. 2023 §4.2")
+    if settings.method == "consistency":
+        return (f"guided consistency distillation on {settings.levels} levels, {w}; Luo et al. 2023 'Latent "
+                "Consistency Models' §4.2")
+    return f"guidance distillation: w as the network's input, the teacher's samplers, {w}; Meng et al. 2023 §4.1"
+
+
 def markdown(result: BenchResult) -> str:
     """The report: the machine and settings, then one table (reference rows first)."""
     m, kind = result.meta, result.kind
@@ -107,10 +124,8 @@ def markdown(result: BenchResult) -> str:
         budget = (f"{distill['budget']['minutes']:g} minutes" if "minutes" in distill["budget"]
                   else f"{distill['budget']['steps']} steps")
         lines.append(f"- distillation: each recipe's final checkpoint (the teacher) distilled for {budget} into a "
-                     f"student ({distill['method']} distillation, {distill['levels']} levels, w ~ U[0, "
-                     f"{distill['w_max']:g}]; Luo et al. 2023 'Latent Consistency Models' §4.2), from the teacher's EMA "
-                     f"weights, common trainer settings, same data and seed; student samplers "
-                     f"{', '.join(distill['student_samplers'])}")
+                     f"student ({distill_method_text(distill, kind)}), from the teacher's EMA weights, common "
+                     f"trainer settings, same data and seed; student samplers {', '.join(distill['student_samplers'])}")
     lines += [""] + _table(result.rows, table_columns(kind, bool(distill)))
     if kind is StageKind.base:
         lines += ["", ("Row `real images`: class acc is the judge's accuracy on real val images (the ceiling); FD and KID "

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from cascade.config import SamplingSettings, StageConfig
 from cascade.checks import is_int
+from cascade.config import SamplingSettings, StageConfig
 from cascade.diffusion.samplers import SAMPLERS
 from cascade.harness.quality_recipes import BenchError
 from cascade.pipeline.stage_sampling import sample_stage

@@ -21,7 +21,7 @@ def bench_tool():
 
 
 def _planned_nfe(name: str, distilled: bool) -> int:
-    """NFE per image of a tiny stage (or its consistency student) at its own defaults, from the plan's rules."""
+    """NFE per image of a tiny stage (or its default, step-distilled student) at its own defaults (the plan's rules)."""
     import stages
     from cascade.pipeline.plan import network_evaluations, stage_timesteps
     from cascade.training.distill import student_stage
@@ -67,6 +67,7 @@ def test_quick_cascade_speed_has_three_configurations_with_planned_nfe(bench_too
     (["--cascade", "--trainer"], "--trainer does not apply to --cascade"),
     (["--cascade", "--images", "0"], "--images must be an integer >= 1"),
     (["--images", "2"], "--images applies to --cascade only"),
+    (["--distill-method", "step"], "--distill-method applies to --cascade only"),
 ])
 def test_cascade_speed_bad_options_are_one_line_errors(bench_tool, tmp_path, capsys, args, message):
     assert bench_tool.main(args + ["--json", str(tmp_path / "b.json")]) == 2

@@ -110,17 +110,29 @@ def test_judge_is_deterministic_and_cached(shards, monkeypatch, one_thread):
     (["--samplers", "consistency2"], "--samplers: consistency2: stage base32: the consistency sampler needs a"),
     (["--student-samplers", "consistency2"], "--student-samplers applies to distilled students: add --distill"),
     (["--distill-levels", "4"], "--distill-levels applies to distilled students"),
+    (["--distill-method", "step"], "--distill-method applies to distilled students"),
     (["--distill-steps", "0"], "--distill-steps must be >= 1"),
-    (["--distill-steps", "2", "--student-samplers", "ddim4"],
+    (["--distill-steps", "2", "--student-samplers", "ddim8"],
+     "--student-samplers: ddim8: stage base32 is step-distilled to 4 DDIM steps: sample it with sampler ddim"),
+    (["--distill-steps", "2", "--student-samplers", "consistency2"],
+     "--student-samplers: consistency2: stage base32: the consistency sampler needs a consistency-distilled stage"),
+    (["--distill-steps", "2", "--distill-levels", "4"],
+     "--distill-levels applies to --distill-method consistency only, not step"),
+    (["--distill-steps", "2", "--distill-teacher-steps", "6"],
+     "recipe today: --distill-teacher-steps must be a multiple of the student's 4 steps above them, got 6"),
+    (["--distill-steps", "2", "--distill-method", "guidance", "--distill-teacher-steps", "8"],
+     "--distill-teacher-steps applies to --distill-method step only, not guidance"),
+    (["--distill-steps", "2", "--distill-method", "consistency", "--student-samplers", "ddim4"],
      "--student-samplers: ddim4: stage base32 is consistency-distilled: sample it with sampler consistency"),
-    (["--distill-steps", "2", "--student-samplers", "consistency20"],
+    (["--distill-steps", "2", "--distill-method", "consistency", "--student-samplers", "consistency20"],
      "--student-samplers: consistency20: stage base32: its consistency student was trained on 16 levels"),
-    (["--distill-steps", "2", "--distill-levels", "4", "--student-samplers", "consistency8"],
-     "--student-samplers: consistency8: stage base32: its consistency student was trained on 4 levels"),
-    (["--distill-steps", "2", "--distill-levels", "1"], "--distill-levels must be an integer in [2, 1000]"),
+    (["--distill-steps", "2", "--distill-method", "consistency", "--distill-levels", "4", "--student-samplers",
+      "consistency8"], "--student-samplers: consistency8: stage base32: its consistency student was trained on 4 levels"),
+    (["--distill-steps", "2", "--distill-method", "consistency", "--distill-levels", "1"],
+     "--distill-levels must be an integer in [2, 1000]"),
     (["--distill-steps", "2", "--distill-w-max", "0.5"], "recipe today: --distill-w-max 0.5 is below the teacher's"),
     (["--distill-steps", "2", "--w", "3"],
-     "--student-samplers: consistency1: stage base32: its distilled student was trained for w in [0, 2]"),
+     "--student-samplers: ddim4: stage base32: its distilled student was trained for w in [0, 2]"),
 ])
 def test_bad_options_are_one_line_errors(tool, shards, tmp_path, capsys, args, message):
     argv = {"--stage": "base32", "--data": str(shards), "--out": str(tmp_path / "out"), "--recipes": "today",
@@ -259,39 +271,73 @@ def test_distilled_students_are_scored_beside_their_teacher_and_reused(tool, sha
     out = tmp_path / "out"
     common = ["--stage", "base32", "--data", str(shards), "--out", str(out), "--quick", "--recipes", "today",
               "--workers", "0", "--distill-steps", "2"]
-    assert tool.main(common + ["--student-samplers", "consistency1,consistency3"]) == 0
+    assert tool.main(common) == 0  # step students (the default method), sampled at their own ddim4
     md = (out / "quality.md").read_text()
+    assert "guided step distillation: 4 DDIM steps, each reproducing 2 guided DDIM steps of the teacher" in md
     tables = [t for t in md.split("\n\n") if t.startswith("|")]
     assert len(tables) == 2  # every row, then quality against NFE
     header, rows = _table(tables[0])
     assert tuple(header) == table_columns("base", True)
     assert header.index("weights") == 1 and header.index("distill s") == header.index("distill steps") + 1
     assert [(r[0], r[1], r[2]) for r in rows] == [("real images", "–", "–"), ("today", "teacher", "ddim3"),
-                                                  ("today", "student", "consistency1"),
-                                                  ("today", "student", "consistency3")]
+                                                  ("today", "student", "ddim4")]
     header, rows = _table(tables[1])
     assert tuple(header) == BASE_NFE_COLUMNS
-    assert [(r[1], r[4]) for r in rows[1:]] == [("student", "1"), ("student", "3"), ("teacher", "6")]  # by NFE
+    assert [(r[1], r[4]) for r in rows[1:]] == [("student", "4"), ("teacher", "6")]  # by NFE
     document = json.loads((out / "quality.json").read_text())
-    assert document["meta"]["distill"] == {"budget": {"steps": 2}, "method": "consistency", "w_max": 2.0,
-                                           "levels": 16, "steps": 0,
-                                           "student_samplers": ["consistency1", "consistency3"]}
-    teacher, *students = document["rows"][1:]
+    assert document["meta"]["distill"] == {"budget": {"steps": 2}, "method": "step", "w_max": 2.0, "steps": 0,
+                                           "teacher_steps": 0, "levels": 16, "student_samplers": ["ddim4"]}
+    teacher, student = document["rows"][1:]
     assert teacher["weights"] == "teacher" and "distill_steps" not in teacher
-    for row, steps in zip(students, (1, 3)):
-        assert row["weights"] == "student" and row["nfe_per_image"] == steps  # w is an input: 1 evaluation a step
-        assert row["distill_steps"] == 2 and row["distill_seconds"] > 0 and row["train_steps"] == 3
-        assert 0.0 <= row["class_accuracy"] <= 1.0 and (out / row["grid"]).is_file()
-        assert "-distilled" in row["grid"] and row["distill_checkpoint"].startswith(str(out / "runs" / "today-distilled"))
+    assert student["weights"] == "student" and student["nfe_per_image"] == 4  # w is an input: 1 evaluation a step
+    assert (student["sampler_name"], student["steps"], student["w"]) == ("ddim", 4, 1.0)
+    assert student["distill_steps"] == 2 and student["distill_seconds"] > 0 and student["train_steps"] == 3
+    assert 0.0 <= student["class_accuracy"] <= 1.0 and (out / student["grid"]).is_file()
+    assert "-distilled" in student["grid"]
+    assert student["distill_checkpoint"].startswith(str(out / "runs" / "today-distilled"))
     checkpoint_bytes = {p: p.read_bytes() for p in (out / "runs").rglob("*.safetensors")}
     capsys.readouterr()
-    assert tool.main(common + ["--reuse", "--student-samplers", "consistency2"]) == 0
+    assert tool.main(common + ["--reuse", "--student-samplers", "ddim4:w=0.5"]) == 0
     assert "reusing the distillation of base32 recipe today: 2 steps" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in (out / "runs").rglob("*.safetensors")} == checkpoint_bytes
     rows = json.loads((out / "quality.json").read_text())["rows"]
-    assert [(r["weights"], r["sampler"], r["nfe_per_image"]) for r in rows[1:]] == [("teacher", "ddim3", 6),
-                                                                                     ("student", "consistency2", 2)]
+    assert [(r["weights"], r["sampler"], r["w"], r["nfe_per_image"]) for r in rows[1:]] == [
+        ("teacher", "ddim3", 1.0, 6), ("student", "ddim4:w=0.5", 0.5, 4)]
     assert tool.main(common[:-1] + ["3", "--reuse"]) == 2  # another distillation budget: not the same student
     assert "was distilled with budget" in capsys.readouterr().err
     assert tool.main(common) == 2  # the runs are there: neither --reuse nor --overwrite
     assert "already holds a trained run" in capsys.readouterr().err
+
+
+def test_consistency_students_sample_in_one_two_and_their_own_steps(tool, shards, tmp_path, one_thread):
+    out = tmp_path / "out"
+    assert tool.main(["--stage", "base32", "--data", str(shards), "--out", str(out), "--quick", "--recipes", "today",
+                      "--workers", "0", "--distill-steps", "1", "--distill-method", "consistency",
+                      "--distill-levels", "8"]) == 0
+    document = json.loads((out / "quality.json").read_text())
+    assert document["meta"]["distill"]["method"] == "consistency" and document["meta"]["distill"]["levels"] == 8
+    assert [(r["weights"], r["sampler"], r["nfe_per_image"]) for r in document["rows"][1:]] == [
+        ("teacher", "ddim3", 6), ("student", "consistency1", 1), ("student", "consistency2", 2),
+        ("student", "consistency4", 4)]
+    assert "guided consistency distillation on 8 levels" in (out / "quality.md").read_text()
+
+
+@pytest.mark.parametrize("stage, method, labels", [
+    ("base32", "step", ["ddim4"]), ("sr64", "step", ["ddim2"]),
+    ("base32", "consistency", ["consistency1", "consistency2", "consistency4"]),
+    ("sr64", "consistency", ["consistency1", "consistency2"]),
+    ("base32", "guidance", ["ddpm40"]),  # the teacher's own sampler and steps
+])
+def test_default_student_samplers_are_the_students_own_settings(stage, method, labels):
+    import stages
+    from cascade.harness.quality_samplers import default_student_samplers, stage_settings
+    from cascade.training.distill import student_stage
+    from cascade.training.trainer_config import DistillSettings
+
+    student = student_stage(stages.get_stage(stage, "tiny", 3), "teacher", DistillSettings(method=method))
+    settings = default_student_samplers(student)
+    assert [s.label for s in settings] == labels and all(s.w is None for s in settings)
+    for setting in settings:
+        stage_settings(student, setting)  # each suits the student
+    assert [s.w for s in default_student_samplers(student, 0.5)] == [0.5] * len(labels)
+    assert parse_samplers(",".join(labels), None) == settings
