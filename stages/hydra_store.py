@@ -5,7 +5,8 @@ presets (`stages.presets`); this module only shows them to hydra:
 
 - ``train_schema``: the whole `tools/train_stage.py` job (run_dir, resume, seed, size, stage, trainer, data),
   typed by the dataclasses, so an unknown key or a value of the wrong type fails at composition;
-  ``distill_schema``: the `tools/distill_stage.py` job, the same plus teacher and distill.
+  ``distill_schema``: the `tools/distill_stage.py` job, the same plus teacher and distill; ``distill_trainer``:
+  what distillation changes in the trainer settings (`cascade.training.trainer_config.DISTILL_TRAINER`).
 - group ``stage`` (base32, sr64, …): selects the stage; group ``preset`` (``<stage>_<size>``): the stage's
   full preset at that size, placed at ``stage`` by `configs/train.yaml`'s defaults list
   (``preset: ${stage}_${size}``). Its ``num_classes`` is left missing: the trainer takes it from the shards.
@@ -29,7 +30,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from cascade.config import StageConfig
-from cascade.training.trainer_config import DataConfig, DistillSettings, TrainerConfig
+from cascade.training.trainer_config import DISTILL_TRAINER, DataConfig, DistillSettings, TrainerConfig
 from stages.presets import SIZES, STAGE_NAMES, get_stage
 
 
@@ -97,6 +98,7 @@ def register(store: ConfigStore | None = None) -> None:
     store = store or ConfigStore.instance()
     store.store(name="train_schema", node=train_schema())
     store.store(name="distill_schema", node=distill_schema())
+    store.store(name="distill_trainer", node={"trainer": dict(DISTILL_TRAINER)})
     for name in STAGE_NAMES:
         store.store(group="stage", name=name, node={})
         for size in SIZES:

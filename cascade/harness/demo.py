@@ -71,11 +71,11 @@ class DemoBudget:
     # Distillation of the chain stages named in either dict, right after each is trained (`distill_demo_stage`):
     # distill_seconds by the clock (`with_distillation` carves them out of the stage's train_seconds, so the demo
     # trains for the same minutes in all), distill_steps as step caps (alone: a step-bounded budget such as QUICK's;
-    # with seconds only, `DISTILL_MAX_STEPS` caps). Both None: no distillation. distill_lr: the students' AdamW rate
-    # (they start from their teachers' weights, so below lr).
+    # with seconds only, `DISTILL_MAX_STEPS` caps). Both None: no distillation. distill_lr: the students' AdamW rate,
+    # with no warm-up (they start from their teachers' weights; as configs/distill.yaml for tools/distill_stage.py).
     distill_seconds: dict[str, float] | None = None
     distill_steps: dict[str, int] | None = None
-    distill_lr: float = 5e-4
+    distill_lr: float = 5e-5
 
     def __post_init__(self) -> None:
         for key in ("distill_seconds", "distill_steps"):
@@ -258,7 +258,7 @@ def distill_demo_stage(name: str, teacher: Path, data_dir: Path, runs_dir: Path,
         shutil.rmtree(run_dir)
     trainer = TrainerConfig(
         max_steps=steps, max_seconds=seconds or 0.0, batch_size=budget.batch_size[name], lr=budget.distill_lr,
-        warmup_steps=budget.warmup_steps, ckpt_every=budget.ckpt_every, keep_last=1, log_every=10,
+        warmup_steps=0, ckpt_every=budget.ckpt_every, keep_last=1, log_every=10,
         ema_decay=budget.ema_decay, sample_every=0, progress=progress,
         eval_every=0, ema_sigma_rels=(), run_report=False,
     )

@@ -75,7 +75,13 @@ from cascade.harness.quality_samplers import (
     stage_settings,
 )
 from cascade.imageops import float_to_uint8, image_grid, save_png, uint8_to_float, upsample
-from cascade.training.trainer_config import DataConfig, DistillSettings, RunConfig, TrainerConfig
+from cascade.training.trainer_config import (
+    DISTILL_TRAINER,
+    DataConfig,
+    DistillSettings,
+    RunConfig,
+    TrainerConfig,
+)
 
 __all__ = ["BenchConfig", "BenchResult", "Prepared", "default_student_samplers", "distill_settings", "machine_info",
            "main_settings", "prepare", "run_benchmark", "sr_metrics"]
@@ -220,7 +226,8 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
     distill_trainer = None
     if cfg.distilling:
         distill_budget = {"max_steps": cfg.distill_steps or 10**9, "max_seconds": 60.0 * (cfg.distill_minutes or 0.0)}
-        distill_trainer = TrainerConfig(**{**BENCH_TRAINER, **distill_budget, "progress": cfg.progress})
+        distill_trainer = TrainerConfig(**{**BENCH_TRAINER, **DISTILL_TRAINER, **distill_budget,
+                                           "progress": cfg.progress})
     return Prepared(cfg, info, runs, distill_trainer, student_samplers)
 
 

@@ -159,6 +159,12 @@ class TrainerConfig:
                              f"got {self.ema_snapshot_every!r}")
 
 
+# What a distillation run changes in the trainer settings of its size (`tools/distill_stage.py` through
+# `stages.hydra_store`, the quality benchmark's --distill): the student starts from its teacher, so a smaller step
+# than training from scratch and no warm-up (measured: docs/results/2026-12-06.md).
+DISTILL_TRAINER: dict[str, Any] = {"lr": 5e-5, "warmup_steps": 0}
+
+
 @dataclass(frozen=True)
 class DistillSettings:
     """How `tools/distill_stage.py` distils a teacher (`cascade.training.distill`; docs/distillation.md).
@@ -170,7 +176,7 @@ class DistillSettings:
     al. 2023 §4.1). ``w_max``: the student learns every guidance weight in [0, w_max] (at least the teacher's
     default w). ``steps``: the student's sampling steps (0: 4 for a base stage, 2 for an SR stage; consistency: its
     default, 1 to ``levels``). ``teacher_steps``: step only, a multiple of the steps above them (0: twice the
-    steps). ``levels``: consistency only, the N intervals of its grid (2 to 1000). ValueError (one line naming
+    steps for a base stage, four times for an SR stage: the fine detail of an SR stage needs the longer teacher). ``levels``: consistency only, the N intervals of its grid (2 to 1000). ValueError (one line naming
     ``distill.<key>``) otherwise."""
 
     method: str = "step"
@@ -195,14 +201,16 @@ class DistillSettings:
                              f"{self.teacher_steps}")
 
     def steps_for(self, kind: str) -> int:
-        """The student's sampling steps for a stage of ``kind`` ("base" or "sr")."""
-        return self.steps or (2 if kind == "sr" else 4)
+        """The student's sampling steps for a stage of ``kind`` ("base" or "sr"); a consistency student's default
+        at most its levels."""
+        default = 2 if kind == "sr" else 4
+        return self.steps or (min(default, self.levels) if self.method == "consistency" else default)
 
     def teacher_steps_for(self, kind: str) -> int:
         """The teacher's DDIM steps a step student of ``kind`` reproduces; ValueError unless a multiple of its
         steps above them."""
         steps = self.steps_for(kind)
-        teacher = self.teacher_steps or 2 * steps
+        teacher = self.teacher_steps or (4 if kind == "sr" else 2) * steps  # measured: docs/results/2026-12-06.md
         if teacher <= steps or teacher % steps:
             raise ValueError(f"distill.teacher_steps must be a multiple of the student's {steps} steps above them, "
                              f"got {teacher}")
