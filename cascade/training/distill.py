@@ -3,19 +3,20 @@
 `student_stage` turns the teacher's `StageConfig` into the student's: the same network with the guidance weight w
 as an extra input (`DistillSpec`), and sampling defaults of its few-step sampler. `StageTrainer` trains it like any
 stage (resume, interrupts, time budget, grids, quality proxy), starting from the teacher's EMA weights
-(`init_student`) with the loss of `DistillationLoss`:
+(`init_student`) with the loss of `DistillationLoss` (`cascade.diffusion.distillation` holds the mathematics):
 
-- ``guidance``: Meng et al. 2023 "On Distillation of Guided Diffusion Models" §4.1: the student at (x_t, t, w)
-  reproduces the teacher's classifier-free guided output; it samples with the teacher's samplers at half the
-  network evaluations.
-- ``consistency``: Luo et al. 2023 "Latent Consistency Models" §4.2: guided consistency distillation on a grid of
-  ``levels`` noise levels with the teacher's DDIM step as the solver (`cascade.diffusion.distillation`); it
-  samples with the consistency sampler in 1 to ``levels`` evaluations.
+- ``step`` (the default): each of the student's S DDIM steps reproduces k guided DDIM steps of the teacher (the
+  target of Salimans & Ho 2022 "Progressive Distillation" eq. 8 over k steps, in one run; with guidance, Meng et
+  al. 2023 "On Distillation of Guided Diffusion Models" §4.2); it samples with DDIM in exactly S steps.
+- ``consistency``: guided consistency distillation on a grid of ``levels`` noise levels with the teacher's DDIM step
+  as the solver (Luo et al. 2023 "Latent Consistency Models" §4.2); it samples with the consistency sampler.
+- ``guidance``: the student at (x_t, t, w) reproduces the teacher's guided output (Meng et al. 2023 §4.1); it
+  samples with the teacher's samplers at half the network evaluations.
 
-Why consistency distillation rather than progressive distillation (Salimans & Ho 2022): one run reaches every step
-count from 1 to ``levels`` (progressive distillation needs one round per halving, log₂(40/4) ≈ 3–4 rounds of the
-teacher's 40 steps, each a run of its own), guidance folds into the same loss, and the one-run loop is the
-trainer's own (exact resume included). Measured against the teacher's samplers: docs/results/2026-12-06.md.
+Why ``step`` by default: at the teacher's own CPU minutes it reached the few-step targets, while the consistency
+student's samples got worse with more steps (docs/results/2026-12-06.md). Progressive distillation proper halves the
+steps round by round, one run per round; reproducing k teacher steps at once keeps one run, so the trainer's loop,
+resume and time budget serve it unchanged.
 """
 
 from __future__ import annotations
