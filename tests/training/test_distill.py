@@ -77,6 +77,11 @@ def test_distill_command_writes_a_checkpoint_that_samples_with_no_flags(syntheti
     assert "ddim 4 steps · eta=0 · w=1 (distilled) · 4 NFE/image" in sampled.stderr
     assert len(list(out.glob("*.png"))) >= 2
 
+    evaluated = _run("eval_fid", "--data", synthetic_shards, "--stages", "base32", "--ckpt", f"base32={run_dir}",
+                     "--num-samples", 4, "--out", tmp_path / "eval")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "sampler=ddim steps=4 eta=0.0 w=1.0" in evaluated.stderr  # the student's own settings, no new flag
+
     too_many = _run("sample_cascade", "--classes", "0", "--stages", "base32", "--ckpt", f"base32={run_dir}",
                     "--steps", "5", "--out", tmp_path / "bad")
     assert too_many.returncode == 2
