@@ -5,10 +5,10 @@
     python tools/demo.py --distill       # also distil base32 and sr64 into few-step students (same training minutes)
     python tools/demo.py --out DIR       # default demo_out/ (--quick: demo_out_quick/; --distill adds _distilled)
 
---distill: base32 and sr64 each give 60 s of their training seconds to a consistency-distilled student (4 and 2
-sampling steps; --quick: a few steps each). Teacher and student of each are scored on the same teacher-forced
-samples by the stage's headline metric (KID; whole-image features for base32, patch features for sr64) and the
-cascade samples with the better one; the report shows both and which was used.
+--distill: base32 and sr64 each give 60 s of their training seconds to a distilled few-step student (4 and 2
+sampling steps; --quick: a few distillation steps each). Teacher and student of each are scored on the same
+teacher-forced samples by the stage's headline metric (KID; whole-image features for base32, patch features for
+sr64) and the cascade samples with the better one; the report shows both and which was used.
 
 Prints where the report (HTML + Markdown) is. One demo per --out: a second one while the first runs is refused
 with one line (exit code 2).

@@ -141,12 +141,15 @@ def test_distilled_demo_keeps_the_trained_stages_and_distils_two(quick_demo, dis
     for name, student in distilled_demo.students.items():
         assert student.parent.parent == distilled_demo.out_dir / "runs" / f"{name}-distilled"
         cfg = checkpoint.load_stage_config(student)
-        assert cfg.distill.method == "consistency" and cfg.distill.teacher == str(distilled_demo.checkpoints[name])
+        assert cfg.distill.method == demo.DISTILL.method
+        assert cfg.distill.teacher == str(distilled_demo.checkpoints[name])
         assert checkpoint.load_training_state(student)["step"] == demo.QUICK_DISTILLED.distill_steps[name]
 
 
 def test_distilled_demo_samples_each_stage_with_the_better_weights(distilled_demo):
     import json
+
+    from cascade import checkpoint
 
     rows = {row["stage"]: row for row in distilled_demo.distillation}
     assert set(rows) == {"base32", "sr64"}
@@ -154,7 +157,8 @@ def test_distilled_demo_samples_each_stage_with_the_better_weights(distilled_dem
         teacher, student = row["teacher"], row["student"]
         assert row["used"] == ("student" if student["metric"] <= teacher["metric"] else "teacher")
         assert distilled_demo.weights[name] == row["used"]
-        assert student["sampler"].startswith("consistency ") and student["nfe_per_image"] < teacher["nfe_per_image"]
+        sampler = checkpoint.load_stage_config(student["checkpoint"]).sampling.sampler
+        assert student["sampler"].startswith(f"{sampler} ") and student["nfe_per_image"] < teacher["nfe_per_image"]
         assert teacher["sample_seconds"] > 0 and student["sample_seconds"] > 0
         assert student["num_samples"] == teacher["num_samples"] == demo.QUICK.eval_samples
     assert rows["base32"]["metric"] == "KID teacher-forced [classifier32-features]"

@@ -49,7 +49,8 @@ def test_command_line_picks_the_budget(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "run_demo", lambda out, budget, configs, **kw: calls.append((out, budget)) or
                         type("R", (), {"report_html": "r.html", "report_md": "r.md"})())
     monkeypatch.chdir(tmp_path)
-    for argv, budget, out in [([], demo.DEFAULT, "demo_out"), (["--distill"], demo.DEFAULT_DISTILLED, "demo_out_distilled"),
+    for argv, budget, out in [([], demo.DEFAULT, "demo_out"),
+                              (["--distill"], demo.DEFAULT_DISTILLED, "demo_out_distilled"),
                               (["--quick", "--distill"], demo.QUICK_DISTILLED, "demo_out_quick_distilled"),
                               (["--quick", "--no-distill"], demo.QUICK, "demo_out_quick")]:
         assert tool.main(argv) == 0
