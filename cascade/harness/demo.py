@@ -33,7 +33,13 @@ from cascade.harness.demo_report import budget_words, distill_words, report_bloc
 from cascade.imageops import image_grid, save_png
 from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN, CascadePipeline
 from cascade.pipeline.plan import SamplingPlan
-from cascade.training.trainer_config import DataConfig, DistillSettings, RunConfig, TrainerConfig
+from cascade.training.trainer_config import (
+    DISTILL_TRAINER,
+    DataConfig,
+    DistillSettings,
+    RunConfig,
+    TrainerConfig,
+)
 
 TRAIN_ORDER = ("classifier32", "base32", "sr64", "sr128", "sr256")
 CHAIN = DEFAULT_CHAIN  # the demo trains and samples every stage of the default chain
@@ -71,11 +77,11 @@ class DemoBudget:
     # Distillation of the chain stages named in either dict, right after each is trained (`distill_demo_stage`):
     # distill_seconds by the clock (`with_distillation` carves them out of the stage's train_seconds, so the demo
     # trains for the same minutes in all), distill_steps as step caps (alone: a step-bounded budget such as QUICK's;
-    # with seconds only, `DISTILL_MAX_STEPS` caps). Both None: no distillation. distill_lr: the students' AdamW rate,
-    # with no warm-up (they start from their teachers' weights; as configs/distill.yaml for tools/distill_stage.py).
+    # with seconds only, `DISTILL_MAX_STEPS` caps). Both None: no distillation. distill_lr: the students' AdamW rate
+    # (they start from their teachers' weights; the other trainer settings distillation changes: `DISTILL_TRAINER`).
     distill_seconds: dict[str, float] | None = None
     distill_steps: dict[str, int] | None = None
-    distill_lr: float = 5e-5
+    distill_lr: float = DISTILL_TRAINER["lr"]
 
     def __post_init__(self) -> None:
         for key in ("distill_seconds", "distill_steps"):
@@ -258,7 +264,7 @@ def distill_demo_stage(name: str, teacher: Path, data_dir: Path, runs_dir: Path,
         shutil.rmtree(run_dir)
     trainer = TrainerConfig(
         max_steps=steps, max_seconds=seconds or 0.0, batch_size=budget.batch_size[name], lr=budget.distill_lr,
-        warmup_steps=0, ckpt_every=budget.ckpt_every, keep_last=1, log_every=10,
+        warmup_steps=DISTILL_TRAINER["warmup_steps"], ckpt_every=budget.ckpt_every, keep_last=1, log_every=10,
         ema_decay=budget.ema_decay, sample_every=0, progress=progress,
         eval_every=0, ema_sigma_rels=(), run_report=False,
     )
