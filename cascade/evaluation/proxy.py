@@ -105,7 +105,7 @@ class QualityProxy:
         how = "cached" if judge.from_cache else f"trained in {judge.train_seconds:.0f} s"
         self.judge_summary = (f"{judge.features.name}: {100 * judge.val_accuracy:.1f}% on real val images at "
                               f"{judge.resolution}² ({how}, {judge.path.parent}); proxy of {len(self.labels)} "
-                              f"samples, {steps} steps")
+                              f"samples, {self.settings.sampler} {self.settings.steps} steps")
 
     @property
     def count(self) -> int:
