@@ -175,8 +175,9 @@ class DistillSettings:
     Luo et al. 2023 §4.2) or "guidance" (w as an input only: the teacher's samplers at half the evaluations; Meng et
     al. 2023 §4.1). ``w_max``: the student learns every guidance weight in [0, w_max] (at least the teacher's
     default w). ``steps``: the student's sampling steps (0: 4 for a base stage, 2 for an SR stage; consistency: its
-    default, 1 to ``levels``). ``teacher_steps``: step only, a multiple of the steps above them (0: twice the
-    steps for a base stage, four times for an SR stage: the fine detail of an SR stage needs the longer teacher). ``levels``: consistency only, the N intervals of its grid (2 to 1000). ValueError (one line naming
+    default, 1 to ``levels``). ``teacher_steps``: step only, a multiple of the steps above them (0: four times the
+    steps: the student copies a teacher that is better than twice its steps would be, at twice the teacher's cost
+    per training step; measured better at equal minutes on base32 and sr64). ``levels``: consistency only, the N intervals of its grid (2 to 1000). ValueError (one line naming
     ``distill.<key>``) otherwise."""
 
     method: str = "step"
@@ -210,7 +211,7 @@ class DistillSettings:
         """The teacher's DDIM steps a step student of ``kind`` reproduces; ValueError unless a multiple of its
         steps above them."""
         steps = self.steps_for(kind)
-        teacher = self.teacher_steps or (4 if kind == "sr" else 2) * steps  # measured: docs/results/2026-12-06.md
+        teacher = self.teacher_steps or 4 * steps  # measured: docs/results/2026-12-06.md
         if teacher <= steps or teacher % steps:
             raise ValueError(f"distill.teacher_steps must be a multiple of the student's {steps} steps above them, "
                              f"got {teacher}")

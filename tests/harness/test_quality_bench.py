@@ -273,7 +273,7 @@ def test_distilled_students_are_scored_beside_their_teacher_and_reused(tool, sha
               "--workers", "0", "--distill-steps", "2"]
     assert tool.main(common) == 0  # step students (the default method), sampled at their own ddim4
     md = (out / "quality.md").read_text()
-    assert "guided step distillation: 4 DDIM steps, each reproducing 2 guided DDIM steps of the teacher" in md
+    assert "guided step distillation: 4 DDIM steps, each reproducing 4 guided DDIM steps of the teacher" in md
     tables = [t for t in md.split("\n\n") if t.startswith("|")]
     assert len(tables) == 2  # every row, then quality against NFE
     header, rows = _table(tables[0])

@@ -63,9 +63,9 @@ def test_distill_command_writes_a_checkpoint_that_samples_with_no_flags(syntheti
                 "trainer.progress=false", "trainer.eval_every=0", "trainer.ema_sigma_rels=[]",
                 "data.num_workers=0", "data.shuffle_buffer=8")
     assert done.returncode == 0, done.stderr
-    assert "guided step distillation: 4 DDIM steps for the teacher's 8, from teacher" in done.stderr  # the summary
+    assert "guided step distillation: 4 DDIM steps for the teacher's 16, from teacher" in done.stderr  # the summary
     record = checkpoint.load_config(run_dir)
-    assert record["stage"]["distill"]["method"] == "step" and record["stage"]["distill"]["teacher_steps"] == 8
+    assert record["stage"]["distill"]["method"] == "step" and record["stage"]["distill"]["teacher_steps"] == 16
     assert record["stage"]["sampling"]["sampler"] == "ddim" and record["stage"]["sampling"]["steps"] == 4
     grids = sorted((run_dir / "samples").glob("*.png"))
     assert grids, "a student's run writes sample grids with its own sampler"
