@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from collections.abc import Collection, Sequence
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from cascade.atomic import write_atomic
-from cascade.config import StageConfig
+from cascade.config import StageConfig, StageKind
 from cascade.data.shard_folder import read_dataset_info
 from cascade.evaluation.pages import write_report_pages
 from cascade.evaluation.plots import plot_training_curves
@@ -52,6 +53,7 @@ DISTILL = DistillSettings()  # how the demo distils: the default method, w in [0
 # features for an SR stage (the texture and detail it adds, which whole-image features see only at 32²). Lower wins;
 # a tie goes to the student (fewer network evaluations).
 HEADLINE_METRIC = "kid_mean"
+SR_MIN_CONSISTENCY_DB = 30.0  # an SR student or teacher below this consistency is not chosen (the SR target's floor)
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,6 @@ def _sample_steps(budget: DemoBudget, chain: Sequence[str], students: Collection
 def headline_net(stage: StageConfig, nets: list) -> str:
     """The feature network of a stage's headline metric: whole-image features (``nets[0]``) for the base stage, 32²
     patch features (``nets[1]``) for an SR stage."""
-    from cascade.config import StageKind
 
     return (nets[0] if stage.kind is StageKind.base else nets[1]).name
 
@@ -325,8 +326,10 @@ def compare_students(runs_dir: Path, students: dict[str, Path], data_dir: Path, 
                      classifier: Any, seed: int, progress: bool) -> list[dict[str, Any]]:
     """Score the teacher and the student of every distilled stage on the same teacher-forced samples (the stage
     alone on the real low-resolution val inputs: `evaluate` with mode teacher-forced, `budget.eval_samples` images,
-    one seed) and pick, per stage, the one with the lower `HEADLINE_METRIC` in `headline_net`'s features (a tie:
-    the student). Both are evaluated on the chain up to the last distilled stage, teacher-sampled stages in both
+    one seed) and pick, per stage, the better by the stage's headline: the base stage's lower `HEADLINE_METRIC` (KID)
+    in `headline_net`'s features; an SR stage's higher detail ratio among the sides whose consistency is at least
+    `SR_MIN_CONSISTENCY_DB` (the measure of the SR distillation target; patch KID hardly tells a blurred SR output
+    from a sharp one). A tie: the student. Both are evaluated on the chain up to the last distilled stage, teacher-sampled stages in both
     alike. Returns one row per distilled stage: {"stage", "method", "metric", "used", "teacher", "student"} with
     each side's checkpoint, sampler, NFE/image, metric ± std, FID and seconds spent sampling."""
     from cascade.evaluation.evaluate import TEACHER_FORCED, evaluate
@@ -348,22 +351,32 @@ def compare_students(runs_dir: Path, students: dict[str, Path], data_dir: Path, 
                 continue
             sp = pipeline.plan_alone(stage.name, [0], settings[stage.name]).stages[i]
             net_of[stage.name] = headline_net(stage.config, nets)
-            features = evaluation.results[stage.name][TEACHER_FORCED]["features"][net_of[stage.name]]
+            results = evaluation.results[stage.name][TEACHER_FORCED]
+            features = results["features"][net_of[stage.name]]
             s = sp.settings
+            if stage.config.kind is StageKind.sr:  # higher detail at a consistency above the floor
+                metric, std = float(results["detail_ratio"]), None
+                score = metric if float(results["consistency_psnr"]) >= SR_MIN_CONSISTENCY_DB else -math.inf
+            else:  # lower KID
+                metric, std = float(features[HEADLINE_METRIC]), float(features.get("kid_std", float("nan")))
+                score = -metric
             scored.setdefault(stage.name, {})[side] = {
                 "checkpoint": str(stage.checkpoint), "step": stage.step,
                 "sampler": f"{s.sampler} {len(sp.timesteps)} steps, w = {s.w:g}",
                 "nfe_per_image": network_evaluations(s, sp.timesteps, sp.stop_at_index,
                                                      guidance_input=sp.guidance_input),
-                "metric": float(features[HEADLINE_METRIC]), "metric_std": float(features.get("kid_std", float("nan"))),
+                "metric": metric, "metric_std": std, "score": score,
+                "consistency_db": results.get("consistency_psnr"),  # SR stages only
                 "fid": float(features["fid"]), "num_samples": int(evaluation.meta["num_samples"]),
                 "sample_seconds": round(pipeline.seconds.get(stage.name, 0.0), 2),
             }
     rows = []
     for name in students:
         teacher, student = scored[name]["teacher"], scored[name]["student"]
-        used = "student" if student["metric"] <= teacher["metric"] else "teacher"  # NaN: the teacher
-        rows.append({"stage": name, "method": DISTILL.method, "metric": f"KID teacher-forced [{net_of[name]}]",
+        used = "student" if student["score"] >= teacher["score"] else "teacher"  # NaN: the teacher
+        label = ("detail ratio teacher-forced (consistency ≥ 30 dB)" if net_of[name].endswith("patch32")
+                 else f"KID teacher-forced [{net_of[name]}]")
+        rows.append({"stage": name, "method": DISTILL.method, "metric": label,
                      "used": used, "teacher": teacher, "student": student})
     return rows
 

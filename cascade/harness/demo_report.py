@@ -82,6 +82,13 @@ def distill_words(budget, name: str) -> str:
     return f"{seconds:g} s, at most {steps} steps" if seconds else f"{steps} steps"
 
 
+def _metric_value(r: dict) -> str:
+    """A side's headline value: KID ± std, or an SR stage's detail ratio at its consistency."""
+    if r["metric_std"] is None:
+        return f"{r['metric']:.3f} at {r['consistency_db']:.1f} dB (n={r['num_samples']})"
+    return f"{r['metric']:.5f} ± {r['metric_std']:.5f} (n={r['num_samples']})"
+
+
 def distillation_blocks(rows: list[dict], budget, out: Path) -> list:
     """The report's distillation section: per distilled stage a teacher row and a student row (checkpoint, sampler,
     NFE/image, the headline metric, the seconds sampling the scored images took) and which of the two the cascade
@@ -93,7 +100,7 @@ def distillation_blocks(rows: list[dict], budget, out: Path) -> list:
             path = Path(r["checkpoint"])
             shown = path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
             table.append([row["stage"], side, f"{shown} (step {r['step']})", r["sampler"], f"{r['nfe_per_image']:g}",
-                          row["metric"], f"{r['metric']:.5f} ± {r['metric_std']:.5f} (n={r['num_samples']})",
+                          row["metric"], _metric_value(r),
                           f"{r['fid']:.2f}", f"{r['sample_seconds']:.2f}", "yes" if row["used"] == side else "no"])
     n, method = rows[0]["teacher"]["num_samples"], rows[0]["method"]
     return [
@@ -105,11 +112,12 @@ def distillation_blocks(rows: list[dict], budget, out: Path) -> list:
                + "; ".join(f"{r['stage']}: {distill_words(budget, r['stage'])}" for r in rows)
                + "). Teacher and student of a stage are scored on the same "
                f"{n} teacher-forced samples (the stage alone, on the real low-resolution val inputs, one seed) by the "
-               "stage's headline metric, KID: in the whole-image features for the base stage (content, colour, "
-               "class), in the 32² patch features for an SR stage (the detail it adds). Lower is better; a tie goes "
-               "to the student (fewer network evaluations). The samples above and the metrics below use the row "
-               "marked used. The choice and its scores come from the same few samples: a difference within the "
-               "KID's ± std says 'no worse at this n', not 'better'. FID (biased at this n) is shown for "
+               "stage's headline metric: for the base stage KID in the whole-image features (content, colour, "
+               "class; lower is better), for an SR stage the detail ratio among outputs at least 30 dB consistent "
+               "with their input (the detail it adds; higher is better). A tie goes to the student (fewer network "
+               "evaluations). The samples above and the metrics below use the row marked used. The choice and its "
+               "scores come from the same few samples: a difference within the KID's ± std says 'no worse at this "
+               "n', not 'better'. FID (biased at this n) is shown for "
                "comparison within a stage; sampling s: the seconds sampling those images took on this machine.")),
         ("table", ["stage", "weights", "checkpoint", "sampler", "NFE/image", "headline metric", "value", "FID",
                    "sampling s", "used"], table),

@@ -1,5 +1,6 @@
 """The demo's --quick mode end to end: every report section is filled, and finished stages are kept."""
 
+import math
 import re
 
 import pytest
@@ -155,14 +156,16 @@ def test_distilled_demo_samples_each_stage_with_the_better_weights(distilled_dem
     assert set(rows) == {"base32", "sr64"}
     for name, row in rows.items():
         teacher, student = row["teacher"], row["student"]
-        assert row["used"] == ("student" if student["metric"] <= teacher["metric"] else "teacher")
+        assert row["used"] == ("student" if student["score"] >= teacher["score"] else "teacher")
         assert distilled_demo.weights[name] == row["used"]
         sampler = checkpoint.load_stage_config(student["checkpoint"]).sampling.sampler
         assert student["sampler"].startswith(f"{sampler} ") and student["nfe_per_image"] < teacher["nfe_per_image"]
         assert teacher["sample_seconds"] > 0 and student["sample_seconds"] > 0
         assert student["num_samples"] == teacher["num_samples"] == demo.QUICK.eval_samples
     assert rows["base32"]["metric"] == "KID teacher-forced [classifier32-features]"
-    assert rows["sr64"]["metric"] == "KID teacher-forced [classifier32-features-patch32]"
+    assert rows["sr64"]["metric"] == "detail ratio teacher-forced (consistency ≥ 30 dB)"
+    sr = rows["sr64"]["teacher"]
+    assert sr["score"] == (sr["metric"] if sr["consistency_db"] >= 30 else -math.inf) and sr["metric_std"] is None
     assert {distilled_demo.weights[n] for n in ("sr128", "sr256")} == {"teacher"}
     assert json.loads((distilled_demo.out_dir / "distillation.json").read_text()) == distilled_demo.distillation
     # the cascade's samples came from the weights chosen per stage
