@@ -7,8 +7,10 @@
 
 --distill: base32 and sr64 each give 60 s of their training seconds to a distilled few-step student (4 and 2
 sampling steps; --quick: a few distillation steps each). Teacher and student of each are scored on the same
-teacher-forced samples by the stage's headline metric (KID; whole-image features for base32, patch features for
-sr64) and the cascade samples with the better one; the report shows both and which was used.
+teacher-forced samples by the stage's headline metric (base32: KID in whole-image features; sr64: the detail
+ratio at >= 30 dB consistency) and the cascade samples with the better one; the report shows both and which was
+used. Off by default: at the demo's budget it costs the teachers training time and buys back little sampling time
+(measured: docs/results/2026-12-06.md).
 
 Prints where the report (HTML + Markdown) is. One demo per --out: a second one while the first runs is refused
 with one line (exit code 2).

@@ -48,10 +48,10 @@ DONE_FILE = "demo_done.json"  # in a stage's run folder: the budget it finished 
 STUDENT_SUFFIX = "-distilled"  # a student's run folder: runs/<stage>-distilled (as tools/distill_stage.py's default)
 DISTILL_MAX_STEPS = 100_000  # a student's step cap where its budget gives only seconds
 DISTILL = DistillSettings()  # how the demo distils: the default method, w in [0, 2], 4 sampling steps (base) / 2 (SR)
-# The headline metric that picks teacher or student per stage: teacher-forced KID (unbiased, so two runs at the same
-# small n compare), in the whole-image features for the base stage (content, colour, class) and in the 32² patch
-# features for an SR stage (the texture and detail it adds, which whole-image features see only at 32²). Lower wins;
-# a tie goes to the student (fewer network evaluations).
+# The headline metric that picks teacher or student of the base stage: teacher-forced KID (unbiased, so two runs at
+# the same small n compare) in the whole-image features (content, colour, class); lower wins. An SR stage's: the
+# detail ratio at a consistency of at least SR_MIN_CONSISTENCY_DB (patch KID could not tell a blurred student from
+# its teacher: docs/results/2026-12-06.md); higher wins. A tie goes to the student (fewer network evaluations).
 HEADLINE_METRIC = "kid_mean"
 SR_MIN_CONSISTENCY_DB = 30.0  # an SR student or teacher below this consistency is not chosen (the SR target's floor)
 
