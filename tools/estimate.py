@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -38,11 +37,17 @@ import stages
 from cascade.cli import OneLineArgumentParser, default_device, int_at_least
 from cascade.config import StageConfig
 from cascade.errors import cli_main
+from cascade.harness.hydra_tool import (  # train_stage.py's composition and error wording
+    CONFIG_DIR,
+    error_line,
+)
 from cascade.summary import print_summary
 from cascade.training.trainer_config import TrainerConfig
+from stages.hydra_store import register
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tool: one composition, one error wording
-from train_stage import CONFIG_DIR, CONFIG_NAME, error_line
+register()
+
+CONFIG_NAME = "train"  # tools/train_stage.py's primary config
 
 PROG = "estimate"
 GPU_CHECK_JSON = "/tmp/gpu_check_out/gpu_check.json"  # tools/gpu_check.sh's default $OUT/gpu_check.json
@@ -89,7 +94,7 @@ def compose_run(overrides: list[str]) -> tuple[StageConfig, str, TrainerConfig]:
             stage["num_classes"] = stages.get_stage(stage["name"], size).num_classes
         return StageConfig.from_dict(stage), size, TrainerConfig(**c["trainer"])
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        raise EstimateUsageError(error_line(err, parsed)) from None
+        raise EstimateUsageError(error_line(err, parsed, "train_stage")) from None
 
 
 @cli_main(PROG, bad_input=(EstimateUsageError,))
