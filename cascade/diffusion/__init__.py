@@ -9,7 +9,15 @@ normal draw: one generator or one per sample), `samplers` (the reverse-process l
 
 from cascade.diffusion.gaussian import GaussianDiffusion, build_diffusion, make_betas, space_timesteps
 from cascade.diffusion.guidance import classifier_free_guidance, classifier_guidance
-from cascade.diffusion.samplers import SAMPLERS, sample_ddim, sample_ddpm, sample_dpmpp2m, sample_heun
+from cascade.diffusion.samplers import (
+    SAMPLERS,
+    sample_consistency,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp2m,
+    sample_heun,
+)
 
 __all__ = ["SAMPLERS", "GaussianDiffusion", "build_diffusion", "classifier_free_guidance", "classifier_guidance",
-           "make_betas", "sample_ddim", "sample_ddpm", "sample_dpmpp2m", "sample_heun", "space_timesteps"]
+           "make_betas", "sample_consistency", "sample_ddim", "sample_ddpm", "sample_dpmpp2m", "sample_heun",
+           "space_timesteps"]

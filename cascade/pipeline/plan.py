@@ -95,13 +95,15 @@ def respaced_timesteps(name: str, num_timesteps: int, steps: int | str | None) -
         ) from None
 
 
-def stage_timesteps(stage: StageConfig, settings: SamplingSettings) -> list[int]:
+def stage_timesteps(stage: StageConfig, settings: SamplingSettings, num_timesteps: int | None = None) -> list[int]:
     """The kept training timesteps (ascending) ``stage`` samples at with ``settings`` (already checked for it): a step
     or consistency student's levels on its grid (`cascade.diffusion.distillation.distillation_timesteps`), else the
-    respacing of ``settings.steps`` (`respaced_timesteps`)."""
+    respacing of ``settings.steps`` (`respaced_timesteps`); over ``num_timesteps`` training timesteps (None: the
+    stage's T)."""
+    num_timesteps = stage.diffusion.num_timesteps if num_timesteps is None else num_timesteps
     if stage.distill.method in ("step", "consistency"):  # its own grid (steps checked against it)
-        return distillation_timesteps(stage.diffusion.num_timesteps, stage.distill.levels, settings.steps)
-    return respaced_timesteps(stage.name, stage.diffusion.num_timesteps, settings.steps)
+        return distillation_timesteps(num_timesteps, stage.distill.levels, settings.steps)
+    return respaced_timesteps(stage.name, num_timesteps, settings.steps)
 
 
 def monitor_settings(stage: StageConfig, steps: int | str) -> SamplingSettings:

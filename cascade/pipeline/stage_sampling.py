@@ -72,7 +72,7 @@ def sample_stage(model: torch.nn.Module, diffusion: Any, config: StageConfig, se
     passes through.
     """
     device = torch.device(device)
-    respaced = diffusion.respace(stage_timesteps(config, settings))
+    respaced = diffusion.respace(stage_timesteps(config, settings, diffusion.num_timesteps))
     guided = guided_model(model, diffusion, config, settings, classifier)
     options: dict[str, Any] = {"clip_denoised": settings.clip_denoised, "dynamic_threshold": settings.dynamic_threshold}
     if settings.sampler == "ddim":

@@ -549,4 +549,4 @@ def test_samplers_and_guidance_are_exported_by_the_package():
         assert package.classifier_free_guidance is guidance.classifier_free_guidance
         assert package.classifier_guidance is guidance.classifier_guidance
         assert package.sample_ddim is samplers.sample_ddim and package.sample_ddpm is samplers.sample_ddpm
-    assert set(cascade.diffusion.SAMPLERS) == {"ddpm", "ddim", "dpmpp2m", "heun"}
+    assert set(cascade.diffusion.SAMPLERS) == {"ddpm", "ddim", "dpmpp2m", "heun", "consistency"}
