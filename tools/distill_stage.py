@@ -19,13 +19,8 @@ checkpoint at the current step and exit with 128 + the signal.
 
 from __future__ import annotations
 
-import sys
-
-import hydra
-from omegaconf import DictConfig
-
 from cascade.harness import hydra_tool
-from cascade.harness.hydra_tool import HydraTool, build_distill_run, run_training, tool_main
+from cascade.harness.hydra_tool import HydraTool, build_distill_run, tool_main
 from stages.hydra_store import preset_node, register
 
 register()
@@ -38,12 +33,5 @@ def check_command_line(argv: list[str]) -> None:
     hydra_tool.check_command_line(argv, TOOL)
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="distill")
-def hydra_main(cfg: DictConfig) -> None:
-    code = run_training(cfg, TOOL)
-    if code:
-        sys.exit(code)
-
-
 if __name__ == "__main__":
-    tool_main(TOOL, hydra_main)
+    tool_main(TOOL)

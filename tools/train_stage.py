@@ -31,13 +31,8 @@ shared with tools/distill_stage.py.
 
 from __future__ import annotations
 
-import sys
-
-import hydra
-from omegaconf import DictConfig
-
 from cascade.harness import hydra_tool
-from cascade.harness.hydra_tool import HydraTool, build_run, run_training, shard_classes, tool_main
+from cascade.harness.hydra_tool import HydraTool, build_run, shard_classes, tool_main
 from stages.hydra_store import register
 
 register()
@@ -50,12 +45,5 @@ def check_command_line(argv: list[str]) -> None:
     hydra_tool.check_command_line(argv, TOOL)
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="train")
-def hydra_main(cfg: DictConfig) -> None:
-    code = run_training(cfg, TOOL)
-    if code:
-        sys.exit(code)
-
-
 if __name__ == "__main__":
-    tool_main(TOOL, hydra_main)
+    tool_main(TOOL)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -299,10 +300,16 @@ def run_training(cfg: DictConfig, tool: HydraTool) -> int:
     return 0
 
 
-def tool_main(tool: HydraTool, hydra_main: Callable[[], None]) -> None:
-    """The command line's entry point: check it (`check_command_line`), then run ``hydra_main`` (the tool's
-    ``@hydra.main`` function, which calls `run_training`); a stop signal outside the training loop is one line and
-    128 + the signal."""
+def tool_main(tool: HydraTool) -> None:
+    """The command line's entry point: check it (`check_command_line`), then run hydra's app on ``tool``'s config
+    (`run_training`, exit with its code); a stop signal outside the training loop is one line and 128 + the signal."""
+
+    @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name=tool.config_name)
+    def hydra_main(cfg: DictConfig) -> None:
+        code = run_training(cfg, tool)
+        if code:
+            sys.exit(code)
+
     faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) still says where each thread was
     try:
         with stop_signals_raise():  # SIGTERM / SIGUSR1 outside the training loop: one line, 128 + signal

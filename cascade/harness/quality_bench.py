@@ -311,7 +311,6 @@ class BenchResult:
 
 def _train(name: str, stage_cfg: Any, trainer: TrainerConfig, cfg: BenchConfig, log) -> tuple[dict[str, Any], bool]:
     """(what the training recorded, whether it is a run reused from an earlier benchmark)."""
-    from cascade.training.trainer import StageTrainer
 
     run_dir = cfg.out / RUNS_DIR / _file_label(name)
     record = run_dir / TRAIN_RECORD
@@ -323,6 +322,22 @@ def _train(name: str, stage_cfg: Any, trainer: TrainerConfig, cfg: BenchConfig, 
                              f"{budget}; pass the same --minutes/--steps or --overwrite")
         log(f"reusing {cfg.stage} recipe {name}: {trained['train_steps']} steps in {trained['train_seconds']:.0f} s")
         return {k: v for k, v in trained.items() if k != "budget"}, True
+    budget_words = f"{cfg.minutes:g} minutes" if cfg.minutes is not None else f"{cfg.steps} steps"
+    final, steps, seconds, precision = _run_stage(stage_cfg, run_dir, trainer, cfg, name, "",
+                                                  f"training {cfg.stage} recipe {name} for {budget_words}", log)
+    trained = {"checkpoint": str(final), "train_steps": steps, "train_seconds": seconds,
+               "mixed_precision": precision}
+    write_atomic(record, json.dumps({**trained, "budget": budget}, indent=1))
+    return trained, False
+
+
+def _run_stage(stage_cfg: StageConfig, run_dir: Path, trainer: TrainerConfig, cfg: BenchConfig, name: str, what: str,
+               message: str, log) -> tuple[Path, int, float, str]:
+    """Train (or distil) ``stage_cfg`` into a fresh ``run_dir`` (emptied first with --overwrite): (final checkpoint,
+    steps, seconds, mixed precision). BenchError (one line naming recipe ``name`` and ``what``) when the trainer
+    cannot be built."""
+    from cascade.training.trainer import StageTrainer
+
     if cfg.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run = RunConfig(run_dir=str(run_dir), data=DataConfig(root=str(cfg.data), num_workers=cfg.num_workers),
@@ -330,16 +345,11 @@ def _train(name: str, stage_cfg: Any, trainer: TrainerConfig, cfg: BenchConfig, 
     try:
         trainer_obj = StageTrainer(stage_cfg, run, extra_config={"size": cfg.size, "quality_bench_recipe": name})
     except (ValueError, FileNotFoundError) as err:
-        raise BenchError(f"recipe {name}: {err}") from None
-    log(f"training {cfg.stage} recipe {name} for " +
-        (f"{cfg.minutes:g} minutes" if cfg.minutes is not None else f"{cfg.steps} steps"))
+        raise BenchError(f"recipe {name}{what}: {err}") from None
+    log(message)
     started = time.perf_counter()
     final = trainer_obj.run()
-    seconds = time.perf_counter() - started
-    trained = {"checkpoint": str(final), "train_steps": trainer_obj.step, "train_seconds": seconds,
-               "mixed_precision": trainer_obj.mixed_precision}
-    write_atomic(record, json.dumps({**trained, "budget": budget}, indent=1))
-    return trained, False
+    return final, trainer_obj.step, time.perf_counter() - started, trainer_obj.mixed_precision
 
 
 def _distill(name: str, teacher_cfg: StageConfig, trained: dict[str, Any], teacher_reused: bool, cfg: BenchConfig,
@@ -347,7 +357,6 @@ def _distill(name: str, teacher_cfg: StageConfig, trained: dict[str, Any], teach
     """Distil recipe ``name``'s trained stage (its final checkpoint ``trained["checkpoint"]``) into
     runs/<recipe>-distilled: {"distill_checkpoint", "distill_steps", "distill_seconds"}. With --reuse, a finished
     distillation of the same (reused) teacher with the same budget and settings is taken as it is."""
-    from cascade.training.trainer import StageTrainer
 
     run_dir = cfg.out / RUNS_DIR / _distilled_label(name)
     record = run_dir / TRAIN_RECORD
@@ -365,21 +374,11 @@ def _distill(name: str, teacher_cfg: StageConfig, trained: dict[str, Any], teach
         log(f"reusing the distillation of {cfg.stage} recipe {name}: {done['distill_steps']} steps in "
             f"{done['distill_seconds']:.0f} s")
         return {k: done[k] for k in ("distill_checkpoint", "distill_steps", "distill_seconds")}
-    if cfg.overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
     student = _student(name, teacher_cfg, trained["checkpoint"], cfg.distill)
-    run = RunConfig(run_dir=str(run_dir), data=DataConfig(root=str(cfg.data), num_workers=cfg.num_workers),
-                    trainer=trainer, resume="never", seed=cfg.seed)
-    try:
-        trainer_obj = StageTrainer(student, run, extra_config={"size": cfg.size, "quality_bench_recipe": name})
-    except (ValueError, FileNotFoundError) as err:
-        raise BenchError(f"recipe {name}, distillation: {err}") from None
-    log(f"distilling {cfg.stage} recipe {name} for " +
-        (f"{cfg.distill_minutes:g} minutes" if cfg.distill_minutes is not None else f"{cfg.distill_steps} steps"))
-    started = time.perf_counter()
-    final = trainer_obj.run()
-    done = {"distill_checkpoint": str(final), "distill_steps": trainer_obj.step,
-            "distill_seconds": time.perf_counter() - started}
+    budget_words = f"{cfg.distill_minutes:g} minutes" if cfg.distill_minutes is not None else f"{cfg.distill_steps} steps"
+    final, steps, seconds, _ = _run_stage(student, run_dir, trainer, cfg, name, ", distillation",
+                                          f"distilling {cfg.stage} recipe {name} for {budget_words}", log)
+    done = {"distill_checkpoint": str(final), "distill_steps": steps, "distill_seconds": seconds}
     write_atomic(record, json.dumps({**done, **wanted}, indent=1))
     return done
 

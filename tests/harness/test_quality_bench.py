@@ -3,13 +3,13 @@ quality_report, judge): recipes, teachers and their distilled students, and the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 
 from cascade.evaluation.judge import JudgeSettings, get_judge, train_judge
 from cascade.harness.quality_recipes import BenchError, Recipe, apply_recipe
@@ -21,10 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("quality_bench_tool", ROOT / "tools" / "quality_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("quality_bench")
 
 
 @pytest.fixture
