@@ -44,10 +44,11 @@ __all__ = ["DistillationLoss", "init_student", "load_teacher", "student_stage"]
 
 def student_stage(teacher: StageConfig, teacher_path: str | Path, settings: DistillSettings) -> StageConfig:
     """The student's stage configuration: the teacher's (same network, diffusion and augmentation) distilled by
-    ``settings.method``, with sampling defaults of its few-step sampler: the consistency sampler over
-    ``settings.steps_for(kind)`` evaluations (consistency), or the teacher's sampler and steps (guidance); w and the SR level
-    s stay the teacher's defaults. ValueError (one line) for a teacher that is a classifier or already distilled,
-    or whose default w is above ``settings.w_max``."""
+    ``settings.method``, with sampling defaults of its few-step sampler: DDIM in exactly ``settings.steps_for(kind)``
+    steps (step), the consistency sampler over that many evaluations (consistency), or the teacher's sampler and
+    steps (guidance); w and the SR level s stay the teacher's defaults. ValueError (one line) for a teacher that is
+    a classifier or already distilled, whose default w is above ``settings.w_max``, or whose T is too small for the
+    grid."""
     if teacher.kind is StageKind.classifier:
         raise ValueError(f"teacher {teacher_path} is a classifier; distil a base or sr stage")
     if teacher.distill.method != "none":
@@ -103,8 +104,9 @@ class DistillationLoss:
     """The student's training loss ``loss(model, batch) -> {"loss", "per_sample": B, "t": B}``, for the trainer's
     step: per example a guidance weight w ~ U[0, w_max] (Luo et al. 2023 §4.2) and, per the method, a timestep t
     (guidance: uniform over the T training timesteps), one of the student's steps (step: uniform over its steps) or
-    a level n ~ U{1..N} of the student's grid (consistency, t = τ_n); SR stages condition both networks on the same augmented low-resolution input (Ho et al. 2021 §3.2).
-    The teacher sees the batch's labels and the null class; the student sees the labels (no dropout)."""
+    a level n ~ U{1..N} of the student's grid (consistency, t = τ_n); SR stages condition both networks on the
+    same augmented low-resolution input (Ho et al. 2021 §3.2). The teacher sees the batch's labels and the null
+    class; the student sees the labels (no dropout)."""
 
     def __init__(self, stage: StageConfig, diffusion: GaussianDiffusion, teacher: nn.Module):
         self.stage, self.diffusion, self.teacher = stage, diffusion, teacher
