@@ -370,13 +370,13 @@ class SamplingSettings:
         """What a distilled stage (``stage.distill``) can be sampled with: the consistency sampler only on a
         consistency student and in 1 to ``levels`` steps, w in its trained range, no guidance interval."""
         spec, name = stage.distill, stage.name
-        if self.sampler == "consistency" and spec.method != "consistency":
-            raise ValueError(f"stage {name}: the consistency sampler needs a consistency-distilled stage "
-                             "(tools/distill_stage.py); use ddpm, ddim, dpmpp2m or heun")
         if spec.method == "step" and (self.sampler != "ddim" or self.eta or self.steps != spec.levels):
             raise ValueError(f"stage {name} is step-distilled to {spec.levels} DDIM steps: sample it with sampler "
                              f"ddim, eta 0 and steps {spec.levels}, not {self.sampler} {self.steps!r}"
                              + (f" eta {self.eta:g}" if self.eta else ""))
+        if self.sampler == "consistency" and spec.method != "consistency":
+            raise ValueError(f"stage {name}: the consistency sampler needs a consistency-distilled stage "
+                             "(tools/distill_stage.py); use ddpm, ddim, dpmpp2m or heun")
         if spec.method == "consistency":
             if self.sampler != "consistency":
                 raise ValueError(f"stage {name} is consistency-distilled: sample it with sampler consistency "

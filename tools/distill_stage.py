@@ -5,11 +5,12 @@
     python tools/distill_stage.py stage=base32 teacher=runs/base32 data.root=data/shards distill.method=guidance
 
 The student is the teacher's stage with the guidance weight w as a network input, trained from the teacher's EMA
-weights on the same shards (docs/distillation.md): distill.method=consistency (default: guided consistency
-distillation, sampled by the consistency sampler in distill.steps evaluations, by default 4 for a base stage and 2
-for an SR stage) or guidance (w as an input only: the teacher's sampler at half the evaluations). Its checkpoints
-(run_dir, default runs/<stage>-distilled) are ordinary stage checkpoints whose sampling defaults are the student's
-sampler, so `sample_cascade.py --ckpt base32=runs/base32-distilled` and `eval_fid.py` use them with no new flag.
+weights on the same shards (docs/distillation.md): distill.method=step (the default: DDIM in distill.steps steps,
+4 for a base stage and 2 for an SR stage, each reproducing distill.teacher_steps / distill.steps guided DDIM steps
+of the teacher), consistency (guided consistency distillation, the consistency sampler in 1 to distill.levels
+steps) or guidance (w as an input only: the teacher's sampler at half the evaluations). Its checkpoints (run_dir,
+default runs/<stage>-distilled) are ordinary stage checkpoints whose sampling defaults are the student's sampler,
+so `sample_cascade.py --ckpt base32=runs/base32-distilled` and `eval_fid.py` use them as they are.
 
 Everything else is tools/train_stage.py's: trainer.* settings and a time budget (trainer.max_seconds), the start-up
 summary and progress lines, resume from the newest readable checkpoint in run_dir, one-line errors (exit 2 for a

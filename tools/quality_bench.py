@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "input only: the teacher's sampler and steps at half the network evaluations)")
     p.add_argument("--distill-teacher-steps", type=int, default=None, metavar="N",
                    help="step only: the teacher's guided DDIM steps that the student's steps reproduce together, a "
-                        "multiple of the student's steps above them (default twice the student's steps)")
+                        "multiple of the student's steps larger than them (default four times the student's steps)")
     p.add_argument("--distill-levels", type=int, default=None, metavar="N",
                    help=f"consistency only: the grid's levels N (2 to 1000; default {DistillSettings.levels}): a "
                         "student samples in 1 to N steps")

@@ -223,7 +223,10 @@ def build_distill_run(cfg: DictConfig, preset: Callable[[str, str], dict]) -> tu
                          "trained by tools/train_stage.py")
     c = OmegaConf.to_container(cfg, resolve=True)
     settings = DistillSettings(**c["distill"])
-    teacher_path = checkpoint.resolve_checkpoint(to_absolute_path(str(c["teacher"])))
+    try:
+        teacher_path = checkpoint.resolve_checkpoint(to_absolute_path(str(c["teacher"])))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"teacher: {err}; pass teacher=RUN, a run folder of tools/train_stage.py") from None
     teacher = checkpoint.load_stage_config(teacher_path)
     name, size = c["stage"]["name"], str(c["size"])
     chosen = {k: v for k, v in c["stage"].items() if k != "num_classes"}

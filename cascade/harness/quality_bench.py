@@ -263,7 +263,7 @@ def distill_settings(levels: int | None = None, w_max: float | None = None, meth
     if teacher_steps is not None and method != "step":
         raise BenchError(f"--distill-teacher-steps applies to --distill-method step only, not {method}")
     if teacher_steps is not None and teacher_steps < 0:
-        raise BenchError(f"--distill-teacher-steps must be a multiple of the student's steps above them (0: twice "
+        raise BenchError(f"--distill-teacher-steps must be a multiple of the student's steps larger than them (0: four times "
                          f"them), got {teacher_steps}")
     changes = {k: v for k, v in (("levels", levels), ("w_max", w_max), ("teacher_steps", teacher_steps))
                if v is not None}

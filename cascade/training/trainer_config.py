@@ -175,7 +175,7 @@ class DistillSettings:
     Luo et al. 2023 §4.2) or "guidance" (w as an input only: the teacher's samplers at half the evaluations; Meng et
     al. 2023 §4.1). ``w_max``: the student learns every guidance weight in [0, w_max] (at least the teacher's
     default w). ``steps``: the student's sampling steps (0: 4 for a base stage, 2 for an SR stage; consistency: its
-    default, 1 to ``levels``). ``teacher_steps``: step only, a multiple of the steps above them (0: four times the
+    default, 1 to ``levels``). ``teacher_steps``: step only, a multiple of the steps larger than them (0: four times the
     steps: the student copies a teacher that is better than twice its steps would be, at twice the teacher's cost
     per training step; measured better at equal minutes on base32 and sr64). ``levels``: consistency only, the N intervals of its grid (2 to 1000). ValueError (one line naming
     ``distill.<key>``) otherwise."""
@@ -197,6 +197,9 @@ class DistillSettings:
         if not 0 <= self.steps <= (self.levels if self.method == "consistency" else 1000):
             bound = "distill.levels = " + str(self.levels) if self.method == "consistency" else "1000"
             raise ValueError(f"distill.steps must be 0 (the stage kind's default) or in [1, {bound}], got {self.steps}")
+        if self.steps and self.method == "guidance":
+            raise ValueError(f"distill.steps applies to methods step and consistency; a guidance student samples with "
+                             f"its teacher's sampler and steps (got distill.steps={self.steps})")
         if self.teacher_steps and (self.method != "step" or self.teacher_steps < 0):
             raise ValueError(f"distill.teacher_steps applies to method step only (a multiple of its steps), got "
                              f"{self.teacher_steps}")
@@ -209,12 +212,12 @@ class DistillSettings:
 
     def teacher_steps_for(self, kind: str) -> int:
         """The teacher's DDIM steps a step student of ``kind`` reproduces; ValueError unless a multiple of its
-        steps above them."""
+        steps larger than them."""
         steps = self.steps_for(kind)
         teacher = self.teacher_steps or 4 * steps  # measured: docs/results/2026-12-06.md
         if teacher <= steps or teacher % steps:
-            raise ValueError(f"distill.teacher_steps must be a multiple of the student's {steps} steps above them, "
-                             f"got {teacher}")
+            raise ValueError(f"distill.teacher_steps must be a multiple of the student's {steps} steps larger than "
+                             f"{steps} ({2 * steps}, {3 * steps}, ...), got {teacher}")
         return teacher
 
 

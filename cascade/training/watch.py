@@ -168,7 +168,8 @@ def _ema_rule(trainer) -> str:
 
 def print_run_summary(trainer) -> None:
     """`summary_rows` as the start-up block on stderr (`cascade.summary.print_summary`)."""
-    print_summary(f"training {trainer.stage.name}", summary_rows(trainer))
+    doing = "distilling" if trainer.stage.distill.takes_w else "training"
+    print_summary(f"{doing} {trainer.stage.name}", summary_rows(trainer))
 
 
 class Watcher:

@@ -150,13 +150,14 @@ def _retargeted(run: Path, tmp_path: Path, **stage) -> Path:
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "teacher is required: teacher=RUN"),
-    ("nowhere", "does not exist"),
+    ("nowhere", "does not exist; pass teacher=RUN, a run folder of tools/train_stage.py"),
+    ("guidance steps", "distill.steps applies to methods step and consistency; a guidance student samples with"),
     ("other stage", "is a base32 checkpoint (32x32), not sr64; pass stage=base32 or a teacher of sr64"),
     ("other resolution", "generates 128x128 from 64x64, stage sr64 here 64x64"),
     ("stage override", "stage.unet was changed, but a student's stage settings are its teacher's"),
     ("classifier", "is a classifier; distil a base or sr stage"),
     ("steps", r"distill.steps must be 0 (the stage kind's default) or in [1, distill.levels = 4], got 5"),
-    ("teacher steps", "distill.teacher_steps must be a multiple of the student's 2 steps above them, got 5"),
+    ("teacher steps", "distill.teacher_steps must be a multiple of the student's 2 steps larger than 2 (4, 6, ...), got 5"),
     ("w_max", "distill.w_max 0.5 is below the teacher's default w 1; raise distill.w_max"),
     ("distilled teacher", "is itself step-distilled"),
 ])
@@ -180,6 +181,8 @@ def test_bad_distillation_settings_are_one_line_errors(case, message, synthetic_
         args = {"stage": "classifier32", "teacher": tiny_runs["classifier32"]}
     elif case == "steps":
         extra = ["distill.method=consistency", "distill.levels=4", "distill.steps=5"]
+    elif case == "guidance steps":
+        extra = ["distill.method=guidance", "distill.steps=3"]
     elif case == "teacher steps":
         extra = ["distill.teacher_steps=5"]
     elif case == "w_max":
