@@ -10,6 +10,9 @@ Every constructor checks each field's type (`cascade.checks.coerce_fields`: ints
 for numbers) and range, so a config.json or an override is refused with one ValueError line naming the key path
 (``unet.model_channels``). The upper bounds (`LIMITS`) are generous for real models yet keep a mistyped value from
 exhausting the machine (T = 10⁹ would need tens of GB for the schedule tables alone).
+
+One module of about 500 lines because it is one schema: the dataclasses nest into `StageConfig`, and a setting's
+check often needs the whole stage (`SamplingSettings.check_for`), so they are read together.
 """
 
 from __future__ import annotations

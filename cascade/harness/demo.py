@@ -4,7 +4,11 @@ With a distillation budget (`DemoBudget.distill_seconds` / ``distill_steps``; `D
 `QUICK_DISTILLED`) the demo also distils the stages it names into few-step students right after training them
 (`distill_demo_stage`, `cascade.training.distill`), scores teacher and student of each on the same teacher-forced
 samples (`compare_students`) and samples the cascade with whichever scored better on the stage's headline
-metric (`HEADLINE_METRIC`).
+metric (base: `HEADLINE_METRIC`, KID; SR: the detail ratio at `SR_MIN_CONSISTENCY_DB` or more).
+
+One module of about 500 lines, one job: the demo's run from shards to report, each step (shards, training,
+distillation, the teacher-or-student choice, sampling, evaluation) a function `run_demo` calls in order and the
+resume rules of each beside it; the report's text lives in `cascade.harness.demo_report`.
 
 Every step is resumable: shards are reused when their settings match, a finished stage (or student) is not
 retrained (its run resumes at max_steps and returns at once), a killed stage resumes from its last

@@ -32,6 +32,9 @@ student); a student's rows also give the distillation's steps and seconds.
 The recipes are `cascade.harness.quality_recipes`'s, the sampler settings and the sampling
 `cascade.harness.quality_samplers`'s; `tools/quality_bench.py` is the command line and
 `cascade.harness.quality_report` writes the report.
+
+One module of about 540 lines, one job: a benchmark run (`prepare` checks every input first, `run_benchmark` trains,
+distils, samples and scores each recipe in turn); the pieces other code reuses are in their own modules.
 """
 
 from __future__ import annotations

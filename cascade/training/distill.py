@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from cascade import checkpoint
-from cascade.config import DistillSpec, SamplingSettings, StageConfig, StageKind
+from cascade.config import DistillSpec, StageConfig, StageKind
 from cascade.diffusion.augment import augment_low_res
 from cascade.diffusion.distillation import (
     consistency_distillation_loss,
@@ -72,7 +72,7 @@ def student_stage(teacher: StageConfig, teacher_path: str | Path, settings: Dist
     if teacher.diffusion.num_timesteps <= max(spec.levels, spec.teacher_steps):
         raise ValueError(f"distill: {max(spec.levels, spec.teacher_steps)} levels need more training timesteps than "
                          f"the teacher's {teacher.diffusion.num_timesteps}")
-    return dataclasses.replace(teacher, distill=spec, sampling=SamplingSettings(**dataclasses.asdict(sampling)))
+    return dataclasses.replace(teacher, distill=spec, sampling=sampling)
 
 
 def load_teacher(stage: StageConfig, device: torch.device) -> nn.Module:

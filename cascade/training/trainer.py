@@ -38,7 +38,7 @@ Here: `StageTrainer`, its set-up, checkpoints and the loop. Its parts live besid
 records with their grids and quality proxy (`cascade.training.watch`, rules in `cascade.training.cadence`), the
 progress bar or plain log lines (`cascade.training.progress`) and the trackers (`cascade.training.trackers`);
 the power-function EMAs and their snapshots (`cascade.training.ema`, `cascade.training.posthoc_ema`). What stays
-here (a little over 400 lines) is one thing: the state a checkpoint must hold and the loop that advances it, kept
+here (about 450 lines) is one thing: the state a checkpoint must hold and the loop that advances it, kept
 together so that what is saved and what is resumed are read side by side.
 """
 
