@@ -2,6 +2,7 @@
 
   python tools/make_shards.py --source synthetic --out data/synthetic --images-per-class 200
   python tools/make_shards.py --source photos --out data/photos          # needs the `demo` extra
+  python tools/make_shards.py --source patches --out data/patches --max-res 64 --val-fraction 0.2   # `demo` extra
   python tools/make_shards.py --source digits --out data/digits --val-fraction 0.2   # `demo` extra
   python tools/make_shards.py --source /data/imagenet/train --out data/imagenet --workers 16
   python tools/make_shards.py --source /data/fashion_mnist --out data/fmnist --max-res 32
@@ -35,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n")[0], epilog=POLICY,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True,
-                        help="'synthetic', 'photos', 'digits' or a folder of class sub-folders (ImageFolder layout)")
+                        help="'synthetic', 'photos', 'patches' (small varied patches of the photos: a harder "
+                             "benchmark), 'digits' or a folder of class sub-folders (ImageFolder layout)")
     parser.add_argument("--out", required=True, help="output folder for train-*.tar, val-*.tar, dataset.json")
     parser.add_argument("--shard-size", type=int_at_least(1), default=1000, help="samples per shard (default 1000)")
     parser.add_argument("--val-fraction", type=fraction_below_one, default=0.05,
@@ -44,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int_at_least(0), default=1,
                         help="processes decoding/resizing images (0 or 1: this one; default 1)")
     parser.add_argument("--images-per-class", type=int_at_least(1), default=None,
-                        help="images per class for generated sources (default 100); "
+                        help="images per class for generated sources (default 100; patches 400); "
                              "for digits at most this many (default all)")
     parser.add_argument("--num-classes", type=int_at_least(1), default=None,
                         help="classes of the synthetic source (default 10)")

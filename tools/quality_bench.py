@@ -1,6 +1,7 @@
 """Quality benchmark: train named recipes of one stage for the same budget, sample them, score the samples.
 
     python tools/make_shards.py --source digits --out data/digits --val-fraction 0.2
+    python tools/make_shards.py --source patches --out data/patches --max-res 64 --val-fraction 0.2   # harder
     python tools/quality_bench.py --stage base32 --data data/digits --recipes today,eps-simple --minutes 2
     python tools/quality_bench.py --stage base32 --data data/digits --steps 2000 --samplers ddim25,ddpm50:w=1
     python tools/quality_bench.py --stage sr64 --data data/photos --minutes 10 --samplers ddim25:s=0.03

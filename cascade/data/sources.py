@@ -1,4 +1,4 @@
-"""Image sources for the shard writer: `synthetic`, `photos`, `digits` and an ImageFolder-layout `folder`.
+"""Image sources for the shard writer: `synthetic`, `photos`, `patches`, `digits` and an ImageFolder-layout `folder`.
 
 A source is a list of picklable `SourceItem`s (class index + a reference) and a `load(item)` that
 returns a PIL image; the writer (`cascade.data.shards`) applies the bad-input policy, the square crop and
@@ -8,6 +8,10 @@ the resolution pyramid. Generated sources are deterministic functions of (seed, 
   background texture, texture frequency and colour palette.
 - `photos`: colour photographs shipped inside scikit-image and scikit-learn (offline), one class per
   photograph, random multi-scale square crops resized to 256². Needs the `demo` extra.
+- `patches`: the same photographs as classes, but each item a small patch (side 6-50 % of the short side,
+  log-uniform), mildly rotated, flipped at random, colour-jittered and sometimes gray: many varied images
+  per class and overlapping classes (sky, black backgrounds, gray patches), a harder benchmark than `photos`.
+  Needs the `demo` extra.
 - `digits`: scikit-learn's handwritten digits (`load_digits`: 1,797 real 8×8 grayscale scans of the
   digits 0-9, about 180 per class, offline), upscaled (bicubic) to 256², grayscale replicated to RGB.
   Needs the `demo` extra.
@@ -18,6 +22,7 @@ the resolution pyramid. Generated sources are deterministic functions of (seed, 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +116,8 @@ def _import_demo_packages():
         import sklearn.datasets
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            f"the 'photos' source needs scikit-image and scikit-learn: pip install 'cascade[demo]' ({exc})"
+            f"the 'photos' and 'patches' sources need scikit-image and scikit-learn: pip install 'cascade[demo]' "
+            f"({exc})"
         ) from exc
     return skimage.data, sklearn.datasets
 
@@ -137,9 +143,51 @@ def load_demo_photos() -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return dict(sorted(photos.items())), unavailable
 
 
+ROTATION_MARGIN = 4  # pixels kept between a rotated crop and its drawn square: the bicubic kernel's reach
+
+
+def random_square_crop(image: np.ndarray, rng: np.random.Generator, side_fraction: tuple[float, float], *,
+                       log_uniform: bool = False, max_rotation: float = 0.0) -> np.ndarray:
+    """A random square crop of `image` (H×W×C uint8), drawn from `rng` in this order:
+
+    1. f, the side of the drawn square as a fraction of min(H, W): uniform in `side_fraction` = (low, high),
+       0 < low ≤ high ≤ 1, or log-uniform (uniform in log f) with `log_uniform`; side L = round(f·min(H, W)).
+    2. With `max_rotation` > 0 (degrees, < 45): the angle θ, uniform in [-max_rotation, max_rotation].
+    3. The top and left corner of the L×L square, uniform over the positions inside the image.
+
+    Returns the L×L square (θ = 0 or no rotation), else the square rotated by θ (bicubic) and cut to the
+    largest centred S×S square whose rotated corners stay `ROTATION_MARGIN` pixels inside it,
+    S = ⌊(L − margin) / (|cos θ| + |sin θ|)⌋, so no pixel comes from outside the photograph. ValueError when
+    that leaves no pixel."""
+    h, w = image.shape[:2]
+    low, high = side_fraction
+    f = math.exp(rng.uniform(math.log(low), math.log(high))) if log_uniform else rng.uniform(low, high)  # log f ~ U
+    outer = max(1, round(min(h, w) * f))
+    angle = float(rng.uniform(-max_rotation, max_rotation)) if max_rotation > 0 else 0.0
+    top, left = int(rng.integers(0, h - outer + 1)), int(rng.integers(0, w - outer + 1))
+    crop = np.ascontiguousarray(image[top:top + outer, left:left + outer])
+    if angle == 0.0:
+        return crop
+    theta = math.radians(abs(angle))
+    # a square of side S rotated by θ spans S·(|cos θ| + |sin θ|) along each axis
+    side = int((outer - ROTATION_MARGIN) / (math.cos(theta) + math.sin(theta)))
+    if side < 1:
+        raise ValueError(f"a {outer}-pixel crop of a {h}×{w} image rotated by {angle:.1f}° leaves no pixel; "
+                         f"raise the smallest crop fraction (got {low})")
+    rotated = np.asarray(Image.fromarray(crop).rotate(angle, resample=Image.BICUBIC))
+    offset = (outer - side) // 2
+    return np.ascontiguousarray(rotated[offset:offset + side, offset:offset + side])
+
+
+def _resized(crop: np.ndarray) -> Image.Image:
+    return Image.fromarray(crop).resize((GENERATED_RESOLUTION, GENERATED_RESOLUTION), Image.BICUBIC)
+
+
 @dataclass
 class PhotoSource(Source):
-    """One class per photograph; each item is a random square crop (side 35-100 % of the short side)."""
+    """One class per photograph; each item is a random square crop (side 35-100 % of the short side, uniform)
+    resized (bicubic) to 256², a pure function of (seed, class, index). Raises ValueError for
+    images_per_class < 1."""
 
     images_per_class: int = 100
     seed: int = 0
@@ -171,16 +219,86 @@ class PhotoSource(Source):
     def load(self, item: SourceItem) -> Image.Image:
         image = self._photo(item.class_index)
         rng = np.random.default_rng([self.seed, item.class_index, int(item.ref)])
-        h, w = image.shape[:2]
-        side = round(min(h, w) * rng.uniform(self.min_crop_fraction, 1.0))
-        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = Image.fromarray(np.ascontiguousarray(image[top:top + side, left:left + side]))
-        return crop.resize((GENERATED_RESOLUTION, GENERATED_RESOLUTION), Image.BICUBIC)
+        return _resized(random_square_crop(image, rng, (self.min_crop_fraction, 1.0)))
 
     def describe(self) -> dict:
         return {"kind": "photos", "photos": self.class_names, "images_per_class": self.images_per_class,
                 "crop_side_fraction": [self.min_crop_fraction, 1.0], "resolution": GENERATED_RESOLUTION,
                 "unavailable_offline": sorted(self.unavailable)}
+
+
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma Y' = 0.299R' + 0.587G' + 0.114B'
+
+
+def colour_jitter(crop: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
+    """H×W×3 uint8 → H×W×3 uint8 with each factor applied in turn (1 leaves the image as it is), clipped to
+    0..255: brightness scales every value; contrast scales the distance to the image's mean luma; saturation
+    scales each pixel's distance to its own luma (0: gray). Luma Y' from `LUMA_WEIGHTS` (ITU-R BT.601)."""
+    x = crop.astype(np.float32) * brightness  # brightness: x · b
+    mean_luma = float((x @ LUMA_WEIGHTS).mean())
+    x = (x - mean_luma) * contrast + mean_luma  # contrast: mean(Y') + c · (x − mean(Y'))
+    luma = (x @ LUMA_WEIGHTS)[..., None]
+    x = luma + (x - luma) * saturation  # saturation: Y' + s · (x − Y') per pixel
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class PatchSource(PhotoSource):
+    """The photographs of `photos` as classes, each item a small, varied patch of its photograph: a harder
+    benchmark than `photos` (many distinct images per class, regions such as sky or black background shared
+    between classes).
+
+    Item (seed, class, index), a pure function of the three (numpy generator seeded with them), drawn in order:
+    a square of side f·min(H, W), f log-uniform in [min_crop_fraction, max_crop_fraction], at a uniform
+    position; rotated by θ uniform in ±max_rotation degrees and cut to the largest square inside it
+    (`random_square_crop`); mirrored left–right with probability 1/2; brightness, contrast and saturation
+    factors each uniform in [1 − jitter, 1 + jitter], the saturation factor replaced by 0 (gray) with probability
+    grayscale_probability, so a gray patch can be of any class (`colour_jitter`); resized (bicubic) to 256².
+    ValueError (one line, naming the setting) for images_per_class < 1, fractions outside
+    0 < min ≤ max ≤ 1, max_rotation outside [0, 45), jitter outside [0, 1) or grayscale_probability outside
+    [0, 1]."""
+
+    images_per_class: int = 400
+    min_crop_fraction: float = 0.06
+    max_crop_fraction: float = 0.50
+    max_rotation: float = 10.0
+    jitter: float = 0.25
+    grayscale_probability: float = 0.2
+
+    def __post_init__(self):
+        if not 0 < self.min_crop_fraction <= self.max_crop_fraction <= 1:
+            raise ValueError(f"the patches source needs 0 < min_crop_fraction <= max_crop_fraction <= 1, got "
+                             f"{self.min_crop_fraction} and {self.max_crop_fraction}")
+        if not 0 <= self.max_rotation < 45:
+            raise ValueError(f"the patches source's max_rotation must be in [0, 45) degrees, got {self.max_rotation}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"the patches source's jitter must be in [0, 1), got {self.jitter}")
+        if not 0 <= self.grayscale_probability <= 1:
+            raise ValueError(f"the patches source's grayscale_probability must be in [0, 1], got "
+                             f"{self.grayscale_probability}")
+        super().__post_init__()
+        self.kind = "patches"
+
+    def load(self, item: SourceItem) -> Image.Image:
+        image = self._photo(item.class_index)
+        rng = np.random.default_rng([self.seed, item.class_index, int(item.ref)])
+        crop = random_square_crop(image, rng, (self.min_crop_fraction, self.max_crop_fraction), log_uniform=True,
+                                  max_rotation=self.max_rotation)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        brightness, contrast, saturation = rng.uniform(1 - self.jitter, 1 + self.jitter, size=3)
+        if rng.random() < self.grayscale_probability:
+            saturation = 0.0
+        return _resized(colour_jitter(crop, brightness, contrast, saturation))
+
+    def describe(self) -> dict:
+        return {"kind": "patches", "photos": self.class_names, "images_per_class": self.images_per_class,
+                "crop_side_fraction": [self.min_crop_fraction, self.max_crop_fraction],
+                "crop_side_distribution": "log-uniform", "max_rotation_degrees": self.max_rotation,
+                "rotation_margin_pixels": ROTATION_MARGIN, "mirror_probability": 0.5,
+                "colour_jitter": {"brightness": self.jitter, "contrast": self.jitter, "saturation": self.jitter},
+                "grayscale_probability": self.grayscale_probability,
+                "resolution": GENERATED_RESOLUTION, "unavailable_offline": sorted(self.unavailable)}
 
 
 # ----------------------------------------------------------------------------------------------- digits
@@ -284,10 +402,11 @@ class FolderSource(Source):
 
 def get_source(spec: str, *, seed: int = 0, images_per_class: int | None = None,
                num_classes: int | None = None) -> Source:
-    """`synthetic`, `photos`, `digits`, or a folder path → the Source. Unused options for a source → ValueError.
+    """`synthetic`, `photos`, `patches`, `digits`, or a folder path → the Source. Unused options for a source →
+    ValueError.
 
-    images_per_class: generated sources make that many (default 100); `digits` keeps at most that many
-    of its real images per class (default all)."""
+    images_per_class: generated sources make that many (default 100; `patches` 400); `digits` keeps at most
+    that many of its real images per class (default all)."""
     if spec == "synthetic":
         return SyntheticSource(num_classes=10 if num_classes is None else num_classes,
                                images_per_class=100 if images_per_class is None else images_per_class, seed=seed)
@@ -295,9 +414,12 @@ def get_source(spec: str, *, seed: int = 0, images_per_class: int | None = None,
         raise ValueError("--num-classes (num_classes) applies only to the synthetic source")
     if spec == "photos":
         return PhotoSource(images_per_class=100 if images_per_class is None else images_per_class, seed=seed)
+    if spec == "patches":
+        return PatchSource(seed=seed) if images_per_class is None else PatchSource(images_per_class=images_per_class,
+                                                                                 seed=seed)
     if spec == "digits":
         return DigitsSource(images_per_class=images_per_class)
     if images_per_class is not None:
         raise ValueError("--images-per-class (images_per_class) applies only to the built-in sources (synthetic, "
-                         "photos, digits)")
+                         "photos, patches, digits)")
     return FolderSource(root=spec)
