@@ -6,13 +6,16 @@
   python tools/bench.py --quick --stages base32           # smoke run
   python tools/bench.py --stages base32 --compile         # + compile time and steady-state gain of torch.compile
   python tools/bench.py --stages base32 --trainer         # + the trainer's img/s against its bare step
+  python tools/bench.py --stages base32,big32 --modes bf16+cl --compare diffusers --profile   # time by kind
   python tools/bench.py --cascade                         # seconds per 256² image: teachers, students, mixed
   python tools/bench.py --cascade --quick --stages base32,sr64 --mixed base32   # its smoke run
 
 Training is timed through the library's own step (`cascade.training.step.TrainStep`), on one batch held on the
 device: the "bare step"; every (model, mode) runs in its own process, so its peak memory is its own
 (`cascade.harness.bench`, `cascade.harness.bench_measure`). Prints one line per measurement, then the table;
-writes the report as JSON.
+writes the report as JSON. --profile adds, per network and mode, where a training step (its batch fetched from the
+stage's loader, as in a run) and a guided sampling step spend their time, by kind of work
+(`cascade.harness.bench_profile`), with the time outside convolutions as a ratio of the convolutions'.
 
 --cascade times sampling through the whole chain instead (`cascade.harness.cascade_speed`): the tiny stages of
 --stages (default base32,sr64,sr128,sr256) with fresh weights, --images images (default 4) in one batch, in three
@@ -61,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer", action="store_true",
                         help="also train each stage with the trainer (synthetic shards) and compare with the bare step")
     parser.add_argument("--trainer-steps", type=int, default=60, help="steps of each --trainer run (default 60)")
+    parser.add_argument("--profile", type=int, nargs="?", const=3, default=0, metavar="STEPS",
+                        help="also profile STEPS training steps (default 3; each fetching its batch from the loader) "
+                             "and a guided sampling run: time per step by kind (convolution, matmul/attention, "
+                             "normalisation, activation, elementwise, casts, optimizer, EMA, data, other), beside "
+                             "diffusers' with --compare diffusers")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 step, 1 repeat, 1 sampling step (--cascade: 1 image, 1 repeat)")
     parser.add_argument("--cascade", action="store_true",
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=3 if args.repeats is None else args.repeats, sample_steps=args.sample_steps, w=args.w,
         device=args.device, threads=args.threads, compare_diffusers=args.compare == "diffusers",
         data_workers=args.data_workers, data=not args.no_data, compile=args.compile, trainer=args.trainer,
-        trainer_steps=args.trainer_steps, quick=args.quick)
+        trainer_steps=args.trainer_steps, quick=args.quick, profile=args.profile)
 
     import stages
 

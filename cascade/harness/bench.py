@@ -26,6 +26,7 @@ import torch
 from cascade.config import StageConfig
 from cascade.harness.bench_diffusers import require_diffusers
 from cascade.harness.bench_measure import MODE_TOKENS, measure_loader_throughput, parse_mode
+from cascade.harness.bench_profile import format_profiles
 
 BENCH_STAGES = ("base32", "sr64", "sr128", "sr256", "classifier32", "big32")
 DEFAULT_BATCH = {"base32": 32, "sr64": 16, "sr128": 8, "sr256": 4, "classifier32": 32, "big32": 16}
@@ -67,6 +68,7 @@ class BenchSettings:
     trainer: bool = False  # also train each stage with the trainer and compare with the bare step
     trainer_steps: int = 60
     quick: bool = False  # smoke run: 1 step, 1 repeat, 1 sampling step
+    profile: int = 0  # > 0: profile that many training steps and a sampling run by kind (`bench_profile`)
 
     def resolved(self) -> BenchSettings:
         """Checked (stage names, mode tokens, diffusers when compared) and with the quick run's counts and the
@@ -76,6 +78,8 @@ class BenchSettings:
                 raise ValueError(f"unknown bench model {name!r}; valid: {BENCH_STAGES}")
         for mode in self.modes:
             parse_mode(mode)
+        if isinstance(self.profile, bool) or not isinstance(self.profile, int) or self.profile < 0:
+            raise ValueError(f"--profile takes a number of training steps >= 1, got {self.profile!r}")
         if self.compare_diffusers:
             require_diffusers()
         modes = self.modes
@@ -108,7 +112,8 @@ def bench_stage(name: str, preset: Preset, num_classes: int = 10) -> StageConfig
 def _spawn(s: BenchSettings, model: str, stage: str, cfg: StageConfig, mode: str, batch: int) -> dict:
     spec = {"model": model, "stage": stage, "config": cfg.to_dict(), "mode": mode, "batch": batch,
             "steps": s.steps, "repeats": s.repeats, "sample_steps": s.sample_steps, "device": s.device,
-            "threads": s.threads, "w": s.w, "trainer_steps": s.trainer_steps, "num_workers": s.data_workers}
+            "threads": s.threads, "w": s.w, "trainer_steps": s.trainer_steps, "num_workers": s.data_workers,
+            "profile": s.profile}
     proc = subprocess.run([sys.executable, "-m", "cascade.harness.bench_measure", json.dumps(spec)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -235,9 +240,11 @@ def run_bench(settings: BenchSettings, preset: Preset, progress: Progress = prin
 def format_report(report: dict) -> str:
     """The report as text: one line naming the machine, the table of results, the ceilings."""
     threads = sorted({r["threads"] for r in report["results"]})
+    profiles = format_profiles(report["results"])
     return (f"{report['date']}  {report['cpu']}  torch {report['torch']}  {report['device']}  {threads} threads  "
             f"capability {report['cpu_capability']}  mkldnn bf16 {report['mkldnn_bf16_supported']}\n"
-            + format_table(report["results"], report["data_loader_images_per_s"]))
+            + format_table(report["results"], report["data_loader_images_per_s"])
+            + (f"\n\n{profiles}" if profiles else ""))
 
 
 def _pct(a: float, b: float) -> str:

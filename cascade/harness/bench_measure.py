@@ -30,6 +30,7 @@ from cascade.data.loader import make_stage_loader
 from cascade.diffusion.guidance import classifier_free_guidance
 from cascade.diffusion.samplers import sample_ddim
 from cascade.harness.bench_diffusers import count_flops, matched_diffusers
+from cascade.harness.bench_profile import profile_step
 from cascade.nets.build import build_diffusion, build_model, count_parameters, example_inputs, forward_flops
 from cascade.training.losses import example_batch, make_stage_loss
 from cascade.training.runtime import make_accelerator
@@ -132,9 +133,12 @@ def measure_ceilings(shape: dict, batch: int, device: torch.device, repeats: int
 # ------------------------------------------------------------------------------------------ one network
 
 def measure_network(model_name: str, stage_name: str, cfg: StageConfig, mode: str, batch: int, steps: int,
-                    repeats: int, sample_steps: int, device_name: str, threads: int | None, w: float) -> dict:
+                    repeats: int, sample_steps: int, device_name: str, threads: int | None, w: float,
+                    profile: int = 0, num_workers: int = 0) -> dict:
     """Measure one (network, mode): ``model_name`` "cascade" (the stage's own network) or "diffusers" (its
-    FLOP-matched UNet2DModel); returns a JSON-able dict."""
+    FLOP-matched UNet2DModel); returns a JSON-able dict. ``profile`` > 0: also that many training steps (each
+    fetching its batch from the stage's loader with ``num_workers`` workers, as a run does) and one guided sampling
+    run under ``torch.profiler``, by kind (`cascade.harness.bench_profile`)."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device_name)
@@ -213,8 +217,57 @@ def measure_network(model_name: str, stage_name: str, cfg: StageConfig, mode: st
         result.update({"sample_steps": respaced.num_timesteps, "sample_step_s": per_step,
                        "sample_images_per_s_per_step": batch / per_step,
                        "sample_gflops_per_s": 2 * flops * batch / per_step / 1e9})  # CFG: 2 forwards per image
+    if profile:
+        result["profile"] = profile_network(step, runner, batch_data, cfg, diffusion, batch, device, opts, w,
+                                            sample_steps, profile, num_workers)
     result["loadavg_1m"] = [load_before, os.getloadavg()[0]]
     return result
+
+
+def profile_network(step, runner, batch_data: dict, cfg: StageConfig, diffusion, batch: int, device: torch.device,
+                    opts: dict, w: float, sample_steps: int, steps: int, num_workers: int) -> dict:
+    """{"train": ..., "sample": ...}: `profile_step` of ``steps`` training steps, each fetching its batch from the
+    stage's loader over a temporary synthetic shard set (labelled "data"), and of one guided DDIM sampling run,
+    per sampling step."""
+    from torch.profiler import record_function
+
+    from cascade.data.shards import write_shards
+    from cascade.data.sources import SyntheticSource
+
+    fmt = torch.channels_last if opts["channels_last"] else torch.contiguous_format
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards(SyntheticSource(num_classes=cfg.num_classes, images_per_class=max(4, 4 * batch // 10)), tmp,
+                     shard_size=50, val_fraction=0.0, max_res=cfg.resolution)
+        loader = make_stage_loader(tmp, split="train", resolution=cfg.resolution, low_resolution=cfg.low_resolution,
+                                   batch_size=batch, num_workers=num_workers, epoch_length=10**6)
+        batches, window = iter(loader), new_window(device)
+
+        def train_step():
+            with record_function("cascade::data"):
+                fetched = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                fetched = {k: (v.contiguous(memory_format=fmt) if v.ndim == 4 else v) for k, v in fetched.items()}
+            step([fetched], window)
+
+        step.model.train()
+        out["train"] = profile_step(train_step, steps, lambda: _sync(device))
+        del batches, loader
+    if cfg.kind != "classifier" and sample_steps > 0:
+        step.model.eval()
+        guided = classifier_free_guidance(runner, w, cfg.num_classes)
+        respaced = diffusion.respace(f"ddim{sample_steps}")
+        kwargs = {"y": batch_data["y"]}
+        if cfg.low_resolution:
+            kwargs.update(x_low=batch_data["x_low"], aug_level=torch.full((batch,), 0.1, device=device))
+
+        def sample():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["bf16"]):
+                sample_ddim(guided, respaced, (batch, 3, cfg.resolution, cfg.resolution), model_kwargs=kwargs)
+
+        run = profile_step(sample, 1, lambda: _sync(device))
+        n = respaced.num_timesteps
+        out["sample"] = {"profiled_ms": run["profiled_ms"] / n, "kinds": {k: v / n for k, v in run["kinds"].items()}}
+    return out
 
 
 # ------------------------------------------------------------------------------------------ the trainer
@@ -280,7 +333,8 @@ def measure(spec: dict) -> dict:
         return measure_trainer(spec["stage"], cfg, spec["mode"], spec["batch"], spec["trainer_steps"], spec["device"],
                                spec["threads"], spec["num_workers"])
     return measure_network(spec["model"], spec["stage"], cfg, spec["mode"], spec["batch"], spec["steps"],
-                           spec["repeats"], spec["sample_steps"], spec["device"], spec["threads"], spec["w"])
+                           spec["repeats"], spec["sample_steps"], spec["device"], spec["threads"], spec["w"],
+                           spec.get("profile", 0), spec["num_workers"])
 
 
 if __name__ == "__main__":

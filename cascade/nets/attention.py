@@ -16,10 +16,14 @@ B×(H·W)×C are a free view and the projections are plain ``nn.Linear`` matmuls
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cascade.nets.mp_layers import MPLinear, mp_residual
+from cascade.nets.norm import group_norm
 
 try:  # optional GPU extra
     import xformers.ops as _xops
@@ -59,11 +63,6 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return torch.einsum("bhnm,bmhd->bnhd", scores.softmax(dim=-1), v)  # softmax(·)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3)
 
 
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with gcd(max_groups, channels) groups, so narrow (tiny) widths stay valid."""
-    return nn.GroupNorm(math.gcd(max_groups, channels), channels)
-
-
 def _num_heads(channels: int, head_channels: int) -> int:
     if head_channels <= 0 or channels % head_channels != 0:
         raise ValueError(
@@ -85,36 +84,46 @@ def _image(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class SelfAttention2d(nn.Module):
-    """Residual multi-head self-attention over the pixels of a feature map (zero-initialized output)."""
+    """Residual multi-head self-attention over the pixels of a feature map (zero-initialized output).
+    ``magnitude_preserving``: MP linear layers and an MP-Sum residual instead (EDM2 Configs C, F)."""
 
-    def __init__(self, channels: int, head_channels: int = 64, norm_groups: int = 32):
+    def __init__(self, channels: int, head_channels: int = 64, norm_groups: int = 32,
+                 magnitude_preserving: bool = False):
         super().__init__()
         self.num_heads = _num_heads(channels, head_channels)
         self.norm = group_norm(channels, norm_groups)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj = nn.Linear(channels, channels)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        linear = MPLinear if magnitude_preserving else nn.Linear
+        self.qkv = linear(channels, 3 * channels)
+        self.proj = linear(channels, channels)
+        self.residual = mp_residual if magnitude_preserving else operator.add
+        if not magnitude_preserving:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(_tokens(self.norm(x))).view(b, h * w, 3, self.num_heads, c // self.num_heads)
         out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, h * w, c)
-        return x + _image(self.proj(out), h, w)
+        return self.residual(x, _image(self.proj(out), h, w))
 
 
 class CrossAttention2d(nn.Module):
-    """Residual cross-attention: Q = W_Q·φ(z) from pixels, K, V = W_K·τ(y), W_V·τ(y) from tokens (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3)."""
+    """Residual cross-attention: Q = W_Q·φ(z) from pixels, K, V = W_K·τ(y), W_V·τ(y) from tokens (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3).
+    ``magnitude_preserving``: MP linear layers and an MP-Sum residual instead (EDM2 Configs C, F)."""
 
-    def __init__(self, channels: int, context_dim: int, head_channels: int = 64, norm_groups: int = 32):
+    def __init__(self, channels: int, context_dim: int, head_channels: int = 64, norm_groups: int = 32,
+                 magnitude_preserving: bool = False):
         super().__init__()
         self.num_heads = _num_heads(channels, head_channels)
         self.norm = group_norm(channels, norm_groups)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_kv = nn.Linear(context_dim, 2 * channels)
-        self.proj = nn.Linear(channels, channels)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        linear = MPLinear if magnitude_preserving else nn.Linear
+        self.to_q = linear(channels, channels)
+        self.to_kv = linear(context_dim, 2 * channels)
+        self.proj = linear(channels, channels)
+        self.residual = mp_residual if magnitude_preserving else operator.add
+        if not magnitude_preserving:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -124,17 +133,18 @@ class CrossAttention2d(nn.Module):
         q = self.to_q(_tokens(self.norm(x))).view(b, h * w, self.num_heads, d)
         kv = self.to_kv(context).view(b, context.shape[1], 2, self.num_heads, d)
         out = attention(q, kv[:, :, 0], kv[:, :, 1]).reshape(b, h * w, c)
-        return x + _image(self.proj(out), h, w)
+        return self.residual(x, _image(self.proj(out), h, w))
 
 
 class ClassTokens(nn.Module):
-    """τθ(y): a learned sequence of ``num_tokens`` tokens per class; index ``num_classes`` is the null class."""
+    """τθ(y): a learned sequence of ``num_tokens`` tokens per class; index ``num_classes`` is the null class.
+    Initialised with std dim^-½, or 1 (unit magnitude, EDM2 §2) with ``magnitude_preserving``."""
 
-    def __init__(self, num_classes: int, num_tokens: int, dim: int):
+    def __init__(self, num_classes: int, num_tokens: int, dim: int, magnitude_preserving: bool = False):
         super().__init__()
         self.num_tokens, self.dim = num_tokens, dim
         self.table = nn.Embedding(num_classes + 1, num_tokens * dim)
-        nn.init.normal_(self.table.weight, std=dim**-0.5)
+        nn.init.normal_(self.table.weight, std=1.0 if magnitude_preserving else dim**-0.5)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.table(y).view(y.shape[0], self.num_tokens, self.dim)

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from torch.profiler import record_function
 
 from cascade.training.ema import EMA, EMAGroup, PowerEMA
 from cascade.training.optimizer import make_optimizer
 from cascade.training.timestep_sampler import TimestepSampler, UniformSampler
 from cascade.training.trainer_config import TrainerConfig
 
-__all__ = ["TrainStep", "new_window", "standalone_train_step"]
+__all__ = ["SCOPES", "TrainStep", "new_window", "standalone_train_step"]
+
+# The profiler labels of a step's parts (`torch.profiler.record_function`) → the kind `tools/bench.py --profile`
+# reports them as: the optimizer's (gradient clipping, AdamW, zeroing the gradients, the LR schedule), the EMA
+# update's, and fetching a batch (labelled by the caller).
+SCOPES = {"cascade::optimizer": "optimizer", "cascade::ema": "EMA", "cascade::data": "data"}
 
 
 def new_window(device: torch.device) -> dict[str, torch.Tensor]:
@@ -68,21 +74,23 @@ class TrainStep:
             if "correct" in out:
                 window["correct"] += out["correct"]
                 window["seen"] += len(t)
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm).detach().float()
-        loss_bad = ~torch.isfinite(step_loss)
-        if self.mixed_precision == "fp16":
-            bad = loss_bad  # the GradScaler skips steps with non-finite gradients itself
-        else:
-            bad = loss_bad | ~torch.isfinite(grad_norm)
-            if self.fused:
-                self.optimizer.optimizer.found_inf = bad.float()  # fused AdamW skips the update on device
-        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-        if self.fused or self.mixed_precision == "fp16" or not bool(bad):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.ema.update(acc.unwrap_model(self.model), apply=~bad)
+        with record_function("cascade::optimizer"):
+            max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm).detach().float()
+            loss_bad = ~torch.isfinite(step_loss)
+            if self.mixed_precision == "fp16":
+                bad = loss_bad  # the GradScaler skips steps with non-finite gradients itself
+            else:
+                bad = loss_bad | ~torch.isfinite(grad_norm)
+                if self.fused:
+                    self.optimizer.optimizer.found_inf = bad.float()  # fused AdamW skips the update on device
+            self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+            if self.fused or self.mixed_precision == "fp16" or not bool(bad):
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        with record_function("cascade::ema"):
+            self.ema.update(acc.unwrap_model(self.model), apply=~bad)
         bad_long = bad.long()
         self.nan_total += bad_long
         self.nan_in_row.add_(bad_long).mul_(bad_long)  # consecutive non-finite steps: +1, or back to 0

@@ -34,6 +34,26 @@ def test_bench_quick_writes_json(tmp_path):
     assert trainer["trainer_vs_bare"] == trainer["trainer_images_per_s"] / result["train_images_per_s"]
 
 
+def test_bench_profile_reports_every_kind_for_training_and_sampling(tmp_path):
+    from cascade.harness.bench_profile import KINDS
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--quick", "--stages", "base32", "--batch-size", "2",
+         "--threads", "1", "--no-data", "--profile", "1", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = json.loads(out.read_text())["results"]
+    for part in ("train", "sample"):
+        profile = result["profile"][part]
+        assert list(profile["kinds"]) == list(KINDS) and profile["kinds"]["convolution"] > 0
+        assert sum(profile["kinds"].values()) == pytest.approx(profile["profiled_ms"])
+    assert result["profile"]["train"]["kinds"]["optimizer"] > 0 and result["profile"]["train"]["kinds"]["EMA"] > 0
+    assert result["profile"]["sample"]["kinds"]["optimizer"] == 0
+    assert "profile base32 fp32, training step (batch 2)" in proc.stdout
+    assert "profile base32 fp32, guided sampling step (batch 2)" in proc.stdout
+
+
 def test_compile_gains_pairs_compiled_with_eager_runs():
     from cascade.harness.bench import compile_gains
 
@@ -61,6 +81,8 @@ def test_bench_settings_are_checked_before_any_work(tmp_path):
 
     with pytest.raises(ValueError, match="unknown bench model 'base33'"):
         BenchSettings(stages=("base32", "base33")).resolved()
+    with pytest.raises(ValueError, match="--profile takes a number of training steps >= 1, got -1"):
+        BenchSettings(profile=-1).resolved()
     quick = BenchSettings(modes=("fp32", "bf16+compile"), compile=True, quick=True, data_workers=0).resolved()
     assert quick.modes == ("fp32", "fp32+compile", "bf16+compile") and (quick.steps, quick.repeats) == (1, 1)
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--modes", "fp16", "--json",
