@@ -51,9 +51,10 @@ class StageKind(str, enum.Enum):
 
 
 STAGE_KINDS = tuple(k.value for k in StageKind)
-# Uniform t, or importance sampling by each term's loss second moment (Nichol & Dhariwal 2021 "Improved
-# DDPM" §3.3); `cascade.training.timestep_sampler` implements them.
-TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
+# Uniform t, importance sampling by each term's loss second moment (Nichol & Dhariwal 2021 "Improved DDPM" §3.3),
+# or the t whose σ_t is nearest in log space to a log-normal σ (Karras et al. 2022 "EDM" §5, Table 1:
+# ln σ ~ N(P_mean, P_std²)); `cascade.training.timestep_sampler` implements them.
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment", "lognormal")
 # How a stage was distilled from a teacher checkpoint (`DistillSpec`; `cascade.training.distill`): not at all,
 # guidance only (Meng et al. 2023 "On Distillation of Guided Diffusion Models" §4.1: w as an input, one network
 # evaluation per step), or guidance and steps together: one DDIM step of the student for k of the teacher (Salimans
@@ -63,10 +64,12 @@ DISTILL_METHODS = ("none", "guidance", "step", "consistency")
 # Upper bounds of the stage settings (lower bounds are in the checks): far above any preset, below what would
 # exhaust a machine before the first step.
 # resolution: pixels per side (also of attention resolutions); channel_mult: each entry, levels: its length;
-# num_res_blocks: per level; weight: vlb_weight, min_snr_gamma, cond_skip_std.
+# num_res_blocks: per level; weight: vlb_weight, min_snr_gamma, cond_skip_std; log_sigma: |p_mean| and p_std (ln σ
+# of every practical schedule lies within ±15).
 LIMITS = {"resolution": 4096, "num_classes": 100_000, "num_timesteps": 100_000, "model_channels": 2048,
           "channel_mult": 64, "levels": 10, "num_res_blocks": 32, "num_class_tokens": 256, "head_channels": 4096,
-          "norm_groups": 1024, "blur_kernel": 99, "blur_sigma": 100.0, "weight": 1e6}
+          "norm_groups": 1024, "blur_kernel": 99, "blur_sigma": 100.0, "weight": 1e6,
+          "log_sigma": 20.0}
 
 
 def blocks_per_level(num_res_blocks: int | Sequence[int], num_levels: int) -> tuple[int, ...]:
@@ -89,7 +92,11 @@ class UNetConfig:
     Ranges (ValueError naming ``unet.<key>`` otherwise): model_channels in [1, 2048]; channel_mult 1 to 10
     entries in [1, 64]; num_res_blocks an int or one per level in [0, 32], not all 0; attention and
     cross-attention resolutions in [1, 4096]; num_class_tokens in [0, 256]; head_channels in [1, 4096];
-    norm_groups in [1, 1024]; dropout in [0, 1); cond_skip_std in [0, 10⁶]."""
+    norm_groups in [1, 1024]; dropout in [0, 1); cond_skip_std in [0, 10⁶].
+
+    ``magnitude_preserving`` (base and sr stages): the convolutions and linear layers keep unit-magnitude
+    activations with forced weight normalisation, SiLU is MP-SiLU and residual sums and skip concatenations are
+    MP-Sum and MP-Cat (Karras et al. 2024 "EDM2" §2, Configs C, D and F; `cascade.nets.mp_layers`)."""
 
     model_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 2)
@@ -103,6 +110,7 @@ class UNetConfig:
     use_checkpoint: bool = False
     # SR only: output = network + E[target | x_t] under x_0 ~ N(upsampled input, σ²); σ = this (0 = off)
     cond_skip_std: float = 0.0
+    magnitude_preserving: bool = False  # EDM2's magnitude-preserving layers (cascade.nets.mp_layers)
 
     def __post_init__(self) -> None:
         coerce_fields(self, "unet")
@@ -135,10 +143,12 @@ class UNetConfig:
 @dataclass
 class DiffusionConfig:
     """Forward process and loss: β schedule, T, variance type, loss (hybrid = simple + λ·L_vlb), what the
-    network predicts (ε, v or x_0) and the MSE's weighting over t (uniform or Min-SNR-γ).
+    network predicts (ε, v or x_0), the MSE's weighting over t (uniform or Min-SNR-γ) and how training draws t
+    (``timestep_sampler``; "lognormal" draws ln σ ~ N(p_mean, p_std²), Karras et al. 2022 "EDM" Table 1).
 
     Ranges (ValueError naming ``diffusion.<key>`` otherwise): num_timesteps T in [1, 100000]; vlb_weight in
-    [0, 10⁶]; min_snr_gamma in (0, 10⁶]; the names are those of their choice tuples."""
+    [0, 10⁶]; min_snr_gamma in (0, 10⁶]; p_mean in [−20, 20]; p_std in (0, 20]; the names are those of their
+    choice tuples."""
 
     schedule: str = "cosine"
     num_timesteps: int = 1000
@@ -149,6 +159,8 @@ class DiffusionConfig:
     prediction: str = "eps"  # eps | v (Salimans & Ho 2022) | x0
     loss_weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # γ of min_snr, > 0
+    p_mean: float = -1.2  # lognormal sampler: mean of ln σ (EDM Table 1)
+    p_std: float = 1.2  # lognormal sampler: standard deviation of ln σ, > 0 (EDM Table 1)
 
     def __post_init__(self) -> None:
         coerce_fields(self, "diffusion")
@@ -162,6 +174,8 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.min_snr_gamma must be a number > 0 and <= {LIMITS['weight']:g}, got "
                              f"{self.min_snr_gamma!r}")
         check_number_range("diffusion.vlb_weight", self.vlb_weight, 0.0, LIMITS["weight"])
+        check_number_range("diffusion.p_mean", self.p_mean, -LIMITS["log_sigma"], LIMITS["log_sigma"])
+        check_number_range("diffusion.p_std", self.p_std, 0.0, LIMITS["log_sigma"], low_open=True)
         check_int_range("diffusion.num_timesteps", self.num_timesteps, 1, LIMITS["num_timesteps"])
         if self.loss == "hybrid" and self.model_var_type != "learned_range":
             raise ValueError("diffusion.loss 'hybrid' needs model_var_type 'learned_range'")
@@ -444,6 +458,9 @@ class StageConfig:
             raise ValueError(f"a {self.kind.value} stage has no low_resolution, got {self.low_resolution}")
         if self.unet.cond_skip_std and self.kind is not StageKind.sr:
             raise ValueError(f"unet.cond_skip_std applies to sr stages only; {self.name} is a {self.kind.value} stage")
+        if self.unet.magnitude_preserving and self.kind is StageKind.classifier:
+            raise ValueError(f"unet.magnitude_preserving applies to base and sr stages only; {self.name} is a "
+                             "classifier stage")
         if self.resolution % 2 ** (len(self.unet.channel_mult) - 1) != 0:
             raise ValueError(f"resolution {self.resolution} is not divisible by 2^(len(channel_mult)-1)")
         if self.distill.method != "none" and self.kind is StageKind.classifier:

@@ -35,7 +35,7 @@ from cascade.training.losses import example_batch, make_stage_loss
 from cascade.training.memory_format import choose_channels_last
 from cascade.training.runtime import make_accelerator
 from cascade.training.step import new_window, standalone_train_step
-from cascade.training.timestep_sampler import make_timestep_sampler
+from cascade.training.timestep_sampler import stage_timestep_sampler
 from cascade.training.trainer_config import TrainerConfig
 
 __all__ = ["GpuFigure", "TrainingEstimate", "estimate_rows", "estimate_training", "gpu_check_figures"]
@@ -123,7 +123,7 @@ def estimate_training(stage: StageConfig, cfg: TrainerConfig, *, size: str, devi
     model = build_model(stage).to(device)
     flops = forward_flops(stage, model)
     diffusion = build_diffusion(stage)
-    timestep_sampler = make_timestep_sampler(stage.diffusion.timestep_sampler, diffusion.num_timesteps)
+    timestep_sampler = stage_timestep_sampler(stage.diffusion, diffusion)
     loss_fn = make_stage_loss(stage, diffusion, timestep_sampler, cfg.p_uncond)
     acc = make_accelerator(precision, cpu=device.type == "cpu", gradient_accumulation_steps=accum,
                            step_scheduler_with_optimizer=False)

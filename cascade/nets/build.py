@@ -18,8 +18,8 @@ __all__ = ["build_diffusion", "build_model", "count_parameters", "example_inputs
 
 def build_model(cfg: StageConfig) -> nn.Module:
     """The stage's network, freshly initialized: a UNet (base, sr; wrapped in a ConditioningSkip when
-    ``unet.cond_skip_std`` > 0; taking the guidance weight w as an input when the stage is distilled) or a
-    NoisyClassifier (classifier)."""
+    ``unet.cond_skip_std`` > 0; taking the guidance weight w as an input when the stage is distilled; with EDM2's
+    magnitude-preserving layers when ``unet.magnitude_preserving``) or a NoisyClassifier (classifier)."""
     u = cfg.unet
     common = {
         "resolution": cfg.resolution,
@@ -46,6 +46,7 @@ def build_model(cfg: StageConfig) -> nn.Module:
         cross_attention_resolutions=u.cross_attention_resolutions,
         num_class_tokens=u.num_class_tokens,
         guidance_input=cfg.distill.takes_w,
+        magnitude_preserving=u.magnitude_preserving,
     )
     if not u.cond_skip_std:
         return unet

@@ -13,6 +13,7 @@ of attention are views, and nothing upcasts to float32 except the tiny embedding
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,7 @@ from cascade.checks import is_int
 from cascade.config import blocks_per_level
 from cascade.imageops import check_image_batch, upsample
 from cascade.nets.attention import ClassTokens, CrossAttention2d, SelfAttention2d, group_norm
+from cascade.nets.mp_layers import MPConv2d, MPLinear, MPSiLU, mp_cat, mp_residual, mp_silu, zero_init_
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -38,10 +40,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class EmbeddingMLP(nn.Sequential):
-    """sinusoidal features → Linear → SiLU → Linear."""
+    """sinusoidal features → Linear → SiLU → Linear (MP linear layers and MP-SiLU with ``magnitude_preserving``)."""
 
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__(nn.Linear(in_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+    def __init__(self, in_dim: int, out_dim: int, magnitude_preserving: bool = False):
+        linear = MPLinear if magnitude_preserving else nn.Linear
+        super().__init__(linear(in_dim, out_dim), MPSiLU() if magnitude_preserving else nn.SiLU(),
+                         linear(out_dim, out_dim))
 
 
 def _resample(x: torch.Tensor, up: bool, down: bool) -> torch.Tensor:
@@ -56,7 +60,9 @@ class ResBlock(nn.Module):
     """Residual block with scale-shift conditioning: h = conv(SiLU(GN(h)·(1+scale) + shift)) (ADM).
 
     ``up``/``down`` make it a residual resampling block (nearest ×2 / average pool ÷2 on both paths).
-    Takes the already SiLU-activated embedding.
+    Takes the already SiLU-activated embedding. ``magnitude_preserving``: MP convolutions and embedding projection
+    (its gain starting at 0), MP-SiLU and an MP-Sum residual in place of the zero-initialised output conv (EDM2
+    Configs C, D, F).
     """
 
     def __init__(
@@ -68,29 +74,36 @@ class ResBlock(nn.Module):
         up: bool = False,
         down: bool = False,
         norm_groups: int = 32,
+        magnitude_preserving: bool = False,
     ):
         super().__init__()
         if up and down:
             raise ValueError("a ResBlock cannot both upsample and downsample")
         self.up, self.down = up, down
+        conv = MPConv2d if magnitude_preserving else nn.Conv2d
+        self.act = mp_silu if magnitude_preserving else F.silu
+        self.residual = mp_residual if magnitude_preserving else operator.add
         self.in_norm = group_norm(in_ch, norm_groups)
-        self.in_conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch)
+        self.in_conv = conv(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = MPLinear(emb_dim, 2 * out_ch) if magnitude_preserving else nn.Linear(emb_dim, 2 * out_ch)
+        if magnitude_preserving:
+            zero_init_(self.emb_proj)
         self.out_norm = group_norm(out_ch, norm_groups)
         self.dropout = nn.Dropout(dropout)
-        self.out_conv = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        nn.init.zeros_(self.out_conv.weight)
-        nn.init.zeros_(self.out_conv.bias)
-        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+        self.out_conv = conv(out_ch, out_ch, 3, padding=1)
+        if not magnitude_preserving:
+            nn.init.zeros_(self.out_conv.weight)
+            nn.init.zeros_(self.out_conv.bias)
+        self.skip = nn.Identity() if in_ch == out_ch else conv(in_ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.in_norm(x))
+        h = self.act(self.in_norm(x))
         h = self.in_conv(_resample(h, self.up, self.down))
         x = _resample(x, self.up, self.down)
         scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
         h = torch.addcmul(shift, self.out_norm(h), 1 + scale)  # GN(h)·(1+scale) + shift
-        h = self.out_conv(self.dropout(F.silu(h)))
-        return self.skip(x) + h
+        h = self.out_conv(self.dropout(self.act(h)))
+        return self.residual(self.skip(x), h)
 
 
 class EmbedSequential(nn.ModuleList):
@@ -126,14 +139,15 @@ def _attention_blocks(
     context_dim: int | None,
     head_channels: int,
     norm_groups: int,
+    magnitude_preserving: bool = False,
 ) -> list[nn.Module]:
     blocks: list[nn.Module] = []
     if res in attention_resolutions:
-        blocks.append(SelfAttention2d(ch, min(head_channels, ch), norm_groups))
+        blocks.append(SelfAttention2d(ch, min(head_channels, ch), norm_groups, magnitude_preserving))
     if res in cross_attention_resolutions:
         if context_dim is None:
             raise ValueError("cross-attention needs class tokens: set num_classes")
-        blocks.append(CrossAttention2d(ch, context_dim, min(head_channels, ch), norm_groups))
+        blocks.append(CrossAttention2d(ch, context_dim, min(head_channels, ch), norm_groups, magnitude_preserving))
     return blocks
 
 
@@ -141,6 +155,7 @@ class UNetEncoder(nn.Module):
     """The UNet's down path and middle block; shared by the UNet and the noise-aware classifier.
 
     ``forward(x, emb, context)`` returns (middle features, skip activations of every input block).
+    ``magnitude_preserving``: EDM2's magnitude-preserving layers throughout (`ResBlock`).
     """
 
     def __init__(
@@ -158,6 +173,7 @@ class UNetEncoder(nn.Module):
         head_channels: int = 64,
         norm_groups: int = 32,
         use_checkpoint: bool = False,
+        magnitude_preserving: bool = False,
     ):
         super().__init__()
         if resolution % 2 ** (len(channel_mult) - 1) != 0:
@@ -168,31 +184,34 @@ class UNetEncoder(nn.Module):
             "context_dim": context_dim,
             "head_channels": head_channels,
             "norm_groups": norm_groups,
+            "magnitude_preserving": magnitude_preserving,
         }
+        mp = {"magnitude_preserving": magnitude_preserving}
         ch, res = model_channels * channel_mult[0], resolution
-        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        conv = MPConv2d if magnitude_preserving else nn.Conv2d
+        self.input_blocks = nn.ModuleList([EmbedSequential(conv(in_channels, ch, 3, padding=1))])
         self.skip_channels = [ch]
         counts = blocks_per_level(num_res_blocks, len(channel_mult))
         for level, mult in enumerate(channel_mult):
             for _ in range(counts[level]):
                 out = model_channels * mult
                 blocks = [
-                    ResBlock(ch, emb_dim, out, dropout, norm_groups=norm_groups),
+                    ResBlock(ch, emb_dim, out, dropout, norm_groups=norm_groups, **mp),
                     *_attention_blocks(out, res, **attn),
                 ]
                 self.input_blocks.append(EmbedSequential(*blocks, use_checkpoint=use_checkpoint))
                 ch = out
                 self.skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                down = ResBlock(ch, emb_dim, ch, dropout, down=True, norm_groups=norm_groups)
+                down = ResBlock(ch, emb_dim, ch, dropout, down=True, norm_groups=norm_groups, **mp)
                 self.input_blocks.append(EmbedSequential(down, use_checkpoint=use_checkpoint))
                 self.skip_channels.append(ch)
                 res //= 2
         self.middle_block = EmbedSequential(
-            ResBlock(ch, emb_dim, ch, dropout, norm_groups=norm_groups),
-            SelfAttention2d(ch, min(head_channels, ch), norm_groups),
+            ResBlock(ch, emb_dim, ch, dropout, norm_groups=norm_groups, **mp),
+            SelfAttention2d(ch, min(head_channels, ch), norm_groups, magnitude_preserving),
             *_attention_blocks(ch, res, **{**attn, "attention_resolutions": ()}),
-            ResBlock(ch, emb_dim, ch, dropout, norm_groups=norm_groups),
+            ResBlock(ch, emb_dim, ch, dropout, norm_groups=norm_groups, **mp),
             use_checkpoint=use_checkpoint,
         )
         self.out_channels, self.out_resolution = ch, res
@@ -226,6 +245,9 @@ class UNet(nn.Module):
     - distilled students (``guidance_input``) take w: B guidance weights ≥ 0, embedded as sinusoidal(100·w) → MLP
       whose last layer starts at zero, so a student built from its teacher's weights starts as the teacher's
       conditional model (Meng et al. 2023 §4.1; Luo et al. 2023 §4.2).
+    ``magnitude_preserving``: EDM2's magnitude-preserving layers (`cascade.nets.mp_layers`; Karras et al. 2024 §2,
+    Configs C, D, F): MP convolutions and linear layers with forced weight normalisation, MP-SiLU, MP-Sum residuals,
+    MP-Cat skip concatenations, the output scaled by a learned gain starting at 0; GroupNorm stays.
     Class indices are range-checked on CPU tensors (a check on CUDA would force a host sync; there the
     embedding's device assert catches them).
     """
@@ -248,6 +270,7 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         use_checkpoint: bool = False,
         guidance_input: bool = False,
+        magnitude_preserving: bool = False,
     ):
         super().__init__()
         if low_resolution is not None and not 0 < low_resolution < resolution:
@@ -258,15 +281,17 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_classes, self.model_channels = num_classes, model_channels
         emb_dim = 4 * model_channels
-        self.time_embed = EmbeddingMLP(model_channels, emb_dim)
-        self.aug_embed = EmbeddingMLP(model_channels, emb_dim) if low_resolution is not None else None
-        self.guidance_embed = EmbeddingMLP(model_channels, emb_dim) if guidance_input else None
+        self.magnitude_preserving = magnitude_preserving
+        self.act = mp_silu if magnitude_preserving else F.silu
+        mp = {"magnitude_preserving": magnitude_preserving}
+        self.time_embed = EmbeddingMLP(model_channels, emb_dim, **mp)
+        self.aug_embed = EmbeddingMLP(model_channels, emb_dim, **mp) if low_resolution is not None else None
+        self.guidance_embed = EmbeddingMLP(model_channels, emb_dim, **mp) if guidance_input else None
         if self.guidance_embed is not None:  # zero: a fresh w input leaves the teacher's function unchanged
-            nn.init.zeros_(self.guidance_embed[-1].weight)
-            nn.init.zeros_(self.guidance_embed[-1].bias)
+            zero_init_(self.guidance_embed[-1])
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
         use_tokens = bool(cross_attention_resolutions) and num_classes is not None
-        self.class_tokens = ClassTokens(num_classes, num_class_tokens, emb_dim) if use_tokens else None
+        self.class_tokens = ClassTokens(num_classes, num_class_tokens, emb_dim, **mp) if use_tokens else None
         net_in = in_channels * (2 if low_resolution is not None else 1)
         self.encoder = UNetEncoder(
             net_in,
@@ -282,6 +307,7 @@ class UNet(nn.Module):
             head_channels,
             norm_groups,
             use_checkpoint,
+            magnitude_preserving,
         )
         skip_channels = list(self.encoder.skip_channels)
         ch, res = self.encoder.out_channels, self.encoder.out_resolution
@@ -291,6 +317,7 @@ class UNet(nn.Module):
             "context_dim": emb_dim if use_tokens else None,
             "head_channels": head_channels,
             "norm_groups": norm_groups,
+            "magnitude_preserving": magnitude_preserving,
         }
         self.output_blocks = nn.ModuleList()
         counts = blocks_per_level(num_res_blocks, len(channel_mult))
@@ -298,18 +325,17 @@ class UNet(nn.Module):
             for i in range(counts[level] + 1):
                 out = model_channels * mult
                 blocks = [
-                    ResBlock(ch + skip_channels.pop(), emb_dim, out, dropout, norm_groups=norm_groups),
+                    ResBlock(ch + skip_channels.pop(), emb_dim, out, dropout, norm_groups=norm_groups, **mp),
                     *_attention_blocks(out, res, **attn),
                 ]
                 ch = out
                 if level and i == counts[level]:
-                    blocks.append(ResBlock(ch, emb_dim, ch, dropout, up=True, norm_groups=norm_groups))
+                    blocks.append(ResBlock(ch, emb_dim, ch, dropout, up=True, norm_groups=norm_groups, **mp))
                     res *= 2
                 self.output_blocks.append(EmbedSequential(*blocks, use_checkpoint=use_checkpoint))
         self.out_norm = group_norm(ch, norm_groups)
-        self.out_conv = nn.Conv2d(ch, out_channels, 3, padding=1)
-        nn.init.zeros_(self.out_conv.weight)
-        nn.init.zeros_(self.out_conv.bias)
+        self.out_conv = (MPConv2d if magnitude_preserving else nn.Conv2d)(ch, out_channels, 3, padding=1)
+        zero_init_(self.out_conv)
 
     @property
     def null_class(self) -> int | None:
@@ -372,9 +398,10 @@ class UNet(nn.Module):
             check_batch_vector(w, "w", batch)
             emb = emb + self.guidance_embed(timestep_embedding(w * 100.0, self.model_channels))
         context = self.class_tokens(y) if self.class_tokens is not None else None
-        emb = F.silu(emb)  # every ResBlock starts its embedding projection with SiLU (ADM)
+        emb = self.act(emb)  # every ResBlock starts its embedding projection with SiLU (ADM)
         h, skips = self.encoder(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
-        out = self.out_conv(F.silu(self.out_norm(h)))
+            skip = skips.pop()
+            h = block(mp_cat(h, skip) if self.magnitude_preserving else torch.cat([h, skip], dim=1), emb, context)
+        out = self.out_conv(self.act(self.out_norm(h)))
         return out.to(x_t.dtype)

@@ -22,7 +22,9 @@ def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int) -> torch.Tens
 
 
 def sample_timesteps(timestep_sampler: TimestepSampler, batch: int, device: torch.device):
-    """(t, importance weights or None); uniform t is drawn on the device (no host round trip)."""
+    """(t, per-sample loss weights or None): the sampler's draw and weights (importance weights 1/(T·p_t), or 1
+    for a sampler that sets the training distribution, e.g. the log-normal); uniform t is drawn on the device (no
+    host round trip) with weights None."""
     if isinstance(timestep_sampler, UniformSampler):
         return torch.randint(0, timestep_sampler.num_timesteps, (batch,), device=device), None
     return timestep_sampler.sample(batch, device)
@@ -31,8 +33,9 @@ def sample_timesteps(timestep_sampler: TimestepSampler, batch: int, device: torc
 class DiffusionLoss:
     """Training loss of a base stage: null-class dropout with probability p_uncond (Ho & Salimans 2022 §3.2),
     then the diffusion's per-sample loss at t from the timestep sampler (L_simple, slides eq. 14 / Ho et al.
-    2020 eq. 14; or the hybrid L_simple + λ·L_vlb, Nichol & Dhariwal 2021 eq. 16), importance-weighted when
-    the timestep sampler is not uniform. Returns {"loss": scalar, "per_sample": B, "t": B}."""
+    2020 eq. 14; or the hybrid L_simple + λ·L_vlb, Nichol & Dhariwal 2021 eq. 16), times the sampler's weights
+    (`sample_timesteps`: importance-weighted for an importance sampler, unweighted otherwise).
+    Returns {"loss": scalar, "per_sample": B, "t": B}."""
 
     def __init__(self, diffusion: GaussianDiffusion, timestep_sampler: TimestepSampler, *, num_classes: int,
                  p_uncond: float):

@@ -26,7 +26,7 @@ from cascade.config import StageConfig
 from cascade.diffusion.gaussian import GaussianDiffusion
 from cascade.training.losses import example_batch, make_stage_loss
 from cascade.training.runtime import get_rng_state, set_rng_state
-from cascade.training.timestep_sampler import make_timestep_sampler
+from cascade.training.timestep_sampler import stage_timestep_sampler
 from cascade.training.trainer_config import TrainerConfig
 
 # channels-last must be at least this much faster to be chosen: below it, timing noise decides.
@@ -106,7 +106,7 @@ def choose_channels_last(model: torch.nn.Module, stage: StageConfig, diffusion: 
     if world_size > 1 or (remaining < PROBE_MIN_STEPS and not cfg.max_seconds):
         return False, None
     if loss_fn is None:
-        sampler = make_timestep_sampler(stage.diffusion.timestep_sampler, diffusion.num_timesteps)
+        sampler = stage_timestep_sampler(stage.diffusion, diffusion)
         loss_fn = make_stage_loss(stage, diffusion, sampler, cfg.p_uncond)
     probe = probe_channels_last(model, loss_fn, example_batch(stage, cfg.batch_size, device=device), autocast=autocast)
     if say:

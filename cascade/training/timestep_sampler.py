@@ -1,8 +1,11 @@
-"""Timestep samplers for training: uniform, or importance sampling by the second moment of each term's
-loss (Improved DDPM), which lowers the variance of the VLB objective.
+"""Timestep samplers for training: uniform; importance sampling by the second moment of each term's loss
+(Improved DDPM), which lowers the variance of the VLB objective; or EDM's log-normal noise levels.
 
-`sample` returns timesteps and importance weights 1/(T·p_t); the trainer multiplies per-sample losses by
-the weights, so the expected weighted loss equals the uniform-t loss.
+`sample` returns timesteps and per-sample loss weights; the trainer multiplies per-sample losses by them.
+An importance sampler (``importance_weighted``) returns 1/(T·p_t), so the expected weighted loss equals the
+uniform-t loss: it changes the variance of the estimate, not the objective. The log-normal sampler changes
+the training distribution itself (EDM trains on ln σ ~ N(P_mean, P_std²) and does not re-weight back to
+uniform), so its weights are 1 and the objective is E over its p_t.
 """
 
 from __future__ import annotations
@@ -11,11 +14,16 @@ import numpy as np
 import torch
 
 from cascade.checks import is_int
-from cascade.config import TIMESTEP_SAMPLERS
+from cascade.config import TIMESTEP_SAMPLERS, DiffusionConfig
+from cascade.diffusion.gaussian import GaussianDiffusion
 
 
 class TimestepSampler:
-    """Base class: a distribution p_t over {0..T-1} given by `weights()`."""
+    """Base class: a distribution p_t over {0..T-1} given by `weights()`. ``importance_weighted``: `sample`
+    returns the importance weights 1/(T·p_t) (the objective stays the uniform-t one); False: weights 1 (p_t is
+    the training distribution)."""
+
+    importance_weighted = True
 
     def __init__(self, num_timesteps: int):
         if not is_int(num_timesteps) or num_timesteps < 1:
@@ -27,12 +35,15 @@ class TimestepSampler:
         return np.ones(self.num_timesteps, dtype=np.float64)
 
     def sample(self, batch_size: int, device, generator: torch.Generator | None = None):
-        """Draw `batch_size` timesteps; returns (t long tensor, importance weights 1/(T·p_t) float tensor)."""
+        """Draw `batch_size` timesteps t ~ p_t; returns (t long tensor, float32 weights: 1/(T·p_t) when
+        ``importance_weighted``, else ones)."""
         p = self.weights()
         p = p / p.sum()
         gen_device = generator.device if generator is not None else torch.device("cpu")
         probs = torch.from_numpy(p).to(gen_device)
         t = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+        if not self.importance_weighted:
+            return t.to(device), torch.ones(batch_size, device=device, dtype=torch.float32)
         weights = 1.0 / (self.num_timesteps * probs[t])
         return t.to(device), weights.to(device=device, dtype=torch.float32)
 
@@ -111,10 +122,66 @@ class LossSecondMomentResampler(TimestepSampler):
         self._loss_counts = np.asarray(state["loss_counts"], dtype=np.int64).copy()
 
 
-def make_timestep_sampler(kind: str, num_timesteps: int) -> TimestepSampler:
-    """'uniform' or 'loss-second-moment' (DiffusionConfig.timestep_sampler)."""
+class LogNormalSampler(TimestepSampler):
+    """EDM's noise-level distribution ln σ ~ N(P_mean, P_std²) (Karras et al. 2022 "EDM" §5, Table 1) on a
+    discrete VP process with σ_t = √((1 − ᾱ_t)/ᾱ_t): t is the timestep whose ln σ_t is nearest to the drawn
+    ln σ. Timestep t covers ln σ in [m_t, m_{t+1}), the midpoints m_t = (ln σ_{t−1} + ln σ_t)/2 (m_0 = −∞,
+    m_T = +∞), so p_t = Φ((m_{t+1} − P_mean)/P_std) − Φ((m_t − P_mean)/P_std) exactly, and `sample` draws from it.
+
+    It changes the training distribution (EDM does not re-weight back to uniform t): ``importance_weighted``
+    is False and `sample`'s weights are 1. Stateless: its state is its settings, checked on load.
+
+    ``alphas_cumprod``: ᾱ_t for t = 0..T−1, strictly decreasing in (0, 1) (a float64 tensor or array);
+    ``p_std`` > 0. ValueError otherwise."""
+
+    importance_weighted = False
+
+    def __init__(self, alphas_cumprod, p_mean: float = -1.2, p_std: float = 1.2):
+        abar = np.asarray(alphas_cumprod, dtype=np.float64).reshape(-1)
+        super().__init__(abar.size)
+        if not (np.all((abar > 0) & (abar < 1)) and np.all(np.diff(abar) < 0)):
+            raise ValueError("alphas_cumprod must be strictly decreasing in (0, 1)")
+        if not (np.isfinite(p_mean) and np.isfinite(p_std) and p_std > 0):
+            raise ValueError(f"p_std must be > 0 and p_mean finite, got p_mean={p_mean}, p_std={p_std}")
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        log_sigma = 0.5 * (np.log1p(-abar) - np.log(abar))  # ln σ_t = ½·ln((1 − ᾱ_t)/ᾱ_t) (EDM Table 1, VP σ)
+        mid = (log_sigma[:-1] + log_sigma[1:]) / 2  # m_t: the boundaries between nearest-in-log-σ cells
+        z = torch.from_numpy((mid - self.p_mean) / self.p_std)
+        cdf = np.concatenate([[0.0], torch.special.ndtr(z).numpy(), [1.0]])  # Φ((m_t − P_mean)/P_std)
+        self._p = np.diff(cdf)  # p_t = Φ(m_{t+1}) − Φ(m_t): the log-normal's mass of t's cell (EDM Table 1)
+
+    def weights(self) -> np.ndarray:
+        """p_t (sums to 1, float64)."""
+        return self._p.copy()
+
+    def state_dict(self) -> dict:
+        return {"num_timesteps": self.num_timesteps, "p_mean": self.p_mean, "p_std": self.p_std}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if (float(state["p_mean"]), float(state["p_std"])) != (self.p_mean, self.p_std):
+            raise ValueError(f"state is for p_mean={state['p_mean']}, p_std={state['p_std']}; sampler has "
+                             f"p_mean={self.p_mean}, p_std={self.p_std}")
+
+
+def make_timestep_sampler(kind: str, num_timesteps: int, *, alphas_cumprod=None, p_mean: float = -1.2,
+                          p_std: float = 1.2) -> TimestepSampler:
+    """A sampler by name (DiffusionConfig.timestep_sampler): 'uniform', 'loss-second-moment' or 'lognormal'
+    (which needs the process's ``alphas_cumprod``, T of them, and uses ``p_mean`` / ``p_std``). ValueError for an
+    unknown name or a missing or mismatched ᾱ."""
     if kind == "uniform":
         return UniformSampler(num_timesteps)
     if kind == "loss-second-moment":
         return LossSecondMomentResampler(num_timesteps)
+    if kind == "lognormal":
+        if alphas_cumprod is None or len(alphas_cumprod) != num_timesteps:
+            raise ValueError(f"the lognormal timestep sampler needs the process's {num_timesteps} alphas_cumprod")
+        return LogNormalSampler(alphas_cumprod, p_mean, p_std)
     raise ValueError(f"unknown timestep sampler {kind!r}; expected one of {TIMESTEP_SAMPLERS}")
+
+
+def stage_timestep_sampler(cfg: DiffusionConfig, diffusion: GaussianDiffusion) -> TimestepSampler:
+    """The training timestep sampler of a stage: ``cfg.timestep_sampler`` on ``diffusion``'s (unrespaced) ᾱ_t,
+    with ``cfg.p_mean`` / ``cfg.p_std``."""
+    return make_timestep_sampler(cfg.timestep_sampler, diffusion.num_timesteps,
+                                 alphas_cumprod=diffusion.alphas_cumprod, p_mean=cfg.p_mean, p_std=cfg.p_std)

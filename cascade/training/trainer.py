@@ -87,7 +87,7 @@ from cascade.training.runtime import (
 from cascade.training.sample_grid import read_grid_inputs, write_sample_grid
 from cascade.training.step import TrainStep, new_window
 from cascade.training.stopping import NonFiniteLossError, StopCheck, TrainingInterrupted
-from cascade.training.timestep_sampler import make_timestep_sampler
+from cascade.training.timestep_sampler import stage_timestep_sampler
 from cascade.training.trackers import start_trackers
 from cascade.training.trainer_config import RunConfig
 from cascade.training.watch import Watcher, print_run_summary
@@ -167,7 +167,7 @@ class StageTrainer:
         seed_everything(self.run_cfg.seed)  # same initial weights on every rank
         model = build_model(self.stage)
         self.diffusion = build_diffusion(self.stage)
-        self.timestep_sampler = make_timestep_sampler(self.stage.diffusion.timestep_sampler, self.diffusion.num_timesteps)
+        self.timestep_sampler = stage_timestep_sampler(self.stage.diffusion, self.diffusion)
         if self.stage.distill.takes_w:  # a student: the teacher's guided predictions are its targets
             self.loss_fn = DistillationLoss(self.stage, self.diffusion, load_teacher(self.stage, self.device))
         else:

@@ -19,6 +19,8 @@ from cascade.data.settings import DataConfig
 from cascade.ema_profiles import check_sigma_rels
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
+# The learning rate after the warm-up: constant, or α_ref/√max(s/t_ref, 1) (Karras et al. 2024 "EDM2" eq. 16).
+LR_SCHEDULES = ("constant", "inv_sqrt")
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # trainer.report_to name → the package it needs
 
 
@@ -57,6 +59,8 @@ class TrainerConfig:
     resumed run keeps its layout). 0 disables ``grad_clip``; ``ckpt_every=0`` saves only the final checkpoint.
     ``max_seconds`` > 0 also ends the run (with its final checkpoint) after the first step that completes
     that many wall-clock seconds into this invocation's training loop (a time budget; 0 = no limit).
+    ``lr_schedule``: after the linear warm-up over ``warmup_steps``, "constant" keeps ``lr``; "inv_sqrt" decays it
+    as lr/√max(s/t_ref, 1) after s optimizer steps, t_ref = ``lr_ref_steps`` (Karras et al. 2024 "EDM2" eq. 16).
 
     Watching a run (`docs/watching.md`; rules in `cascade.training.cadence`):
 
@@ -90,7 +94,12 @@ class TrainerConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    warmup_steps: int = 1000  # linear warmup, then constant
+    warmup_steps: int = 1000  # linear warmup, then lr_schedule
+    lr_schedule: str = "constant"  # constant | inv_sqrt: lr/√max(s/lr_ref_steps, 1) (EDM2 eq. 16)
+    # inv_sqrt's t_ref in optimizer steps, >= 1. 35000: EDM2's ImageNet-64 runs (batch 2048); a CPU run of a few
+    # thousand steps sets it in configs/size/tiny.yaml (1000: the rate decays over the second half of a
+    # 2000-step run, to lr/√2 at its end, instead of never within it).
+    lr_ref_steps: int = 35000
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     grad_accum: int = 1
     mixed_precision: str = "auto"  # auto (bf16 where native) | no | bf16 | fp16
@@ -136,6 +145,10 @@ class TrainerConfig:
         for name in ("warmup_steps", "ckpt_every", "weight_decay", "grad_clip", "max_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"trainer.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not is_int_at_least(self.lr_ref_steps, 1):
+            raise ValueError(f"trainer.lr_ref_steps must be an integer >= 1, got {self.lr_ref_steps!r}")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"trainer.lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.max_seconds < math.inf:
