@@ -17,7 +17,7 @@ from cascade.diffusion.gaussian import (
     make_betas,
     space_timesteps,
 )
-from cascade.diffusion.guidance import classifier_free_guidance, classifier_guidance
+from cascade.diffusion.guidance import autoguidance, classifier_free_guidance, classifier_guidance
 from cascade.diffusion.samplers import sample_ddim, sample_ddpm
 
 _LAZY = {
@@ -46,6 +46,7 @@ __all__ = [
     "UNet",
     "aug_alpha_bar",
     "aug_level_from_alpha_bar",
+    "autoguidance",
     "classifier_free_guidance",
     "classifier_guidance",
     "load_stage",

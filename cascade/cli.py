@@ -170,7 +170,8 @@ def report_error(prog: str, err: Exception) -> int:
 
 # The command-line option of each `SamplingSettings` field the tools set (the start-up summary marks values with it).
 SAMPLER_OPTIONS = {"w": "--w", "steps": "--steps", "sampler": "--sampler", "eta": "--eta", "aug_level": "--aug-level",
-                   "truncate": "--truncate", "classifier": "--classifier", "classifier_scale": "--classifier-scale"}
+                   "truncate": "--truncate", "classifier": "--classifier", "classifier_scale": "--classifier-scale",
+                   "guide": "--guide", "guide_checkpoint": "--guide-ckpt"}
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False, w_first_stage: bool = False) -> None:
@@ -182,6 +183,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False, w_f
     other stages keep their own w unless named (sample_cascade.py). Otherwise a bare W is every stage's (the
     evaluation tools, which judge each stage on its own).
     grid: --w and --aug-level take lists of values to sweep (`0,1,3` or `base32=0,1,sr64=0,2`), no --truncate.
+    --guide cfg|auto (or STAGE=GUIDE,...) and --guide-ckpt STAGE=PATH (repeatable): what w guides away from; a bare
+    --guide auto applies to the stages given a --guide-ckpt (`sampler_overrides`).
     """
     if grid:
         p.add_argument("--w", default="0,1,3", metavar="[STAGE=]W,W,...",
@@ -203,6 +206,14 @@ def add_sampler_arguments(p: argparse.ArgumentParser, *, grid: bool = False, w_f
                    help=f"one of {', '.join(SAMPLERS)} (every stage), or STAGE=SAMPLER,... (default: each stage's "
                         "own)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta, every DDIM stage (default: each stage's own)")
+    p.add_argument("--guide", default=None, metavar="[STAGE=]cfg|auto",
+                   help="what w guides away from: cfg (the null class: classifier-free guidance) or auto "
+                        "(autoguidance by a weaker checkpoint of the same stage, --guide-ckpt; w > 0 gives "
+                        "(1+w)*model - w*guide); a bare auto applies to the stages given a --guide-ckpt "
+                        "(default: each stage's own)")
+    p.add_argument("--guide-ckpt", action="append", default=[], metavar="STAGE=PATH",
+                   help="autoguidance guide of one stage: a checkpoint of that stage (an earlier one of its run, a "
+                        "post-hoc EMA or a smaller run; run, checkpoints or step folder); repeatable")
     if not grid:
         p.add_argument("--truncate", action=argparse.BooleanOptionalAction, default=None,
                        help="truncated conditioning augmentation between stages (--no-truncate: off; default: each "
@@ -224,10 +235,18 @@ def load_evaluation_inputs(args: argparse.Namespace, device: Any, log: Callable[
 def sampler_overrides(args: argparse.Namespace, *, grid: bool = False,
                       bare_w_stage: str | None = None) -> dict[str, Any]:
     """The sampling options given on the command line as `CascadePipeline.settings` overrides (options left
-    out are absent: the stages keep their own defaults). grid: --w and --aug-level are lists to sweep.
+    out are absent: the stages keep their own defaults). grid: --w and --aug-level are lists to sweep. A bare
+    --guide auto becomes {stage: "auto"} for the stages --guide-ckpt names (CascadeConfigError without one).
     bare_w_stage: the stage a bare --w W guides ({bare_w_stage: W}; sample_cascade.py: the chain's first); None:
     a bare value is every stage's."""
     cast = float_list if grid else float
+    guide_ckpt = parse_ckpt_pairs(args.guide_ckpt, "--guide-ckpt") or None
+    guide = None if args.guide is None else parse_stage_values(args.guide, str, "--guide")
+    if guide == "auto":  # a bare auto: the stages given a guide checkpoint
+        if guide_ckpt is None:
+            raise CascadeConfigError("--guide auto needs --guide-ckpt STAGE=PATH, a checkpoint of each stage to "
+                                     "guide (e.g. an earlier checkpoint of its run)")
+        guide = dict.fromkeys(guide_ckpt, "auto")
     w = None if args.w is None else parse_stage_values(args.w, cast, "--w")
     if bare_w_stage is not None and w is not None and not isinstance(w, dict):
         w = {bare_w_stage: w}
@@ -238,6 +257,8 @@ def sampler_overrides(args: argparse.Namespace, *, grid: bool = False,
         "eta": args.eta,
         "aug_level": None if args.aug_level is None else parse_stage_values(args.aug_level, cast, "--aug-level"),
         "truncate": None if grid else args.truncate,
+        "guide": guide,
+        "guide_checkpoint": guide_ckpt,
     }
     return {key: value for key, value in parsed.items() if value is not None}
 

@@ -35,6 +35,7 @@ from cascade.checks import (
     is_number,
 )
 from cascade.diffusion.gaussian import LOSS_TYPES, MODEL_VAR_TYPES
+from cascade.diffusion.guidance import GUIDES
 from cascade.diffusion.parameterization import LOSS_WEIGHTINGS, PREDICTIONS
 from cascade.diffusion.samplers import SAMPLERS
 from cascade.diffusion.schedules import SCHEDULES
@@ -285,8 +286,9 @@ class SamplingSettings:
       None for every training timestep (Nichol & Dhariwal 2021 "Improved DDPM" §4); for the consistency sampler
       the number of network evaluations, 1 to the student's ``distill.levels``.
     - ``eta``: DDIM's η in [0, 1] (0: deterministic; 1: DDPM-like variance); nonzero only with ``ddim``.
-    - ``w``: classifier-free guidance weight ≥ 0 (Ho & Salimans 2022 eq. 6: ε̃ = (1+w)·ε(c) − w·ε(∅)); a distilled
-      stage takes it as its network's input (one evaluation per step), within its ``distill.w_max``.
+    - ``w``: guidance weight ≥ 0 (Ho & Salimans 2022 eq. 6: ε̃ = (1+w)·ε(c) − w·ε(∅) with guide "cfg"; the weaker
+      model in place of ε(∅) with guide "auto"); a distilled stage takes it as its network's input (one evaluation
+      per step), within its ``distill.w_max``.
     - ``aug_level``: SR stages only: the conditioning augmentation level s in [0, 1] the low-resolution input
       is re-noised to (CDM §3.2); None on base and classifier stages.
     - ``truncate``: SR stages only: truncated conditioning augmentation (CDM §3.2): the previous stage stops at
@@ -295,8 +297,16 @@ class SamplingSettings:
       et al. 2022 §2.3) instead, or None.
     - ``classifier`` / ``classifier_scale``: base stage only: a noise-aware classifier checkpoint and its
       guidance scale > 0, given together (Dhariwal & Nichol 2021 "Diffusion Models Beat GANs" Algorithm 1).
-    - ``guidance_interval``: (t_lo, t_hi) on the training timestep scale, 0 ≤ t_lo ≤ t_hi < T: classifier-free
-      guidance only there, the plain conditional prediction elsewhere (Kynkäänniemi et al. 2024); None: every t.
+    - ``guidance_interval``: (t_lo, t_hi) on the training timestep scale, 0 ≤ t_lo ≤ t_hi < T: guidance (either
+      guide) only there, the plain conditional prediction elsewhere (Kynkäänniemi et al. 2024); None: every t.
+    - ``guide``: what w guides away from, one of `cascade.diffusion.guidance.GUIDES`: "cfg", the stage's own
+      null-class prediction (classifier-free), or "auto", autoguidance by a weaker model of the same stage
+      (Karras et al. 2024 "Guiding a Diffusion Model with a Bad Version of Itself" eq. 1, §3). One strength
+      convention for both: w = 0 does not guide and w > 0 gives (1 + w)·good − w·weak, so with "auto" the paper's
+      weight is 1 + w (D_w = D_0 + (1 + w)·(D_1 − D_0)). Base and SR stages that are not distilled only.
+    - ``guide_checkpoint``: with guide "auto" (required there, refused with "cfg"): the guide's checkpoint, a
+      run, checkpoints or step folder of the same stage (an earlier checkpoint of the run, a post-hoc EMA
+      snapshot, or a smaller or shorter run), with the same resolutions, classes, prediction type and schedule.
 
     Raises ValueError (one line naming the setting) on a bad value; checks that need the stage (SR-only
     settings, steps beyond T) are `check_for`'s.
@@ -313,6 +323,8 @@ class SamplingSettings:
     classifier: str | None = None
     classifier_scale: float = 0.0
     guidance_interval: tuple[float, float] | None = None
+    guide: str = "cfg"
+    guide_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -349,7 +361,7 @@ class SamplingSettings:
                 raise ValueError(f"guidance_interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi, got "
                                  f"{self.guidance_interval!r}")
             object.__setattr__(self, "guidance_interval", (float(interval[0]), float(interval[1])))
-        coerce_fields(self, "sampling")  # the rest: truncate, clip_denoised, classifier
+        coerce_fields(self, "sampling")  # the rest: truncate, clip_denoised, classifier, guide, guide_checkpoint
         if self.eta and self.sampler != "ddim":
             raise ValueError(f"eta {self.eta:g} applies to the ddim sampler only; the {self.sampler} sampler would "
                              "ignore it (use sampler ddim or eta 0)")
@@ -359,6 +371,14 @@ class SamplingSettings:
         if self.classifier_scale > 0 and not self.classifier:
             raise ValueError(f"classifier_scale {self.classifier_scale:g} needs a classifier checkpoint; pass one "
                              "(--classifier PATH)")
+        if self.guide not in GUIDES:
+            raise ValueError(f"guide {self.guide!r} is unknown; use one of {', '.join(GUIDES)}")
+        if self.guide == "auto" and not self.guide_checkpoint:
+            raise ValueError("guide auto needs guide_checkpoint, a checkpoint of the same stage to guide with "
+                             "(--guide-ckpt STAGE=PATH)")
+        if self.guide == "cfg" and self.guide_checkpoint is not None:
+            raise ValueError(f"guide_checkpoint {self.guide_checkpoint} applies to guide auto only; set guide auto "
+                             "(--guide auto) or leave it unset")
 
     def check_for(self, stage: StageConfig) -> None:
         """Raise ValueError (naming the stage) when a setting does not apply to ``stage``'s kind or timesteps."""
@@ -370,6 +390,9 @@ class SamplingSettings:
             raise ValueError(f"stage {stage.name}: guidance_interval {list(self.guidance_interval)} must lie in "
                              f"[0, {stage.diffusion.num_timesteps}) (its training timesteps)")
         self._check_distilled(stage)
+        if self.guide == "auto" and stage.kind is StageKind.classifier:
+            raise ValueError(f"stage {stage.name}: guide auto applies to base and SR stages only; {stage.name} is a "
+                             "classifier")
         if stage.kind is StageKind.sr:
             if self.aug_level is None:
                 raise ValueError(f"stage {stage.name}: an SR stage needs sampling.aug_level in [0, 1]")
@@ -385,7 +408,8 @@ class SamplingSettings:
 
     def _check_distilled(self, stage: StageConfig) -> None:
         """What a distilled stage (``stage.distill``) can be sampled with: the consistency sampler only on a
-        consistency student and in 1 to ``levels`` steps, w in its trained range, no guidance interval."""
+        consistency student and in 1 to ``levels`` steps, w in its trained range, no guidance interval, no
+        autoguidance."""
         spec, name = stage.distill, stage.name
         if spec.method == "step" and (self.sampler != "ddim" or self.eta or self.steps != spec.levels):
             raise ValueError(f"stage {name} is step-distilled to {spec.levels} DDIM steps: sample it with sampler "
@@ -408,6 +432,10 @@ class SamplingSettings:
             if self.guidance_interval is not None:
                 raise ValueError(f"stage {name}: guidance_interval does not apply to a distilled stage (w is its "
                                  "network's input at every step); leave it unset")
+            if self.guide == "auto":
+                raise ValueError(f"stage {name} is {spec.method}-distilled: its w is classifier-free guidance "
+                                 "learned from its teacher (its network's input), so guide auto cannot apply; use "
+                                 "guide cfg, or autoguide the undistilled teacher")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (the interval as a list)."""

@@ -3,12 +3,14 @@
     python tools/sample_cascade.py --classes 1,7 --w 3.0      # guides base32; the SR stages keep their own w
     python tools/sample_cascade.py --classes 1,7 --w base32=3,sr64=1 --steps 50 --stages base32,sr64
     python tools/sample_cascade.py --classes 3 --truncate --aug-level sr64=0.2 --ckpt sr64=runs/sr64-b
+    python tools/sample_cascade.py --classes 1,7 --w 1 --guide auto --guide-ckpt base32=runs/base32-guide
 
 Every sampling setting left out is the stage's own default, stored in its checkpoint (`SamplingSettings`), so
 `--classes 1,7` alone samples each stage as it samples best. A bare `--w W` guides the chain's first stage (the
 base stage) only: the other stages keep their own w unless named (`--w base32=3,sr64=2`). The other bare sampler
 options apply to every stage they fit: `--steps` and `--sampler` to all, `--eta` to the DDIM stages, `--aug-level`
-and `--truncate` to the SR stages. Before sampling, a summary on stderr names the device, precision, classes, seed
+and `--truncate` to the SR stages, `--guide auto` (autoguidance: (1+w)·model − w·guide) to the stages given a
+`--guide-ckpt STAGE=PATH` (a weaker checkpoint of that stage, e.g. an earlier one of its run). Before sampling, a summary on stderr names the device, precision, classes, seed
 and --out and, per stage, its checkpoint and step and the settings it samples with, a value from the command
 line marked with its option (`w=3 (--w)`), and its network evaluations per image (NFE). Writes to --out: `<class>-<name>_<index>.png`
 (final stage; `<class>_<index>.png` where the classes have no names), `<stage>/<class>-<name>_<index>.png`

@@ -4,11 +4,11 @@
 `gaussian` (`GaussianDiffusion`: forward process, posterior, reverse process, respacing), `objectives`
 (the variational bound and the training losses), `augment` (conditioning augmentation), `noise` (every
 normal draw: one generator or one per sample), `samplers` (the reverse-process loops) and `guidance`
-(classifier-free and classifier guidance as model wrappers).
+(classifier-free guidance, autoguidance and classifier guidance as model wrappers).
 """
 
 from cascade.diffusion.gaussian import GaussianDiffusion, build_diffusion, make_betas, space_timesteps
-from cascade.diffusion.guidance import classifier_free_guidance, classifier_guidance
+from cascade.diffusion.guidance import autoguidance, classifier_free_guidance, classifier_guidance
 from cascade.diffusion.samplers import (
     SAMPLERS,
     sample_consistency,
@@ -18,6 +18,6 @@ from cascade.diffusion.samplers import (
     sample_heun,
 )
 
-__all__ = ["SAMPLERS", "GaussianDiffusion", "build_diffusion", "classifier_free_guidance", "classifier_guidance",
-           "make_betas", "sample_consistency", "sample_ddim", "sample_ddpm", "sample_dpmpp2m", "sample_heun",
-           "space_timesteps"]
+__all__ = ["SAMPLERS", "GaussianDiffusion", "autoguidance", "build_diffusion", "classifier_free_guidance",
+           "classifier_guidance", "make_betas", "sample_consistency", "sample_ddim", "sample_ddpm", "sample_dpmpp2m",
+           "sample_heun", "space_timesteps"]

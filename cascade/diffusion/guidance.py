@@ -2,8 +2,9 @@
 `model(x_t, t, **model_kwargs)`, so every sampler of `cascade.diffusion.samplers` accepts it.
 
 `classifier_free_guidance` (Ho & Salimans 2022, optionally limited to an interval of timesteps,
-Kynkäänniemi et al. 2024) and `classifier_guidance` (Dhariwal & Nichol 2021 §4.2), for models predicting
-ε, v or x_0; `GuidanceInput` hands a distilled student its guidance weight as an input instead. Equation numbers refer to the lecture slides (not in the repository); each also names the
+Kynkäänniemi et al. 2024), `autoguidance` (Karras et al. 2024: a weaker version of the same model in place of
+the unconditional prediction, the same interval) and `classifier_guidance` (Dhariwal & Nichol 2021 §4.2), for
+models predicting ε, v or x_0; `GuidanceInput` hands a distilled student its guidance weight as an input instead. Equation numbers refer to the lecture slides (not in the repository); each also names the
 paper's equation.
 """
 
@@ -18,8 +19,12 @@ from torch import nn
 from cascade.checks import is_int, is_number
 from cascade.diffusion.parameterization import check_prediction, eps_shift_in_prediction
 
-__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "GuidanceInput", "check_guidance_interval",
-           "classifier_free_guidance", "classifier_guidance"]
+__all__ = ["GUIDES", "AutoGuidance", "ClassifierFreeGuidance", "ClassifierGuidance", "GuidanceInput", "autoguidance",
+           "check_guidance_interval", "classifier_free_guidance", "classifier_guidance"]
+
+# What guides a stage's weight w (`cascade.config.SamplingSettings.guide`): "cfg", the model's own null-class
+# prediction (`ClassifierFreeGuidance`), or "auto", a weaker model of the same stage (`AutoGuidance`).
+GUIDES = ("cfg", "auto")
 
 def _check_weight(name: str, value) -> float:
     """A guidance weight or scale: a finite real number >= 0 (not a bool), as a float; ValueError otherwise."""
@@ -103,6 +108,52 @@ class ClassifierFreeGuidance(nn.Module):
         return _guided_output(cond, channels, mean)
 
 
+class AutoGuidance(nn.Module):
+    """D_w = D_0 + w·(D_1 − D_0) (Karras et al. 2024 "Guiding a Diffusion Model with a Bad Version of Itself"
+    eq. 1, §3): the good model D_1 = ``model`` extrapolated away from a weaker version of itself D_0 = ``guide``
+    (an earlier checkpoint, a shorter EMA or a smaller network of the same stage), both conditional.
+
+    ``w`` is the paper's weight, a finite number >= 0: w = 1 is the good model alone (the guide is not
+    evaluated), w = 0 the guide alone, w > 1 guides. Both models get the same x_t, t and keyword inputs (class
+    labels y; an SR stage's x_low and aug_level). The combination is made in the model's output space (ε, v or
+    x_0): at fixed x_t each is affine in the denoiser D with the same coefficients for both models, and the
+    weights (1 − w) + w = 1, so combining outputs equals combining denoisers. A learned-variance output keeps the
+    good model's variance channels; the guide's are ignored (it may predict a fixed variance). With ``interval``
+    = (t_lo, t_hi) guidance applies only where t_lo <= t <= t_hi (training-scale timesteps; Kynkäänniemi et al.
+    2024); elsewhere the output is the good model's and, when no sample of the batch is inside, the guide is not
+    evaluated. Raises ValueError (one line) for a bad w or interval, or a guide that is the model itself.
+    """
+
+    def __init__(self, model, guide, w: float, interval=None, num_timesteps: int | None = None):
+        super().__init__()
+        self.w = _check_weight("autoguidance weight w", w)
+        if guide is model:
+            raise ValueError("autoguidance: the guide is the model itself, which would not guide; pass a weaker "
+                             "model of the same stage (an earlier checkpoint or a smaller network)")
+        self.model = model
+        self.guide = guide
+        self.interval = check_guidance_interval(interval, num_timesteps)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs):
+        batch = x.shape[0]
+        t = t.expand(batch) if t.ndim == 0 else t
+        good = self.model(x, t, **kwargs)
+        inside = None
+        if self.interval is not None:
+            inside = (t >= self.interval[0]) & (t <= self.interval[1])
+            if not bool(inside.any()):  # outside the interval: the good model alone
+                return good
+        if self.w == 1.0:  # D_1 alone
+            return good
+        bad = self.guide(x, t, **kwargs)
+        channels = x.shape[1]
+        # D_w = D_0 + w·(D_1 − D_0) (Karras et al. 2024 "Autoguidance" eq. 1, §3), in the model's output space.
+        mean = bad[:, :channels] + self.w * (good[:, :channels] - bad[:, :channels])
+        if inside is not None:  # guidance only inside [t_lo, t_hi] (Kynkäänniemi et al. 2024)
+            mean = torch.where(inside.view(-1, *([1] * (x.ndim - 1))), mean, good[:, :channels])
+        return _guided_output(good, channels, mean)
+
+
 class GuidanceInput(nn.Module):
     """A distilled student with its guidance weight fixed: ``model(x_t, t, w=w·1, **kwargs)``, one network
     evaluation per call (the guidance the teacher needed two for is the student's input; Meng et al. 2023 §4.1)."""
@@ -157,6 +208,16 @@ def classifier_free_guidance(model, w: float, null_class: int, interval=None,
     `interval` = (t_lo, t_hi) limits guidance to t_lo <= t <= t_hi on the training scale (checked against
     num_timesteps = T: 0 <= t_lo <= t_hi < T); None guides at every t. Raises ValueError otherwise."""
     return ClassifierFreeGuidance(model, w, null_class, interval, num_timesteps)
+
+
+def autoguidance(model, guide, w: float, interval=None, num_timesteps: int | None = None) -> AutoGuidance:
+    """Wrap `model` (the good model D_1) with autoguidance by `guide` (a weaker model D_0 of the same stage, the
+    same prediction type, classes and timesteps): D_w = D_0 + w·(D_1 − D_0) (Karras et al. 2024 eq. 1, §3) with the
+    paper's weight w ≥ 0, finite (w = 1: `model` alone; the project's CFG-style weight w' maps to w = 1 + w').
+
+    `interval` = (t_lo, t_hi) limits guidance to t_lo <= t <= t_hi on the training scale (checked against
+    num_timesteps = T: 0 <= t_lo <= t_hi < T); None guides at every t. Raises ValueError otherwise."""
+    return AutoGuidance(model, guide, w, interval, num_timesteps)
 
 
 def classifier_guidance(model, classifier, alphas_cumprod, scale: float,

@@ -55,8 +55,9 @@ def balanced_labels(count: int, num_classes: int) -> torch.Tensor:
 class QualityProxy:
     """The quality proxy of one stage on the shards at ``data_root`` (see the module docstring).
 
-    Classifier guidance (``settings.classifier``) is not applied, as in the sample grids: the proxy scores the
-    diffusion model being trained, with its classifier-free guidance.
+    Classifier guidance (``settings.classifier``) and autoguidance (``settings.guide`` "auto") are not applied, as
+    in the sample grids (`cascade.pipeline.plan.monitor_settings`): the proxy scores the diffusion model being
+    trained, with its classifier-free guidance (none where the stage's default guide is "auto").
 
     ``count``: images per call (≥ 2; SR stages: at most the val split's size); ``seed``: the samples' noise and
     KID's subsets; ``device``: where the model samples (the judge scores on the CPU); ``steps``: respaced

@@ -28,6 +28,7 @@ from cascade.pipeline.chain import (
     LoadedStage,
     check_chain,
     check_classifier,
+    check_guide,
     load_loaded_stage,
     read_checkpoint,
 )
@@ -88,6 +89,7 @@ class CascadePipeline:
         self.device, self.precision = _check_device(device, precision)  # the resolved precision: fp32 or bf16
         self.stages = list(stages)
         self._classifiers: dict[str, LoadedStage] = {}
+        self._guides: dict[tuple[str, str], LoadedStage] = {}  # (stage, guide_checkpoint) → its autoguidance guide
         for stage in self.stages:
             self._place(stage.model)
 
@@ -152,6 +154,8 @@ class CascadePipeline:
         found = {s.name: {"path": str(s.checkpoint), "step": s.step} for s in self.stages}
         found.update({f"classifier:{p}": {"path": str(c.checkpoint), "step": c.step}
                       for p, c in self._classifiers.items()})
+        found.update({f"guide:{name}:{p}": {"path": str(g.checkpoint), "step": g.step}
+                      for (name, p), g in self._guides.items()})
         return found
 
     def _classifier(self, path: str | Path) -> LoadedStage:
@@ -176,6 +180,24 @@ class CascadePipeline:
             self._place(self._classifiers[key].model)
         return self._classifiers[key]
 
+    def _guide(self, stage: LoadedStage, path: str | Path) -> LoadedStage:
+        """The autoguidance guide of ``stage`` at ``path`` (`SamplingSettings.guide_checkpoint`): checked against the
+        stage (`check_guide`; not the stage's own checkpoint), loaded once (EMA weights, eval mode), placed on the
+        device like the stages. CascadeConfigError (one line) otherwise."""
+        key = (stage.name, str(path))
+        if key not in self._guides:
+            ckpt, record, cfg = read_checkpoint(
+                stage.name, path, advice=f"pass an existing checkpoint of {stage.name} as its guide "
+                                         f"(--guide-ckpt {stage.name}=PATH)")
+            check_guide(stage.config, path, cfg)
+            if ckpt.resolve() == Path(stage.checkpoint).resolve():
+                raise CascadeConfigError(f"stage {stage.name}: guide {path} is the stage's own checkpoint (step "
+                                         f"{stage.step}), which would not guide; pass an earlier checkpoint of its "
+                                         "run or a smaller run")
+            self._guides[key] = load_loaded_stage(stage.name, ckpt, record, cfg, self.device)
+            self._place(self._guides[key].model)
+        return self._guides[key]
+
     def settings(self, **overrides: Any) -> dict[str, SamplingSettings]:
         """Each stage's own default `SamplingSettings` (from its checkpoint) with ``overrides``.
 
@@ -192,7 +214,8 @@ class CascadePipeline:
 
         ``settings``: {stage: SamplingSettings} (see `settings`); a stage left out samples with its own
         defaults. The checks here are those that need the chain: classes against every stage's class count,
-        steps against each stage's timesteps, the classifier checkpoint, truncation between stages.
+        steps against each stage's timesteps, the classifier checkpoint, each autoguidance guide checkpoint
+        (`check_guide`: loaded here), truncation between stages.
         """
         names = [s.name for s in self.stages]
         if isinstance(classes, (int, str)) or not classes:
@@ -227,6 +250,8 @@ class CascadePipeline:
                 n = self._classifier(chosen.classifier).config.num_classes
                 if max(classes) >= n or min(classes) < 0:
                     raise CascadeConfigError(f"classifier: knows {n} classes; choose classes in 0..{n - 1}")
+            if chosen.guide == "auto":
+                self._guide(stage, chosen.guide_checkpoint)
             timesteps = stage_timesteps(stage.config, chosen)
             plans.append(StagePlan(name=stage.name, resolution=stage.config.resolution, settings=chosen,
                                    timesteps=timesteps, aug_level=chosen.aug_level,
@@ -254,9 +279,11 @@ class CascadePipeline:
         settings = sp.settings
         classifier = (self._classifier(settings.classifier).model
                       if settings.classifier and settings.classifier_scale > 0 else None)
+        guide = self._guide(stage, settings.guide_checkpoint).model if settings.guide == "auto" else None
         images = sample_stage(stage.model, stage.diffusion, stage.config, settings, labels, x_low, seed=plan.seed,
                               start_index=start_index, batch_size=plan.batch_size, device=self.device,
-                              precision=self.precision, classifier=classifier, stop_at_index=sp.stop_at_index,
+                              precision=self.precision, classifier=classifier, guide=guide,
+                              stop_at_index=sp.stop_at_index,
                               truncated_level=sp.aug_level if settings.truncate else None, progress=progress)
         if not torch.isfinite(images).all():  # a diverged model or sampler: never hand on or write such images
             raise NonFiniteSamplesError(f"stage {sp.name}: the {settings.sampler} sampler produced NaN or infinite "

@@ -62,17 +62,21 @@ def check_chain(names: Sequence[str], configs: Sequence[Any]) -> None:
             )
 
 
-def read_checkpoint(name: str, path: str | Path) -> tuple[Path, dict[str, Any], Any]:
-    """(step folder, config record, StageConfig) of a checkpoint, without loading weights."""
+def read_checkpoint(name: str, path: str | Path, advice: str | None = None) -> tuple[Path, dict[str, Any], Any]:
+    """(step folder, config record, StageConfig) of a checkpoint, without loading weights. CascadeConfigError (one
+    line starting ``stage <name>:``) when it is missing or damaged; ``advice`` replaces the closing advice for a
+    missing one (default: train it, pass a checkpoint, or leave the stage out)."""
     try:
         ckpt = resolve_checkpoint(path)
         record = load_config(ckpt)
         return ckpt, record, load_stage_config(ckpt)
     except (FileNotFoundError, ValueError, KeyError) as err:
         message = str(err)
-        advice = "" if "checkpoint" in message and ("retrain" in message or "earlier" in message) else \
-            f"; train it, pass a checkpoint for {name}, or leave {name} out (--stages)"  # damaged files: own advice
-        raise CascadeConfigError(f"stage {name}: {message}{advice}") from None
+        if "checkpoint" in message and ("retrain" in message or "earlier" in message):
+            advice = ""  # damaged files: their own advice
+        elif advice is None:
+            advice = f"train it, pass a checkpoint for {name}, or leave {name} out (--stages)"
+        raise CascadeConfigError(f"stage {name}: {message}{'; ' + advice if advice else ''}") from None
 
 
 def load_loaded_stage(name: str, ckpt: Path, record: dict[str, Any], cfg: Any, device: torch.device,
@@ -87,3 +91,32 @@ def check_classifier(path: str | Path, cfg: StageConfig) -> None:
         raise CascadeConfigError(
             f"classifier: {path} holds a {cfg.kind.value} stage ({cfg.name}); pass a classifier checkpoint"
         )
+
+
+def check_guide(stage: StageConfig, path: str | Path, guide: StageConfig) -> None:
+    """Raise CascadeConfigError (one line naming ``stage`` and the fix) unless ``guide``, the config of the
+    checkpoint at ``path``, can autoguide ``stage``: the same stage (name and kind), resolution and low
+    resolution, number of classes, prediction type, schedule and number of timesteps, and neither a classifier
+    nor a distilled student. Its network (size, attention, variance output) may differ."""
+    name = stage.name
+    fix = f"pass a checkpoint of {name} (an earlier one of its run, or a smaller run of {name})"
+    if guide.kind is StageKind.classifier:
+        raise CascadeConfigError(f"stage {name}: guide {path} holds a classifier ({guide.name}); {fix}")
+    if (guide.name, guide.kind) != (stage.name, stage.kind):
+        raise CascadeConfigError(f"stage {name}: guide {path} holds stage {guide.name} (a {guide.kind.value} "
+                                 f"stage), not {name}; {fix}")
+    if guide.distill.method != "none":
+        raise CascadeConfigError(f"stage {name}: guide {path} is a {guide.distill.method}-distilled student; guide "
+                                 f"with an undistilled checkpoint of {name}")
+    mine, theirs = stage.diffusion, guide.diffusion
+    for what, ours, its in (
+        ("resolution", stage.resolution, guide.resolution),
+        ("low_resolution", stage.low_resolution, guide.low_resolution),
+        ("num_classes", stage.num_classes, guide.num_classes),
+        ("prediction", mine.prediction, theirs.prediction),
+        ("schedule", mine.schedule, theirs.schedule),
+        ("num_timesteps", mine.num_timesteps, theirs.num_timesteps),
+    ):
+        if ours != its:
+            raise CascadeConfigError(f"stage {name}: guide {path} has {what} {its} but {name} has {ours}; pass a "
+                                     f"guide of {name} with the same {what}")

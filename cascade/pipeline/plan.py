@@ -109,14 +109,21 @@ def stage_timesteps(stage: StageConfig, settings: SamplingSettings, num_timestep
 def monitor_settings(stage: StageConfig, steps: int | str) -> SamplingSettings:
     """The settings a training run's sample grids and quality proxy sample ``stage`` with: its own, over ``steps``
     (`TrainerConfig.sample_steps`), except a step or consistency student's, which keep their few steps (the levels it
-    was trained on)."""
+    was trained on). Autoguidance (``guide`` "auto") is left out, as classifier guidance is: they sample the model
+    being trained alone (w = 0), without loading its guide."""
+    own = stage.sampling
+    if own.guide == "auto":
+        own = dataclasses.replace(own, guide="cfg", guide_checkpoint=None, w=0.0)
     if stage.distill.method in ("step", "consistency"):
-        return stage.sampling
-    return dataclasses.replace(stage.sampling, steps=steps)
+        return own
+    return dataclasses.replace(own, steps=steps)
 
 
 def settings_for(stage: StageConfig, base: SamplingSettings, changes: Mapping[str, Any]) -> SamplingSettings:
-    """``base`` with ``changes``, checked for ``stage``; errors become one-line CascadeConfigErrors."""
+    """``base`` with ``changes``, checked for ``stage``; errors become one-line CascadeConfigErrors. A change of
+    ``guide`` to "cfg" without a ``guide_checkpoint`` change drops ``base``'s guide checkpoint."""
+    if changes.get("guide") == "cfg" and "guide_checkpoint" not in changes:
+        changes = {**changes, "guide_checkpoint": None}
     try:
         settings = dataclasses.replace(base, **changes)
         settings.check_for(stage)
@@ -189,10 +196,11 @@ def network_evaluations(settings: SamplingSettings, timesteps: Sequence[int], st
     """Network evaluations per image of one stage: NFE, counting each image the network sees in a call.
 
     ``timesteps``: the kept training timesteps (sorted; respaced index i is ``timesteps[i]``). Each model call
-    (`model_call_indices`) costs 1, or 2 where classifier-free guidance is on (w > 0 and t inside
-    ``settings.guidance_interval``, if any): the conditional and the null-class prediction, batched in one call
-    (`cascade.diffusion.guidance.ClassifierFreeGuidance`); always 1 for a distilled stage (``guidance_input``: w is
-    its network's input). A classifier's gradient (classifier guidance) is not counted."""
+    (`model_call_indices`) costs 1, or 2 where guidance is on (w > 0 and t inside ``settings.guidance_interval``,
+    if any): with guide "cfg" the conditional and the null-class prediction, batched in one call
+    (`cascade.diffusion.guidance.ClassifierFreeGuidance`); with guide "auto" the model and its guide, one call
+    each (`cascade.diffusion.guidance.AutoGuidance`); always 1 for a distilled stage (``guidance_input``: w is its
+    network's input). A classifier's gradient (classifier guidance) is not counted."""
     interval = settings.guidance_interval
 
     def guided(index: int) -> bool:
@@ -204,8 +212,9 @@ def network_evaluations(settings: SamplingSettings, timesteps: Sequence[int], st
 
 def describe_stage_plan(sp: StagePlan, marks: Mapping[str, str] | None = None) -> str:
     """One line of what stage plan ``sp`` samples with, e.g. ``32x32 · ddpm 40 steps · w=3 (--w) · 80 NFE/image``:
-    resolution, sampler and step count, DDIM's η, w (and its interval), the SR level s and truncation, clipping,
-    classifier guidance, and `network_evaluations` per image. ``marks``: {setting: label} of values given by the
+    resolution, sampler and step count, DDIM's η, w (and its interval; with autoguidance ``autoguidance w=1
+    guide=<path>``), the SR level s and truncation, clipping, classifier guidance, and `network_evaluations` per
+    image. ``marks``: {setting: label} of values given by the
     caller (a command-line option), shown after the value in parentheses; the rest are the stage's defaults."""
     marks = marks or {}
     s = sp.settings
@@ -219,6 +228,8 @@ def describe_stage_plan(sp: StagePlan, marks: Mapping[str, str] | None = None) -
     if s.sampler == "ddim":
         items.append(f"eta={s.eta:g}{mark('eta')}")
     w = f"w={s.w:g}{mark('w')}" + (" (distilled)" if sp.guidance_input else "")
+    if s.guide == "auto":
+        w = f"autoguidance{mark('guide')} {w} guide={s.guide_checkpoint}{mark('guide_checkpoint')}"
     if s.guidance_interval is not None and s.w > 0:
         w += f" for t in [{s.guidance_interval[0]:g}, {s.guidance_interval[1]:g}]{mark('guidance_interval')}"
     items.append(w)

@@ -20,7 +20,12 @@ from tqdm.auto import tqdm
 
 from cascade.config import SamplingSettings, StageConfig, StageKind
 from cascade.diffusion.augment import condition_low_res
-from cascade.diffusion.guidance import GuidanceInput, classifier_free_guidance, classifier_guidance
+from cascade.diffusion.guidance import (
+    GuidanceInput,
+    autoguidance,
+    classifier_free_guidance,
+    classifier_guidance,
+)
 from cascade.diffusion.noise import AUG_NOISE, STEP_NOISE, X_T, per_sample_generators, per_sample_noise
 from cascade.diffusion.samplers import SAMPLERS
 from cascade.pipeline.plan import stage_timesteps
@@ -29,14 +34,22 @@ __all__ = ["guided_model", "sample_stage"]
 
 
 def guided_model(model: torch.nn.Module, diffusion: Any, config: StageConfig, settings: SamplingSettings,
-                 classifier: torch.nn.Module | None = None) -> Any:
-    """``model`` wrapped for the guidance ``settings`` ask: classifier-free (w > 0; slides eq. 17; Ho & Salimans
-    2022 eq. 6; inside ``settings.guidance_interval`` only) and, given a ``classifier`` and a scale > 0,
-    classifier guidance (slides eq. 16; Dhariwal & Nichol 2021 Algorithm 1). ``diffusion``: the stage's, on its
-    training timesteps (T bounds the guidance interval). A distilled stage takes w as its network's input instead
-    (`cascade.diffusion.guidance.GuidanceInput`: one evaluation per step)."""
+                 classifier: torch.nn.Module | None = None, guide: torch.nn.Module | None = None) -> Any:
+    """``model`` wrapped for the guidance ``settings`` ask, for w > 0 and inside ``settings.guidance_interval``
+    only: classifier-free with ``settings.guide`` "cfg" (slides eq. 17; Ho & Salimans 2022 eq. 6), autoguidance
+    by ``guide`` with "auto" (Karras et al. 2024 eq. 1, §3, at the paper's weight 1 + w); and, given a
+    ``classifier`` and a scale > 0, classifier guidance (slides eq. 16; Dhariwal & Nichol 2021 Algorithm 1).
+    ``diffusion``: the stage's, on its training timesteps (T bounds the guidance interval). ``guide``: the loaded
+    model of ``settings.guide_checkpoint`` (eval mode, on the model's device). A distilled stage takes w as its
+    network's input instead (`cascade.diffusion.guidance.GuidanceInput`: one evaluation per step). ValueError when
+    ``settings.guide`` is "auto" and no ``guide`` is given."""
+    if settings.guide == "auto" and guide is None:
+        raise ValueError(f"stage {config.name}: guide auto needs its guide model (the checkpoint "
+                         f"{settings.guide_checkpoint}, loaded); pass guide=")
     if config.distill.takes_w:
         model = GuidanceInput(model, settings.w)
+    elif settings.w > 0 and settings.guide == "auto":  # the model, then its guide: two calls, inside the interval
+        model = autoguidance(model, guide, 1 + settings.w, settings.guidance_interval, diffusion.num_timesteps)
     elif settings.w > 0:  # batched conditional + null-class call, inside the guidance interval only
         model = classifier_free_guidance(model, settings.w, config.num_classes, settings.guidance_interval,
                                          diffusion.num_timesteps)
@@ -55,8 +68,9 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def sample_stage(model: torch.nn.Module, diffusion: Any, config: StageConfig, settings: SamplingSettings,
                  labels: torch.Tensor, x_low: torch.Tensor | None = None, *, seed: int = 0, start_index: int = 0,
                  batch_size: int | None = None, device: torch.device | str = "cpu", precision: str = "fp32",
-                 classifier: torch.nn.Module | None = None, stop_at_index: int | None = None,
-                 truncated_level: float | None = None, progress: bool = False) -> torch.Tensor:
+                 classifier: torch.nn.Module | None = None, guide: torch.nn.Module | None = None,
+                 stop_at_index: int | None = None, truncated_level: float | None = None,
+                 progress: bool = False) -> torch.Tensor:
     """Sample stage ``config`` for ``labels`` (N class indices) with ``settings``: N×3×R×R float32 CPU images.
 
     ``diffusion``: the stage's `GaussianDiffusion` on its training timesteps, respaced here to
@@ -68,12 +82,13 @@ def sample_stage(model: torch.nn.Module, diffusion: Any, config: StageConfig, se
     clamped). Sample i draws its noise as sample ``start_index`` + i of a run seeded with ``seed``, for the
     stage's name; ``batch_size`` (None: all at once) does not change the samples. ``precision``: "fp32" or
     "bf16" (autocast on ``device``). ``classifier``: the noise-aware classifier ``settings.classifier`` names,
-    loaded by the caller. Settings and inputs are trusted (checked by the caller); a sampler's ValueError
-    passes through.
+    loaded by the caller; ``guide``: the model ``settings.guide_checkpoint`` names (guide "auto"), loaded by the
+    caller on ``device``, given the same labels and SR inputs. Settings and inputs are trusted (checked by the
+    caller); a sampler's ValueError passes through.
     """
     device = torch.device(device)
     respaced = diffusion.respace(stage_timesteps(config, settings, diffusion.num_timesteps))
-    guided = guided_model(model, diffusion, config, settings, classifier)
+    guided = guided_model(model, diffusion, config, settings, classifier, guide)
     options: dict[str, Any] = {"clip_denoised": settings.clip_denoised, "dynamic_threshold": settings.dynamic_threshold}
     if settings.sampler == "ddim":
         options["eta"] = settings.eta

@@ -46,7 +46,8 @@ def student_stage(teacher: StageConfig, teacher_path: str | Path, settings: Dist
     """The student's stage configuration: the teacher's (same network, diffusion and augmentation) distilled by
     ``settings.method``, with sampling defaults of its few-step sampler: DDIM in exactly ``settings.steps_for(kind)``
     steps (step), the consistency sampler over that many evaluations (consistency), or the teacher's sampler and
-    steps (guidance); w and the SR level s stay the teacher's defaults. ValueError (one line) for a teacher that is
+    steps (guidance); w and the SR level s stay the teacher's defaults (w as classifier-free guidance: a teacher's
+    autoguidance default, ``sampling.guide`` "auto", does not carry over). ValueError (one line) for a teacher that is
     a classifier or already distilled, whose default w is above ``settings.w_max``, or whose T is too small for the
     grid."""
     if teacher.kind is StageKind.classifier:
@@ -62,13 +63,13 @@ def student_stage(teacher: StageConfig, teacher_path: str | Path, settings: Dist
     spec = DistillSpec(method=method, teacher=str(teacher_path), w_max=w_max,
                        levels={"step": steps, "consistency": settings.levels}.get(method, 0),
                        teacher_steps=settings.teacher_steps_for(teacher.kind) if method == "step" else 0)
+    own = dataclasses.replace(teacher.sampling, guidance_interval=None, guide="cfg", guide_checkpoint=None)
     if method == "step":
-        sampling = dataclasses.replace(teacher.sampling, sampler="ddim", steps=steps, eta=0.0, guidance_interval=None)
+        sampling = dataclasses.replace(own, sampler="ddim", steps=steps, eta=0.0)
     elif method == "consistency":
-        sampling = dataclasses.replace(teacher.sampling, sampler="consistency", steps=settings.steps_for(teacher.kind),
-                                       eta=0.0, guidance_interval=None)
+        sampling = dataclasses.replace(own, sampler="consistency", steps=settings.steps_for(teacher.kind), eta=0.0)
     else:
-        sampling = dataclasses.replace(teacher.sampling, guidance_interval=None)
+        sampling = own
     if teacher.diffusion.num_timesteps <= max(spec.levels, spec.teacher_steps):
         raise ValueError(f"distill: {max(spec.levels, spec.teacher_steps)} levels need more training timesteps than "
                          f"the teacher's {teacher.diffusion.num_timesteps}")

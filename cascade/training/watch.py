@@ -201,8 +201,9 @@ class Watcher:
         else:
             self.evaluates = False
         stage = trainer.stage
-        self.sampling_steps = len(stage_timesteps(stage, monitor_settings(stage, cfg.sample_steps)))
-        self.guided = stage.sampling.w > 0 and not stage.distill.takes_w  # a student's w costs no second call
+        monitor = monitor_settings(stage, cfg.sample_steps)
+        self.sampling_steps = len(stage_timesteps(stage, monitor))
+        self.guided = monitor.w > 0 and not stage.distill.takes_w  # a student's w costs no second call
 
     def forces_log(self, step: int) -> bool:
         cfg = self.t.cfg
