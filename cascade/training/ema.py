@@ -18,6 +18,19 @@ from torch import nn
 from cascade.ema_profiles import check_sigma_rels, gamma_from_sigma_rel
 
 
+def lerp_all(averages: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor) -> None:
+    """averages[i] ← averages[i] + weight·(params[i] − averages[i]) for every i as a few multi-tensor
+    (``torch._foreach_*``) calls; ``weight`` a 0-dim tensor (on CPU read once; elsewhere used on the device, so no
+    host synchronisation). ``params`` are cast to each average's dtype where they differ."""
+    params = [p if p.dtype == a.dtype else p.to(a.dtype) for a, p in zip(averages, params)]
+    if weight.device.type == "cpu":
+        torch._foreach_lerp_(averages, params, float(weight))
+        return
+    step = torch._foreach_sub(params, averages)
+    torch._foreach_mul_(step, weight.to(averages[0].dtype))
+    torch._foreach_add_(averages, step)
+
+
 class EMA:
     """A frozen copy of ``model`` whose parameters track an exponential moving average of the model's.
 
@@ -59,12 +72,12 @@ class EMA:
             applied = apply.to(device=self._count.device, dtype=torch.long)
             weight = weight * applied.to(torch.float32)
         ema_params = dict(self.model.named_parameters())
-        for name, param in model.named_parameters():
-            ema = ema_params[name]
-            ema.lerp_(param.detach().to(ema.dtype), weight.to(ema.dtype))  # θ_ema ← θ_ema + (1 − d)(θ − θ_ema)
+        pairs = [(ema_params[name], param.detach()) for name, param in model.named_parameters()]
+        lerp_all([e for e, _ in pairs], [p for _, p in pairs], weight)  # θ_ema ← θ_ema + (1 − d)(θ − θ_ema)
         ema_buffers = dict(self.model.named_buffers())
-        for name, buffer in model.named_buffers():
-            ema_buffers[name].copy_(buffer)
+        buffers = [(ema_buffers[name], buffer) for name, buffer in model.named_buffers()]
+        if buffers:
+            torch._foreach_copy_([e for e, _ in buffers], [b for _, b in buffers])
         self._count += 1 if apply is None else applied
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -117,12 +130,10 @@ class PowerEMA:
         params = [(name, p.detach()) for name, p in model.named_parameters()]
         for averages, gamma in zip(self.averages, self.gammas):
             beta = (1.0 - 1.0 / t) ** (gamma + 1.0)  # EDM2 eq. 127: β_t = (1 − 1/t)^(γ+1)
-            weight = 1.0 - beta  # float64, cast to each average's dtype
+            weight = 1.0 - beta  # float64
             if applied is not None:
                 weight = weight * applied.to(torch.float64)
-            for name, param in params:
-                avg = averages[name]
-                avg.lerp_(param.to(avg.dtype), weight.to(avg.dtype))  # θ_γ ← β θ_γ + (1 − β) θ
+            lerp_all([averages[name] for name, _ in params], [p for _, p in params], weight)  # θ_γ ← β θ_γ + (1 − β) θ
         for name, buffer in model.named_buffers():
             if name in self.buffers:
                 self.buffers[name].copy_(buffer)
