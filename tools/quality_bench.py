@@ -45,7 +45,7 @@ from cascade.harness.quality_bench import (
     prepare,
     run_benchmark,
 )
-from cascade.harness.quality_recipes import RECIPES, BenchError
+from cascade.harness.quality_recipes import DEFAULT_RECIPES, RECIPES, BenchError
 from cascade.harness.quality_report import write_report
 from cascade.harness.quality_samplers import parse_samplers
 from cascade.locks import FolderLock
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DIR", help="shard folder (tools/make_shards.py)")
     p.add_argument("--out", default=None, help="output folder (default quality/<stage>)")
     p.add_argument("--recipes", default=None,
-                   help=f"comma-separated recipes (default all: {', '.join(RECIPES)}); "
+                   help=f"comma-separated recipes (default: {', '.join(DEFAULT_RECIPES)}); "
                         + "; ".join(f"{k}: {v.description}" for k, v in RECIPES.items())
                         + ". Each may be followed by +KEY=VALUE changes: a trainer setting (+lr=1e-3, +batch_size=16, "
                           "+ema_decay=0.995) or a stage setting (+diffusion.min_snr_gamma=1)")

@@ -54,6 +54,31 @@ RECIPES: dict[str, Recipe] = {
 }
 DEFAULT_RECIPES = tuple(RECIPES)
 
+# EDM2's training dynamics (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models"),
+# each on v-minsnr5's objective so they compare with it and with `today` (the tiny presets' objective); not in
+# DEFAULT_RECIPES. inv_sqrt's t_ref is 1000 steps (the decay acts within a run of a few thousand CPU steps). With
+# magnitude-preserving layers lr is 1e-2, the order of EDM2's α_ref: forced weight normalisation stores every
+# weight at unit scale, so Adam's step of about lr per weight is a relative change (at 2e-4 they would learn
+# about √fan_in times slower than the standard layers at 2e-4: 17× to 34× for this UNet's 3×3 convolutions).
+_V_MINSNR5 = RECIPES["v-minsnr5"].stage["diffusion"]
+_LOGNORMAL = {"timestep_sampler": "lognormal", "p_mean": -1.2, "p_std": 1.2}
+_INV_SQRT = {"lr_schedule": "inv_sqrt", "lr_ref_steps": 1000}
+RECIPES.update({
+    "edm2-lognormal": Recipe("v-minsnr5 with t drawn from EDM's log-normal noise levels, ln σ ~ N(−1.2, 1.2²) "
+                             "(Karras et al. 2022 'EDM' §5, Table 1), not re-weighted to uniform t",
+                             {"diffusion": {**_V_MINSNR5, **_LOGNORMAL}}),
+    "edm2-invsqrt": Recipe("v-minsnr5 with the learning rate decayed as lr/√max(s/1000, 1) after the warm-up "
+                           "(Karras et al. 2024 'EDM2' eq. 16)",
+                           {"diffusion": dict(_V_MINSNR5)}, _INV_SQRT),
+    "edm2-mp": Recipe("v-minsnr5 with EDM2's magnitude-preserving layers and forced weight normalisation, lr 1e-2 "
+                      "(Karras et al. 2024 'EDM2' §2, Configs C, D, F)",
+                      {"diffusion": dict(_V_MINSNR5), "unet": {"magnitude_preserving": True}}, {"lr": 1e-2}),
+    "edm2-all": Recipe("v-minsnr5 with EDM2's three: log-normal t, magnitude-preserving layers (lr 1e-2) and the "
+                       "inverse-square-root decay (Karras et al. 2022 'EDM' Table 1; 2024 'EDM2' §2, eq. 16)",
+                       {"diffusion": {**_V_MINSNR5, **_LOGNORMAL}, "unet": {"magnitude_preserving": True}},
+                       {"lr": 1e-2, **_INV_SQRT}),
+})
+
 
 def resolve_recipe(spec: str, recipes: Mapping[str, Recipe] = RECIPES) -> Recipe:
     """The recipe a spec names: a known recipe, optionally followed by `+KEY=VALUE` changes, e.g.

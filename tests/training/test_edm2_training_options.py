@@ -131,3 +131,20 @@ def test_a_run_with_the_edm2_options_resumes_from_its_checkpoint(synthetic_shard
     assert resumed.scheduler.get_last_lr() == pytest.approx([1e-2 / math.sqrt(2)])  # s = 2, t_ref = 1
     resumed.run()
     assert checkpoint.load_training_state(tmp_path / "run")["step"] == 3
+
+
+def test_edm2_recipes_set_their_option_on_the_v_minsnr5_objective():
+    import stages
+    from cascade.harness.quality_recipes import DEFAULT_RECIPES, apply_recipe
+
+    stage = stages.get_stage("base32", "tiny")
+    v_minsnr5, _ = apply_recipe("v-minsnr5", stage, TrainerConfig())
+    expected = {"edm2-lognormal": ("lognormal", False, "constant"), "edm2-invsqrt": ("uniform", False, "inv_sqrt"),
+                "edm2-mp": ("uniform", True, "constant"), "edm2-all": ("lognormal", True, "inv_sqrt")}
+    for name, (sampler, mp, schedule) in expected.items():
+        assert name not in DEFAULT_RECIPES
+        recipe_stage, trainer = apply_recipe(name, stage, TrainerConfig())
+        got = (recipe_stage.diffusion.timestep_sampler, recipe_stage.unet.magnitude_preserving, trainer.lr_schedule)
+        assert got == (sampler, mp, schedule)
+        assert dataclasses.replace(recipe_stage.diffusion, timestep_sampler="uniform") == v_minsnr5.diffusion
+        assert trainer.lr == (1e-2 if mp else TrainerConfig().lr)
