@@ -251,7 +251,6 @@ def profile_network(step, runner, batch_data: dict, cfg: StageConfig, diffusion,
 
         step.model.train()
         out["train"] = profile_step(train_step, steps, lambda: _sync(device))
-        del batches, loader
     if cfg.kind != "classifier" and sample_steps > 0:
         step.model.eval()
         guided = classifier_free_guidance(runner, w, cfg.num_classes)

@@ -15,7 +15,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cascade.training.step import SCOPES
@@ -56,9 +55,9 @@ def _attribute(events) -> dict[str, float]:
             context, scoped = SCOPES[event.name], True
         elif not scoped:
             own = classify(event.name)
-            if own == "casts":
-                context = own
-            elif context is None or context == "elementwise" and own not in (None, "elementwise"):
+            # casts count as casts anywhere; otherwise the closest classified ancestor's kind holds, refined below
+            # a generic (elementwise) one
+            if own == "casts" or context is None or context == "elementwise" and own not in (None, "elementwise"):
                 context = own
         totals[context or "other"] += event.self_cpu_time_total
         for child in event.cpu_children:

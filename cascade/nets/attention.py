@@ -3,11 +3,13 @@
 Both use softmax(QKᵀ/√d)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3; Vaswani et al. 2017) through ``F.scaled_dot_product_attention``, or xformers'
 memory-efficient kernel when xformers is importable and the tensors are on CUDA.
 
-Kernel choice on CPU (:func:`attention`): float32 goes to SDPA (its flash kernel). bf16/fp16 with at most
-``SHORT_SEQUENCE`` query tokens (maps up to 16²) is computed in float32 and cast back: for such short
-sequences the flash kernel's low-precision backward is dominated by per-block overhead (4.5 ms per call at
-64 tokens on a bf16-native Xeon; 3–5× the float32 kernel on an AVX2 EPYC), while the upcast costs
-O(N·d) against the attention's O(N²·d). Longer low-precision sequences keep the low-precision flash kernel.
+Kernel choice on CPU (:func:`attention`): float32 goes to SDPA (its flash kernel). For bf16/fp16 with at most
+``SHORT_SEQUENCE`` query tokens (maps up to 16²) the flash kernel's low-precision backward is dominated by
+per-block overhead (4.5 ms per call at 64 tokens on a bf16-native Xeon; 3–5× the float32 kernel on an AVX2 EPYC), so
+there: in training (gradients needed) the attention is written out as two low-precision batched matmuls around a
+softmax that accumulates in float32 (about half the float32 flash kernel's forward + backward time,
+docs/results/2026-12-07.md); in inference it runs in float32 and is cast back (the upcast costs O(N·d) against the
+attention's O(N²·d)). Longer low-precision sequences keep the low-precision flash kernel.
 
 Layout: feature maps are B×C×H×W; in channels_last memory that is B×H×W×C, so the pixel tokens
 B×(H·W)×C are a free view and the projections are plain ``nn.Linear`` matmuls with no transposes.
@@ -44,23 +46,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """softmax(QKᵀ/√d)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3) for q: B×N×H×d, k, v: B×M×H×d (tokens, heads, head dim) → B×N×H×d.
 
     Uses xformers on CUDA when available, otherwise ``F.scaled_dot_product_attention``; on CPU, bf16/fp16
-    inputs with N ≤ ``SHORT_SEQUENCE`` are attended in float32 (outside autocast) and returned in their
-    dtype. Raises ValueError unless q, k, v are 4-D.
+    inputs with N ≤ ``SHORT_SEQUENCE`` are attended with low-precision matmuls (`explicit_attention`) when
+    gradients are needed and in float32 otherwise (outside autocast), returned in their dtype. Raises ValueError
+    unless q, k, v are 4-D.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects B×N×heads×d tensors, got {tuple(q.shape)}, {tuple(k.shape)}")
     if _xops is not None and q.is_cuda:
         return _xops.memory_efficient_attention(q, k, v)
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[1] <= SHORT_SEQUENCE:
-        with torch.autocast("cpu", enabled=False):  # autocast would cast SDPA's inputs back to bf16
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs to other dtypes
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                return explicit_attention(q, k, v)
             return _sdpa(q.float(), k.float(), v.float()).to(q.dtype)
     return _sdpa(q, k, v)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Reference softmax(QKᵀ/√d)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3) written out, same layout as :func:`attention`."""
-    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(q.shape[-1])  # QKᵀ/√d (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3)
-    return torch.einsum("bhnm,bmhd->bnhd", scores.softmax(dim=-1), v)  # softmax(·)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3)
+    """softmax(QKᵀ/√d)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3) written out as two batched matmuls in the
+    inputs' dtype around a softmax (PyTorch's CPU softmax accumulates low-precision input in float32); same layout
+    as :func:`attention`."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # B×heads×N×d views
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # QKᵀ/√d (LDM eq. 3)
+    return torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2)  # softmax(·)·V (LDM eq. 3)
 
 
 def _num_heads(channels: int, head_channels: int) -> int:

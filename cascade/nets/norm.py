@@ -23,23 +23,32 @@ SMALL_MAP = 256
 
 
 class _ChannelsLastGroupNorm(torch.autograd.Function):
-    """y = (x − μ_g)·rstd_g·γ_c + β_c (Wu & He 2018 eq. 1–3), its backward in closed form from per-channel sums."""
+    """y = x̂·γ + β, x̂ = (x − μ_g)·rstd_g (Wu & He 2018 eq. 1–3), or with a per-sample modulation
+    y = x̂·γ(1 + scale) + β(1 + scale) + shift (ADM's scale-shift norm, Dhariwal & Nichol 2021 §3), whose backward
+    is computed in closed form from per-(sample, channel) sums. scale, shift: N×C or None."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups: int, eps: float):
+    def forward(ctx, x, weight, bias, scale, shift, groups: int, eps: float):
         n, c, h, w = x.shape
-        if h * w <= SMALL_MAP:  # the channels_last forward kernel is slow on small maps: run it on a contiguous copy
-            y, mean, rstd = torch.native_group_norm(x.contiguous(), weight, bias, n, c, h * w, groups, eps)
-            y = y.contiguous(memory_format=torch.channels_last)
+        small = h * w <= SMALL_MAP  # the channels_last forward kernel is slow on small maps: use a contiguous copy
+        source = x.contiguous() if small else x
+        if scale is None:
+            y, mean, rstd = torch.native_group_norm(source, weight, bias, n, c, h * w, groups, eps)  # N×G fp32 stats
         else:
-            y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, h * w, groups, eps)  # mean, rstd: N×G fp32
-        ctx.save_for_backward(x, weight, mean, rstd)
+            x_hat, mean, rstd = torch.native_group_norm(source, None, None, n, c, h * w, groups, eps)
+            scale, shift = scale.to(weight.dtype), shift.to(weight.dtype)
+            gain = weight * (1 + scale)  # γ(1 + scale): N×C
+            offset = torch.addcmul(shift, bias, 1 + scale)  # β(1 + scale) + shift
+            y = torch.addcmul(offset.to(x.dtype)[:, :, None, None], x_hat, gain.to(x.dtype)[:, :, None, None])
+        if small:
+            y = y.contiguous(memory_format=torch.channels_last)
+        ctx.save_for_backward(x, weight, bias, scale, mean, rstd)
         ctx.groups = groups
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, bias, scale, mean, rstd = ctx.saved_tensors
         n, c, h, w = x.shape
         g = ctx.groups
         per = c // g
@@ -48,38 +57,50 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         x_centred = x - mu.expand(n, g, per).reshape(n, c, 1, 1).to(x.dtype)  # x − μ
         # Per-(sample, channel) sums over the pixels, accumulated in float32 (returned in the input's dtype: a
         # float32 result would first copy the whole input to float32): Σ dy and Σ dy·x̂, x̂ = (x − μ)·rstd.
-        s_dy = dy.sum((2, 3)).float().view(n, g, per)
-        s_dy_xhat = (dy * x_centred).sum((2, 3)).float().view(n, g, per) * r
-        gamma = (weight.float() if weight is not None else torch.ones(c, device=x.device)).view(1, g, per)
-        grad_weight = s_dy_xhat.sum(0).reshape(c) if weight is not None else None  # ∂L/∂γ_c = Σ dy·x̂
-        grad_bias = s_dy.sum(0).reshape(c) if weight is not None else None  # ∂L/∂β_c = Σ dy
+        acc = mean.dtype  # float32, or float64 for float64 input
+        s_dy = dy.sum((2, 3)).to(acc)
+        s_dy_xhat = (dy * x_centred).sum((2, 3)).to(acc) * r.expand(n, g, per).reshape(n, c)
+        weight = weight.to(acc)
+        gain = weight.expand(n, c) if scale is None else weight * (1 + scale.to(acc))  # the x̂ coefficient
+        # ∂L/∂x = rstd·(a·dy − mean_g(a·dy) − x̂·mean_g(a·dy·x̂)), a the x̂ coefficient (Wu & He 2018 eq. 1–3
+        # differentiated) = a·rstd·dy + b·(x − μ) + c0 per (sample, channel):
         count = per * h * w
-        mean_g = (gamma * s_dy).sum(2, keepdim=True) / count  # mean over the group of γ·dy
-        mean_gx = (gamma * s_dy_xhat).sum(2, keepdim=True) / count  # mean over the group of γ·dy·x̂
-        # ∂L/∂x = rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂))  (Wu & He 2018 eq. 1–3 differentiated)
-        #       = a·dy + b·(x − μ) + c0, per (sample, channel):
-        a = (r * gamma).reshape(n, c, 1, 1)
-        b = (-r * r * mean_gx).expand(n, g, per).reshape(n, c, 1, 1)
-        c0 = (-r * mean_g).expand(n, g, per).reshape(n, c, 1, 1)
-        dx = torch.addcmul(c0.to(dy.dtype), a.to(dy.dtype), dy)
-        dx.addcmul_(b.to(dy.dtype), x_centred)
-        return dx, grad_weight, grad_bias, None, None
+        mean_g = (gain * s_dy).view(n, g, per).sum(2, keepdim=True) / count  # mean over the group of a·dy
+        mean_gx = (gain * s_dy_xhat).view(n, g, per).sum(2, keepdim=True) / count  # mean of a·dy·x̂
+        a = gain.view(n, g, per) * r
+        b = (-r * r * mean_gx).expand(n, g, per)
+        c0 = (-r * mean_g).expand(n, g, per)
+        dx = torch.addcmul(c0.reshape(n, c, 1, 1).to(dy.dtype), a.reshape(n, c, 1, 1).to(dy.dtype), dy)
+        dx.addcmul_(b.reshape(n, c, 1, 1).to(dy.dtype), x_centred)
+        if scale is None:
+            return dx, s_dy_xhat.sum(0), s_dy.sum(0), None, None, None, None  # ∂L/∂γ = Σ dy·x̂, ∂L/∂β = Σ dy
+        one_plus = 1 + scale.to(acc)
+        grad_weight = (s_dy_xhat * one_plus).sum(0)  # y = x̂·γ(1+s) + β(1+s) + shift
+        grad_bias = (s_dy * one_plus).sum(0)
+        grad_scale = (s_dy_xhat * weight + s_dy * bias.to(acc)).to(scale.dtype)
+        return dx, grad_weight, grad_bias, grad_scale, s_dy.to(scale.dtype), None, None
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (Wu & He 2018 eq. 1–3) whose training backward on CPU channels_last input is computed in
-    closed form (`_ChannelsLastGroupNorm`); values and gradients equal ``F.group_norm``'s up to rounding (bf16:
-    within two bf16 units of the largest gradient entry)."""
+    """``nn.GroupNorm`` (Wu & He 2018 eq. 1–3) that also applies ADM's per-sample scale-shift: ``forward(x,
+    scale=None, shift=None)``: GN(x)·(1 + scale) + shift with scale, shift N×C×1×1 (Dhariwal & Nichol 2021 §3).
+    On CPU channels_last input its backward is computed in closed form (`_ChannelsLastGroupNorm`), and the
+    scale-shift is folded into the normalisation's affine there (one pass over the map, and none in the backward);
+    values and gradients equal ``F.group_norm``'s up to rounding (bf16: within two bf16 units of the largest
+    entry)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
         if (x.device.type == "cpu" and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
                 and not x.is_contiguous()):
-            if torch.is_grad_enabled():
-                return _ChannelsLastGroupNorm.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+            if torch.is_grad_enabled() or scale is not None:
+                flat = (None, None) if scale is None else (scale.flatten(1), shift.flatten(1))
+                return _ChannelsLastGroupNorm.apply(x, self.weight, self.bias, *flat, self.num_groups, self.eps)
             if x.shape[2] * x.shape[3] <= SMALL_MAP:
                 y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
                 return y.contiguous(memory_format=torch.channels_last)
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return y if scale is None else torch.addcmul(shift, y, 1 + scale)  # GN(x)·(1+scale) + shift
 
 
 def group_norm(channels: int, max_groups: int = 32) -> GroupNorm:

@@ -101,7 +101,7 @@ class ResBlock(nn.Module):
         h = self.in_conv(_resample(h, self.up, self.down))
         x = _resample(x, self.up, self.down)
         scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
-        h = torch.addcmul(shift, self.out_norm(h), 1 + scale)  # GN(h)·(1+scale) + shift
+        h = self.out_norm(h, scale, shift)  # GN(h)·(1+scale) + shift
         h = self.out_conv(self.dropout(self.act(h)))
         return self.residual(self.skip(x), h)
 

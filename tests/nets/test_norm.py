@@ -64,3 +64,28 @@ def test_inference_and_contiguous_inputs_use_pytorch_values():
 def test_state_dict_is_nn_groupnorm():
     assert group_norm(48, 32).state_dict().keys() == torch.nn.GroupNorm(16, 48).state_dict().keys()
     assert group_norm(48, 32).num_groups == 16
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.bfloat16, 4 * 2.0**-7)])
+@pytest.mark.parametrize("size", [4, 20])
+def test_scale_shift_matches_addcmul_of_group_norm(dtype, tol, size):
+    torch.manual_seed(3)
+    gn = group_norm(16, 4).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    with torch.no_grad():
+        gn.weight.normal_(), gn.bias.normal_()
+    x = torch.randn(3, 16, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    scale, shift = (torch.randn(3, 16, 1, 1, dtype=dtype, requires_grad=True) for _ in range(2))
+    if dtype == torch.float64 and size == 4:  # numerical Jacobians: keep the input small
+        assert torch.autograd.gradcheck(lambda x, s, t, w, b: gn(x, s, t), (x, scale, shift, gn.weight, gn.bias))
+    y = gn(x, scale, shift)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    inputs = [t.detach().double().requires_grad_() for t in (x, scale, shift, gn.weight, gn.bias)]
+    ref = torch.addcmul(inputs[2], F.group_norm(inputs[0], 4, inputs[3], inputs[4]), 1 + inputs[1])
+    ref.backward(dy.double())
+    assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
+    for got, want in zip((x.grad, scale.grad, shift.grad, gn.weight.grad, gn.bias.grad), inputs):
+        assert got.shape == want.shape
+        assert (got.double() - want.grad).abs().max() <= tol * want.grad.abs().max()
+    with torch.no_grad():  # inference folds the scale-shift the same way
+        assert (gn(x, scale, shift).double() - ref).abs().max() <= tol * ref.abs().max()

@@ -47,18 +47,25 @@ def test_sdpa_attention_equals_explicit_softmax():
 
 
 
-@pytest.mark.parametrize("tokens", [16, SHORT_SEQUENCE + 4])  # the float32 path for short bf16 sequences, flash for long
-def test_bf16_attention_matches_float32_on_both_kernel_paths(tokens):
+@pytest.mark.parametrize("tokens", [16, SHORT_SEQUENCE + 4])  # short bf16 sequences: matmul / float32 paths; flash
+def test_bf16_attention_matches_float32_on_every_kernel_path(tokens):
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, tokens, 2, 8, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(2, tokens, 2, 8, generator=gen, requires_grad=True) for _ in range(3))
     expected = explicit_attention(q, k, v)
-    qb, kb, vb = (t.bfloat16().requires_grad_(True) for t in (q, k, v))
+    weights = torch.randn(expected.shape, generator=gen)
+    (expected * weights).sum().backward()
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_(True) for t in (q, k, v))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attention(qb, kb, vb)
-    assert out.dtype == torch.bfloat16
+        out = attention(qb, kb, vb)  # gradients needed
+        with torch.no_grad():
+            inference = attention(qb, kb, vb)
+    assert out.dtype == inference.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
-    out.float().sum().backward()
-    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (qb, kb, vb))
+    torch.testing.assert_close(inference.float(), expected, atol=2e-2, rtol=2e-2)
+    (out.float() * weights).sum().backward()
+    for low, ref in ((qb, q), (kb, k), (vb, v)):
+        assert low.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(low.grad.float(), ref.grad, atol=5e-2, rtol=5e-2)
 
 def test_cross_attention_block_uses_context():
     block = _randomize_zero_params(CrossAttention2d(16, 12, head_channels=8))
