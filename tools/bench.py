@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                              "and a guided sampling run: time per step by kind (convolution, matmul/attention, "
                              "normalisation, activation, elementwise, casts, optimizer, EMA, data, other), beside "
                              "diffusers' with --compare diffusers")
+    parser.add_argument("--chunks", default=None, metavar="SIZES",
+                        help="instead: images/s per sampling step of each stage of --stages by chunk size (comma "
+                             "list, e.g. 1,4,16,64) and layout, through the pipeline's own stage sampler")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 step, 1 repeat, 1 sampling step (--cascade: 1 image, 1 repeat)")
     parser.add_argument("--cascade", action="store_true",
@@ -83,12 +86,15 @@ def main(argv: list[str] | None = None) -> int:
                              "stage, 2 for an SR stage; consistency: the consistency sampler in as many; guidance: "
                              "the teacher's sampler and steps, w as an input)")
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
-                        help="--cascade: sampling precision (default auto: bf16 where the device computes it natively)")
+                        help="--cascade, --chunks: sampling precision (default auto: bf16 where the device computes it "
+                             "natively)")
     parser.add_argument("--json", default=None, help="where to write the results (default bench.json; with --cascade "
                                                      "bench_cascade.json)")
     args = parser.parse_args(argv)
     if args.cascade:
         return cascade_main(args)
+    if args.chunks is not None:
+        return chunks_main(args)
     for option, value in (("--images", args.images), ("--precision", args.precision), ("--mixed", args.mixed),
                           ("--distill-method", args.distill_method)):
         if value is not None:
@@ -107,6 +113,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{format_report(report)}")
     out = args.json or "bench.json"
     Path(out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def chunks_main(args) -> int:
+    """--chunks: images/s per sampling step by chunk size and layout (`cascade.harness.sampling_chunks`)."""
+    from cascade.device import resolve_sampling_precision
+    from cascade.harness.bench import bench_stage, cpu_name
+    from cascade.harness.sampling_chunks import format_chunks, measure_chunks
+
+    try:
+        sizes = tuple(int(s) for s in args.chunks.split(",") if s)
+    except ValueError:
+        raise ValueError(f"--chunks takes a comma list of chunk sizes, e.g. 1,4,16,64; got {args.chunks!r}") from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    import stages
+
+    names = [s for s in (args.stages or "base32,sr64,sr128,sr256").split(",") if s]
+    configs = {n: bench_stage(n, stages.get_stage) for n in names}
+    precision = resolve_sampling_precision(args.precision or "auto", torch.device(args.device))
+    rows = measure_chunks(configs, sizes, device=args.device, precision=precision,
+                          steps=1 if args.quick else 2, repeats=1 if args.quick else (args.repeats or 2))
+    print(f"\n{cpu_name()}  {torch.get_num_threads()} threads  {precision}\n{format_chunks(rows, args.device)}")
+    out = args.json or "bench_chunks.json"
+    Path(out).write_text(json.dumps({"cpu": cpu_name(), "threads": torch.get_num_threads(), "precision": precision,
+                                     "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -46,6 +46,7 @@ from cascade.errors import cli_main, deferred_interrupts, ensure_writable_dir, p
 from cascade.locks import FolderLock
 from cascade.pipeline.cascade_pipeline import DEFAULT_CHAIN, PRECISIONS, CascadeConfigError, CascadePipeline
 from cascade.pipeline.outputs import check_out_dir, write_outputs
+from cascade.pipeline.stage_sampling import default_chunk
 from cascade.summary import print_summary
 
 PROG = "sample_cascade"
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default=None, metavar="PATH", help="classifier checkpoint for the base stage")
     p.add_argument("--classifier-scale", type=float, default=0.0,
                    help="classifier guidance scale (default 0; needs --classifier)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=None, help="samples per batch (default: all at once)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help="samples per batch (default: on CPU each stage's fastest, "
+                                                                             "16 at 32² to 2 at 256²; on GPU all at "
+                                                                             "once)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="same seed, same images (default 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--precision", default="auto",
@@ -111,12 +114,20 @@ def sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def chunk_sizes(pipe: CascadePipeline) -> str:
+    """The default batch size of each stage (`default_chunk`), e.g. "16 (base32), 16 (sr64)", or "all at once"."""
+    sizes = [(default_chunk(s.config.resolution, pipe.device), s.config.name) for s in pipe.stages]
+    if all(size is None for size, _ in sizes):
+        return "all at once"
+    return ", ".join(f"{size} ({name})" for size, name in sizes)
+
+
 def summary_rows(args: argparse.Namespace, pipe: CascadePipeline, plan, overrides: dict) -> list[tuple[str, object]]:
     """The start-up summary: where and how it samples, then one row per stage (`CascadePipeline.describe`)."""
     count = len(plan.classes) * plan.num_per_class
     return [("device", pipe.device), ("precision", pipe.precision),
             ("classes", f"{','.join(map(str, plan.classes))} × {plan.num_per_class} = {plural(count, 'image')}"),
-            ("seed", plan.seed), ("batch size", plan.batch_size or "all at once"), ("out", args.out),
+            ("seed", plan.seed), ("batch size", plan.batch_size or chunk_sizes(pipe)), ("out", args.out),
             ("settings", "(--option) marks a value from the command line; unmarked: the checkpoint's default"),
             *pipe.describe(plan, overrides, labels=SAMPLER_OPTIONS)]
 

@@ -95,7 +95,9 @@ class CascadePipeline:
 
     def _place(self, model: torch.nn.Module) -> None:
         model.to(self.device)
-        if self.precision == "bf16" and self.device.type == "cuda":
+        # channels_last: on CPU in both precisions (the faster layout for every tiny stage and chunk size in
+        # `tools/bench.py --chunks`, docs/results/2026-12-07.md), on CUDA with bf16 (tensor cores)
+        if self.device.type == "cpu" or self.precision == "bf16" and self.device.type == "cuda":
             model.to(memory_format=torch.channels_last)
 
     @classmethod

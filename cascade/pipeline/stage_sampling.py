@@ -30,7 +30,20 @@ from cascade.diffusion.noise import AUG_NOISE, STEP_NOISE, X_T, per_sample_gener
 from cascade.diffusion.samplers import SAMPLERS
 from cascade.pipeline.plan import stage_timesteps
 
-__all__ = ["guided_model", "sample_stage"]
+__all__ = ["CPU_CHUNK", "CPU_CHUNK_PIXELS", "default_chunk", "guided_model", "sample_stage"]
+
+# Sampling chunks on CPU: at most CPU_CHUNK images, and at most CPU_CHUNK_PIXELS pixels: 16 images at 32² and 64²,
+# 8 at 128², 2 at 256², the fastest per image in `tools/bench.py --chunks` (larger chunks leave the caches and run
+# slower per image; docs/results/2026-12-07.md).
+CPU_CHUNK, CPU_CHUNK_PIXELS = 16, 2 * 256 * 256
+
+
+def default_chunk(resolution: int, device: torch.device) -> int | None:
+    """Images a stage samples at once when the caller gives no batch size: on CPU at most ``CPU_CHUNK`` images and
+    ``CPU_CHUNK_PIXELS`` pixels of ``resolution``² (at least 1); elsewhere None (all at once)."""
+    if device.type != "cpu":
+        return None
+    return max(1, min(CPU_CHUNK, CPU_CHUNK_PIXELS // (resolution * resolution)))
 
 
 def guided_model(model: torch.nn.Module, diffusion: Any, config: StageConfig, settings: SamplingSettings,
@@ -80,7 +93,7 @@ def sample_stage(model: torch.nn.Module, diffusion: Any, config: StageConfig, se
     x_s = √ᾱ(s)·x + √(1−ᾱ(s))·ε), or, with ``truncated_level``, a truncated previous stage's z_k already at
     that level (passed on as is). ``stop_at_index``: stop the reverse process there and return z_k (not
     clamped). Sample i draws its noise as sample ``start_index`` + i of a run seeded with ``seed``, for the
-    stage's name; ``batch_size`` (None: all at once) does not change the samples. ``precision``: "fp32" or
+    stage's name; ``batch_size`` (None: `default_chunk`) does not change the samples. ``precision``: "fp32" or
     "bf16" (autocast on ``device``). ``classifier``: the noise-aware classifier ``settings.classifier`` names,
     loaded by the caller; ``guide``: the model ``settings.guide_checkpoint`` names (guide "auto"), loaded by the
     caller on ``device``, given the same labels and SR inputs. Settings and inputs are trusted (checked by the
@@ -94,7 +107,7 @@ def sample_stage(model: torch.nn.Module, diffusion: Any, config: StageConfig, se
         options["eta"] = settings.eta
     sampler = SAMPLERS[settings.sampler]
     n = len(labels)
-    batch = batch_size or n
+    batch = min(n, batch_size or default_chunk(config.resolution, device) or n)
     steps_run = respaced.num_timesteps - (0 if stop_at_index is None else stop_at_index + 1)
     res = config.resolution
     chunks = []

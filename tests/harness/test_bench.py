@@ -54,6 +54,22 @@ def test_bench_profile_reports_every_kind_for_training_and_sampling(tmp_path):
     assert "profile base32 fp32, guided sampling step (batch 2)" in proc.stdout
 
 
+def test_bench_chunks_times_each_layout_and_chunk_size(tmp_path):
+    out = tmp_path / "chunks.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--chunks", "1,3", "--stages", "base32", "--quick",
+         "--threads", "1", "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["layout"], r["chunk"]) for r in rows} == {(la, c) for la in ("contiguous", "channels_last")
+                                                          for c in (1, 3)}
+    assert all(r["images_per_s_per_step"] > 0 for r in rows)
+    assert "best: " in proc.stdout and "default chunk here: 16" in proc.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--chunks", "4,x"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=120, check=False)
+    assert bad.returncode == 2 and "--chunks takes a comma list of chunk sizes" in bad.stderr
+
+
 def test_compile_gains_pairs_compiled_with_eager_runs():
     from cascade.harness.bench import compile_gains
 

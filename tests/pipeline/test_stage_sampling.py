@@ -92,3 +92,11 @@ def test_every_timestep_when_steps_is_none(pipe):
 
     images = stage_sampling.sample_stage(zero_eps, diffusion, config, settings, torch.tensor([1]), seed=0)
     assert images.shape == (1, 3, 32, 32) and seen == list(range(11, -1, -1))
+
+
+def test_default_chunk_is_per_resolution_on_cpu_and_everything_elsewhere():
+    from cascade.pipeline.stage_sampling import default_chunk
+
+    cpu = torch.device("cpu")
+    assert [default_chunk(r, cpu) for r in (32, 64, 128, 256, 1024)] == [16, 16, 8, 2, 1]
+    assert default_chunk(64, torch.device("cuda")) is None
