@@ -54,24 +54,24 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         per = c // g
         dy = dy.contiguous(memory_format=torch.channels_last)
         mu, r = mean.view(n, g, 1), rstd.view(n, g, 1)
-        x_centred = x - mu.expand(n, g, per).reshape(n, c, 1, 1).to(x.dtype)  # x − μ
         # Per-(sample, channel) sums over the pixels, accumulated in float32 (returned in the input's dtype: a
-        # float32 result would first copy the whole input to float32): Σ dy and Σ dy·x̂, x̂ = (x − μ)·rstd.
+        # float32 result would first copy the whole input to float32): Σ dy, Σ dy·x and so Σ dy·x̂, x̂ = (x − μ)·rstd.
         acc = mean.dtype  # float32, or float64 for float64 input
         s_dy = dy.sum((2, 3)).to(acc)
-        s_dy_xhat = (dy * x_centred).sum((2, 3)).to(acc) * r.expand(n, g, per).reshape(n, c)
+        mu_c, r_c = mu.expand(n, g, per).reshape(n, c), r.expand(n, g, per).reshape(n, c)
+        s_dy_xhat = ((dy * x).sum((2, 3)).to(acc) - mu_c * s_dy) * r_c
         weight = weight.to(acc)
         gain = weight.expand(n, c) if scale is None else weight * (1 + scale.to(acc))  # the x̂ coefficient
         # ∂L/∂x = rstd·(a·dy − mean_g(a·dy) − x̂·mean_g(a·dy·x̂)), a the x̂ coefficient (Wu & He 2018 eq. 1–3
-        # differentiated) = a·rstd·dy + b·(x − μ) + c0 per (sample, channel):
+        # differentiated) = a·rstd·dy + b·x + c0 per (sample, channel):
         count = per * h * w
         mean_g = (gain * s_dy).view(n, g, per).sum(2, keepdim=True) / count  # mean over the group of a·dy
         mean_gx = (gain * s_dy_xhat).view(n, g, per).sum(2, keepdim=True) / count  # mean of a·dy·x̂
         a = gain.view(n, g, per) * r
         b = (-r * r * mean_gx).expand(n, g, per)
-        c0 = (-r * mean_g).expand(n, g, per)
+        c0 = (-r * mean_g - b * mu).expand(n, g, per)
         dx = torch.addcmul(c0.reshape(n, c, 1, 1).to(dy.dtype), a.reshape(n, c, 1, 1).to(dy.dtype), dy)
-        dx.addcmul_(b.reshape(n, c, 1, 1).to(dy.dtype), x_centred)
+        dx.addcmul_(b.reshape(n, c, 1, 1).to(dy.dtype), x)
         if scale is None:
             return dx, s_dy_xhat.sum(0), s_dy.sum(0), None, None, None, None  # ∂L/∂γ = Σ dy·x̂, ∂L/∂β = Σ dy
         one_plus = 1 + scale.to(acc)
