@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cascade:
         return cascade_main(args)
     if args.chunks is not None:
+        for option, given in (("--compare", args.compare), ("--trainer", args.trainer), ("--compile", args.compile),
+                              ("--batch-size", args.batch_size is not None), ("--modes", args.modes != "fp32"),
+                              ("--profile", args.profile)):
+            if given:
+                raise ValueError(f"{option} does not apply to --chunks (it times the pipeline's stage sampler in "
+                                 "both layouts at --precision)")
         return chunks_main(args)
     for option, value in (("--images", args.images), ("--precision", args.precision), ("--mixed", args.mixed),
                           ("--distill-method", args.distill_method)):
@@ -150,7 +156,8 @@ def cascade_main(args) -> int:
     from cascade.training.trainer_config import DistillSettings
 
     for option, given in (("--compare", args.compare), ("--trainer", args.trainer), ("--compile", args.compile),
-                          ("--batch-size", args.batch_size is not None), ("--modes", args.modes != "fp32")):
+                          ("--batch-size", args.batch_size is not None), ("--modes", args.modes != "fp32"),
+                          ("--profile", args.profile), ("--chunks", args.chunks is not None)):
         if given:
             raise ValueError(f"{option} does not apply to --cascade (it samples the chain with each stage's own "
                              "settings)")

@@ -241,16 +241,17 @@ def profile_network(step, runner, batch_data: dict, cfg: StageConfig, diffusion,
                      shard_size=50, val_fraction=0.0, max_res=cfg.resolution)
         loader = make_stage_loader(tmp, split="train", resolution=cfg.resolution, low_resolution=cfg.low_resolution,
                                    batch_size=batch, num_workers=num_workers, epoch_length=10**6)
-        batches, window = iter(loader), new_window(device)
+        batches, window = {"iterator": iter(loader)}, new_window(device)
 
         def train_step():
             with record_function("cascade::data"):
-                fetched = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                fetched = {k: v.to(device, non_blocking=True) for k, v in next(batches["iterator"]).items()}
                 fetched = {k: (v.contiguous(memory_format=fmt) if v.ndim == 4 else v) for k, v in fetched.items()}
             step([fetched], window)
 
         step.model.train()
         out["train"] = profile_step(train_step, steps, lambda: _sync(device))
+        batches.clear()  # the loader's workers end before the shards go
     if cfg.kind != "classifier" and sample_steps > 0:
         step.model.eval()
         guided = classifier_free_guidance(runner, w, cfg.num_classes)

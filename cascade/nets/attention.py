@@ -6,8 +6,8 @@ memory-efficient kernel when xformers is importable and the tensors are on CUDA.
 Kernel choice on CPU (:func:`attention`): float32 goes to SDPA (its flash kernel). For bf16/fp16 with at most
 ``SHORT_SEQUENCE`` query tokens (maps up to 16²) the flash kernel's low-precision backward is dominated by
 per-block overhead (4.5 ms per call at 64 tokens on a bf16-native Xeon; 3–5× the float32 kernel on an AVX2 EPYC), so
-there: in training (gradients needed) the attention is written out as two low-precision batched matmuls around a
-softmax that accumulates in float32 (about half the float32 flash kernel's forward + backward time,
+there: in training (gradients needed) the attention is written out, logits and softmax in float32 and the
+probabilities times V in low precision (about half the float32 flash kernel's forward + backward time,
 docs/results/2026-12-07.md); in inference it runs in float32 and is cast back (the upcast costs O(N·d) against the
 attention's O(N²·d)). Longer low-precision sequences keep the low-precision flash kernel.
 
@@ -46,8 +46,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """softmax(QKᵀ/√d)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3) for q: B×N×H×d, k, v: B×M×H×d (tokens, heads, head dim) → B×N×H×d.
 
     Uses xformers on CUDA when available, otherwise ``F.scaled_dot_product_attention``; on CPU, bf16/fp16
-    inputs with N ≤ ``SHORT_SEQUENCE`` are attended with low-precision matmuls (`explicit_attention`) when
-    gradients are needed and in float32 otherwise (outside autocast), returned in their dtype. Raises ValueError
+    inputs with N ≤ ``SHORT_SEQUENCE`` are attended by `explicit_attention` when gradients are needed and in float32 otherwise (outside autocast), returned in their dtype. Raises ValueError
     unless q, k, v are 4-D.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -63,12 +62,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(QKᵀ/√d)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3) written out as two batched matmuls in the
-    inputs' dtype around a softmax (PyTorch's CPU softmax accumulates low-precision input in float32); same layout
-    as :func:`attention`."""
+    """softmax(QKᵀ/√d)·V (slides eq. 15; Rombach et al. 2022 'LDM' eq. 3) written out: the logits and the softmax in
+    float32, the probabilities cast to V's dtype for the second matmul; same layout as :func:`attention`."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # B×heads×N×d views
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # QKᵀ/√d (LDM eq. 3)
-    return torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2)  # softmax(·)·V (LDM eq. 3)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # QKᵀ/√d (LDM eq. 3)
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v).transpose(1, 2)  # softmax(·)·V (LDM eq. 3)
 
 
 def _num_heads(channels: int, head_channels: int) -> int:

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["GroupNorm", "group_norm"]
 
@@ -32,14 +33,10 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         n, c, h, w = x.shape
         small = h * w <= SMALL_MAP  # the channels_last forward kernel is slow on small maps: use a contiguous copy
         source = x.contiguous() if small else x
-        if scale is None:
-            y, mean, rstd = torch.native_group_norm(source, weight, bias, n, c, h * w, groups, eps)  # N×G fp32 stats
-        else:
-            x_hat, mean, rstd = torch.native_group_norm(source, None, None, n, c, h * w, groups, eps)
-            scale, shift = scale.to(weight.dtype), shift.to(weight.dtype)
-            gain = weight * (1 + scale)  # γ(1 + scale): N×C
-            offset = torch.addcmul(shift, bias, 1 + scale)  # β(1 + scale) + shift
-            y = torch.addcmul(offset.to(x.dtype)[:, :, None, None], x_hat, gain.to(x.dtype)[:, :, None, None])
+        # mean, rstd: N×G in float32 for low-precision input (the float32 affine makes the call mixed-precision)
+        y, mean, rstd = torch.native_group_norm(source, weight, bias, n, c, h * w, groups, eps)
+        if scale is not None:  # GN(x)·(1 + scale) + shift
+            y = torch.addcmul(shift.to(y.dtype)[:, :, None, None], y, (1 + scale).to(y.dtype)[:, :, None, None])
         if small:
             y = y.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, weight, bias, scale, mean, rstd)
@@ -47,6 +44,7 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, bias, scale, mean, rstd = ctx.saved_tensors
         n, c, h, w = x.shape
@@ -57,21 +55,26 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         # Per-(sample, channel) sums over the pixels, accumulated in float32 (returned in the input's dtype: a
         # float32 result would first copy the whole input to float32): Σ dy, Σ dy·x and so Σ dy·x̂, x̂ = (x − μ)·rstd.
         acc = mean.dtype  # float32, or float64 for float64 input
-        s_dy = dy.sum((2, 3)).to(acc)
         mu_c, r_c = mu.expand(n, g, per).reshape(n, c), r.expand(n, g, per).reshape(n, c)
-        s_dy_xhat = ((dy * x).sum((2, 3)).to(acc) - mu_c * s_dy) * r_c
+        # Low precision: centre x first (x − μ rounds once, relative to x − μ), so a large group mean does not cancel
+        # against rounded products below.
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        xc = x - mu_c[:, :, None, None].to(x.dtype) if low else x
+        s_dy = dy.sum((2, 3)).to(acc)
+        s_dy_xc = (dy * xc).sum((2, 3)).to(acc)
+        s_dy_xhat = (s_dy_xc if low else s_dy_xc - mu_c * s_dy) * r_c
         weight = weight.to(acc)
         gain = weight.expand(n, c) if scale is None else weight * (1 + scale.to(acc))  # the x̂ coefficient
         # ∂L/∂x = rstd·(a·dy − mean_g(a·dy) − x̂·mean_g(a·dy·x̂)), a the x̂ coefficient (Wu & He 2018 eq. 1–3
-        # differentiated) = a·rstd·dy + b·x + c0 per (sample, channel):
+        # differentiated) = a·rstd·dy + b·xc + c0 per (sample, channel), xc = x − μ or x:
         count = per * h * w
         mean_g = (gain * s_dy).view(n, g, per).sum(2, keepdim=True) / count  # mean over the group of a·dy
         mean_gx = (gain * s_dy_xhat).view(n, g, per).sum(2, keepdim=True) / count  # mean of a·dy·x̂
         a = gain.view(n, g, per) * r
         b = (-r * r * mean_gx).expand(n, g, per)
-        c0 = (-r * mean_g - b * mu).expand(n, g, per)
+        c0 = (-r * mean_g - (0 if low else b * mu)).expand(n, g, per)
         dx = torch.addcmul(c0.reshape(n, c, 1, 1).to(dy.dtype), a.reshape(n, c, 1, 1).to(dy.dtype), dy)
-        dx.addcmul_(b.reshape(n, c, 1, 1).to(dy.dtype), x)
+        dx.addcmul_(b.reshape(n, c, 1, 1).to(dy.dtype), xc)
         if scale is None:
             return dx, s_dy_xhat.sum(0), s_dy.sum(0), None, None, None, None  # ∂L/∂γ = Σ dy·x̂, ∂L/∂β = Σ dy
         one_plus = 1 + scale.to(acc)
@@ -84,15 +87,17 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (Wu & He 2018 eq. 1–3) that also applies ADM's per-sample scale-shift: ``forward(x,
     scale=None, shift=None)``: GN(x)·(1 + scale) + shift with scale, shift N×C×1×1 (Dhariwal & Nichol 2021 §3).
-    On CPU channels_last input its backward is computed in closed form (`_ChannelsLastGroupNorm`), and the
-    scale-shift is folded into the normalisation's affine there (one pass over the map, and none in the backward);
-    values and gradients equal ``F.group_norm``'s up to rounding (bf16: within two bf16 units of the largest
-    entry)."""
+    On CPU channels_last input (affine, the default) its backward, scale-shift included, is computed in closed form
+    (`_ChannelsLastGroupNorm`: no separate backward pass for the scale-shift); values and gradients equal
+    ``F.group_norm``'s up to rounding (bf16: within a few bf16 units of the largest entry). ValueError when only one
+    of scale and shift is given."""
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
                 shift: torch.Tensor | None = None) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
-                and not x.is_contiguous()):
+        if (scale is None) != (shift is None):
+            raise ValueError("GroupNorm takes scale and shift together (N×C×1×1 each) or neither")
+        if (self.affine and x.device.type == "cpu" and x.ndim == 4
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             if torch.is_grad_enabled() or scale is not None:
                 flat = (None, None) if scale is None else (scale.flatten(1), shift.flatten(1))
                 return _ChannelsLastGroupNorm.apply(x, self.weight, self.bias, *flat, self.num_groups, self.eps)

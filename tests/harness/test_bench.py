@@ -68,6 +68,9 @@ def test_bench_chunks_times_each_layout_and_chunk_size(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--chunks", "4,x"], capture_output=True,
                          text=True, cwd=tmp_path, timeout=120, check=False)
     assert bad.returncode == 2 and "--chunks takes a comma list of chunk sizes" in bad.stderr
+    other = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--chunks", "4", "--profile"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
+    assert other.returncode == 2 and "--profile does not apply to --chunks" in other.stderr
 
 
 def test_compile_gains_pairs_compiled_with_eager_runs():

@@ -89,3 +89,29 @@ def test_scale_shift_matches_addcmul_of_group_norm(dtype, tol, size):
         assert (got.double() - want.grad).abs().max() <= tol * want.grad.abs().max()
     with torch.no_grad():  # inference folds the scale-shift the same way
         assert (gn(x, scale, shift).double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_bf16_gradients_stay_accurate_when_the_group_mean_is_large(with_scale):
+    torch.manual_seed(4)
+    gn = group_norm(16, 4)
+    x = (torch.randn(2, 16, 20, 20) + 20).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+    scale, shift = (0.1 * torch.randn(2, 16, 1, 1), 0.1 * torch.randn(2, 16, 1, 1)) if with_scale else (None, None)
+    y = gn(x, scale, shift)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xr = x.detach().double().requires_grad_()
+    ref = F.group_norm(xr, 4, gn.weight.double(), gn.bias.double())
+    if with_scale:
+        ref = torch.addcmul(shift.double(), ref, 1 + scale.double())
+    ref.backward(dy.double())
+    assert (x.grad.double() - xr.grad).abs().max() <= 4 * 2.0**-7 * xr.grad.abs().max()
+
+
+def test_unusual_settings_fall_back_or_are_refused():
+    x = torch.randn(2, 8, 20, 20).contiguous(memory_format=torch.channels_last).requires_grad_()
+    plain = GroupNorm(4, 8, affine=False, eps=1e-3)
+    torch.testing.assert_close(plain(x), F.group_norm(x, 4, eps=1e-3))
+    plain(x).sum().backward()
+    with pytest.raises(ValueError, match="scale and shift together"):
+        group_norm(8, 4)(x, torch.zeros(2, 8, 1, 1))
