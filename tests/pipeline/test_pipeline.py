@@ -75,8 +75,10 @@ def test_starting_noise_does_not_depend_on_batch_size(pipe_base):
         pipe_base.stages[0].model = bare
     first_whole, first_single = spy.calls[0]["x"], torch.cat([c["x"] for c in spy.calls[2::2]])
     assert torch.equal(first_whole, first_single)  # x_T of each sample comes from its own generator
-    # DDIM (η = 0) is deterministic given x_T: equal up to the rounding of batched convolutions.
-    torch.testing.assert_close(whole["base32"], one_by_one["base32"], atol=1e-3, rtol=0)
+    # DDIM (η = 0) is deterministic given x_T: equal up to the rounding of batched convolutions (oneDNN picks its
+    # kernels by batch shape; in bf16 that rounding is a few bf16 units of the image values).
+    atol = 5e-2 if pipe_base.precision == "bf16" else 1e-3
+    torch.testing.assert_close(whole["base32"], one_by_one["base32"], atol=atol, rtol=0)
 
 
 def test_ancestral_samples_do_not_depend_on_batch_size(pipe_64):
