@@ -89,6 +89,17 @@ def _image(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
+def _output(channels: int, magnitude_preserving: bool):
+    """An attention block's output projection and residual sum: a zero-initialised linear layer and x + h, or an MP
+    linear layer and MP-Sum (EDM2 Configs C, F)."""
+    if magnitude_preserving:
+        return MPLinear(channels, channels), mp_residual
+    proj = nn.Linear(channels, channels)
+    nn.init.zeros_(proj.weight)
+    nn.init.zeros_(proj.bias)
+    return proj, operator.add
+
+
 class SelfAttention2d(nn.Module):
     """Residual multi-head self-attention over the pixels of a feature map (zero-initialized output).
     ``magnitude_preserving``: MP linear layers and an MP-Sum residual instead (EDM2 Configs C, F)."""
@@ -98,13 +109,8 @@ class SelfAttention2d(nn.Module):
         super().__init__()
         self.num_heads = _num_heads(channels, head_channels)
         self.norm = group_norm(channels, norm_groups)
-        linear = MPLinear if magnitude_preserving else nn.Linear
-        self.qkv = linear(channels, 3 * channels)
-        self.proj = linear(channels, channels)
-        self.residual = mp_residual if magnitude_preserving else operator.add
-        if not magnitude_preserving:
-            nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
+        self.qkv = (MPLinear if magnitude_preserving else nn.Linear)(channels, 3 * channels)
+        self.proj, self.residual = _output(channels, magnitude_preserving)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -125,11 +131,7 @@ class CrossAttention2d(nn.Module):
         linear = MPLinear if magnitude_preserving else nn.Linear
         self.to_q = linear(channels, channels)
         self.to_kv = linear(context_dim, 2 * channels)
-        self.proj = linear(channels, channels)
-        self.residual = mp_residual if magnitude_preserving else operator.add
-        if not magnitude_preserving:
-            nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
+        self.proj, self.residual = _output(channels, magnitude_preserving)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
