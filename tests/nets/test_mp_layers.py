@@ -57,10 +57,12 @@ def test_forced_weight_normalisation_after_a_training_step():
     conv = MPConv2d(8, 12, 3, padding=1)
     optimizer = torch.optim.Adam(conv.parameters(), lr=0.1)
     x = torch.randn(4, 8, 10, 10)
-    conv(x).square().mean().backward()
+    conv(x).square().mean().backward()  # a training forward first normalises the stored weights
+    unit = torch.full((12,), math.sqrt(72))
+    torch.testing.assert_close(conv.weight.detach().flatten(1).norm(dim=1), unit, rtol=1e-3, atol=0)
     optimizer.step()
     row_norms = conv.weight.flatten(1).norm(dim=1)
-    assert not torch.allclose(row_norms, torch.full((12,), math.sqrt(72)), rtol=1e-3)  # the step moved them
+    assert not torch.allclose(row_norms, unit, rtol=1e-3)  # the step moved them off the unit sphere
     conv.eval()
     before = conv.weight.detach().clone()
     out_eval = conv(x)
