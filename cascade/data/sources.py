@@ -2,7 +2,9 @@
 
 A source is a list of picklable `SourceItem`s (class index + a reference) and a `load(item)` that
 returns a PIL image; the writer (`cascade.data.shards`) applies the bad-input policy, the square crop and
-the resolution pyramid. Generated sources are deterministic functions of (seed, class, index).
+the resolution pyramid. Generated sources are deterministic functions of (seed, class, index). One module because
+it is one job, turning a source name into items and images: every source implements the same small interface and
+`get_source` chooses among them (the procedural drawing lives in `cascade.data.synthetic`).
 
 - `synthetic`: procedural 256² images drawn by `cascade.data.synthetic`; each class has its own shape,
   background texture, texture frequency and colour palette.

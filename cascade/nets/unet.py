@@ -8,6 +8,9 @@ resolutions; zero-initialized output convolutions; optional gradient checkpointi
 
 Written for channels_last + bf16 autocast: the layers keep the input's memory format, the pixel tokens
 of attention are views, and nothing upcasts to float32 except the tiny embedding inputs and the output.
+
+One module because its parts are one network: the blocks exist only to be composed by `UNetEncoder` / `UNet`, and
+the magnitude-preserving variant swaps layers inside the same blocks (`cascade.nets.mp_layers` holds those layers).
 """
 
 from __future__ import annotations
