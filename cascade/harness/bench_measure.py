@@ -199,36 +199,44 @@ def measure_network(model_name: str, stage_name: str, cfg: StageConfig, mode: st
     else:  # ru_maxrss is in KiB on Linux: the training steps' growth of the process's peak resident set
         result["peak_memory_mib"] = rss_peak / 1024
         result["train_memory_growth_mib"] = (rss_peak - rss_before) / 1024
-    if cfg.kind != "classifier" and sample_steps > 0:
+    sampling = (guided_sampling(runner, diffusion, cfg, batch_data, batch, device, opts["bf16"], w, sample_steps)
+                if cfg.kind != "classifier" and sample_steps > 0 else None)
+    if sampling:
+        sample, num_steps = sampling
         model.eval()
-        guided = classifier_free_guidance(runner, w, cfg.num_classes)
-        respaced = diffusion.respace(f"ddim{sample_steps}")
-        kwargs = {"y": batch_data["y"]}
-        if cfg.low_resolution:
-            kwargs.update(x_low=batch_data["x_low"], aug_level=torch.full((batch,), 0.1, device=device))
-        shape_x = (batch, 3, cfg.resolution, cfg.resolution)
-
-        def sample():
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["bf16"]):
-                sample_ddim(guided, respaced, shape_x, model_kwargs=kwargs)
-
-        total = _time(sample, device, 1, repeats, warmup=1)
-        per_step = total / respaced.num_timesteps
-        result.update({"sample_steps": respaced.num_timesteps, "sample_step_s": per_step,
+        per_step = _time(sample, device, 1, repeats, warmup=1) / num_steps
+        result.update({"sample_steps": num_steps, "sample_step_s": per_step,
                        "sample_images_per_s_per_step": batch / per_step,
                        "sample_gflops_per_s": 2 * flops * batch / per_step / 1e9})  # CFG: 2 forwards per image
     if profile:
-        result["profile"] = profile_network(step, runner, batch_data, cfg, diffusion, batch, device, opts, w,
-                                            sample_steps, profile, num_workers)
+        result["profile"] = profile_network(step, cfg, batch, device, opts, sampling, profile, num_workers)
     result["loadavg_1m"] = [load_before, os.getloadavg()[0]]
     return result
 
 
-def profile_network(step, runner, batch_data: dict, cfg: StageConfig, diffusion, batch: int, device: torch.device,
-                    opts: dict, w: float, sample_steps: int, steps: int, num_workers: int) -> dict:
+def guided_sampling(runner, diffusion, cfg: StageConfig, batch_data: dict, batch: int, device: torch.device,
+                    bf16: bool, w: float, sample_steps: int):
+    """(sample, steps): a call running ``sample_steps`` DDIM steps with batched classifier-free guidance (weight
+    ``w``) on ``batch`` images of the stage (SR inputs from ``batch_data``, level 0.1), under bf16 autocast if asked."""
+    guided = classifier_free_guidance(runner, w, cfg.num_classes)
+    respaced = diffusion.respace(f"ddim{sample_steps}")
+    kwargs = {"y": batch_data["y"]}
+    if cfg.low_resolution:
+        kwargs.update(x_low=batch_data["x_low"], aug_level=torch.full((batch,), 0.1, device=device))
+    shape_x = (batch, 3, cfg.resolution, cfg.resolution)
+
+    def sample():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            sample_ddim(guided, respaced, shape_x, model_kwargs=kwargs)
+
+    return sample, respaced.num_timesteps
+
+
+def profile_network(step, cfg: StageConfig, batch: int, device: torch.device, opts: dict, sampling, steps: int,
+                    num_workers: int) -> dict:
     """{"train": ..., "sample": ...}: `profile_step` of ``steps`` training steps, each fetching its batch from the
-    stage's loader over a temporary synthetic shard set (labelled "data"), and of one guided DDIM sampling run,
-    per sampling step."""
+    stage's loader over a temporary synthetic shard set (labelled "data"), and, given ``sampling`` (`guided_sampling`'s
+    pair), of one guided DDIM sampling run, per sampling step."""
     from torch.profiler import record_function
 
     from cascade.data.shards import write_shards
@@ -252,20 +260,10 @@ def profile_network(step, runner, batch_data: dict, cfg: StageConfig, diffusion,
         step.model.train()
         out["train"] = profile_step(train_step, steps, lambda: _sync(device))
         batches.clear()  # the loader's workers end before the shards go
-    if cfg.kind != "classifier" and sample_steps > 0:
+    if sampling:
+        sample, n = sampling
         step.model.eval()
-        guided = classifier_free_guidance(runner, w, cfg.num_classes)
-        respaced = diffusion.respace(f"ddim{sample_steps}")
-        kwargs = {"y": batch_data["y"]}
-        if cfg.low_resolution:
-            kwargs.update(x_low=batch_data["x_low"], aug_level=torch.full((batch,), 0.1, device=device))
-
-        def sample():
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["bf16"]):
-                sample_ddim(guided, respaced, (batch, 3, cfg.resolution, cfg.resolution), model_kwargs=kwargs)
-
         run = profile_step(sample, 1, lambda: _sync(device))
-        n = respaced.num_timesteps
         out["sample"] = {"profiled_ms": run["profiled_ms"] / n, "kinds": {k: v / n for k, v in run["kinds"].items()}}
     return out
 
