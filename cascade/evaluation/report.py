@@ -108,10 +108,13 @@ def settings_lines(meta: Mapping[str, Any]) -> list[str]:
 
 
 def best_flags(best: Mapping[str, Mapping[str, Any]]) -> str:
-    """`--w base32=3,sr64=1 --aug-level sr64=0.1` from best_setting's records."""
+    """`--w base32=3,sr64=1 --aug-level sr64=0.1` from best_setting's records, with `--guide base32=auto
+    --guide-ckpt base32=PATH` for the stages autoguided (w weighs the guide there, not the unconditional model)."""
     w = ",".join(f"{stage}={r['w']:g}" for stage, r in best.items())
     s = ",".join(f"{stage}={r['aug_level']:g}" for stage, r in best.items() if r.get("aug_level") is not None)
-    return f"--w {w}" + (f" --aug-level {s}" if s else "")
+    auto = [(stage, r["guide_checkpoint"]) for stage, r in best.items() if r.get("guide") == "auto"]
+    guide = "".join(f" --guide {stage}=auto --guide-ckpt {stage}={path}" for stage, path in auto)
+    return f"--w {w}" + (f" --aug-level {s}" if s else "") + guide
 
 
 def sweep_markdown(records: Sequence[Mapping], best: Mapping[str, Mapping], meta: Mapping) -> str:

@@ -111,7 +111,8 @@ def _stage_sampler(pipeline: CascadePipeline, data: EvalData, plan: SamplingPlan
 def _record(stage: str, setting: SamplingSettings, mode: str, rank_by: str, metrics: Mapping) -> dict[str, Any]:
     ranked = metrics["features"][rank_by]
     cas = metrics.get("cas")
-    return {"stage": stage, "w": setting.w, "aug_level": setting.aug_level, "mode": mode, "feature_net": rank_by,
+    return {"stage": stage, "w": setting.w, "aug_level": setting.aug_level, "guide": setting.guide,
+            "guide_checkpoint": setting.guide_checkpoint, "mode": mode, "feature_net": rank_by,
             "fid": ranked["fid"], "kid_mean": ranked["kid_mean"], "kid_std": ranked["kid_std"],
             "is_mean": ranked.get("is_mean"), "precision": ranked.get("precision"), "recall": ranked.get("recall"),
             "num_samples": ranked["num_fake"], "fid_biased": ranked["fid_biased"],

@@ -23,7 +23,7 @@ from cascade.evaluation.reference_stats import (
     reference_stats_path,
     shard_fingerprint,
 )
-from cascade.evaluation.report import write_report
+from cascade.evaluation.report import best_flags, write_report
 from cascade.imageops import downsample, upsample
 
 RES = 16
@@ -289,3 +289,12 @@ def test_sweep_plot_and_best_setting(tmp_path):
     assert os.path.getsize(tmp_path / "sweep.png") > 1000
     with pytest.raises(ValueError, match="mixes feature networks"):
         best_setting(records + [{**records[0], "feature_net": "inception-v3"}])
+
+
+def test_best_flags_name_the_autoguide_so_w_keeps_its_meaning():
+    best = {"base32": {"w": 2.0, "aug_level": None, "guide": "auto", "guide_checkpoint": "runs/small/base32"},
+            "sr64": {"w": 1.0, "aug_level": 0.1, "guide": "cfg", "guide_checkpoint": None}}
+    assert best_flags(best) == ("--w base32=2,sr64=1 --aug-level sr64=0.1 "
+                                "--guide base32=auto --guide-ckpt base32=runs/small/base32")
+    best["base32"]["guide"] = "cfg"
+    assert best_flags(best) == "--w base32=2,sr64=1 --aug-level sr64=0.1"
