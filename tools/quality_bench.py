@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w", type=float, default=None,
                    help="default guidance weight of the samplers (default: the stage's own sampling.w)")
     p.add_argument("--per-class", type=int, default=None,
-                   help="samples per class (SR: val inputs per class) (default 20)")
+                   help="samples per class (SR: val inputs per class) (default: as many as the val split's "
+                        "smallest class holds, so FD and KID compare as many samples as real val images)")
     p.add_argument("--size", default="tiny", help="stage preset size: tiny or paper (default tiny)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the judge (default 0)")
     p.add_argument("--workers", type=_workers, default="auto",
@@ -163,7 +164,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         stage=args.stage, data=Path(args.data), out=Path(args.out or Path("quality") / args.stage), recipes=recipes,
         samplers=samplers, minutes=minutes, steps=steps,
-        per_class=args.per_class if args.per_class is not None else quick.get("per_class", 20), size=args.size,
+        per_class=args.per_class if args.per_class is not None else quick.get("per_class"), size=args.size,
         seed=args.seed, num_workers=args.workers, sample_batch=args.sample_batch, judge=judge,
         cas=CASSettings() if args.cas else None, overwrite=args.overwrite, reuse=args.reuse, progress=args.progress,
         distill_minutes=args.distill, distill_steps=args.distill_steps, distill=distill,

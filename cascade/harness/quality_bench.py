@@ -111,7 +111,7 @@ class BenchConfig:
     samplers: list[SamplerSetting]
     minutes: float | None = None
     steps: int | None = None
-    per_class: int = 20
+    per_class: int | None = None  # samples (SR: val inputs) per class; None: the val split's smallest class count
     size: str = "tiny"
     seed: int = 0
     num_workers: int | str = "auto"  # data.num_workers of every training run
@@ -169,7 +169,8 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
         raise BenchError(f"--distill-steps must be >= 1, got {cfg.distill_steps}")
     if cfg.student_samplers and not cfg.distilling:
         raise BenchError("--student-samplers samples the distilled students: add --distill MINUTES or --distill-steps N")
-    for what, value, low in (("--per-class", cfg.per_class, 1), ("--sample-batch", cfg.sample_batch, 1),
+    for what, value, low in (("--per-class", 1 if cfg.per_class is None else cfg.per_class, 1),
+                             ("--sample-batch", cfg.sample_batch, 1),
                              ("--workers", 0 if cfg.num_workers == "auto" else cfg.num_workers, 0),
                              ("--seed", cfg.seed, 0)):
         if value < low:
@@ -182,6 +183,13 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
             shard_fingerprint(cfg.data, split)
     except (FileNotFoundError, ValueError) as err:
         raise BenchError(f"--data: {err}; pass a shard folder written by tools/make_shards.py") from None
+    if cfg.per_class is None:  # as many samples as real val images: FD's estimator bias alike on both sides
+        val_counts = info["counts"]["val"]["per_class"]
+        fewest = min(range(len(val_counts)), key=val_counts.__getitem__)
+        if val_counts[fewest] < 1:
+            raise BenchError(f"--data: class {info['class_names'][fewest]!r} has no val images; rewrite the shards "
+                             "with a larger --val-fraction or pass --per-class N")
+        cfg = dataclasses.replace(cfg, per_class=val_counts[fewest])
     try:
         stage_cfg = presets[cfg.stage](cfg.size, len(info["class_names"]))
     except ValueError as err:

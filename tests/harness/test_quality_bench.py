@@ -142,6 +142,34 @@ def test_bad_options_are_one_line_errors(tool, shards, tmp_path, capsys, args, m
     assert not (tmp_path / "out").exists()  # nothing ran
 
 
+def test_samples_per_class_default_to_the_val_split_and_an_empty_class_is_refused(tool, shards, tmp_path, capsys):
+    import functools
+
+    import stages
+    from cascade.harness.quality_bench import prepare
+
+    presets = {name: functools.partial(stages.get_stage, name) for name in stages.STAGE_NAMES}
+
+    def prepared(*extra):
+        args = tool.build_parser().parse_args(["--stage", "base32", "--data", str(shards), "--out",
+                                               str(tmp_path / "out"), "--steps", "2", *extra])
+        return prepare(tool.config_from_args(args), presets).config
+
+    info_path = shards / "dataset.json"
+    info = json.loads(info_path.read_text())
+    val_counts = info["counts"]["val"]["per_class"]
+    assert prepared().per_class == min(val_counts) >= 1  # as many samples as real val images per class
+    assert prepared("--per-class", "3").per_class == 3
+    info["counts"]["val"]["per_class"][2] = 0
+    info_path.write_text(json.dumps(info))
+    assert prepared("--per-class", "3").per_class == 3  # an explicit count needs no val images of every class
+    assert tool.main(["--stage", "base32", "--data", str(shards), "--out", str(tmp_path / "out"), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"--data: class {info['class_names'][2]!r} has no val images; rewrite the shards with a larger " \
+           "--val-fraction or pass --per-class N" in err
+
+
 def test_recipe_with_a_key_the_configuration_lacks_names_it():
     import stages
     from cascade.training.trainer_config import TrainerConfig
