@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default guidance weight of the samplers (default: the stage's own sampling.w)")
     p.add_argument("--per-class", type=int, default=None,
                    help="samples per class (SR: val inputs per class) (default: as many as the val split's "
-                        "smallest class holds, so FD and KID compare as many samples as real val images)")
+                        "smallest class holds, so samples and real val images are about as many)")
     p.add_argument("--size", default="tiny", help="stage preset size: tiny or paper (default tiny)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the judge (default 0)")
     p.add_argument("--workers", type=_workers, default="auto",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -108,13 +109,17 @@ def settings_lines(meta: Mapping[str, Any]) -> list[str]:
 
 
 def best_flags(best: Mapping[str, Mapping[str, Any]]) -> str:
-    """`--w base32=3,sr64=1 --aug-level sr64=0.1` from best_setting's records, with `--guide base32=auto
-    --guide-ckpt base32=PATH` for the stages autoguided (w weighs the guide there, not the unconditional model)."""
+    """`--w base32=3,sr64=1 --aug-level sr64=0.1 --guide base32=cfg,sr64=cfg` from best_setting's records, with
+    `--guide-ckpt STAGE=PATH` (shell-quoted) for each autoguided stage: the guide is named for every stage, since w
+    weighs a different model under each and a checkpoint's own default guide may differ from the one swept."""
     w = ",".join(f"{stage}={r['w']:g}" for stage, r in best.items())
     s = ",".join(f"{stage}={r['aug_level']:g}" for stage, r in best.items() if r.get("aug_level") is not None)
-    auto = [(stage, r["guide_checkpoint"]) for stage, r in best.items() if r.get("guide") == "auto"]
-    guide = "".join(f" --guide {stage}=auto --guide-ckpt {stage}={path}" for stage, path in auto)
-    return f"--w {w}" + (f" --aug-level {s}" if s else "") + guide
+    flags = f"--w {w}" + (f" --aug-level {s}" if s else "")
+    if all(r.get("guide") for r in best.values()):
+        flags += " --guide " + ",".join(f"{stage}={r['guide']}" for stage, r in best.items())
+        auto = [f"{stage}={r['guide_checkpoint']}" for stage, r in best.items() if r["guide"] == "auto"]
+        flags += "".join(f" --guide-ckpt {shlex.quote(pair)}" for pair in auto)
+    return flags
 
 
 def sweep_markdown(records: Sequence[Mapping], best: Mapping[str, Mapping], meta: Mapping) -> str:

@@ -111,7 +111,7 @@ class BenchConfig:
     samplers: list[SamplerSetting]
     minutes: float | None = None
     steps: int | None = None
-    per_class: int | None = None  # samples (SR: val inputs) per class; None: the val split's smallest class count
+    per_class: int | None = None  # samples (SR: val inputs) per class; None: as many as the val split's smallest class
     size: str = "tiny"
     seed: int = 0
     num_workers: int | str = "auto"  # data.num_workers of every training run
@@ -184,7 +184,10 @@ def prepare(cfg: BenchConfig, presets: Mapping[str, Callable[[str, int], StageCo
     except (FileNotFoundError, ValueError) as err:
         raise BenchError(f"--data: {err}; pass a shard folder written by tools/make_shards.py") from None
     if cfg.per_class is None:  # as many samples as real val images: FD's estimator bias alike on both sides
-        val_counts = info["counts"]["val"]["per_class"]
+        val_counts = info.get("counts", {}).get("val", {}).get("per_class")
+        if not val_counts:
+            raise BenchError(f"--data: {cfg.data / 'dataset.json'} does not count the val images per class; rewrite "
+                             "the shards with tools/make_shards.py or pass --per-class N")
         fewest = min(range(len(val_counts)), key=val_counts.__getitem__)
         if val_counts[fewest] < 1:
             raise BenchError(f"--data: class {info['class_names'][fewest]!r} has no val images; rewrite the shards "

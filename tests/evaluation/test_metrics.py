@@ -291,10 +291,13 @@ def test_sweep_plot_and_best_setting(tmp_path):
         best_setting(records + [{**records[0], "feature_net": "inception-v3"}])
 
 
-def test_best_flags_name_the_autoguide_so_w_keeps_its_meaning():
-    best = {"base32": {"w": 2.0, "aug_level": None, "guide": "auto", "guide_checkpoint": "runs/small/base32"},
-            "sr64": {"w": 1.0, "aug_level": 0.1, "guide": "cfg", "guide_checkpoint": None}}
-    assert best_flags(best) == ("--w base32=2,sr64=1 --aug-level sr64=0.1 "
-                                "--guide base32=auto --guide-ckpt base32=runs/small/base32")
-    best["base32"]["guide"] = "cfg"
-    assert best_flags(best) == "--w base32=2,sr64=1 --aug-level sr64=0.1"
+def test_best_flags_name_every_stages_guide_and_quote_the_guide_checkpoints():
+    best = {"base32": {"w": 2.0, "aug_level": None, "guide": "auto", "guide_checkpoint": "runs/small base32"},
+            "sr64": {"w": 1.0, "aug_level": 0.1, "guide": "auto", "guide_checkpoint": "runs/sr64-4min"},
+            "sr128": {"w": 0.0, "aug_level": 0.2, "guide": "cfg", "guide_checkpoint": None}}
+    assert best_flags(best) == ("--w base32=2,sr64=1,sr128=0 --aug-level sr64=0.1,sr128=0.2 "
+                                "--guide base32=auto,sr64=auto,sr128=cfg "
+                                "--guide-ckpt 'base32=runs/small base32' --guide-ckpt sr64=runs/sr64-4min")
+    for r in best.values():
+        del r["guide"], r["guide_checkpoint"]  # records written before the guide was recorded
+    assert best_flags(best) == "--w base32=2,sr64=1,sr128=0 --aug-level sr64=0.1,sr128=0.2"

@@ -159,6 +159,9 @@ def test_samples_per_class_default_to_the_val_split_and_an_empty_class_is_refuse
     info = json.loads(info_path.read_text())
     val_counts = info["counts"]["val"]["per_class"]
     assert prepared().per_class == min(val_counts) >= 1  # as many samples as real val images per class
+    info["counts"]["val"]["per_class"] = [3, 1, *val_counts[2:]]  # the smallest class decides
+    info_path.write_text(json.dumps(info))
+    assert prepared().per_class == 1
     assert prepared("--per-class", "3").per_class == 3
     info["counts"]["val"]["per_class"][2] = 0
     info_path.write_text(json.dumps(info))
@@ -168,6 +171,10 @@ def test_samples_per_class_default_to_the_val_split_and_an_empty_class_is_refuse
     assert err.count("\n") == 1
     assert f"--data: class {info['class_names'][2]!r} has no val images; rewrite the shards with a larger " \
            "--val-fraction or pass --per-class N" in err
+    del info["counts"]["val"]["per_class"]
+    info_path.write_text(json.dumps(info))
+    assert tool.main(["--stage", "base32", "--data", str(shards), "--out", str(tmp_path / "out"), "--steps", "2"]) == 2
+    assert "does not count the val images per class; rewrite the shards" in capsys.readouterr().err
 
 
 def test_recipe_with_a_key_the_configuration_lacks_names_it():
