@@ -7,7 +7,7 @@ not depend on the weights), and the distilled student of each (`cascade.training
 student, sampled by DDIM in 4 steps for a base stage and 2 for an SR stage). It then samples ``images`` images through the whole chain with `CascadePipeline`, each stage
 at its own default settings, in three configurations (`CONFIGURATIONS`):
 
-- ``teachers``: every stage as trained from data (the tiny presets: base32 ddpm 40 steps at w = 1, sr64 ddpm 25 at
+- ``teachers``: every stage as trained from data (the tiny presets: base32 ddim 25 steps at w = 1, sr64 ddpm 25 at
   w = 1, sr128 and sr256 ddpm 25 unguided);
 - ``students``: every stage replaced by its student (`DistillSettings` defaults: step distillation, DDIM in 4 steps
   for a base stage, 2 for an SR stage; one network evaluation per step);

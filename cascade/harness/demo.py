@@ -131,7 +131,7 @@ def with_distillation(budget: DemoBudget, *, seconds: dict[str, float] | None = 
     return dataclasses.replace(budget, train_seconds=train_seconds, distill_seconds=seconds, distill_steps=steps)
 
 
-# Sampling: each stage's own `SamplingSettings` (the tiny presets: base32 ancestral 40 steps at w = 1, sr64
+# Sampling: each stage's own `SamplingSettings` (the tiny presets: base32 DDIM 25 steps at w = 1, sr64
 # / sr128 / sr256 ancestral 25 steps, SR inputs at s = 0.03); the quick budget only takes fewer steps.
 # Training: 11.2 minutes in all, by the clock (the steps they bought: docs/results/2026-12-02.md).
 DEFAULT = DemoBudget(

@@ -51,8 +51,8 @@ def test_quick_cascade_speed_has_three_configurations_with_planned_nfe(bench_too
         assert row["nfe_per_image"] == sum(s["nfe_per_image"] for s in row["stages"].values())
         assert row["images_per_s"] == pytest.approx(1 / row["seconds_per_image"])
         assert row["speedup"] == pytest.approx(rows["teachers"]["seconds_per_image"] / row["seconds_per_image"])
-    # today's defaults: base32 ddpm 40 at w = 1 and sr64 ddpm 25 at w = 1 (guided: 2 each); students 4 and 2 steps
-    assert [rows[c]["nfe_per_image"] for c in CONFIGURATIONS] == [80 + 50, 4 + 2, 4 + 50]
+    # today's defaults: base32 ddim 25 at w = 1 and sr64 ddpm 25 at w = 1 (guided: 2 each); students 4 and 2 steps
+    assert [rows[c]["nfe_per_image"] for c in CONFIGURATIONS] == [50 + 50, 4 + 2, 4 + 50]
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [line.split(":")[0] for line in table[1:]] == ["| teachers", "| students", "| mixed"]
     assert "s per 64² image" in table[0] and table[1].endswith("| 1.0× |")
