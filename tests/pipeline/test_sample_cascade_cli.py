@@ -184,7 +184,7 @@ def test_guidance_changes_only_the_stage_it_names_and_the_summary_marks_it(runs_
         row = rows[name]
         w = settings["stages"][name]["w"]
         assert f"step {settings['checkpoints'][name]['step']}" in row
-        assert "ddpm 1 steps (--steps)" in row  # a bare --steps is every stage's
+        assert f"{settings['stages'][name]['sampler']} 1 steps (--steps)" in row  # a bare --steps is every stage's
         assert (f"w={w:g} (--w)" in row) == (name == marked), row
         assert f"w={w:g}" in row
         assert f"{2 if w > 0 else 1} NFE/image" in row  # one step, doubled by guidance
