@@ -139,7 +139,7 @@ class CascadePipeline:
     def describe(self, plan: SamplingPlan, overrides: Mapping[str, Any] | None = None, *,
                  labels: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
         """One (stage name, text) row per stage of ``plan``: its checkpoint and step, then `describe_stage_plan`,
-        e.g. ``runs/base32/checkpoints/step-00002000 step 2000 · 32x32 · ddim 25 steps · w=3 (--w) · 50 NFE/image``
+        e.g. ``runs/base32/checkpoints/step-00002000 step 2000 · 32x32 · ddim 25 steps · eta=0 · w=3 (--w) · 50 NFE/image``
         (rows for `cascade.summary.print_summary`). ``overrides``: those passed to `settings` for the plan; each
         value a stage took from them is marked with ``labels[setting]`` (default "set"); unmarked values are the
         checkpoint's own."""

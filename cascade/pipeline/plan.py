@@ -211,7 +211,7 @@ def network_evaluations(settings: SamplingSettings, timesteps: Sequence[int], st
 
 
 def describe_stage_plan(sp: StagePlan, marks: Mapping[str, str] | None = None) -> str:
-    """One line of what stage plan ``sp`` samples with, e.g. ``32x32 · ddim 25 steps · w=3 (--w) · 50 NFE/image``:
+    """One line of what stage plan ``sp`` samples with, e.g. ``32x32 · ddim 25 steps · eta=0 · w=3 (--w) · 50 NFE/image``:
     resolution, sampler and step count, DDIM's η, w (and its interval; with autoguidance ``autoguidance w=1
     guide=<path>``), the SR level s and truncation, clipping, classifier guidance, and `network_evaluations` per
     image. ``marks``: {setting: label} of values given by the
